@@ -1,0 +1,133 @@
+"""Benchmark moecluster.workers.kernels.fused_experts against transformers' experts.
+
+    python bench/kernels.py [--quick]
+
+Forward (no_grad) of fused_experts vs transformers' MixtralExperts with
+``_experts_implementation`` "eager" and "grouped_mm", and forward+backward of
+fused_experts vs "eager"; fp32, default thread count, random softmax+top-k routing.
+Every number is a median over repetitions after warm-up, all measured in this run.
+Not a test: it prints a table and the goals, and never fails on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# This script is named kernels.py, like the optional `kernels` package transformers probes for
+# at import time: keep the script's own directory off sys.path so it is not imported as that.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import torch  # noqa: E402
+from transformers import MixtralConfig  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+
+from moecluster.workers.kernels import fused_experts  # noqa: E402
+
+# name, T, H, I, E, K
+SHAPES = [
+    ("a T4096 H1024 I384 E64 K8", 4096, 1024, 384, 64, 8),
+    ("b T4096 H768 I1536 E8 K2", 4096, 768, 1536, 8, 2),
+    ("c decode T8, (a) weights", 8, 1024, 384, 64, 8),
+    ("c decode T8, (b) weights", 8, 768, 1536, 8, 2),
+]
+
+
+def median_ms(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_case(t, h, i, e, k, seed=0):
+    """MixtralExperts (E, 2I, H)/(E, H, I) fp32 weights, x (T, H), routing (T, K) int64 / fp32."""
+    torch.manual_seed(seed)
+    experts = MixtralExperts(MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=e))
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, h**-0.5)
+        experts.down_proj.normal_(0, i**-0.5)
+    x = torch.randn(t, h)
+    probs = torch.softmax(torch.randn(t, e), dim=-1)
+    weights, index = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return experts, x, index, weights
+
+
+def run_impl(experts, impl, x, index, weights):
+    """One forward of transformers' experts with the given implementation name."""
+    experts.config._experts_implementation = impl
+    return experts(x, index, weights)
+
+
+def rel(a, b):
+    """Norm-wise relative error ||a-b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench_shape(name, t, h, i, e, k, reps, reps_bwd):
+    experts, x, index, weights = make_case(t, h, i, e, k)
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    with torch.no_grad():
+        ours = fused_experts(x, gu, dn, index, weights)
+        for impl in ("eager", "grouped_mm"):
+            err = rel(ours, run_impl(experts, impl, x, index, weights))
+            assert err < 1e-5, f"{name}: fused_experts disagrees with {impl}: rel err {err:.2e}"
+        fwd = {
+            "ours": median_ms(lambda: fused_experts(x, gu, dn, index, weights), reps),
+            "eager": median_ms(lambda: run_impl(experts, "eager", x, index, weights), reps),
+            "grouped_mm": median_ms(lambda: run_impl(experts, "grouped_mm", x, index, weights), reps),
+        }
+
+    xg = x.clone().requires_grad_(True)
+    wg = weights.clone().requires_grad_(True)
+    grad_out = torch.randn(t, h)
+    params = [xg, wg, gu, dn]
+
+    def train_step(fn):
+        for p in params:
+            p.grad = None
+        fn().backward(grad_out)
+
+    ours_fb = median_ms(lambda: train_step(lambda: fused_experts(xg, gu, dn, index, wg)), reps_bwd)
+    eager_fb = median_ms(lambda: train_step(lambda: run_impl(experts, "eager", xg, index, wg)), reps_bwd)
+    return fwd, ours_fb, eager_fb
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    reps, reps_bwd = (3, 1) if args.quick else (7, 3)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, reps fwd {reps} / fwd+bwd {reps_bwd}")
+    print("goal: never slower than the best transformers impl on any shape, >= 1.2x on at least one, "
+          "forward+backward >= 5x eager\n")
+    head = (f"{'shape':27} {'ours ms':>9} {'eager ms':>9} {'grp_mm ms':>9} {'best/ours':>9} | "
+            f"{'fb ours':>9} {'fb eager':>9} {'eager/ours':>10}")
+    print(head)
+    print("-" * len(head))
+    ratios, fb_ratios = [], []
+    for shape in SHAPES:
+        fwd, ours_fb, eager_fb = bench_shape(*shape, reps=reps, reps_bwd=reps_bwd)
+        best = min(fwd["eager"], fwd["grouped_mm"])
+        ratios.append(best / fwd["ours"])
+        fb_ratios.append(eager_fb / ours_fb)
+        print(f"{shape[0]:27} {fwd['ours']:9.2f} {fwd['eager']:9.2f} {fwd['grouped_mm']:9.2f} "
+              f"{ratios[-1]:8.2f}x | {ours_fb:9.2f} {eager_fb:9.2f} {fb_ratios[-1]:9.2f}x", flush=True)
+    print()
+    print(f"never slower than best: {'met' if min(ratios) >= 1.0 else 'NOT met'} (min {min(ratios):.2f}x); "
+          f">= 1.2x on one shape: {'met' if max(ratios) >= 1.2 else 'NOT met'} (max {max(ratios):.2f}x); "
+          f"fwd+bwd >= 5x eager: {'met' if min(fb_ratios) >= 5 else 'NOT met'} (min {min(fb_ratios):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

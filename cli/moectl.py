@@ -1,0 +1,178 @@
+"""moectl: run and inspect moecluster clusters.
+
+  moectl model create --family qwen3_moe --out ./tiny-qwen3
+  moectl up --model ./tiny-qwen3 --workers 3 --port 50051 --detach
+  moectl status [-o json]
+  moectl down
+  moectl demo            # the whole tour on a tiny model, in one command
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+from moecluster.backends.local import ClusterError, LocalCluster, cluster_names
+
+
+def _progress(message: str) -> None:
+    print(f"moectl: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_model_create(args) -> int:
+    from moecluster.models.families import FAMILIES
+    from moecluster.models.tiny import create_checkpoint
+
+    if args.family not in FAMILIES:
+        raise ClusterError(f"unknown family {args.family!r}; choose one of: {', '.join(sorted(FAMILIES))}")
+    out = create_checkpoint(args.family, args.out, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                            experts=args.experts, top_k=args.top_k, vocab=args.vocab, seed=args.seed,
+                            max_shard_size=args.shard_size)
+    print(f"wrote a {args.family} checkpoint ({args.layers} MoE layers x {args.experts} experts, top-{args.top_k}, "
+          f"hidden {args.hidden}) to {out}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    cluster = LocalCluster(args.name)
+    record = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
+                        worker_threads=args.worker_threads, timeout=args.timeout, progress=_progress)
+    print(f"cluster {record.name!r} serving {record.model} on {record.endpoint} "
+          f"({len(record.workers)} workers, {record.replicas} cop{'y' if record.replicas == 1 else 'ies'} of each expert)")
+    if args.detach:
+        print(f"stop it with: moectl down --name {record.name}")
+        return 0
+    print("Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    stopped = cluster.down()
+    print(f"stopped {len(stopped)} processes")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from moecluster.sdk.client import Client, MoEClusterError
+
+    record = LocalCluster(args.name).record()
+    try:
+        with Client(record.endpoint, timeout=10) as client:
+            status = client.status()
+        workers = {w.id: w for w in status.workers}
+        epoch = status.epoch
+    except MoEClusterError as err:
+        _progress(f"frontend at {record.endpoint} did not answer: {err}")
+        workers, epoch = {}, None
+    doc = {
+        "name": record.name,
+        "model": record.model,
+        "endpoint": record.endpoint,
+        "epoch": epoch,
+        "frontend": {"pid": record.frontend.pid, "address": record.frontend.address},
+        "workers": [
+            {"id": p.id, "address": p.address, "pid": p.pid,
+             "state": workers[p.id].state if p.id in workers else "unknown",
+             "experts": [list(k) for k in workers[p.id].experts] if p.id in workers else []}
+            for p in record.workers
+        ],
+    }
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"cluster {doc['name']}  model {doc['model']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}")
+    for w in doc["workers"]:
+        print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<12} {len(w['experts'])} experts")
+    return 0
+
+
+def cmd_down(args) -> int:
+    names = cluster_names() if args.all else [args.name]
+    for name in names:
+        stopped = LocalCluster(name).down(grace=args.grace)
+        print(f"cluster {name!r}: stopped {len(stopped)} processes")
+    return 0
+
+
+def cmd_list(args) -> int:
+    for name in cluster_names():
+        record = LocalCluster(name).record()
+        print(f"{name:<16} {record.endpoint:<22} {len(record.workers)} workers  {record.model}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from moecluster.cli.demo import run_demo
+
+    return run_demo(workers=args.workers, replicas=args.replicas, port=args.port, family=args.family)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="make or inspect checkpoints").add_subparsers(dest="model_command", required=True)
+    create = model.add_parser("create", help="write a tiny random checkpoint in a family's real on-disk format")
+    create.add_argument("--family", required=True, help="mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3")
+    create.add_argument("--out", required=True, help="folder to write config.json and safetensors to")
+    create.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
+    create.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    create.add_argument("--intermediate", type=int, default=32, help="each expert's intermediate size (default 32)")
+    create.add_argument("--experts", type=int, default=8, help="routed experts per layer (default 8)")
+    create.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    create.add_argument("--vocab", type=int, default=128, help="vocabulary size (default 128)")
+    create.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    create.add_argument("--shard-size", help="split the weights into files of at most this size, e.g. 100KB")
+    create.set_defaults(func=cmd_model_create)
+
+    up = sub.add_parser("up", help="start a local cluster: a frontend and N expert workers on 127.0.0.1")
+    up.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    up.add_argument("--workers", type=int, default=2, help="expert worker processes (default 2)")
+    up.add_argument("--replicas", type=int, default=1, help="copies of every expert, on distinct workers (default 1)")
+    up.add_argument("--port", type=int, default=50051, help="frontend port on 127.0.0.1 (default 50051)")
+    up.add_argument("--name", default="default", help="cluster name; several can run at once (default 'default')")
+    up.add_argument("--detach", action="store_true", help="return once serving; stop later with `moectl down`")
+    up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
+    up.add_argument("--timeout", type=float, default=180, help="seconds to wait for the cluster to serve (default 180)")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="workers, their experts and state")
+    status.add_argument("--name", default="default")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    status.set_defaults(func=cmd_status)
+
+    down = sub.add_parser("down", help="stop a cluster and every process it started")
+    down.add_argument("--name", default="default")
+    down.add_argument("--all", action="store_true", help="stop every local cluster")
+    down.add_argument("--grace", type=float, default=5.0, help="seconds before SIGKILL (default 5)")
+    down.set_defaults(func=cmd_down)
+
+    lst = sub.add_parser("list", help="local clusters that are up")
+    lst.set_defaults(func=cmd_list)
+
+    demo = sub.add_parser("demo", help="tiny model -> local cluster -> requests checked against transformers -> down")
+    demo.add_argument("--family", default="qwen3_moe")
+    demo.add_argument("--workers", type=int, default=3)
+    demo.add_argument("--replicas", type=int, default=2)
+    demo.add_argument("--port", type=int, default=0, help="frontend port (default: any free port)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        sys.exit(args.func(args))
+    except (ClusterError, ValueError) as err:
+        sys.exit(f"moectl: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Sends one MoE layer's tokens to the workers that hold their experts.
+
+One RPC per worker per layer, all in flight at once; each worker gets only the
+tokens that need one of its experts (deduplicated), with -1 in the slots another
+worker serves. A replica is picked per expert by outstanding load. When a worker
+fails (UNAVAILABLE, deadline) or says it no longer holds an expert
+(FAILED_PRECONDITION), only its share is sent again, to another replica, so a
+request fails only when some expert it needs has no live replica left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+import torch
+
+from moecluster.frontend.routing import RoutingTable
+from moecluster.protos import worker_pb2, worker_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.wire.tensors import decode, encode, nbytes
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+SUSPECT_SECONDS = 2.0  # a worker that failed is tried last for this long
+
+
+class ExpertUnavailableError(RuntimeError):
+    """Some expert a request needs has no live replica."""
+
+
+class DispatchError(RuntimeError):
+    """A worker refused a request as malformed: a bug on the sending side."""
+
+
+class Dispatcher:
+    def __init__(self, table: RoutingTable, *, timeout: float = 30.0,
+                 on_stale: Callable[[], None] | None = None):
+        self.timeout = timeout
+        self._table = table
+        self._on_stale = on_stale  # asked for a fresh table after FAILED_PRECONDITION
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, worker_pb2_grpc.ExpertWorkerStub] = {}
+        self._outstanding: dict[str, int] = defaultdict(int)  # tokens in flight per worker id
+        self._suspect_until: dict[str, float] = {}
+        self._tiebreak = itertools.count()
+        self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="dispatch-stream")
+        self.retries = 0
+        self.wire_bytes = 0  # serialized request + response bytes, for benchmarks
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    def update(self, table: RoutingTable) -> None:
+        """Routes by `table` from now on (ignored when older than the current one)."""
+        with self._lock:
+            if table.epoch >= self._table.epoch:
+                self._table = table
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._pool.shutdown(wait=False)
+
+    def forward(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """(T, H), (T, K) ids, (T, K) weights -> (T, H) sum of weighted expert outputs."""
+        output = torch.zeros_like(hidden_states)
+        self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, excluded=set())
+        return output
+
+    # ----------------------------------------------------------------
+
+    def _dispatch(self, layer, hidden, index, weights, output, excluded: set[str]) -> None:
+        table = self._table
+        plan = self._assign(table, layer, index, excluded)
+        pending = []
+        for worker_id, mask in plan.items():
+            rows = mask.any(dim=1).nonzero().squeeze(1)
+            sub_index = torch.where(mask, index, -1)[rows]
+            request = worker_pb2.ForwardRequest(
+                layer=layer, hidden_states=encode(hidden[rows]), top_k_index=encode(sub_index.to(torch.int32)),
+                top_k_weights=encode(weights[rows].to(hidden.dtype)), epoch=table.epoch)
+            tokens = int(rows.numel())
+            with self._lock:
+                self._outstanding[worker_id] += tokens
+            pending.append((worker_id, rows, sub_index, tokens, self._send(table.workers[worker_id], request)))
+        failed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for worker_id, rows, sub_index, tokens, call in pending:
+            try:
+                response = call()
+                output.index_add_(0, rows, decode(response.output).to(output.dtype))
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise DispatchError(f"worker {worker_id} refused layer {layer}: {err.code().name}: {err.details()}") from None
+                failed.append((worker_id, rows, sub_index))
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale is not None:
+                    self._on_stale()
+                else:
+                    self._suspect_until[worker_id] = time.monotonic() + SUSPECT_SECONDS
+            finally:
+                with self._lock:
+                    self._outstanding[worker_id] -= tokens
+        for worker_id, rows, sub_index in failed:
+            self.retries += 1
+            partial = torch.zeros((rows.numel(), hidden.shape[1]), dtype=hidden.dtype)
+            self._dispatch(layer, hidden[rows], sub_index, weights[rows], partial, excluded | {worker_id})
+            output.index_add_(0, rows, partial)
+
+    def _assign(self, table: RoutingTable, layer: int, index: torch.Tensor, excluded: set[str]) -> dict[str, torch.Tensor]:
+        """Picks one replica per expert in use -> {worker id: (T, K) bool mask of the slots it serves}."""
+        now = time.monotonic()
+        chosen: dict[int, str] = {}
+        for expert in torch.unique(index[index >= 0]).tolist():
+            live = [w for w in table.holders(layer, expert) if w not in excluded]
+            if not live:
+                raise ExpertUnavailableError(
+                    f"expert {expert} of layer {layer} has no live replica (tried {sorted(excluded) or 'none'}, "
+                    f"table epoch {table.epoch})")
+            with self._lock:
+                chosen[expert] = min(live, key=lambda w: (self._suspect_until.get(w, 0) > now, self._outstanding[w],
+                                                          next(self._tiebreak) % len(live)))
+        owner = {}
+        for expert, worker_id in chosen.items():
+            owner.setdefault(worker_id, []).append(expert)
+        return {w: torch.isin(index, torch.tensor(experts)) for w, experts in owner.items()}
+
+    def _send(self, address: str, request: worker_pb2.ForwardRequest) -> Callable[[], worker_pb2.ForwardResponse]:
+        """Starts the RPC now; returns a callable that waits for its answer."""
+        stub = self._stub(address)
+        size = request.ByteSize()
+        if not streaming.needs_streaming(size):
+            future = stub.Forward.future(request, timeout=self.timeout)
+
+            def wait():
+                response = future.result()
+                self.wire_bytes += size + response.ByteSize()
+                return response
+            return wait
+
+        def stream():
+            chunks = stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout)
+            payload = streaming.join(chunks, limit_bytes=1 << 34)
+            self.wire_bytes += size + len(payload)
+            return worker_pb2.ForwardResponse.FromString(payload)
+
+        future = self._pool.submit(stream)
+        return future.result
+
+    def _stub(self, address: str) -> worker_pb2_grpc.ExpertWorkerStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+                self._channels[address] = channel
+                stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)
+            return stub
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(nbytes(t) for t in tensors)

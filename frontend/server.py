@@ -1,0 +1,209 @@
+"""The frontend process: the dense model + router, experts on the workers.
+
+    python -m moecluster.frontend.server --checkpoint DIR --routing FILE [--port 50051]
+
+Serves `moecluster.frontend.v1.Frontend` (Forward, Generate, Status) and
+grpc.health.v1. It re-reads the routing file when it changes, so whoever owns
+the layout (moectl today, the controller later) can move experts under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moecluster.frontend.dense_model import load_dense_model
+from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
+from moecluster.frontend.routing import RoutingTable
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.wire.tensors import WireError, decode, encode
+
+MAX_BATCH_TOKENS = 65536
+MAX_NEW_TOKENS = 4096
+
+
+class FrontendService(frontend_pb2_grpc.FrontendServicer):
+    def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = ""):
+        self.checkpoint = checkpoint
+        self.dispatcher = dispatcher
+        self.model = load_dense_model(checkpoint, dispatcher)
+        self.vocab = self.model.config.vocab_size
+        self.model_name = model_name or str(checkpoint.path)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.failed = 0
+
+    # -- RPCs ------------------------------------------------------------
+
+    def Forward(self, request, context):
+        return self._guard(context, lambda: self._forward(request))
+
+    def ForwardStream(self, request_iterator, context):
+        def run():
+            payload = streaming.join(request_iterator, limit_bytes=MAX_BATCH_TOKENS * 8 + 4096)
+            return self._forward(frontend_pb2.ForwardRequest.FromString(payload))
+
+        response = self._guard(context, run)
+        yield from streaming.split(response.SerializeToString())
+
+    def _forward(self, request):
+        ids = self._input_ids(request.input_ids)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits.float()
+        return frontend_pb2.ForwardResponse(logits=encode(logits))
+
+    def Generate(self, request, context):
+        def run():
+            ids = self._input_ids(request.input_ids)
+            if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+                raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
+            kwargs = {"do_sample": bool(request.do_sample)}
+            if request.do_sample:
+                torch.manual_seed(request.seed)
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new_tokens,
+                                          min_new_tokens=request.max_new_tokens, pad_token_id=0, **kwargs)
+            return frontend_pb2.GenerateResponse(sequences=encode(out))
+
+        return self._guard(context, run)
+
+    def Status(self, request, context):
+        table = self.dispatcher.table
+        g = self.checkpoint.geometry
+        workers = []
+        for worker_id, address in sorted(table.workers.items()):
+            status = frontend_pb2.WorkerStatus(id=worker_id, address=address, state="unreachable")
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    stats = worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=2.0)
+                status.pid = stats.pid
+                status.state = "draining" if stats.draining else "serving"
+                status.experts.extend(v for k in stats.held for v in (k.layer, k.expert))
+            except grpc.RpcError:
+                pass
+            workers.append(status)
+        with self._lock:
+            requests, failed = self.requests, self.failed
+        return frontend_pb2.StatusResponse(
+            model=self.model_name, family=self.checkpoint.config.model_type, num_moe_layers=len(g.moe_layers),
+            num_experts=g.num_experts, top_k=g.top_k, epoch=table.epoch, workers=workers,
+            requests=requests, failed=failed)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _input_ids(self, message) -> torch.Tensor:
+        ids = decode(message, name="input_ids")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise WireError(f"input_ids: dtype {message.dtype}, expected int64")
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise WireError(f"input_ids: shape {list(ids.shape)}, expected [B, T] with T >= 1")
+        if ids.numel() > MAX_BATCH_TOKENS:
+            raise WireError(f"input_ids: {ids.numel()} tokens, more than the limit of {MAX_BATCH_TOKENS}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            raise WireError(f"input_ids: token ids must be in [0, {self.vocab - 1}], got {int(ids.min())}..{int(ids.max())}")
+        return ids.long().clone()
+
+    def _guard(self, context, run):
+        with self._lock:
+            self.requests += 1
+        try:
+            return run()
+        except WireError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ExpertUnavailableError as err:
+            with self._lock:
+                self.failed += 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+
+class RoutingFileWatcher(threading.Thread):
+    """Re-reads the routing file when its modification time changes."""
+
+    def __init__(self, path: Path, dispatcher: Dispatcher, period: float = 0.2):
+        super().__init__(daemon=True, name="routing-watch")
+        self.path, self.dispatcher, self.period = path, dispatcher, period
+        self._mtime = path.stat().st_mtime_ns
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            try:
+                mtime = self.path.stat().st_mtime_ns
+                if mtime != self._mtime:
+                    self._mtime = mtime
+                    self.dispatcher.update(RoutingTable.load(self.path))
+            except (OSError, ValueError, KeyError):
+                continue  # a file being replaced; next tick reads it
+
+
+class FrontendServer:
+    def __init__(self, checkpoint: str | Path, routing: Path, *, host: str = "127.0.0.1", port: int = 0,
+                 timeout: float = 30.0, max_workers: int = 8):
+        table = RoutingTable.load(routing)
+        self.dispatcher = Dispatcher(table, timeout=timeout)
+        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher)
+        self.health = health.HealthServicer()
+        self.watcher = RoutingFileWatcher(Path(routing), self.dispatcher)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
+        frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port} (in use?)")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "FrontendServer":
+        self.server.start()
+        self.watcher.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.watcher.stopped.set()
+        self.server.stop(grace).wait()
+        self.dispatcher.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--routing", required=True, type=Path, help="routing table JSON (re-read when it changes)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each worker RPC, seconds")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        frontend = FrontendServer(args.checkpoint, args.routing, host=args.host, port=args.port, timeout=args.timeout).start()
+    except (ValueError, OSError) as err:
+        sys.exit(f"frontend: {err}")
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": frontend.address, "pid": os.getpid()}))
+        tmp.replace(args.ready_file)
+    print(f"frontend serving {args.checkpoint} on {frontend.address}", flush=True)
+    stopped.wait()
+    frontend.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""A Hugging Face MoE checkpoint seen as experts + the dense rest.
+
+Nothing is loaded up front: the index maps each (layer, expert) to the tensor
+names that make it, and each dense parameter to its tensor, so a worker reads
+only its own experts and the frontend only the dense part. The names come from
+`transformers`' own checkpoint conversion mapping (the rules it uses to stack
+per-expert tensors into `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`),
+so every family it knows is read the way it reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moecluster.models.families import family
+
+_EXPERT_PARAM = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\..*experts)\.(?P<param>gate_up_proj|down_proj)$")
+_EXPERT_NUMBER = re.compile(r"experts\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served; the text says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    file: str  # safetensors file name inside the checkpoint folder
+    key: str  # tensor name in that file
+    row: int | None = None  # index along dim 0 when the file stores all experts stacked
+
+
+@dataclass
+class ExpertRefs:
+    gate_up: list[TensorRef] = field(default_factory=list)  # concatenated along dim 0, in order
+    down: list[TensorRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes every worker and frontend must agree on."""
+
+    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+class Checkpoint:
+    """Index of a checkpoint folder (config.json + *.safetensors, optionally sharded)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"{self.path}: no config.json; expected a Hugging Face checkpoint folder")
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.family = family(self.config.model_type)
+        self.experts: dict[tuple[int, int], ExpertRefs] = {}
+        self.dense: dict[str, TensorRef] = {}
+        self._index(self._tensor_files())
+        self.geometry = self._geometry()
+
+    def skeleton(self) -> torch.nn.Module:
+        """The model on the meta device: structure without memory."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+
+    def _tensor_files(self) -> dict[str, str]:
+        """tensor name -> file name, through model.safetensors.index.json when sharded."""
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        names = {}
+        for f in files:
+            with safe_open(f, "pt") as handle:
+                names.update({k: f.name for k in handle.keys()})
+        return names
+
+    def _index(self, tensor_files: dict[str, str]) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        model = self.skeleton()
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        for key in sorted(tensor_files):
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+            ref = TensorRef(tensor_files[key], key)
+            match = _EXPERT_PARAM.match(target)
+            if match is None:
+                self.dense[target] = ref
+                continue
+            layer, param = int(match["layer"]), match["param"]
+            if pattern is None:  # already stacked on disk: one row per expert
+                with safe_open(self.path / ref.file, "pt") as handle:
+                    count = handle.get_slice(key).get_shape()[0]
+                for expert in range(count):
+                    refs = self.experts.setdefault((layer, expert), ExpertRefs())
+                    getattr(refs, param.split("_")[0]).append(TensorRef(ref.file, key, expert))
+                continue
+            number = _EXPERT_NUMBER.search(key)
+            if number is None:
+                raise CheckpointError(f"{key}: expert tensor without an expert number")
+            refs = self.experts.setdefault((layer, int(number[1])), ExpertRefs())
+            parts = refs.gate_up if param == "gate_up_proj" else refs.down
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            parts.append((converter.source_patterns.index(pattern), ref))  # type: ignore[arg-type]
+        for refs in self.experts.values():  # order gate before up, as the converter concatenates
+            refs.gate_up = _ordered(refs.gate_up)
+            refs.down = _ordered(refs.down)
+
+    def _geometry(self) -> Geometry:
+        if not self.experts:
+            raise CheckpointError(f"{self.path}: no routed expert tensors found for a {self.config.model_type} model")
+        layers = sorted({layer for layer, _ in self.experts})
+        num_experts = getattr(self.config, self.family.experts_field)
+        for layer in layers:
+            missing = [e for e in range(num_experts) if (layer, e) not in self.experts]
+            if missing:
+                raise CheckpointError(f"{self.path}: layer {layer} lacks experts {missing[:8]}")
+        return Geometry(
+            moe_layers=tuple(layers),
+            num_experts=num_experts,
+            top_k=self.config.num_experts_per_tok,
+            hidden=self.config.hidden_size,
+            intermediate=getattr(self.config, self.family.intermediate_field),
+        )
+
+    @cached_property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights in fp32."""
+        g = self.geometry
+        return 3 * g.hidden * g.intermediate * 4
+
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads one expert's tensors only: gate_up (2I, H) and down (H, I) in `dtype`."""
+        refs = self.experts.get((layer, expert))
+        if refs is None:
+            raise CheckpointError(f"{self.path}: no expert {expert} in layer {layer}")
+        gate_up = torch.cat([self._read(r) for r in refs.gate_up], dim=0).to(dtype)
+        down = torch.cat([self._read(r) for r in refs.down], dim=0).to(dtype)
+        g = self.geometry
+        if gate_up.shape != (2 * g.intermediate, g.hidden) or down.shape != (g.hidden, g.intermediate):
+            raise CheckpointError(
+                f"expert ({layer}, {expert}): shapes {tuple(gate_up.shape)}, {tuple(down.shape)} do not match "
+                f"hidden {g.hidden} / intermediate {g.intermediate}"
+            )
+        return gate_up.contiguous(), down.contiguous()
+
+    def read_dense(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor, keyed by the model's parameter names."""
+        out = {}
+        for name, ref in self.dense.items():
+            tensor = self._read(ref)
+            out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return out
+
+    def _read(self, ref: TensorRef) -> torch.Tensor:
+        with safe_open(self.path / ref.file, "pt") as handle:
+            if ref.row is None:
+                return handle.get_tensor(ref.key)
+            return handle.get_slice(ref.key)[ref.row]
+
+
+def _ordered(parts: list) -> list[TensorRef]:
+    """[(position, ref)] or [ref] -> refs in converter order."""
+    if parts and isinstance(parts[0], tuple):
+        return [ref for _, ref in sorted(parts, key=lambda p: p[0])]
+    return parts

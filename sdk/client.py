@@ -1,0 +1,119 @@
+"""The Python client: logits and generations from a running moecluster.
+
+    from moecluster import Client
+    client = Client("127.0.0.1:50051")
+    logits = client.forward(torch.tensor([[1, 2, 3]]))       # (B, T, V) float32
+    tokens = client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from moecluster.protos import frontend_pb2, frontend_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.wire.tensors import decode, encode
+
+
+class MoEClusterError(RuntimeError):
+    """A request the cluster did not answer; `code` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    address: str
+    pid: int
+    state: str
+    experts: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    model: str
+    family: str
+    epoch: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    workers: list[WorkerInfo]
+    requests: int
+    failed: int
+
+
+class Client:
+    def __init__(self, address: str, *, timeout: float = 60.0):
+        """`address` is the frontend's "host:port"; `timeout` is each call's deadline in seconds."""
+        if ":" not in address:
+            raise ValueError(f"address {address!r} should be host:port, e.g. 127.0.0.1:50051")
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+        self._stub = frontend_pb2_grpc.FrontendStub(self._channel)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, T) -> logits FloatTensor (B, T, V)."""
+        request = frontend_pb2.ForwardRequest(input_ids=encode(_ids(input_ids)))
+        if streaming.needs_streaming(request.ByteSize()):
+            response = self._call(lambda: frontend_pb2.ForwardResponse.FromString(streaming.join(
+                self._stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout),
+                limit_bytes=1 << 36)))
+        else:
+            response = self._call(lambda: self._stub.Forward(request, timeout=self.timeout))
+        return decode(response.logits).clone()
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
+                 seed: int = 0) -> torch.Tensor:
+        """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`."""
+        request = frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
+                                               do_sample=do_sample, seed=seed)
+        response = self._call(lambda: self._stub.Generate(request, timeout=self.timeout))
+        return decode(response.sequences).clone()
+
+    def status(self) -> ClusterStatus:
+        r = self._call(lambda: self._stub.Status(frontend_pb2.StatusRequest(), timeout=self.timeout))
+        workers = [WorkerInfo(w.id, w.address, w.pid, w.state, list(zip(w.experts[::2], w.experts[1::2])))
+                   for w in r.workers]
+        return ClusterStatus(r.model, r.family, r.epoch, r.num_moe_layers, r.num_experts, r.top_k, workers,
+                             r.requests, r.failed)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Blocks until the frontend's channel is up, or raises MoEClusterError."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise MoEClusterError(grpc.StatusCode.UNAVAILABLE, f"no frontend at {self.address} after {timeout}s") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn):
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            detail = err.details() or ""
+            if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in detail.lower():
+                detail = f"no frontend reachable at {self.address} (is the cluster up? `moectl status`): {detail}"
+            raise MoEClusterError(err.code(), detail) from None
+
+
+def _ids(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be integer token ids, got {ids.dtype}")
+    return ids.long()

@@ -1,0 +1,89 @@
+"""The expert worker process.
+
+    python -m moecluster.workers.server --checkpoint DIR --experts 0:0-7,1:0-7 [--port 0]
+
+Loads only the named experts' tensors, serves them over gRPC on 127.0.0.1 (by
+default), writes {"address", "pid"} to --ready-file once it serves, and stops
+gracefully on SIGTERM (in-flight requests finish within --grace seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2_grpc
+
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import worker_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.wire.tensors import DTYPES
+from moecluster.workers.service import ExpertWorkerService, expert_keys
+
+
+class WorkerServer:
+    """A worker service bound to a port; `start()`, then `stop(grace)`."""
+
+    def __init__(self, checkpoint: str | Path, experts: list[tuple[int, int]], *, host: str = "127.0.0.1", port: int = 0,
+                 worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8):
+        self.service = ExpertWorkerService(Checkpoint(checkpoint), worker_id=worker_id, dtype=dtype)
+        self.service.load_from_checkpoint(experts)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
+        worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.service.health, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "WorkerServer":
+        self.server.start()
+        self.service.set_serving(True)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.service.set_serving(False)
+        self.server.stop(grace).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--experts", default="", help="experts to load, e.g. '0:0-7,1:0-3' (LAYER:FIRST-LAST, comma separated)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--worker-id", default=f"worker-{os.getpid()}")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        worker = WorkerServer(args.checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
+                              worker_id=args.worker_id, dtype=DTYPES[args.dtype]).start()
+    except (ValueError, OSError) as err:
+        sys.exit(f"worker: {err}")
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": worker.address, "pid": os.getpid(), "id": args.worker_id}))
+        tmp.replace(args.ready_file)
+    print(f"worker {args.worker_id} serving {len(worker.service.store.held())} experts on {worker.address}", flush=True)
+    stopped.wait()
+    worker.stop(args.grace)
+
+
+if __name__ == "__main__":
+    main()

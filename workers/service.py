@@ -1,0 +1,252 @@
+"""The ExpertWorker gRPC service: Forward, load/drop, peer-to-peer expert copies, stats.
+
+The worker knows nothing of the controller's plans: it obeys epoch-tagged
+commands, says what it holds, and rejects what it cannot answer correctly
+without changing any state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2
+
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import tensor_pb2, worker_pb2, worker_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.wire.tensors import WireError, decode, encode
+from moecluster.workers import validation
+from moecluster.workers.expert_store import ExpertStore
+from moecluster.workers.kernels import fused_experts
+from moecluster.workers.validation import RequestError, invalid
+
+SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
+PULL_DEADLINE_S = 120.0
+
+
+class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
+    def __init__(self, checkpoint: Checkpoint, *, worker_id: str, dtype: torch.dtype = torch.float32):
+        self.checkpoint = checkpoint
+        self.geometry = checkpoint.geometry
+        self.worker_id = worker_id
+        self.store = ExpertStore(self.geometry.num_experts, dtype)
+        self.health = health.HealthServicer()
+        self.epoch = 0
+        self.draining = False
+        self._lock = threading.Lock()
+        self._stats: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])  # tokens, calls, seconds
+        self._requests = 0
+        self._rejected = 0
+        self.set_serving(False)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def load_from_checkpoint(self, keys: list[tuple[int, int]]) -> int:
+        """Reads `keys` from the checkpoint (only their tensors) and holds them; returns bytes read."""
+        todo = [k for k in keys if not self.store.holds(*k)]
+        items = {k: self.checkpoint.read_expert(*k, dtype=self.store.dtype) for k in todo}
+        self.store.add(items)
+        return sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in items.values())
+
+    def _observe_epoch(self, epoch: int) -> None:
+        with self._lock:
+            self.epoch = max(self.epoch, epoch)
+
+    # -- RPCs ------------------------------------------------------------
+
+    def Forward(self, request, context):
+        return _answer(context, self, lambda: self._forward(request))
+
+    def ForwardStream(self, request_iterator, context):
+        def run():
+            payload = streaming.join(request_iterator, limit_bytes=validation.MAX_TOKENS * self.geometry.hidden * 16)
+            return self._forward(worker_pb2.ForwardRequest.FromString(payload))
+
+        response = _answer(context, self, run)
+        yield from streaming.split(response.SerializeToString())
+
+    def _forward(self, request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
+        inputs = validation.check_forward(self.geometry, request)
+        snapshot = self.store.snapshot(inputs.layer)
+        local = validation.check_held(snapshot, inputs, self.epoch)
+        start = time.perf_counter()
+        if snapshot is None:  # every entry is -1: nothing to compute here
+            output = torch.zeros_like(inputs.hidden_states)
+        else:
+            with torch.no_grad():
+                output = fused_experts(
+                    inputs.hidden_states.to(self.store.dtype),
+                    snapshot.gate_up,
+                    snapshot.down,
+                    local,
+                    inputs.top_k_weights.to(self.store.dtype),
+                ).to(inputs.hidden_states.dtype)
+        self._record(inputs.layer, inputs.top_k_index, time.perf_counter() - start)
+        return worker_pb2.ForwardResponse(output=encode(output), epoch=self.epoch)
+
+    def _record(self, layer: int, top_k_index: torch.Tensor, seconds: float) -> None:
+        """Tokens and time per expert; a call's time is shared out by token count."""
+        ids, counts = torch.unique(top_k_index[top_k_index >= 0], return_counts=True)
+        total = max(int(counts.sum()), 1)
+        with self._lock:
+            self._requests += 1
+            for expert, count in zip(ids.tolist(), counts.tolist()):
+                row = self._stats[(layer, expert)]
+                row[0] += count
+                row[1] += 1
+                row[2] += seconds * count / total
+
+    def LoadExperts(self, request, context):
+        def run():
+            keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
+            if not keys:
+                raise invalid("experts: empty list; name at least one (layer, expert)")
+            self._observe_epoch(request.epoch)
+            before = set(self.store.held())
+            read = self.load_from_checkpoint(keys)
+            loaded = [k for k in self.store.held() if k not in before]
+            return worker_pb2.LoadExpertsResponse(loaded=[_key(k) for k in loaded], bytes_read=read)
+
+        return _answer(context, self, run)
+
+    def DropExperts(self, request, context):
+        def run():
+            keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
+            self._observe_epoch(request.epoch)
+            dropped = self.store.drop(keys)
+            with self._lock:
+                for key in dropped:
+                    self._stats.pop(key, None)
+            return worker_pb2.DropExpertsResponse(dropped=[_key(k) for k in dropped])
+
+        return _answer(context, self, run)
+
+    def ExportExpert(self, request, context):
+        def run():
+            key = validation.check_expert_key(self.geometry, request.expert)
+            try:
+                gate_up, down = self.store.get(*key)
+            except KeyError:
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"expert {key} is not on this worker (worker epoch {self.epoch})"
+                ) from None
+            return worker_pb2.ExpertState(
+                expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down), version=self.store.version(*key)
+            )
+
+        state = _answer(context, self, run)
+        yield from streaming.split(state.SerializeToString())
+
+    def PullExpert(self, request, context):
+        def run():
+            key = validation.check_expert_key(self.geometry, request.expert)
+            if not request.source:
+                raise invalid("source: empty; give the host:port of a worker that holds the expert")
+            self._observe_epoch(request.epoch)
+            if self.store.holds(*key):
+                return worker_pb2.PullExpertResponse(bytes=0, seconds=0.0)
+            start = time.perf_counter()
+            state, size = _fetch_expert(request.source, request.expert, self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096)
+            gate_up, down = _checked_state(self.geometry, key, state)
+            self.store.add({key: (gate_up, down)}, version=state.version)
+            return worker_pb2.PullExpertResponse(bytes=size, seconds=time.perf_counter() - start)
+
+        return _answer(context, self, run)
+
+    def Stats(self, request, context):
+        with self._lock:
+            experts = [
+                worker_pb2.ExpertStats(expert=_key(k), tokens=int(v[0]), calls=int(v[1]), seconds=v[2])
+                for k, v in sorted(self._stats.items())
+            ]
+            requests, rejected = self._requests, self._rejected
+        return worker_pb2.StatsResponse(
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            epoch=self.epoch,
+            draining=self.draining,
+            held=[_key(k) for k in self.store.held()],
+            experts=experts,
+            requests=requests,
+            rejected=rejected,
+        )
+
+    def Drain(self, request, context):
+        self.draining = True
+        self.set_serving(False)
+        return worker_pb2.DrainResponse()
+
+    def count_rejected(self) -> None:
+        with self._lock:
+            self._rejected += 1
+
+
+def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Callable):
+    """Runs a handler; RequestError and WireError become the status they name, state untouched."""
+    try:
+        return run()
+    except RequestError as err:
+        service.count_rejected()
+        context.abort(err.code, err.message)
+    except WireError as err:
+        service.count_rejected()
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+
+def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int) -> tuple[worker_pb2.ExpertState, int]:
+    """Streams an ExpertState from a peer's ExportExpert; errors say which peer failed and how."""
+    with grpc.insecure_channel(source, options=streaming.GRPC_OPTIONS) as channel:
+        stub = worker_pb2_grpc.ExpertWorkerStub(channel)
+        try:
+            chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=PULL_DEADLINE_S)
+            payload = streaming.join(chunks, limit_bytes=limit_bytes)
+        except grpc.RpcError as err:
+            code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
+            raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
+        except WireError as err:
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
+    return worker_pb2.ExpertState.FromString(payload), len(payload)
+
+
+def _checked_state(geometry, key: tuple[int, int], state: worker_pb2.ExpertState) -> tuple[torch.Tensor, torch.Tensor]:
+    if (state.expert.layer, state.expert.expert) != key:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {(state.expert.layer, state.expert.expert)}, asked for {key}")
+    try:
+        gate_up = decode(state.gate_up_proj, name="gate_up_proj").clone()
+        down = decode(state.down_proj, name="down_proj").clone()
+    except WireError as err:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key}: {err}") from None
+    if gate_up.shape != (2 * geometry.intermediate, geometry.hidden) or down.shape != (geometry.hidden, geometry.intermediate):
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has shapes {list(gate_up.shape)}, {list(down.shape)}")
+    return gate_up, down
+
+
+def _key(key: tuple[int, int]) -> worker_pb2.ExpertKey:
+    return worker_pb2.ExpertKey(layer=key[0], expert=key[1])
+
+
+def expert_keys(spec: str) -> list[tuple[int, int]]:
+    """'0:0-3,1:5' -> [(0,0),(0,1),(0,2),(0,3),(1,5)]; for command lines."""
+    keys = []
+    for part in filter(None, spec.split(",")):
+        try:
+            layer, experts = part.split(":")
+            low, _, high = experts.partition("-")
+            keys += [(int(layer), e) for e in range(int(low), int(high or low) + 1)]
+        except ValueError:
+            raise ValueError(f"bad expert spec {part!r}; use LAYER:EXPERT or LAYER:FIRST-LAST, comma separated") from None
+    return keys
+
+
+__all__ = ["ExpertWorkerService", "SERVICE_NAME", "expert_keys", "tensor_pb2"]

@@ -71,6 +71,7 @@ class LocalCluster:
             raise ClusterError(f"cluster name {name!r}: use letters, digits, '-' and '_'")
         self.name = name
         self.dir = home() / "clusters" / name
+        self._children: dict[str, subprocess.Popen] = {}  # processes this object started, by id
 
     # -- state -------------------------------------------------------------
 
@@ -142,6 +143,7 @@ class LocalCluster:
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._children[process_id] = proc
         return ProcessRecord(role, process_id, proc.pid, "", str(log))
 
     def _wait_ready(self, processes: list[ProcessRecord], timeout: float, progress: Progress, what: str) -> None:
@@ -154,7 +156,7 @@ class LocalCluster:
                 if ready.is_file():
                     process.address = json.loads(ready.read_text())["address"]
                     del pending[process_id]
-                elif not _alive(process):
+                elif self._children[process_id].poll() is not None:
                     raise ClusterError(f"{process.role} {process_id} exited while starting; its log ({process.log}) ends:\n"
                                        + _tail(process.log))
             done = len(processes) - len(pending)

@@ -79,6 +79,12 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
         return self._guard(context, run)
 
+    def Info(self, request, context):
+        g = self.checkpoint.geometry
+        return frontend_pb2.InfoResponse(
+            model=self.model_name, family=self.checkpoint.config.model_type, vocab_size=self.vocab,
+            num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden)
+
     def Status(self, request, context):
         table = self.dispatcher.table
         g = self.checkpoint.geometry

@@ -106,24 +106,24 @@ class Checkpoint:
             if match is None:
                 self.dense[target] = ref
                 continue
-            layer, param = int(match["layer"]), match["param"]
+            layer, field_name = int(match["layer"]), "gate_up" if match["param"] == "gate_up_proj" else "down"
             if pattern is None:  # already stacked on disk: one row per expert
                 with safe_open(self.path / ref.file, "pt") as handle:
                     count = handle.get_slice(key).get_shape()[0]
                 for expert in range(count):
                     refs = self.experts.setdefault((layer, expert), ExpertRefs())
-                    getattr(refs, param.split("_")[0]).append(TensorRef(ref.file, key, expert))
+                    getattr(refs, field_name).append((0, TensorRef(ref.file, key, expert)))
                 continue
             number = _EXPERT_NUMBER.search(key)
             if number is None:
                 raise CheckpointError(f"{key}: expert tensor without an expert number")
             refs = self.experts.setdefault((layer, int(number[1])), ExpertRefs())
-            parts = refs.gate_up if param == "gate_up_proj" else refs.down
             converter = next(c for c in converters if pattern in c.source_patterns)
-            parts.append((converter.source_patterns.index(pattern), ref))  # type: ignore[arg-type]
-        for refs in self.experts.values():  # order gate before up, as the converter concatenates
-            refs.gate_up = _ordered(refs.gate_up)
-            refs.down = _ordered(refs.down)
+            # The converter concatenates its sources in order (gate before up): remember each part's rank.
+            getattr(refs, field_name).append((converter.source_patterns.index(pattern), ref))
+        for refs in self.experts.values():
+            refs.gate_up = [ref for _, ref in sorted(refs.gate_up, key=lambda part: part[0])]
+            refs.down = [ref for _, ref in sorted(refs.down, key=lambda part: part[0])]
 
     def _geometry(self) -> Geometry:
         if not self.experts:
@@ -177,9 +177,3 @@ class Checkpoint:
                 return handle.get_tensor(ref.key)
             return handle.get_slice(ref.key)[ref.row]
 
-
-def _ordered(parts: list) -> list[TensorRef]:
-    """[(position, ref)] or [ref] -> refs in converter order."""
-    if parts and isinstance(parts[0], tuple):
-        return [ref for _, ref in sorted(parts, key=lambda p: p[0])]
-    return parts

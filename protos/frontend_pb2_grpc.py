@@ -50,6 +50,11 @@ class FrontendStub:
                 request_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/moecluster.frontend.v1.Frontend/Info',
+                request_serializer=moecluster_dot_protos_dot_frontend__pb2.InfoRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_frontend__pb2.InfoResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/moecluster.frontend.v1.Frontend/Status',
                 request_serializer=moecluster_dot_protos_dot_frontend__pb2.StatusRequest.SerializeToString,
@@ -79,6 +84,12 @@ class FrontendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -102,6 +113,11 @@ def add_FrontendServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=moecluster_dot_protos_dot_frontend__pb2.InfoRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_frontend__pb2.InfoResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -190,6 +206,33 @@ class Frontend:
             '/moecluster.frontend.v1.Frontend/Generate',
             moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
             moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.frontend.v1.Frontend/Info',
+            moecluster_dot_protos_dot_frontend__pb2.InfoRequest.SerializeToString,
+            moecluster_dot_protos_dot_frontend__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

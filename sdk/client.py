@@ -57,11 +57,14 @@ class Client:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
         self._stub = frontend_pb2_grpc.FrontendStub(self._channel)
+        self._info: frontend_pb2.InfoResponse | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """LongTensor (B, T) -> logits FloatTensor (B, T, V)."""
-        request = frontend_pb2.ForwardRequest(input_ids=encode(_ids(input_ids)))
-        if streaming.needs_streaming(request.ByteSize()):
+        ids = _ids(input_ids)
+        request = frontend_pb2.ForwardRequest(input_ids=encode(ids))
+        logits_bytes = ids.numel() * self.info().vocab_size * 4
+        if streaming.needs_streaming(max(request.ByteSize(), logits_bytes)):
             response = self._call(lambda: frontend_pb2.ForwardResponse.FromString(streaming.join(
                 self._stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout),
                 limit_bytes=1 << 36)))
@@ -76,6 +79,12 @@ class Client:
                                                do_sample=do_sample, seed=seed)
         response = self._call(lambda: self._stub.Generate(request, timeout=self.timeout))
         return decode(response.sequences).clone()
+
+    def info(self) -> frontend_pb2.InfoResponse:
+        """The served model: family, vocab_size, num_moe_layers, num_experts, top_k, hidden_size (cached)."""
+        if self._info is None:
+            self._info = self._call(lambda: self._stub.Info(frontend_pb2.InfoRequest(), timeout=self.timeout))
+        return self._info
 
     def status(self) -> ClusterStatus:
         r = self._call(lambda: self._stub.Status(frontend_pb2.StatusRequest(), timeout=self.timeout))

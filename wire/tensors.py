@@ -63,7 +63,10 @@ def decode(message: tensor_pb2.Tensor, *, name: str = "tensor") -> torch.Tensor:
             f"({numel * itemsize} bytes expected)"
         )
     if numel == 0:
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except RuntimeError:  # e.g. [2**62, 2**62, 0]: torch cannot even describe it
+            raise WireError(f"{name}: shape {list(shape)} is too large to describe") from None
     import warnings
 
     with warnings.catch_warnings():

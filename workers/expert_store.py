@@ -64,14 +64,12 @@ class ExpertStore:
                 snap = self._layers.get(layer)
                 new = [e for (l, e) in added if l == layer]
                 experts = (snap.experts if snap else ()) + tuple(new)
-                gate_up = [items[(layer, e)][0].to(self.dtype) for e in new]
-                down = [items[(layer, e)][1].to(self.dtype) for e in new]
-                if snap is not None:
-                    gate_up.insert(0, snap.gate_up)
-                    down.insert(0, snap.down)
-                    self._layers[layer] = self._stack(experts, torch.cat(gate_up), torch.cat(down))
-                else:
-                    self._layers[layer] = self._stack(experts, torch.stack(gate_up), torch.stack(down))
+                gate_up = torch.stack([items[(layer, e)][0].to(self.dtype) for e in new])
+                down = torch.stack([items[(layer, e)][1].to(self.dtype) for e in new])
+                if snap is not None:  # [n, 2I, H] + [m, 2I, H] -> [n + m, 2I, H]
+                    gate_up = torch.cat([snap.gate_up, gate_up])
+                    down = torch.cat([snap.down, down])
+                self._layers[layer] = self._stack(experts, gate_up, down)
             for key in added:
                 self._versions[key] = version
             return added

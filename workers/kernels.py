@@ -36,24 +36,43 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: 
     return perm, perm // k, top_k_weights.reshape(-1)[perm], hist[1:]
 
 
-# Rows per tile.  Every temporary is tile-sized and reused across tiles: it stays in cache
-# between the GEMMs and the elementwise ops, and large fresh allocations (which on CPU cost
-# page faults worth ~1/3 of the GEMM time here) are avoided.  512-1024 rows keep sgemm near peak.
+# Rows per tile.  Temporaries are tile-sized and reused across tiles: they stay in cache
+# between the GEMMs and the elementwise ops, and large fresh allocations (whose page faults
+# cost ~1/3 of the GEMM time on CPU) are avoided.  512-1024 rows keep sgemm near peak.
 TILE_ROWS = 1024
 
 
-def _tiles(counts, rows: int = TILE_ROWS):
-    """Yield (expert, start, end, first) row tiles of the expert-sorted assignments.
+def _plan(counts, rows: int | None = None):
+    """Pack the expert-sorted rows into tiles of at most `rows` (default TILE_ROWS) rows.
 
-    counts: list of E ints.  Each expert's rows are split into near-equal tiles of at most
-    `rows`; `first` is True for the first tile of an expert (later tiles accumulate)."""
-    start = 0
+    counts: list of E ints.  Returns a list of (start, end, experts, sizes, firsts): the
+    tile's absolute row range and, per expert segment in it, the expert id, its row count
+    and whether it is that expert's first segment (later ones accumulate weight grads).
+    Experts are not split unless they alone exceed `rows` (then into near-equal chunks)."""
+    rows = rows or TILE_ROWS
+    tiles, seg, start, pos = [], ([], [], []), 0, 0
+
+    def close():
+        nonlocal seg, start
+        if seg[0]:
+            tiles.append((start, pos, *seg))
+        seg, start = ([], [], []), pos
+
     for e, c in enumerate(counts):
-        n_tiles = -(-c // rows)
-        for j in range(n_tiles):
-            lo, hi = start + c * j // n_tiles, start + c * (j + 1) // n_tiles
-            yield e, lo, hi, j == 0
-        start += c
+        if c == 0:
+            continue
+        if pos - start + c > rows:
+            close()
+        chunks = -(-c // rows)
+        for j in range(chunks):
+            if j:
+                close()
+            n = c * (j + 1) // chunks - c * j // chunks
+            for lst, v in zip(seg, (e, n, j == 0)):
+                lst.append(v)
+            pos += n
+    close()
+    return tiles
 
 
 def _forward(x, gate_up, down, tok, w, counts, gu=None):
@@ -63,19 +82,23 @@ def _forward(x, gate_up, down, tok, w, counts, gu=None):
     w (N,) its routing weight, all float tensors of one dtype.  gu: optional (N, 2I) buffer
     that receives the gate/up GEMM output (kept for backward).  Returns out (T, H).
     """
-    inter, rows = down.shape[2], min(TILE_ROWS, tok.numel())
-    xs, act, y = x.new_empty(rows, x.shape[1]), x.new_empty(rows, inter), x.new_empty(rows, x.shape[1])
+    tiles, inter, hid = _plan(counts), down.shape[2], x.shape[1]
+    rows = max((t - s for s, t, *_ in tiles), default=0)
+    xs, act, y = x.new_empty(rows, hid), x.new_empty(rows, inter), x.new_empty(rows, hid)
     gu_tile = x.new_empty(rows, 2 * inter) if gu is None else None
-    wcol, scale_act = w.unsqueeze(1), inter <= x.shape[1]  # weight the smaller of (n,I) / (n,H)
+    wcol, scale_act = w.unsqueeze(1), inter <= hid  # weight the smaller of (n, I) / (n, H)
     out = x.new_zeros(x.shape)
-    for e, s, t, _ in _tiles(counts):
+    for s, t, experts, sizes, _ in tiles:
         n = t - s
-        torch.index_select(x, 0, tok[s:t], out=xs[:n])
-        h = torch.mm(xs[:n], gate_up[e].t(), out=gu_tile[:n] if gu is None else gu[s:t])
+        xt = torch.index_select(x, 0, tok[s:t], out=xs[:n])
+        h = gu_tile[:n] if gu is None else gu[s:t]
+        for e, x_e, h_e in zip(experts, xt.split(sizes), h.split(sizes)):
+            torch.mm(x_e, gate_up[e].t(), out=h_e)
         a = torch.ops.aten.silu.out(h[:, :inter], out=act[:n]).mul_(h[:, inter:])  # silu(g) * u
         if scale_act:
             a.mul_(wcol[s:t])
-        torch.mm(a, down[e].t(), out=y[:n])
+        for e, a_e, y_e in zip(experts, a.split(sizes), y[:n].split(sizes)):
+            torch.mm(a_e, down[e].t(), out=y_e)
         if not scale_act:
             y[:n].mul_(wcol[s:t])
         out.index_add_(0, tok[s:t], y[:n])
@@ -101,38 +124,43 @@ class _FusedExperts(torch.autograd.Function):
         gradient is one stacked tensor, written expert by expert (zeros for idle experts)."""
         x, gate_up, down, perm, tok, w, gu = ctx.saved_tensors
         need_x, need_gu, need_dn, _, need_w = ctx.needs_input_grad
-        counts, inter, rows = ctx.counts, down.shape[2], min(TILE_ROWS, tok.numel())
+        tiles, inter, hid = _plan(ctx.counts), down.shape[2], x.shape[1]
+        rows = max((t - s for s, t, *_ in tiles), default=0)
         grad_out = grad_out.to(x.dtype)
         grad_x = x.new_zeros(x.shape) if need_x else None
-        grad_gu = _stacked_grad(gate_up, counts) if need_gu else None
-        grad_dn = _stacked_grad(down, counts) if need_dn else None
+        grad_gu = _stacked_grad(gate_up, ctx.counts) if need_gu else None
+        grad_dn = _stacked_grad(down, ctx.counts) if need_dn else None
         dw = w.new_empty(tok.numel()) if need_w else None
-        gy, xs = x.new_empty(rows, x.shape[1]), x.new_empty(rows, x.shape[1])
-        p, sg, silu, a = (x.new_empty(rows, inter) for _ in range(4))
-        d_gu = x.new_empty(rows, 2 * inter)
-        wcol = w.unsqueeze(1)
-        for e, s, t, first in _tiles(counts):
-            n, g, u = t - s, gu[s:t, :inter], gu[s:t, inter:]
-            torch.index_select(grad_out, 0, tok[s:t], out=gy[:n])  # (n, H)
-            torch.mm(gy[:n], down[e], out=p[:n])  # dL/d(silu(g)*u), before the routing weight
-            torch.sigmoid(g, out=sg[:n])
-            torch.mul(g, sg[:n], out=silu[:n])
-            torch.mul(silu[:n], u, out=a[:n])  # unweighted activation (n, I)
-            if need_w:  # dL/dw = <a @ down^T, gy> = <a, gy @ down>
-                torch.linalg.vecdot(p[:n], a[:n], out=dw[s:t])
+        gy, xs, d_gu = x.new_empty(rows, hid), x.new_empty(rows, hid), x.new_empty(rows, 2 * inter)
+        p, silu, a = (x.new_empty(rows, inter) for _ in range(3))
+        for s, t, experts, sizes, firsts in tiles:
+            n, g, u, wcol = t - s, gu[s:t, :inter], gu[s:t, inter:], w[s:t, None]
+            gy_t, p_t, a_t, d_t = gy[:n], p[:n], a[:n], d_gu[:n]
+            torch.index_select(grad_out, 0, tok[s:t], out=gy_t)  # (n, H)
+            for e, gy_e, p_e in zip(experts, gy_t.split(sizes), p_t.split(sizes)):
+                torch.mm(gy_e, down[e], out=p_e)  # p = dL/d(w * a), a = silu(g) * u
+            sl = torch.ops.aten.silu.out(g, out=silu[:n])
+            q = torch.mul(p_t, u, out=d_t[:, :inter])  # p * u, becomes dL/dg below
+            if need_w:  # dL/dw = <a @ down^T, gy> = <p, silu(g) * u>
+                torch.linalg.vecdot(q, sl, out=dw[s:t])
+            sl.mul_(wcol)  # w * silu(g)
             if need_dn:  # dL/ddown[e] = gy^T @ (w * a)
-                _mm_acc(gy[:n].t(), a[:n].mul_(wcol[s:t]), grad_dn[e], first)
+                torch.mul(sl, u, out=a_t)
+                for e, f, gy_e, a_e in zip(experts, firsts, gy_t.split(sizes), a_t.split(sizes)):
+                    _mm_acc(gy_e.t(), a_e, grad_dn[e], f)
             if not (need_x or need_gu):
                 continue
-            da = p[:n].mul_(wcol[s:t])
-            torch.mul(da, silu[:n], out=d_gu[:n, inter:])  # dL/du = da * silu(g)
-            dsilu = silu[:n].sub_(torch.mul(silu[:n], sg[:n], out=a[:n])).add_(sg[:n])  # s+silu-silu*s
-            torch.mul(da, u, out=d_gu[:n, :inter]).mul_(dsilu)  # dL/dg = da * u * dsilu
+            # dL/dg = w * p * u * silu'(g), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)
+            torch.ops.aten.silu_backward.grad_input(q, g, grad_input=q).mul_(wcol)
+            torch.mul(p_t, sl, out=d_t[:, inter:])  # dL/du = w * p * silu(g)
             if need_gu:  # dL/dgate_up[e] = d_gu^T @ xs
-                torch.index_select(x, 0, tok[s:t], out=xs[:n])
-                _mm_acc(d_gu[:n].t(), xs[:n], grad_gu[e], first)
+                xt = torch.index_select(x, 0, tok[s:t], out=xs[:n])
+                for e, f, d_e, x_e in zip(experts, firsts, d_t.split(sizes), xt.split(sizes)):
+                    _mm_acc(d_e.t(), x_e, grad_gu[e], f)
             if need_x:  # gy is consumed: reuse it for dL/dxs = d_gu @ gate_up[e]
-                grad_x.index_add_(0, tok[s:t], torch.mm(d_gu[:n], gate_up[e], out=gy[:n]))
+                for e, d_e, gy_e in zip(experts, d_t.split(sizes), gy_t.split(sizes)):
+                    torch.mm(d_e, gate_up[e], out=gy_e)
+                grad_x.index_add_(0, tok[s:t], gy_t)
         grad_w = None
         if need_w:
             grad_w = w.new_zeros(ctx.k_shape.numel()).index_copy_(0, perm, dw).view(ctx.k_shape)
@@ -141,7 +169,7 @@ class _FusedExperts(torch.autograd.Function):
 
 def _stacked_grad(weight, counts):
     """Uninitialised stacked gradient like weight (E, ...); experts without rows are zeroed,
-    the others are fully written by their first tile."""
+    the others are fully written by their first segment."""
     grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
     for e, c in enumerate(counts):
         if c == 0:
@@ -150,7 +178,7 @@ def _stacked_grad(weight, counts):
 
 
 def _mm_acc(a, b, out, first: bool):
-    """out = a @ b on the first tile of an expert, out += a @ b after."""
+    """out = a @ b on an expert's first segment, out += a @ b after."""
     if first:
         torch.mm(a, b, out=out)
     else:
@@ -169,8 +197,6 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     out_dtype = hidden_states.dtype
     x = hidden_states.to(gate_up_proj.dtype)
     w = top_k_weights.to(gate_up_proj.dtype)
-    if x.shape[0] == 0:
-        return hidden_states.new_zeros(hidden_states.shape)
     tensors = (x, gate_up_proj, down_proj, w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedExperts.apply(x, gate_up_proj, down_proj, top_k_index, w).to(out_dtype)
@@ -183,7 +209,7 @@ def reference_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k
     negative indices.  Same shapes/dtypes as fused_experts; for tests and benchmarks."""
     out = torch.zeros_like(hidden_states)
     for e in range(gate_up_proj.shape[0]):
-        token_idx, slot = torch.where(top_k_index == e)
+        slot, token_idx = torch.where(top_k_index.t() == e)  # eager's (slot, token) order
         if token_idx.numel() == 0:
             continue
         gate, up = F.linear(hidden_states[token_idx], gate_up_proj[e]).chunk(2, dim=-1)

@@ -39,7 +39,10 @@ class WorkerServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.service.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as err:  # grpcio raises where older versions returned 0
+            raise OSError(f"cannot listen on {host}:{port}: {err}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from moecluster.models.checkpoint import Checkpoint
@@ -28,6 +29,7 @@ from moecluster.workers.validation import RequestError, invalid
 
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 PULL_DEADLINE_S = 120.0
+REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
 
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
@@ -54,10 +56,14 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def load_from_checkpoint(self, keys: list[tuple[int, int]]) -> int:
         """Reads `keys` from the checkpoint (only their tensors) and holds them; returns bytes read."""
-        todo = [k for k in keys if not self.store.holds(*k)]
+        return self._load(keys)[1]
+
+    def _load(self, keys: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+        """Reads the keys not yet held; returns (keys this call added, bytes read)."""
+        todo = [k for k in dict.fromkeys(keys) if not self.store.holds(*k)]
         items = {k: self.checkpoint.read_expert(*k, dtype=self.store.dtype) for k in todo}
-        self.store.add(items)
-        return sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in items.values())
+        added = self.store.add(items)
+        return added, sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in items.values())
 
     def _observe_epoch(self, epoch: int) -> None:
         with self._lock:
@@ -71,7 +77,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def ForwardStream(self, request_iterator, context):
         def run():
             payload = streaming.join(request_iterator, limit_bytes=validation.MAX_TOKENS * self.geometry.hidden * 16)
-            return self._forward(worker_pb2.ForwardRequest.FromString(payload))
+            try:
+                request = worker_pb2.ForwardRequest.FromString(payload)
+            except DecodeError as err:
+                raise invalid(f"stream payload of {len(payload)} bytes is not a ForwardRequest: {err}") from None
+            return self._forward(request)
 
         response = _answer(context, self, run)
         yield from streaming.split(response.SerializeToString())
@@ -81,7 +91,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         snapshot = self.store.snapshot(inputs.layer)
         local = validation.check_held(snapshot, inputs, self.epoch)
         start = time.perf_counter()
-        if snapshot is None:  # every entry is -1: nothing to compute here
+        if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
             output = torch.zeros_like(inputs.hidden_states)
         else:
             with torch.no_grad():
@@ -112,10 +122,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
             if not keys:
                 raise invalid("experts: empty list; name at least one (layer, expert)")
+            loaded, read = self._load(keys)
             self._observe_epoch(request.epoch)
-            before = set(self.store.held())
-            read = self.load_from_checkpoint(keys)
-            loaded = [k for k in self.store.held() if k not in before]
             return worker_pb2.LoadExpertsResponse(loaded=[_key(k) for k in loaded], bytes_read=read)
 
         return _answer(context, self, run)
@@ -137,12 +145,13 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             try:
                 gate_up, down = self.store.get(*key)
+                version = self.store.version(*key)
             except KeyError:
                 raise RequestError(
                     grpc.StatusCode.FAILED_PRECONDITION, f"expert {key} is not on this worker (worker epoch {self.epoch})"
                 ) from None
             return worker_pb2.ExpertState(
-                expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down), version=self.store.version(*key)
+                expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down), version=version
             )
 
         state = _answer(context, self, run)
@@ -153,13 +162,17 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             if not request.source:
                 raise invalid("source: empty; give the host:port of a worker that holds the expert")
-            self._observe_epoch(request.epoch)
             if self.store.holds(*key):
+                self._observe_epoch(request.epoch)
                 return worker_pb2.PullExpertResponse(bytes=0, seconds=0.0)
             start = time.perf_counter()
-            state, size = _fetch_expert(request.source, request.expert, self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096)
+            remaining = context.time_remaining()  # never outlive the caller's deadline
+            deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
+            limit = self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096
+            state, size = _fetch_expert(request.source, request.expert, limit, deadline)
             gate_up, down = _checked_state(self.geometry, key, state)
             self.store.add({key: (gate_up, down)}, version=state.version)
+            self._observe_epoch(request.epoch)  # only a pull that succeeded moves the epoch
             return worker_pb2.PullExpertResponse(bytes=size, seconds=time.perf_counter() - start)
 
         return _answer(context, self, run)
@@ -197,26 +210,31 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
     try:
         return run()
     except RequestError as err:
-        service.count_rejected()
+        if err.code in REJECTED_CODES:  # a peer's failure during a pull is not the caller's fault
+            service.count_rejected()
         context.abort(err.code, err.message)
     except WireError as err:
         service.count_rejected()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
-def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int) -> tuple[worker_pb2.ExpertState, int]:
+def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
+                  timeout: float = PULL_DEADLINE_S) -> tuple[worker_pb2.ExpertState, int]:
     """Streams an ExpertState from a peer's ExportExpert; errors say which peer failed and how."""
     with grpc.insecure_channel(source, options=streaming.GRPC_OPTIONS) as channel:
         stub = worker_pb2_grpc.ExpertWorkerStub(channel)
         try:
-            chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=PULL_DEADLINE_S)
+            chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
             payload = streaming.join(chunks, limit_bytes=limit_bytes)
         except grpc.RpcError as err:
             code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
             raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
         except WireError as err:
             raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
-    return worker_pb2.ExpertState.FromString(payload), len(payload)
+    try:
+        return worker_pb2.ExpertState.FromString(payload), len(payload)
+    except DecodeError as err:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
 
 
 def _checked_state(geometry, key: tuple[int, int], state: worker_pb2.ExpertState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +247,9 @@ def _checked_state(geometry, key: tuple[int, int], state: worker_pb2.ExpertState
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key}: {err}") from None
     if gate_up.shape != (2 * geometry.intermediate, geometry.hidden) or down.shape != (geometry.hidden, geometry.intermediate):
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has shapes {list(gate_up.shape)}, {list(down.shape)}")
+    if not (gate_up.is_floating_point() and down.is_floating_point()):
+        names = state.gate_up_proj.dtype, state.down_proj.dtype
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has dtypes {names[0]}, {names[1]}; weights are float")
     return gate_up, down
 
 

@@ -1,0 +1,96 @@
+"""The checkpoint index reads each expert's own tensors, for every family, sharded or not."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES
+from moecluster.models.checkpoint import Checkpoint, CheckpointError
+from moecluster.models.tiny import create_checkpoint
+
+
+def experts_modules(model):
+    return {int(name.split(".layers.")[1].split(".")[0]): m for name, m in model.named_modules()
+            if name.endswith(".experts") and hasattr(m, "gate_up_proj")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_equal_what_transformers_loads(checkpoints, family):
+    path = checkpoints[family]
+    index = Checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    modules = experts_modules(model)
+    assert tuple(sorted(modules)) == index.geometry.moe_layers
+    for layer, module in modules.items():
+        for expert in range(index.geometry.num_experts):
+            gate_up, down = index.read_expert(layer, expert)
+            assert torch.equal(gate_up, module.gate_up_proj[expert].detach())
+            assert torch.equal(down, module.down_proj[expert].detach())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_part_has_no_expert_tensor_and_fits_the_model(checkpoints, family):
+    index = Checkpoint(checkpoints[family])
+    assert not any(".experts." in name for name in index.dense)
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in index.read_dense().items():
+        assert torch.equal(tensor, params[name].detach()), name
+
+
+def test_reading_one_expert_touches_only_its_tensors(checkpoints):
+    index = Checkpoint(checkpoints["mixtral"])
+    refs = index.experts[(1, 3)]
+    keys = [r.key for r in refs.gate_up + refs.down]
+    assert keys == ["model.layers.1.block_sparse_moe.experts.3.w1.weight",
+                    "model.layers.1.block_sparse_moe.experts.3.w3.weight",
+                    "model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+
+
+def test_sharded_checkpoint_through_its_index(tmp_path):
+    path = create_checkpoint("qwen3_moe", tmp_path / "sharded", max_shard_size="40KB")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 2
+    index = Checkpoint(path)
+    files = {r.file for refs in index.experts.values() for r in refs.gate_up + refs.down}
+    assert len(files) > 1
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    module = experts_modules(model)[1]
+    gate_up, down = index.read_expert(1, 7)
+    assert torch.equal(gate_up, module.gate_up_proj[7].detach()) and torch.equal(down, module.down_proj[7].detach())
+
+
+def test_stacked_checkpoint_format_is_read_row_by_row(tmp_path, checkpoints):
+    """Checkpoints already in transformers' fused layout (gate_up_proj [E, 2I, H]) work too."""
+    from safetensors.torch import save_file
+
+    source = checkpoints["qwen3_moe"]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    out = tmp_path / "stacked"
+    out.mkdir()
+    (out / "config.json").write_text((source / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    index = Checkpoint(out)
+    module = experts_modules(model)[0]
+    gate_up, down = index.read_expert(0, 5)
+    assert torch.equal(gate_up, module.gate_up_proj[5].detach()) and torch.equal(down, module.down_proj[5].detach())
+
+
+def test_clear_errors(tmp_path, checkpoints):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported model family 'llama'"):
+        Checkpoint(tmp_path)
+    index = Checkpoint(checkpoints["olmoe"])
+    with pytest.raises(CheckpointError, match="no expert 99 in layer 0"):
+        index.read_expert(0, 99)
+
+
+def test_tiny_checkpoint_rejects_impossible_shapes(tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        create_checkpoint("mixtral", tmp_path / "x", experts=2, top_k=3)
+    with pytest.raises(ValueError, match="unsupported model family"):
+        create_checkpoint("gpt2", tmp_path / "y")

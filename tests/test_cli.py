@@ -1,0 +1,216 @@
+"""moectl and the SDK end to end: real processes on 127.0.0.1, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecluster import Client
+from moecluster.sdk.client import MoEClusterError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "MOECLUSTER_HOME": str(tmp_path / "home"), "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def moectl(env, *args, check=True, timeout=180) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "moecluster.cli.moectl", *args], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"moectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout=10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def test_the_issue_walkthrough(tmp_path, env):
+    model = tmp_path / "tiny-qwen3"
+    out = moectl(env, "model", "create", "--family", "qwen3_moe", "--out", str(model)).stdout
+    assert "qwen3_moe" in out and (model / "config.json").is_file()
+    port = free_port()
+    up = moectl(env, "up", "--model", str(model), "--workers", "3", "--port", str(port), "--detach")
+    assert f"127.0.0.1:{port}" in up.stdout and "workers: 3/3 serving" in up.stderr
+    try:
+        shape = subprocess.run([sys.executable, "-c", "from moecluster import Client; import torch; "
+                                f"print(Client('127.0.0.1:{port}').forward(torch.tensor([[1,2,3]])).shape)"],
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert shape.stdout.strip() == "torch.Size([1, 3, 128])", shape.stderr
+        status = json.loads(moectl(env, "status", "-o", "json").stdout)
+        assert status["endpoint"] == f"127.0.0.1:{port}" and status["epoch"] == 1
+        assert [w["state"] for w in status["workers"]] == ["serving"] * 3
+        held = sorted(tuple(k) for w in status["workers"] for k in w["experts"])
+        assert held == [(layer, e) for layer in (0, 1) for e in range(8)], "each expert on exactly one worker"
+        text = moectl(env, "status").stdout
+        assert "worker-2" in text and "serving" in text
+        pids = [status["frontend"]["pid"]] + [w["pid"] for w in status["workers"]]
+        assert all(alive(p) for p in pids)
+    finally:
+        down = moectl(env, "down")
+    assert "stopped 4 processes" in down.stdout
+    assert wait_gone(pids) == [], "moectl down must leave no process behind"
+    assert not (Path(env["MOECLUSTER_HOME"]) / "clusters" / "default").exists()
+
+
+def test_answers_and_generation_match_transformers_and_survive_a_kill(tmp_path, env, checkpoints):
+    model = checkpoints["mixtral"]
+    port = free_port()
+    moectl(env, "up", "--model", str(model), "--workers", "3", "--replicas", "2", "--port", str(port), "--detach",
+           "--name", "kills")
+    try:
+        status = json.loads(moectl(env, "status", "--name", "kills", "-o", "json").stdout)
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        batch = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = reference(batch).logits
+            expected_gen = reference.generate(batch[:1], attention_mask=torch.ones_like(batch[:1]), max_new_tokens=5,
+                                              min_new_tokens=5, do_sample=False, pad_token_id=0)
+        with Client(f"127.0.0.1:{port}") as client:
+            assert (client.forward(batch) - expected).abs().max() <= 1e-4
+            assert torch.equal(client.generate(batch[:1], max_new_tokens=5), expected_gen)
+            os.kill(status["workers"][1]["pid"], signal.SIGKILL)
+            for _ in range(5):
+                assert (client.forward(batch) - expected).abs().max() <= 1e-4
+            states = {w.id: w.state for w in client.status().workers}
+        assert states["worker-1"] == "unreachable" and states["worker-0"] == "serving"
+    finally:
+        moectl(env, "down", "--name", "kills")
+
+
+def test_named_clusters_side_by_side(env, checkpoints):
+    ports = [free_port(), free_port()]
+    for name, port, family in zip(["one", "two"], ports, ["olmoe", "qwen2_moe"]):
+        moectl(env, "up", "--model", str(checkpoints[family]), "--workers", "1", "--port", str(port), "--detach",
+               "--name", name)
+    try:
+        listing = moectl(env, "list").stdout
+        assert "one" in listing and "two" in listing
+        for port in ports:
+            with Client(f"127.0.0.1:{port}") as client:
+                assert client.forward(torch.tensor([[3, 4]])).shape == (1, 2, 128)
+        families = {Client(f"127.0.0.1:{p}").status().family for p in ports}
+        assert families == {"olmoe", "qwen2_moe"}
+    finally:
+        down = moectl(env, "down", "--all")
+    assert down.stdout.count("stopped 2 processes") == 2
+    assert moectl(env, "list").stdout.strip() == ""
+
+
+def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moecluster.cli.moectl", "up", "--model", str(checkpoints["qwen3_moe"]),
+                             "--workers", "2", "--port", str(port), "--name", "fg"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        record = Path(env["MOECLUSTER_HOME"]) / "clusters" / "fg" / "cluster.json"
+        while not record.is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert record.is_file(), proc.stderr.read() if proc.poll() is not None else "cluster never came up"
+        data = json.loads(record.read_text())
+        pids = [data["frontend"]["pid"]] + [w["pid"] for w in data["workers"]]
+        assert Client(f"127.0.0.1:{port}").forward(torch.tensor([[1]])).shape == (1, 1, 128)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped 3 processes" in out
+    assert wait_gone(pids) == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["up", "--model", "{empty}", "--port", "0"], "no config.json"),
+    (["up", "--model", "{model}", "--workers", "2", "--replicas", "3"], "--replicas must be between 1 and --workers"),
+    (["up", "--model", "{model}", "--workers", "0"], "--workers must be at least 1"),
+    (["up", "--model", "{model}", "--port", "{busy}"], "is in use"),
+    (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
+    (["down", "--name", "nothing"], "no cluster named 'nothing'"),
+    (["status", "--name", "nothing"], "no cluster named 'nothing'"),
+    (["model", "create", "--family", "gpt2", "--out", "{tmp}/x"], "unknown family 'gpt2'"),
+    (["model", "create", "--family", "mixtral", "--out", "{tmp}/y", "--experts", "2", "--top-k", "3"], "top_k"),
+])
+def test_errors_say_what_to_do(tmp_path, env, checkpoints, args, fragment):
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {"empty": tmp_path / "empty", "model": checkpoints["olmoe"], "busy": busy.getsockname()[1],
+                  "tmp": tmp_path}
+        result = moectl(env, *[a.format(**values) for a in args], check=False, timeout=60)
+    assert result.returncode != 0
+    assert fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_every_command(env):
+    out = moectl(env, "--help").stdout
+    for command in ["model", "up", "status", "down", "list", "demo"]:
+        assert command in out
+    assert "--replicas" in moectl(env, "up", "--help").stdout
+
+
+def test_client_errors_are_clear(checkpoints, env):
+    with pytest.raises(ValueError, match="host:port"):
+        Client("localhost")
+    with pytest.raises(MoEClusterError, match="no frontend reachable"):
+        Client(f"127.0.0.1:{free_port()}", timeout=3).forward(torch.tensor([[1, 2]]))
+    port = free_port()
+    moectl(env, "up", "--model", str(checkpoints["olmoe"]), "--workers", "1", "--port", str(port), "--detach",
+           "--name", "errs")
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            with pytest.raises(MoEClusterError, match=r"token ids must be in \[0, 127\]"):
+                client.forward(torch.tensor([[1, 500]]))
+            with pytest.raises(TypeError, match="integer token ids"):
+                client.forward(torch.tensor([[1.5]]))
+            with pytest.raises(MoEClusterError, match="max_new_tokens"):
+                client.generate(torch.tensor([[1]]), max_new_tokens=0)
+            assert client.forward(torch.tensor([[1, 2]])).shape == (1, 2, 128), "still serving after bad requests"
+    finally:
+        moectl(env, "down", "--name", "errs")
+
+
+def test_large_logits_stream_back_in_chunks(env, tmp_path):
+    """Logits above the 1 MiB unary threshold come back through ForwardStream, equal to transformers."""
+    model = tmp_path / "wide-vocab"
+    moectl(env, "model", "create", "--family", "olmoe", "--out", str(model), "--vocab", "4096")
+    port = free_port()
+    moectl(env, "up", "--model", str(model), "--workers", "2", "--port", str(port), "--detach", "--name", "wide")
+    try:
+        batch = torch.randint(0, 4096, (4, 160), generator=torch.Generator().manual_seed(2))  # 10 MiB of logits
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.info().vocab_size == 4096
+            logits = client.forward(batch)
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (logits - reference(batch).logits).abs().max() <= 1e-4
+    finally:
+        moectl(env, "down", "--name", "wide")

@@ -1,0 +1,78 @@
+"""Tensor codec and chunked streams."""
+
+import pytest
+import torch
+
+from moecluster.protos import tensor_pb2
+from moecluster.wire import streaming
+from moecluster.wire.tensors import DTYPES, WireError, decode, encode
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 5), (4, 0, 3), (2, 3, 7)])
+def test_round_trip_is_bit_exact(dtype, shape):
+    tensor = (torch.randn(shape) * 100).to(dtype)
+    back = decode(encode(tensor))
+    assert back.dtype == dtype and back.shape == tensor.shape
+    assert torch.equal(back, tensor)
+
+
+def test_payload_is_raw_bytes_not_repeated_floats():
+    tensor = torch.randn(256, 64)
+    message = encode(tensor)
+    assert len(message.data) == tensor.numel() * 4
+    assert message.ByteSize() < len(message.data) * 1.01
+
+
+def test_non_contiguous_input_is_encoded_in_logical_order():
+    tensor = torch.arange(12, dtype=torch.float32).view(3, 4).t()
+    assert torch.equal(decode(encode(tensor)), tensor)
+
+
+@pytest.mark.parametrize(
+    "message, fragment",
+    [
+        (tensor_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8), "unknown dtype"),
+        (tensor_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "do not match shape"),
+        (tensor_pb2.Tensor(dtype="float32", shape=[-1], data=b""), "negative dimension"),
+        (tensor_pb2.Tensor(dtype="int64", shape=[3], data=b"\0" * 8), "24 bytes expected"),
+    ],
+)
+def test_malformed_tensors_say_what_is_wrong(message, fragment):
+    with pytest.raises(WireError, match=fragment):
+        decode(message)
+
+
+def test_unsupported_dtype_refused_on_encode():
+    with pytest.raises(WireError, match="cannot travel"):
+        encode(torch.zeros(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5000])
+def test_split_join_round_trip(size):
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    chunks = list(streaming.split(payload, chunk_bytes=1000))
+    assert len(chunks) == max(1, -(-size // 1000))
+    assert all(len(c.data) <= 1000 for c in chunks) and chunks[-1].last
+    assert streaming.join(iter(chunks), limit_bytes=10_000) == payload
+
+
+def test_join_detects_corruption_truncation_and_oversize():
+    payload = b"x" * 2500
+    chunks = list(streaming.split(payload, chunk_bytes=1000))
+    corrupted = [tensor_pb2.Chunk(data=c.data.replace(b"x", b"y", 1), total_size=c.total_size, last=c.last,
+                                  crc32=c.crc32) if i == 1 else c for i, c in enumerate(chunks)]
+    with pytest.raises(WireError, match="checksum"):
+        streaming.join(iter(corrupted), limit_bytes=10_000)
+    with pytest.raises(WireError, match="before its last chunk"):
+        streaming.join(iter(chunks[:-1]), limit_bytes=10_000)
+    with pytest.raises(WireError, match="over the limit"):
+        streaming.join(iter(chunks), limit_bytes=2000)
+    extra = chunks[:-1] + [tensor_pb2.Chunk(data=b"x" * 900, last=True, crc32=chunks[-1].crc32)]
+    with pytest.raises(WireError, match="more than the 2500 announced"):
+        streaming.join(iter(extra), limit_bytes=10_000)
+
+
+def test_streaming_threshold_is_about_one_mebibyte():
+    assert not streaming.needs_streaming(1 << 20)
+    assert streaming.needs_streaming((1 << 20) + 1)

@@ -37,16 +37,20 @@ SHAPES = [
 ]
 
 
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def median_ms(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median wall time in ms of each fn in `fns` (name -> callable) after `warmup` untimed
+    calls each.  Repetitions are interleaved (rotating order) so that load from other
+    processes hits every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_case(t, h, i, e, k, seed=0):
@@ -82,11 +86,11 @@ def bench_shape(name, t, h, i, e, k, reps, reps_bwd):
         for impl in ("eager", "grouped_mm"):
             err = rel(ours, run_impl(experts, impl, x, index, weights))
             assert err < 1e-5, f"{name}: fused_experts disagrees with {impl}: rel err {err:.2e}"
-        fwd = {
-            "ours": median_ms(lambda: fused_experts(x, gu, dn, index, weights), reps),
-            "eager": median_ms(lambda: run_impl(experts, "eager", x, index, weights), reps),
-            "grouped_mm": median_ms(lambda: run_impl(experts, "grouped_mm", x, index, weights), reps),
-        }
+        fwd = median_ms({
+            "ours": lambda: fused_experts(x, gu, dn, index, weights),
+            "eager": lambda: run_impl(experts, "eager", x, index, weights),
+            "grouped_mm": lambda: run_impl(experts, "grouped_mm", x, index, weights),
+        }, reps)
 
     xg = x.clone().requires_grad_(True)
     wg = weights.clone().requires_grad_(True)
@@ -98,9 +102,19 @@ def bench_shape(name, t, h, i, e, k, reps, reps_bwd):
             p.grad = None
         fn().backward(grad_out)
 
-    ours_fb = median_ms(lambda: train_step(lambda: fused_experts(xg, gu, dn, index, wg)), reps_bwd)
-    eager_fb = median_ms(lambda: train_step(lambda: run_impl(experts, "eager", xg, index, wg)), reps_bwd)
-    return fwd, ours_fb, eager_fb
+    fb_fns = {
+        "ours": lambda: train_step(lambda: fused_experts(xg, gu, dn, index, wg)),
+        "eager": lambda: train_step(lambda: run_impl(experts, "eager", xg, index, wg)),
+    }
+    grads = {}
+    for impl, fn in fb_fns.items():  # doubles as the warm-up
+        fn()
+        grads[impl] = [p.grad.clone() for p in params]
+    for name, a, b in zip(("hidden", "weights", "gate_up", "down"), grads["ours"], grads["eager"]):
+        err = rel(a, b)
+        assert err < 1e-4, f"{name}: gradient of fused_experts disagrees with eager: rel err {err:.2e}"
+    fb = median_ms(fb_fns, reps_bwd, warmup=0)
+    return fwd, fb["ours"], fb["eager"]
 
 
 def main():

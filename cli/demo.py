@@ -32,11 +32,11 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
         model_dir = create_checkpoint(family, os.path.join(tmp, f"tiny-{family}"), layers=2, experts=8, top_k=2)
         say(f"1. wrote a tiny {family} checkpoint to {model_dir}")
         cluster = LocalCluster(f"demo-{os.getpid()}")
-        record = cluster.up(model_dir, workers=workers, replicas=replicas, port=port,
+        status = cluster.up(model_dir, workers=workers, replicas=replicas, port=port,
                             progress=lambda m: print(f"   {m}", file=sys.stderr, flush=True))
         try:
-            say(f"2. cluster up: frontend {record.endpoint}, {workers} workers, {replicas} copies of every expert")
-            client = Client(record.endpoint)
+            say(f"2. cluster up: frontend {status['endpoint']}, {workers} workers, {replicas} copies of every expert")
+            client = Client(status["endpoint"])
             reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             batch = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
             logits = client.forward(batch)
@@ -57,8 +57,8 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
             elapsed = time.perf_counter() - start
             say(f"5. {count} requests of {batch.numel()} tokens: {count / elapsed:.1f} req/s, "
                 f"{count * batch.numel() / elapsed:.0f} tokens/s")
-            victim = record.workers[0]
-            os.kill(victim.pid, signal.SIGKILL)
+            victim = status["workers"][0]
+            os.kill(victim["pid"], signal.SIGKILL)
             failures, worst = 0, 0.0
             for _ in range(10):
                 try:
@@ -66,7 +66,7 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
                 except Exception as err:  # noqa: BLE001 - counted and shown, the demo goes on
                     failures += 1
                     say(f"   request failed: {err}")
-            say(f"6. kill -9 {victim.id} (pid {victim.pid}): 10 more requests, {failures} failed, "
+            say(f"6. kill -9 {victim['id']} (pid {victim['pid']}): 10 more requests, {failures} failed, "
                 f"max error {worst:.2e} (replicas answered)")
             status = client.status()
             for w in status.workers:

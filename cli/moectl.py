@@ -3,6 +3,9 @@
   moectl model create --family qwen3_moe --out ./tiny-qwen3
   moectl up --model ./tiny-qwen3 --workers 3 --port 50051 --detach
   moectl status [-o json]
+  moectl scale --workers 5          # returns when the new layout serves
+  moectl migrate --layer 0 --expert 3 --to worker-4
+  moectl drain worker-1
   moectl down
   moectl demo            # the whole tour on a tiny model, in one command
 """
@@ -17,6 +20,7 @@ import sys
 import threading
 
 from moecluster.backends.local import ClusterError, LocalCluster, cluster_names
+from moecluster.backends.processes import alive
 
 
 def _progress(message: str) -> None:
@@ -39,12 +43,13 @@ def cmd_model_create(args) -> int:
 
 def cmd_up(args) -> int:
     cluster = LocalCluster(args.name)
-    record = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
-                        worker_threads=args.worker_threads, timeout=args.timeout, progress=_progress)
-    print(f"cluster {record.name!r} serving {record.model} on {record.endpoint} "
-          f"({len(record.workers)} workers, {record.replicas} cop{'y' if record.replicas == 1 else 'ies'} of each expert)")
+    status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
+                        worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
+                        progress=_progress)
+    print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
+          f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
-        print(f"stop it with: moectl down --name {record.name}")
+        print(f"stop it with: moectl down --name {status['name']}")
         return 0
     print("Ctrl-C to stop", flush=True)
     stop = threading.Event()
@@ -58,38 +63,55 @@ def cmd_up(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
-    from moecluster.sdk.client import Client, MoEClusterError
+def cmd_resume(args) -> int:
+    cluster = LocalCluster(args.name)
+    controller = cluster.controller_record()
+    if controller is not None and alive(controller):
+        raise ClusterError(f"the controller of {args.name!r} is running (pid {controller.pid})")
+    cluster.start_controller()
+    status = cluster.wait_converged(args.timeout, _progress)
+    print(f"controller of {args.name!r} restarted; {len(status['workers'])} workers at epoch {status['epoch']}")
+    return 0
 
-    record = LocalCluster(args.name).record()
-    try:
-        with Client(record.endpoint, timeout=10) as client:
-            status = client.status()
-        workers = {w.id: w for w in status.workers}
-        epoch = status.epoch
-    except MoEClusterError as err:
-        _progress(f"frontend at {record.endpoint} did not answer: {err}")
-        workers, epoch = {}, None
-    doc = {
-        "name": record.name,
-        "model": record.model,
-        "endpoint": record.endpoint,
-        "epoch": epoch,
-        "frontend": {"pid": record.frontend.pid, "address": record.frontend.address},
-        "workers": [
-            {"id": p.id, "address": p.address, "pid": p.pid,
-             "state": workers[p.id].state if p.id in workers else "unknown",
-             "experts": [list(k) for k in workers[p.id].experts] if p.id in workers else []}
-            for p in record.workers
-        ],
-    }
+
+def cmd_status(args) -> int:
+    doc = LocalCluster(args.name).status()
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"cluster {doc['name']}  model {doc['model']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}")
+    state = "converged" if doc["converged"] else "reconciling"
+    print(f"cluster {doc['name']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}  "
+          f"workers {len(doc['workers'])}/{doc['desired_workers']}  replicas >= {doc['min_replicas']}  "
+          f"imbalance {doc['imbalance']:.2f}  {state}")
     for w in doc["workers"]:
-        print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<12} {len(w['experts'])} experts")
+        print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
+              f"  {w['load']:>9.1f} tokens/s")
+    if doc["last_error"]:
+        print(f"  last error: {doc['last_error']}")
     return 0
+
+
+def _follow(lines) -> int:
+    for line in lines:
+        _progress(line)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    cluster = LocalCluster(args.name)
+    _follow(cluster.scale(args.workers, timeout=args.timeout))
+    status = cluster.status()
+    print(f"{len(status['workers'])} workers serving at epoch {status['epoch']}")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    return _follow(LocalCluster(args.name).migrate(args.layer, args.expert, args.to, args.source or "",
+                                                   timeout=args.timeout))
+
+
+def cmd_drain(args) -> int:
+    return _follow(LocalCluster(args.name).drain(args.worker, timeout=args.timeout))
 
 
 def cmd_down(args) -> int:
@@ -102,8 +124,11 @@ def cmd_down(args) -> int:
 
 def cmd_list(args) -> int:
     for name in cluster_names():
-        record = LocalCluster(name).record()
-        print(f"{name:<16} {record.endpoint:<22} {len(record.workers)} workers  {record.model}")
+        cluster = LocalCluster(name)
+        info = cluster.info()
+        controller = cluster.controller_record()
+        state = "up" if controller is not None and alive(controller) else "controller down"
+        print(f"{name:<16} 127.0.0.1:{info['frontend_port']:<6} {state:<16} {info['model']}")
     return 0
 
 
@@ -139,8 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--name", default="default", help="cluster name; several can run at once (default 'default')")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `moectl down`")
     up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
-    up.add_argument("--timeout", type=float, default=180, help="seconds to wait for the cluster to serve (default 180)")
+    up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
+    up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
     up.set_defaults(func=cmd_up)
+
+    scale = sub.add_parser("scale", help="grow or shrink the worker pool with no failed requests; waits until it serves")
+    scale.add_argument("--workers", type=int, required=True, help="the new number of expert workers")
+    scale.add_argument("--name", default="default")
+    scale.add_argument("--timeout", type=float, default=600)
+    scale.set_defaults(func=cmd_scale)
+
+    migrate = sub.add_parser("migrate", help="move one copy of an expert to a worker (copy, switch, then drop)")
+    migrate.add_argument("--layer", type=int, required=True)
+    migrate.add_argument("--expert", type=int, required=True)
+    migrate.add_argument("--to", required=True, help="worker id, as `moectl status` shows it")
+    migrate.add_argument("--from", dest="source", help="which copy moves (default: any holder)")
+    migrate.add_argument("--name", default="default")
+    migrate.add_argument("--timeout", type=float, default=600)
+    migrate.set_defaults(func=cmd_migrate)
+
+    drain = sub.add_parser("drain", help="move a worker's experts away, then stop it (the pool shrinks by one)")
+    drain.add_argument("worker", help="worker id, as `moectl status` shows it")
+    drain.add_argument("--name", default="default")
+    drain.add_argument("--timeout", type=float, default=600)
+    drain.set_defaults(func=cmd_drain)
+
+    resume = sub.add_parser("resume", help="restart a cluster's controller (it rebuilds its state from the workers)")
+    resume.add_argument("--name", default="default")
+    resume.add_argument("--timeout", type=float, default=300)
+    resume.set_defaults(func=cmd_resume)
 
     status = sub.add_parser("status", help="workers, their experts and state")
     status.add_argument("--name", default="default")

@@ -14,7 +14,6 @@ import itertools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -39,12 +38,13 @@ class DispatchError(RuntimeError):
 
 
 class Dispatcher:
-    def __init__(self, table: RoutingTable, *, timeout: float = 30.0,
-                 on_stale: Callable[[], None] | None = None):
+    def __init__(self, table: RoutingTable, *, timeout: float = 30.0, stale_wait: float = 2.0):
         self.timeout = timeout
+        self.stale_wait = stale_wait  # how long FAILED_PRECONDITION waits for a newer table
         self._table = table
-        self._on_stale = on_stale  # asked for a fresh table after FAILED_PRECONDITION
         self._lock = threading.Lock()
+        self._newer = threading.Condition(self._lock)
+        self._inflight: dict[str, set] = defaultdict(set)  # worker id -> cancel callables of calls in flight
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.ExpertWorkerStub] = {}
         self._outstanding: dict[str, int] = defaultdict(int)  # tokens in flight per worker id
@@ -61,8 +61,18 @@ class Dispatcher:
     def update(self, table: RoutingTable) -> None:
         """Routes by `table` from now on (ignored when older than the current one)."""
         with self._lock:
-            if table.epoch >= self._table.epoch:
-                self._table = table
+            if table.epoch < self._table.epoch:
+                return
+            self._table = table
+            self._newer.notify_all()
+            gone = [cancel for w, calls in self._inflight.items() if w not in table.workers for cancel in calls]
+        for cancel in gone:
+            cancel()
+
+    def wait_newer(self, epoch: int, timeout: float) -> bool:
+        """Blocks until the table's epoch passes `epoch`; False on timeout."""
+        with self._lock:
+            return self._newer.wait_for(lambda: self._table.epoch > epoch, timeout)
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -89,25 +99,29 @@ class Dispatcher:
                 layer=layer, hidden_states=encode(hidden[rows]), top_k_index=encode(sub_index.to(torch.int32)),
                 top_k_weights=encode(weights[rows].to(hidden.dtype)), epoch=table.epoch)
             tokens = int(rows.numel())
+            call, cancel = self._send(table.workers[worker_id], request)
             with self._lock:
                 self._outstanding[worker_id] += tokens
-            pending.append((worker_id, rows, sub_index, tokens, self._send(table.workers[worker_id], request)))
+                self._inflight[worker_id].add(cancel)
+            pending.append((worker_id, rows, sub_index, tokens, call, cancel))
         failed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        for worker_id, rows, sub_index, tokens, call in pending:
+        for worker_id, rows, sub_index, tokens, call, cancel in pending:
             try:
                 response = call()
                 output.index_add_(0, rows, decode(response.output).to(output.dtype))
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise DispatchError(f"worker {worker_id} refused layer {layer}: {err.code().name}: {err.details()}") from None
+            except (grpc.RpcError, futures.CancelledError) as err:
+                code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
+                if code not in RETRYABLE:
+                    raise DispatchError(f"worker {worker_id} refused layer {layer}: {code.name}: {err.details()}") from None
                 failed.append((worker_id, rows, sub_index))
-                if err.code() == grpc.StatusCode.FAILED_PRECONDITION and self._on_stale is not None:
-                    self._on_stale()
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    self.wait_newer(table.epoch, self.stale_wait)  # the controller moved it: take the new table
                 else:
                     self._suspect_until[worker_id] = time.monotonic() + SUSPECT_SECONDS
             finally:
                 with self._lock:
                     self._outstanding[worker_id] -= tokens
+                    self._inflight[worker_id].discard(cancel)
         for worker_id, rows, sub_index in failed:
             self.retries += 1
             partial = torch.zeros((rows.numel(), hidden.shape[1]), dtype=hidden.dtype)
@@ -132,8 +146,8 @@ class Dispatcher:
             owner.setdefault(worker_id, []).append(expert)
         return {w: torch.isin(index, torch.tensor(experts)) for w, experts in owner.items()}
 
-    def _send(self, address: str, request: worker_pb2.ForwardRequest) -> Callable[[], worker_pb2.ForwardResponse]:
-        """Starts the RPC now; returns a callable that waits for its answer."""
+    def _send(self, address: str, request: worker_pb2.ForwardRequest):
+        """Starts the RPC now; returns (wait for the answer, cancel it)."""
         stub = self._stub(address)
         size = request.ByteSize()
         if not streaming.needs_streaming(size):
@@ -143,16 +157,16 @@ class Dispatcher:
                 response = future.result()
                 self.wire_bytes += size + response.ByteSize()
                 return response
-            return wait
+            return wait, future.cancel
+
+        chunks = stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout)
 
         def stream():
-            chunks = stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout)
             payload = streaming.join(chunks, limit_bytes=1 << 34)
             self.wire_bytes += size + len(payload)
             return worker_pb2.ForwardResponse.FromString(payload)
 
-        future = self._pool.submit(stream)
-        return future.result
+        return self._pool.submit(stream).result, chunks.cancel
 
     def _stub(self, address: str) -> worker_pb2_grpc.ExpertWorkerStub:
         with self._lock:

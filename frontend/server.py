@@ -1,10 +1,11 @@
 """The frontend process: the dense model + router, experts on the workers.
 
-    python -m moecluster.frontend.server --checkpoint DIR --routing FILE [--port 50051]
+    python -m moecluster.frontend.server --checkpoint DIR --controller HOST:PORT [--port 50051]
 
-Serves `moecluster.frontend.v1.Frontend` (Forward, Generate, Status) and
-grpc.health.v1. It re-reads the routing file when it changes, so whoever owns
-the layout (moectl today, the controller later) can move experts under it.
+Serves `moecluster.frontend.v1.Frontend` (Forward, Generate, Info, Status) and
+grpc.health.v1. It routes by the controller's routing table, follows every new
+epoch and acknowledges it, and keeps serving on its last table while the
+controller is away.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
+from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
@@ -134,34 +136,13 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
 
-class RoutingFileWatcher(threading.Thread):
-    """Re-reads the routing file when its modification time changes."""
-
-    def __init__(self, path: Path, dispatcher: Dispatcher, period: float = 0.2):
-        super().__init__(daemon=True, name="routing-watch")
-        self.path, self.dispatcher, self.period = path, dispatcher, period
-        self._mtime = path.stat().st_mtime_ns
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.period):
-            try:
-                mtime = self.path.stat().st_mtime_ns
-                if mtime != self._mtime:
-                    self._mtime = mtime
-                    self.dispatcher.update(RoutingTable.load(self.path))
-            except (OSError, ValueError, KeyError):
-                continue  # a file being replaced; next tick reads it
-
-
 class FrontendServer:
-    def __init__(self, checkpoint: str | Path, routing: Path, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 30.0, max_workers: int = 8):
-        table = RoutingTable.load(routing)
-        self.dispatcher = Dispatcher(table, timeout=timeout)
+    def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
+                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = ""):
+        self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher)
         self.health = health.HealthServicer()
-        self.watcher = RoutingFileWatcher(Path(routing), self.dispatcher)
+        self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}")
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -170,15 +151,18 @@ class FrontendServer:
             raise OSError(f"cannot listen on {host}:{port} (in use?)")
         self.address = f"{host}:{self.port}"
 
-    def start(self) -> "FrontendServer":
-        self.server.start()
+    def start(self, table_timeout: float = 60.0) -> "FrontendServer":
+        """Serves once the first routing table has arrived."""
         self.watcher.start()
+        if not self.watcher.first_table.wait(table_timeout):
+            raise OSError(f"no routing table from the controller at {self.watcher.controller} after {table_timeout}s")
+        self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return self
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.watcher.stopped.set()
+        self.watcher.stop()
         self.server.stop(grace).wait()
         self.dispatcher.close()
 
@@ -186,7 +170,8 @@ class FrontendServer:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
-    parser.add_argument("--routing", required=True, type=Path, help="routing table JSON (re-read when it changes)")
+    parser.add_argument("--controller", required=True, help="the controller's host:port (routing table source)")
+    parser.add_argument("--frontend-id", default="", help="name reported to the controller (default frontend-PID)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each worker RPC, seconds")
@@ -196,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        frontend = FrontendServer(args.checkpoint, args.routing, host=args.host, port=args.port, timeout=args.timeout).start()
+        frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
+                                  frontend_id=args.frontend_id).start()
     except (ValueError, OSError) as err:
         sys.exit(f"frontend: {err}")
     stopped = threading.Event()

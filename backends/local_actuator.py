@@ -1,0 +1,78 @@
+"""The local backend's actuator: workers and the frontend as processes on 127.0.0.1.
+
+What it started is written down in the cluster folder (one record per process),
+which is all a restarted controller needs to find its workers again.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from moecluster.backends.processes import ProcessRecord, alive, spawn, stop
+from moecluster.controller.actuator import WorkerHandle
+
+
+class LocalActuator:
+    def __init__(self, cluster_dir: Path, model: str, *, frontend_port: int, worker_threads: int = 1,
+                 grace: float = 5.0):
+        self.dir = Path(cluster_dir)
+        self.model = model
+        self.frontend_port = frontend_port
+        self.worker_threads = worker_threads
+        self.grace = grace
+        self._lock = threading.Lock()
+        for sub in ("workers", "run", "logs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def _record_path(self, worker_id: str) -> Path:
+        return self.dir / "workers" / f"{worker_id}.json"
+
+    def start_worker(self, worker_id: str, timeout: float) -> WorkerHandle:
+        path = self._record_path(worker_id)
+        if path.is_file():
+            record = ProcessRecord.load(path)
+            if alive(record):
+                return WorkerHandle(worker_id, record.address, record.pid)
+        record = spawn(worker_id, ["-m", "moecluster.workers.server", "--checkpoint", self.model, "--experts", "",
+                                   "--worker-id", worker_id, "--threads", str(self.worker_threads),
+                                   "--grace", str(self.grace)],
+                       self.dir / "run", self.dir / "logs", timeout)
+        record.save(path)
+        return WorkerHandle(worker_id, record.address, record.pid)
+
+    def stop_worker(self, worker_id: str) -> None:
+        path = self._record_path(worker_id)
+        if path.is_file():
+            stop(ProcessRecord.load(path), self.grace)
+            path.unlink(missing_ok=True)
+
+    def workers(self) -> list[WorkerHandle]:
+        handles = []
+        for path in sorted((self.dir / "workers").glob("*.json")):
+            record = ProcessRecord.load(path)
+            if alive(record):
+                handles.append(WorkerHandle(record.id, record.address, record.pid))
+            else:
+                path.unlink(missing_ok=True)  # died while nobody watched: the controller replaces it
+        return handles
+
+    def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
+        path = self.dir / "frontend.json"
+        if path.is_file():
+            record = ProcessRecord.load(path)
+            if alive(record):
+                return WorkerHandle("frontend", record.address, record.pid)
+        record = spawn("frontend", ["-m", "moecluster.frontend.server", "--checkpoint", self.model, "--controller",
+                                    controller_address, "--port", str(self.frontend_port)],
+                       self.dir / "run", self.dir / "logs", timeout)
+        record.save(path)
+        return WorkerHandle("frontend", record.address, record.pid)
+
+    def stop_all(self) -> None:
+        path = self.dir / "frontend.json"
+        if path.is_file():
+            stop(ProcessRecord.load(path), self.grace)
+            path.unlink(missing_ok=True)
+        for path in sorted((self.dir / "workers").glob("*.json")):
+            self.stop_worker(path.stem)

@@ -1,0 +1,99 @@
+"""The controller process of a local cluster.
+
+    python -m moecluster.backends.local_controller --cluster-dir DIR
+
+Reads DIR/spec.json and DIR/cluster.json, serves `moecluster.controller.v1`
+on the cluster's controller address, Prometheus metrics on /metrics, and runs
+workers and the frontend as local processes. Killed and started again, it
+finds its workers through their records in DIR and carries on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+
+from moecluster.backends.local_actuator import LocalActuator
+from moecluster.controller.runtime import Controller
+from moecluster.controller.service import ControllerService
+from moecluster.controller.spec import ClusterSpec
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import controller_pb2_grpc
+
+
+def serve_metrics(controller: Controller, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path != "/metrics":
+                self.send_error(404)
+                return
+            body = controller.metrics.render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cluster-dir", required=True, type=Path)
+    parser.add_argument("--ready-file", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    spec_path = args.cluster_dir / "spec.json"
+    spec = ClusterSpec.model_validate_json(spec_path.read_text())
+    cluster = json.loads((args.cluster_dir / "cluster.json").read_text())
+    geometry = Checkpoint(spec.model).geometry
+    experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
+    actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
+                             worker_threads=cluster.get("worker_threads", 1))
+
+    def save_spec(new: ClusterSpec) -> None:
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(new.model_dump_json(indent=2))
+        tmp.replace(spec_path)
+
+    controller = Controller(spec, actuator, experts, address=cluster["controller"], save_spec=save_spec)
+    stopped = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    controller_pb2_grpc.add_ControllerServicer_to_server(
+        ControllerService(controller, on_shutdown=lambda: (controller.shutdown(), stopped.set())), server)
+    if server.add_insecure_port(cluster["controller"]) == 0:
+        sys.exit(f"controller: cannot listen on {cluster['controller']}")
+    server.start()
+    metrics = serve_metrics(controller, cluster.get("metrics_port", 0))
+    controller.start()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": cluster["controller"], "pid": os.getpid(),
+                                   "metrics": f"127.0.0.1:{metrics.server_address[1]}"}))
+        tmp.replace(args.ready_file)
+    stopped.wait()
+    controller.stop()  # workers and frontend keep serving unless Shutdown stopped them
+    metrics.shutdown()
+    server.stop(2).wait()
+
+
+if __name__ == "__main__":
+    main()

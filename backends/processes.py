@@ -1,0 +1,107 @@
+"""Starting and stopping our own processes on this machine, safely.
+
+A process is started in its own session (so it outlives the command that
+started it), logs to a file, and announces itself by writing a ready file. It
+is stopped by pid only after checking that the pid still runs a command line
+naming our cluster folder, so a recycled pid is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    pass
+
+
+@dataclass
+class ProcessRecord:
+    id: str
+    pid: int
+    address: str
+    log: str
+    marker: str  # a path that appears on the process's command line: proof it is ours
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ProcessRecord":
+        return cls(**json.loads(path.read_text()))
+
+
+def spawn(process_id: str, args: list[str], run_dir: Path, log_dir: Path, timeout: float) -> ProcessRecord:
+    """Runs `python ARGS --ready-file RUN_DIR/ID.ready` and waits for the ready file."""
+    ready = run_dir / f"{process_id}.ready"
+    ready.unlink(missing_ok=True)
+    log = log_dir / f"{process_id}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not ready.is_file():
+        if proc.poll() is not None:
+            raise ProcessError(f"{process_id} exited with status {proc.returncode} while starting; its log ({log}) ends:\n"
+                               + tail(log))
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise ProcessError(f"{process_id} not serving after {timeout:.0f}s; see {log}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return ProcessRecord(process_id, proc.pid, info["address"], str(log), str(run_dir))
+
+
+def alive(record: ProcessRecord) -> bool:
+    """True when the pid runs, is not a zombie, and is still the process we started."""
+    try:
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().decode(errors="replace")
+        with open(f"/proc/{record.pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and record.marker in cmdline
+
+
+def stop(record: ProcessRecord, grace: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL after `grace` seconds; only if the pid is still ours. True if it was running."""
+    if not alive(record):
+        reap(record.pid)
+        return False
+    os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(record) and time.monotonic() < deadline:
+        reap(record.pid)
+        time.sleep(0.02)
+    if alive(record):
+        os.kill(record.pid, signal.SIGKILL)
+        while alive(record):
+            reap(record.pid)
+            time.sleep(0.02)
+    reap(record.pid)
+    return True
+
+
+def reap(pid: int) -> None:
+    """Collects the exit status when the process is our child (no zombies left behind)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def tail(path: Path | str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,55 @@
+"""What the controller sees: workers as they report themselves.
+
+Observations come from the workers (Stats heartbeats) and the backend (which
+processes it started), never from the controller's own memory of what it
+asked for: after a restart it knows exactly as much as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+ExpertKey = tuple[int, int]
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"  # started by the backend, not answering yet
+    SERVING = "serving"
+    DRAINING = "draining"  # NOT_SERVING: finishing what it has, about to stop
+    DEAD = "dead"  # stopped answering: out of the table, to be replaced
+
+
+@dataclass(frozen=True)
+class WorkerObservation:
+    id: str
+    address: str
+    pid: int
+    state: WorkerState
+    held: frozenset[ExpertKey] = frozenset()
+    epoch: int = 0
+    load: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s per expert, recent window
+
+
+@dataclass(frozen=True)
+class Observed:
+    workers: dict[str, WorkerObservation]
+    experts: tuple[ExpertKey, ...]  # every expert the model has
+
+    def in_state(self, *states: WorkerState) -> dict[str, WorkerObservation]:
+        return {w: o for w, o in self.workers.items() if o.state in states}
+
+    @property
+    def serving(self) -> dict[str, WorkerObservation]:
+        return self.in_state(WorkerState.SERVING)
+
+    def load(self) -> dict[ExpertKey, float]:
+        """Total observed load per expert, over all its copies."""
+        total: dict[ExpertKey, float] = {}
+        for obs in self.workers.values():
+            for key, rate in obs.load.items():
+                total[key] = total.get(key, 0.0) + rate
+        return total
+
+    def max_epoch(self) -> int:
+        return max((o.epoch for o in self.workers.values()), default=0)

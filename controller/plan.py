@@ -1,0 +1,238 @@
+"""plan = reconcile(spec, observed, table): the next steps, as values.
+
+Pure: no I/O, no clock. The control loop runs the plan, observes again and
+reconciles again until the plan is empty (level-triggered, as KubeRay does),
+so a controller restarted in the middle of a plan simply computes the rest of
+it from what the workers report. Every step is idempotent on the worker side
+(pulling a held expert, dropping a missing one, starting a started worker are
+no-ops), and each carries a key naming the operation.
+
+Order within a plan is the zero-downtime rule: copy before switch (pulls and
+loads, then Publish), switch before drop (AwaitAcks, then drops), and a worker
+leaves the pool only once no published table names it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moecluster.controller.observed import ExpertKey, Observed, WorkerState
+from moecluster.controller.placement import imbalance, moves, place
+from moecluster.controller.spec import ClusterSpec
+
+Placement = dict[ExpertKey, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class StartWorker:
+    worker_id: str
+
+    @property
+    def key(self) -> str:
+        return f"start/{self.worker_id}"
+
+
+@dataclass(frozen=True)
+class LoadExperts:
+    """Read experts from the checkpoint (when no live copy exists to pull from)."""
+
+    worker_id: str
+    experts: tuple[ExpertKey, ...]
+
+    @property
+    def key(self) -> str:
+        return f"load/{self.worker_id}/{len(self.experts)}"
+
+
+@dataclass(frozen=True)
+class PullExpert:
+    """`worker_id` copies `expert` from `source` while both serve."""
+
+    worker_id: str
+    expert: ExpertKey
+    source: str
+
+    @property
+    def key(self) -> str:
+        return f"pull/{self.expert[0]}/{self.expert[1]}/{self.worker_id}"
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A new routing table (epoch + 1) with this placement."""
+
+    placement: Placement
+
+    @property
+    def key(self) -> str:
+        return f"publish/{hash(tuple(sorted(self.placement.items())))}"
+
+
+@dataclass(frozen=True)
+class AwaitAcks:
+    """Every frontend routes by the last published epoch (or has gone)."""
+
+    @property
+    def key(self) -> str:
+        return "await-acks"
+
+
+@dataclass(frozen=True)
+class DropExperts:
+    worker_id: str
+    experts: tuple[ExpertKey, ...]
+
+    @property
+    def key(self) -> str:
+        return f"drop/{self.worker_id}/{len(self.experts)}"
+
+
+@dataclass(frozen=True)
+class DrainWorker:
+    worker_id: str
+
+    @property
+    def key(self) -> str:
+        return f"drain/{self.worker_id}"
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    worker_id: str
+
+    @property
+    def key(self) -> str:
+        return f"stop/{self.worker_id}"
+
+
+Step = StartWorker | LoadExperts | PullExpert | Publish | AwaitAcks | DropExperts | DrainWorker | StopWorker
+
+
+def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: frozenset[str] = frozenset()) -> list[Step]:
+    """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
+
+    `leaving` names workers a user drains: they are emptied and stopped first.
+    """
+    serving = observed.serving
+    gone = {w for w in _holders(table) if w not in serving}
+    if gone:
+        return _heal(spec, observed, table, gone)
+
+    starting = observed.in_state(WorkerState.STARTING)
+    finished = observed.in_state(WorkerState.DRAINING, WorkerState.DEAD)
+    if finished:  # out of the table already: stop them for good
+        return [StopWorker(w) for w in sorted(finished)]
+    missing = spec.workers - len(serving) - len(starting)
+    if missing > 0:
+        return [StartWorker(w) for w in _new_ids(observed, missing)]
+    if starting:
+        return []  # the loop waits for them to serve
+
+    victims = {w for w in leaving if w in serving}
+    victims |= _victims({w: o for w, o in serving.items() if w not in victims}, table, spec.min_replicas,
+                        len(serving) - len(victims) - spec.workers)
+    keep = [w for w in sorted(serving) if w not in victims]
+    capacity = {w: spec.capacity_for(len(observed.experts), len(keep)) for w in keep}
+    load = observed.load()
+    per_worker = {w: sum(1 for holders in table.values() if w in holders) for w in keep}
+    complete = all(len([w for w in table.get(k, ()) if w in capacity]) >= spec.min_replicas for k in observed.experts)
+    fits = all(0 < per_worker[w] <= capacity[w] for w in keep)  # nobody idle, nobody over capacity
+    balanced = imbalance(table, load or dict.fromkeys(observed.experts, 1.0), keep) <= spec.rebalance_above
+    if complete and fits and balanced and not victims and set(table) == set(observed.experts):
+        target = dict(table)  # nothing to gain from moving bytes
+    else:
+        # Extra copies only where observed load asks for them: without load there is no hot expert.
+        target = place(observed.experts, capacity, load=load or None, current=table, dead=victims,
+                       min_replicas=spec.min_replicas, max_replicas=spec.max_replicas if load else spec.min_replicas)
+
+    steps: list[Step] = []
+    loads: dict[str, list[ExpertKey]] = {}
+    for key, worker_id in moves(table, target):
+        if key in serving[worker_id].held:
+            continue  # already copied (e.g. before a controller restart): nothing to pull
+        sources = [w for w in table.get(key, ()) if w in serving]
+        if sources:
+            steps.append(PullExpert(worker_id, key, sources[0]))
+        else:
+            loads.setdefault(worker_id, []).append(key)
+    steps += [LoadExperts(w, tuple(sorted(keys))) for w, keys in sorted(loads.items())]
+    if target != table:
+        steps += [Publish(target), AwaitAcks()]
+    for worker_id in keep:
+        stale = tuple(sorted(k for k in serving[worker_id].held if worker_id not in target.get(k, ())))
+        if stale:
+            steps.append(DropExperts(worker_id, stale))
+    for worker_id in sorted(victims):
+        steps += [DrainWorker(worker_id), StopWorker(worker_id)]
+    return steps
+
+
+def migrate(observed: Observed, table: Placement, expert: ExpertKey, to: str, source: str | None = None) -> list[Step]:
+    """Moves one copy of `expert` to worker `to` (from `source`, or from any holder): copy, switch, drop.
+
+    ValueError with what is wrong when the move is impossible.
+    """
+    serving = observed.serving
+    holders = table.get(expert)
+    if holders is None:
+        raise ValueError(f"expert {expert} is not in the routing table")
+    if to not in serving:
+        raise ValueError(f"worker {to!r} is not serving; serving workers: {sorted(serving)}")
+    if to in holders:
+        raise ValueError(f"worker {to!r} already holds expert {expert}")
+    source = source or holders[0]
+    if source not in holders:
+        raise ValueError(f"worker {source!r} does not hold expert {expert}; holders: {list(holders)}")
+    target = dict(table)
+    target[expert] = tuple(to if w == source else w for w in holders)
+    return [PullExpert(to, expert, source), Publish(target), AwaitAcks(), DropExperts(source, (expert,))]
+
+
+def _heal(spec: ClusterSpec, observed: Observed, table: Placement, gone: set[str]) -> list[Step]:
+    """Take lost workers out of the table at once; reload experts that lost every copy."""
+    serving = observed.serving
+    survivors = {k: tuple(w for w in holders if w not in gone) for k, holders in table.items()}
+    orphans = [k for k, holders in survivors.items() if not holders] + [k for k in observed.experts if k not in table]
+    steps: list[Step] = []
+    if orphans and serving:
+        capacity = {w: spec.capacity_for(len(observed.experts), len(serving)) for w in serving}
+        rescue = place(orphans, capacity, current={k: () for k in orphans}, min_replicas=1)
+        by_worker: dict[str, list[ExpertKey]] = {}
+        for key, holders in rescue.items():
+            by_worker.setdefault(holders[0], []).append(key)
+            survivors[key] = holders[:1]
+        steps += [LoadExperts(w, tuple(sorted(keys))) for w, keys in sorted(by_worker.items())]
+    placement = {k: h for k, h in survivors.items() if h}
+    steps.append(Publish(placement))
+    dead = observed.in_state(WorkerState.DEAD)
+    steps += [StopWorker(w) for w in sorted(dead)]
+    return steps
+
+
+def _victims(serving, table: Placement, min_replicas: int, count: int) -> set[str]:
+    """The `count` workers cheapest to empty: fewest experts that would fall below min_replicas, least held."""
+    if count <= 0:
+        return set()
+    copies: dict[ExpertKey, int] = {k: len([w for w in h if w in serving]) for k, h in table.items()}
+
+    def cost(worker_id: str) -> tuple[int, int, int]:
+        mine = [k for k in serving[worker_id].held if worker_id in table.get(k, ())]
+        at_risk = sum(1 for k in mine if copies.get(k, 0) <= min_replicas)
+        return at_risk, len(mine), -_index(worker_id)
+
+    return set(sorted(serving, key=cost)[:count])
+
+
+def _new_ids(observed: Observed, count: int) -> list[str]:
+    start = max((_index(w) for w in observed.workers), default=-1) + 1
+    return [f"worker-{i}" for i in range(start, start + count)]
+
+
+def _index(worker_id: str) -> int:
+    match = re.search(r"(\d+)$", worker_id)
+    return int(match[1]) if match else -1
+
+
+def _holders(table: Placement) -> set[str]:
+    return {w for holders in table.values() for w in holders}

@@ -1,0 +1,95 @@
+"""The routing table's single source: publish an epoch, stream it to frontends, collect their acks.
+
+Epochs only grow. A frontend acknowledges an epoch once it routes new requests
+by it; `await_acks` is what lets the controller drop an expert's old copy only
+when no frontend can still send new requests there (copy, switch, then drop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from moecluster.controller.observed import ExpertKey
+
+Placement = dict[ExpertKey, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Table:
+    epoch: int
+    addresses: dict[str, str]  # worker id -> host:port, for every worker the placement names
+    placement: Placement
+
+
+class Publisher:
+    def __init__(self, epoch: int = 0):
+        self._cond = threading.Condition()
+        self._table = Table(epoch, {}, {})
+        self._acks: dict[str, int] = {}  # frontend id -> acknowledged epoch
+        self._watching: dict[str, int] = {}  # frontend id -> open watch streams
+        self._closed = False
+
+    @property
+    def table(self) -> Table:
+        return self._table
+
+    def publish(self, placement: Placement, addresses: dict[str, str], *, min_epoch: int = 0) -> Table:
+        """Makes `placement` the table at the next epoch (at least `min_epoch`) and wakes every watcher."""
+        holders = {w for ws in placement.values() for w in ws}
+        unknown = holders - set(addresses)
+        if unknown:
+            raise ValueError(f"placement names workers without an address: {sorted(unknown)}")
+        with self._cond:
+            epoch = max(self._table.epoch + 1, min_epoch)
+            self._table = Table(epoch, {w: addresses[w] for w in sorted(holders)}, dict(placement))
+            self._cond.notify_all()
+            return self._table
+
+    def ack(self, frontend_id: str, epoch: int) -> None:
+        with self._cond:
+            self._acks[frontend_id] = max(epoch, self._acks.get(frontend_id, 0))
+            self._cond.notify_all()
+
+    def frontends(self) -> dict[str, int]:
+        with self._cond:
+            return {f: self._acks.get(f, 0) for f in self._watching}
+
+    def await_acks(self, epoch: int, timeout: float) -> list[str]:
+        """Waits until every watching frontend acked `epoch`; returns those that had not by `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                lagging = [f for f in self._watching if self._acks.get(f, 0) < epoch]
+                remaining = deadline - time.monotonic()
+                if not lagging or remaining <= 0 or self._closed:
+                    return lagging
+                self._cond.wait(remaining)
+
+    def watch(self, frontend_id: str, known_epoch: int, alive) -> Iterator[Table]:
+        """Yields the table whenever its epoch passes what the frontend has; ends when `alive()` turns false."""
+        with self._cond:
+            self._watching[frontend_id] = self._watching.get(frontend_id, 0) + 1
+        try:
+            sent = known_epoch
+            while alive() and not self._closed:
+                with self._cond:
+                    if self._table.epoch <= sent:
+                        self._cond.wait(0.5)
+                    table = self._table
+                if table.epoch > sent and table.placement:
+                    sent = table.epoch
+                    yield table
+        finally:
+            with self._cond:
+                self._watching[frontend_id] -= 1
+                if not self._watching[frontend_id]:
+                    del self._watching[frontend_id]
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,193 @@
+"""The controller: observe, reconcile, execute, in a loop that never dies.
+
+Desired state is the spec; observed state comes from the workers; the plan is
+`reconcile`'s return value; the executor carries it out through one actuator.
+On start it rebuilds everything from what the backend started and what the
+workers hold, so it can be killed and restarted at any moment while the data
+path keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from moecluster.controller import plan as p
+from moecluster.controller.actuator import Actuator, WorkerHandle
+from moecluster.controller.executor import Executor, Replan, StepFailed
+from moecluster.controller.metrics import ControllerMetrics
+from moecluster.controller.monitor import WorkerMonitor
+from moecluster.controller.observed import ExpertKey, WorkerState
+from moecluster.controller.placement import imbalance
+from moecluster.controller.publisher import Publisher
+from moecluster.controller.spec import ClusterSpec
+
+log = logging.getLogger("moecluster.controller")
+
+
+class Controller:
+    def __init__(self, spec: ClusterSpec, actuator: Actuator, experts: tuple[ExpertKey, ...], *,
+                 address: str = "", save_spec: Callable[[ClusterSpec], None] = lambda spec: None,
+                 heartbeat: float = 0.25, dead_after: float = 1.0, ack_timeout: float = 5.0):
+        self.spec = spec
+        self.actuator = actuator
+        self.address = address  # where frontends reach this controller
+        self.save_spec = save_spec
+        self.metrics = ControllerMetrics()
+        self.publisher = Publisher()
+        self._wake = threading.Event()
+        self.monitor = WorkerMonitor(experts, period=heartbeat, dead_after=dead_after, on_change=self._wake.set)
+        self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout)
+        self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
+        self._leaving: set[str] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
+        self.converged = False
+        self.last_error = ""
+        self.frontend: WorkerHandle | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> "Controller":
+        """Rebuilds observed state from the backend and the workers, publishes it, starts the loop."""
+        self.monitor.start()
+        for handle in self.actuator.workers():
+            self.monitor.add(handle)
+        observed = self.monitor.snapshot()
+        placement: dict[ExpertKey, tuple[str, ...]] = {}
+        for worker_id, obs in sorted(observed.serving.items()):
+            for key in obs.held:
+                placement[key] = placement.get(key, ()) + (worker_id,)
+        if placement:
+            addresses = {w: o.address for w, o in observed.workers.items()}
+            self.publisher.publish(placement, addresses, min_epoch=observed.max_epoch() + 1)
+            log.info("recovered %d workers and %d experts; epoch %d", len(observed.serving), len(placement),
+                     self.publisher.table.epoch)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self.publisher.close()
+        self._thread.join(timeout=10)
+        self.monitor.stop()
+
+    def shutdown(self) -> None:
+        """Stops the frontend and every worker, then the controller."""
+        self.stop()
+        self.actuator.stop_all()
+
+    # -- the loop ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self.reconcile_once()
+            except (StepFailed, Replan) as err:
+                self.last_error = str(err)
+                log.warning("plan interrupted: %s", err)
+                self._wake.set()
+                time.sleep(0.05)
+            except Exception as err:  # noqa: BLE001 - the loop must outlive any one bad step
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.exception("reconcile failed")
+                time.sleep(0.5)
+
+    def reconcile_once(self) -> list[p.Step]:
+        with self._plan_lock:
+            observed = self.monitor.snapshot()
+            steps = p.reconcile(self.spec, observed, self.publisher.table.placement, frozenset(self._leaving))
+            self.converged = not steps and len(observed.serving) == self.spec.workers and bool(
+                self.publisher.table.placement)
+            if steps:
+                log.info("plan: %s", ", ".join(s.key for s in steps[:8]) + (" ..." if len(steps) > 8 else ""))
+                self.executor.run(steps)
+                self._leaving &= set(self.monitor.snapshot().workers)
+                self._wake.set()  # plan again right away: the next phase may be ready
+            elif self.converged:
+                self.last_error = ""
+                self._update_gauges(observed)
+                if self.frontend is None:
+                    self.frontend = self.actuator.start_frontend(self.address, timeout=120)
+            return steps
+
+    def _update_gauges(self, observed) -> None:
+        load = observed.load()
+        if load:
+            self.metrics.gauge("imbalance", imbalance(self.publisher.table.placement, load, list(observed.serving)))
+        self.metrics.gauge("workers_serving", len(observed.serving))
+
+    # -- what users ask ----------------------------------------------------------
+
+    def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
+        """Sets the pool size; yields progress until the new layout serves."""
+        spec = self.spec.model_copy(update={"workers": workers})
+        ClusterSpec.model_validate(spec.model_dump())  # same checks as at creation
+        started = time.monotonic()
+        self.spec = spec
+        self.save_spec(spec)
+        yield f"scaling to {workers} workers"
+        yield from self._await_converged(timeout)
+        self.metrics.scale_seconds(time.monotonic() - started)
+
+    def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
+        """Moves a worker's experts away and stops it; the pool shrinks by one."""
+        observed = self.monitor.snapshot()
+        if worker_id not in observed.serving:
+            raise ValueError(f"worker {worker_id!r} is not serving; serving: {sorted(observed.serving)}")
+        if self.spec.workers - 1 < self.spec.min_replicas:
+            raise ValueError(f"draining {worker_id} would leave fewer workers than min_replicas ({self.spec.min_replicas})")
+        self._leaving.add(worker_id)
+        self.spec = self.spec.model_copy(update={"workers": self.spec.workers - 1})
+        self.save_spec(self.spec)
+        yield f"draining {worker_id}"
+        yield from self._await_converged(timeout)
+
+    def migrate(self, expert: ExpertKey, to: str, source: str | None = None) -> Iterator[str]:
+        with self._plan_lock:
+            steps = p.migrate(self.monitor.snapshot(), self.publisher.table.placement, expert, to, source)
+            yield f"moving expert {expert} to {to}"
+            self.executor.run(steps)
+        yield f"expert {expert} now on {list(self.publisher.table.placement[expert])} (epoch {self.publisher.table.epoch})"
+
+    def _await_converged(self, timeout: float) -> Iterator[str]:
+        self.converged = False
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            observed = self.monitor.snapshot()
+            if self.converged and len(observed.serving) == self.spec.workers:
+                yield f"done: {self.spec.workers} workers serving at epoch {self.publisher.table.epoch}"
+                return
+            line = f"{len(observed.serving)}/{self.spec.workers} workers serving, epoch {self.publisher.table.epoch}"
+            if line != last:
+                yield line
+                last = line
+            time.sleep(0.1)
+        raise TimeoutError(f"the pool did not converge within {timeout:.0f}s; last error: {self.last_error or 'none'}")
+
+    def status(self) -> dict:
+        observed = self.monitor.snapshot()
+        table = self.publisher.table
+        load = observed.load()
+        workers = []
+        for worker_id, obs in sorted(observed.workers.items()):
+            workers.append({
+                "id": worker_id, "address": obs.address, "pid": obs.pid, "state": obs.state.value,
+                "experts": sorted([list(k) for k in obs.held]),
+                "load": sum(obs.load.values()),
+            })
+        return {
+            "name": self.spec.name, "endpoint": self.frontend.address if self.frontend else "", "epoch": table.epoch,
+            "desired_workers": self.spec.workers, "min_replicas": self.spec.min_replicas, "workers": workers,
+            "converged": self.converged, "last_error": self.last_error,
+            "imbalance": imbalance(table.placement, load, list(observed.serving)) if load and observed.serving else 1.0,
+            "frontends": sorted(self.publisher.frontends()),
+            "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
+        }

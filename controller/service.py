@@ -1,0 +1,82 @@
+"""`moecluster.controller.v1.Controller` over gRPC: a thin shell around the runtime."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from pydantic import ValidationError
+
+from moecluster.controller.publisher import Table
+from moecluster.controller.runtime import Controller
+from moecluster.protos import controller_pb2, controller_pb2_grpc
+
+
+def table_message(table: Table) -> controller_pb2.RoutingTable:
+    return controller_pb2.RoutingTable(
+        epoch=table.epoch,
+        workers=[controller_pb2.WorkerAddress(id=w, address=a) for w, a in sorted(table.addresses.items())],
+        placements=[controller_pb2.Placement(layer=l, expert=e, workers=list(h))
+                    for (l, e), h in sorted(table.placement.items())],
+    )
+
+
+class ControllerService(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, controller: Controller, on_shutdown=lambda: None):
+        self.controller = controller
+        self.on_shutdown = on_shutdown
+
+    def Status(self, request, context):
+        s = self.controller.status()
+        return controller_pb2.StatusResponse(
+            name=s["name"], endpoint=s["endpoint"], epoch=s["epoch"], desired_workers=s["desired_workers"],
+            min_replicas=s["min_replicas"], converged=s["converged"], last_error=s["last_error"],
+            imbalance=s["imbalance"], frontends=s["frontends"],
+            workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
+                                               experts=[v for k in w["experts"] for v in k], load=w["load"])
+                     for w in s["workers"]])
+
+    def Scale(self, request, context):
+        yield from self._progress(context, lambda: self.controller.scale(request.workers))
+
+    def Drain(self, request, context):
+        yield from self._progress(context, lambda: self.controller.drain(request.worker))
+
+    def Migrate(self, request, context):
+        yield from self._progress(context, lambda: self.controller.migrate(
+            (request.layer, request.expert), request.to_worker, request.from_worker or None))
+
+    def WatchRoutingTable(self, request, context):
+        if not request.frontend_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frontend_id: empty; every frontend names itself")
+        publisher = self.controller.publisher
+        if request.known_epoch >= publisher.table.epoch and publisher.table.placement:
+            # A restarted controller may be behind a frontend: move past what it has seen.
+            table = publisher.table
+            publisher.publish(table.placement, table.addresses, min_epoch=request.known_epoch + 1)
+        for table in publisher.watch(request.frontend_id, request.known_epoch, context.is_active):
+            yield table_message(table)
+
+    def AckEpoch(self, request, context):
+        self.controller.publisher.ack(request.frontend_id, request.epoch)
+        return controller_pb2.AckResponse()
+
+    def Shutdown(self, request, context):
+        threading.Thread(target=self.on_shutdown, daemon=True).start()
+        return controller_pb2.ShutdownResponse()
+
+    def _progress(self, context, run):
+        try:
+            for message in run():
+                yield controller_pb2.Progress(message=message, epoch=self.controller.publisher.table.epoch)
+            yield controller_pb2.Progress(message="done", done=True, epoch=self.controller.publisher.table.epoch)
+        except (ValueError, ValidationError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
+        except TimeoutError as err:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+    return str(err)

@@ -1,0 +1,37 @@
+"""What the user wants of a cluster: a value, validated when it is made."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ClusterSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$")
+    model: str = Field(description="Hugging Face checkpoint folder")
+    workers: int = Field(ge=1, description="expert workers in the pool")
+    min_replicas: int = Field(1, ge=1, description="copies of every expert, on distinct workers")
+    max_replicas: int | None = Field(None, ge=1, description="cap on copies of a hot expert (default: workers)")
+    capacity: int | None = Field(None, ge=1, description="experts one worker may hold (default: 1.5x its even share)")
+    policy: Literal["balanced"] = "balanced"
+    rebalance_above: float = Field(1.3, gt=1.0, description="re-place for load when max/mean worker load exceeds this")
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> "ClusterSpec":
+        if self.min_replicas > self.workers:
+            raise ValueError(f"min_replicas ({self.min_replicas}) cannot exceed workers ({self.workers}): "
+                             "copies of one expert live on distinct workers")
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+    def capacity_for(self, num_experts: int, workers: int | None = None) -> int:
+        """Experts per worker: the spec's, or 1.5x an even share of num_experts * min_replicas (room for hot copies)."""
+        if self.capacity is not None:
+            return self.capacity
+        share = num_experts * self.min_replicas / max(1, workers or self.workers)
+        return max(1, math.ceil(1.5 * share))

@@ -1,0 +1,59 @@
+"""Follows the controller's routing table and acknowledges each epoch.
+
+The frontend keeps serving on its last table while the controller is away
+(restarting, say) and reconnects on its own; an epoch is acknowledged only
+after the dispatcher routes by it, which is what lets the controller drop old
+copies safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from moecluster.frontend.dispatcher import Dispatcher
+from moecluster.frontend.routing import RoutingTable
+from moecluster.protos import controller_pb2, controller_pb2_grpc
+from moecluster.wire import streaming
+
+log = logging.getLogger("moecluster.frontend")
+
+
+def from_message(message: controller_pb2.RoutingTable) -> RoutingTable:
+    return RoutingTable(
+        message.epoch, {w.id: w.address for w in message.workers},
+        {(p.layer, p.expert): tuple(p.workers) for p in message.placements})
+
+
+class TableWatcher(threading.Thread):
+    def __init__(self, controller: str, dispatcher: Dispatcher, frontend_id: str, retry: float = 0.2):
+        super().__init__(daemon=True, name="table-watch")
+        self.controller, self.dispatcher, self.frontend_id, self.retry = controller, dispatcher, frontend_id, retry
+        self.first_table = threading.Event()
+        self.stopped = threading.Event()
+        self._call = None
+
+    def run(self) -> None:
+        channel = grpc.insecure_channel(self.controller, options=streaming.GRPC_OPTIONS)
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        while not self.stopped.is_set():
+            try:
+                self._call = stub.WatchRoutingTable(controller_pb2.WatchRequest(
+                    frontend_id=self.frontend_id, known_epoch=self.dispatcher.table.epoch))
+                for message in self._call:
+                    self.dispatcher.update(from_message(message))
+                    self.first_table.set()
+                    stub.AckEpoch(controller_pb2.AckRequest(frontend_id=self.frontend_id,
+                                                            epoch=self.dispatcher.table.epoch), timeout=5)
+            except grpc.RpcError as err:
+                if not self.stopped.is_set():
+                    log.debug("controller watch broke (%s); retrying", err.code().name)
+            self.stopped.wait(self.retry)
+        channel.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._call is not None:
+            self._call.cancel()

@@ -83,8 +83,9 @@ def main() -> None:
             live = [w for w in capacity if w not in dead]
             print(f"  {name:15s}{t * 1e3:7.1f} ms  imbalance {imbalance(new, load, live):.3f} "
                   f"(from scratch {imbalance(scratch, load, live):.3f})")
+            held = sum(ids[0] in hs for hs in plan.values()) if name.startswith("remove") else 0
             print(f"    moves {copies} copies vs {fresh} from scratch ({copies / max(fresh, 1):.1%}): "
-                  f"{gib(copies)} vs {gib(fresh)}")
+                  f"{gib(copies)} vs {gib(fresh)}" + (f"; the removed worker held {held}" if held else ""))
             plan = new
 
 

@@ -11,17 +11,18 @@ A plan is made in four steps:
 
 1. counts: every expert gets `min_replicas`; spare slots go one at a time (a heap) to the
    expert with the highest load per replica, until no replica carries more than SPREAD of a
-   worker's mean load.  A quarter of the spare (up to a slot per worker) stays free, so
-   later moves and re-homing a dead worker's experts need no swaps.
+   worker's mean load (with 10+ experts per worker, equal loads get no extras).  A reserve
+   of free slots (one per worker, at most a quarter of the spare) lets later moves and a
+   dead worker's experts land without swaps; re-plans spend it rather than drop live extras.
 2. keep: current replicas on live workers stay, up to the new counts and capacities.
 3. fill: missing replicas, heaviest first, go to the least-loaded worker with a free slot
    that lacks the expert (LPT); if none qualifies, an augmenting path shifts other replicas.
 4. polish: a bounded local search moves (or swaps) replicas from the busiest to the idlest
-   workers until every worker is within TOLERANCE of the mean load, preferring moves that
-   push no other worker out of that band.  It never runs while the band already holds.
+   workers while any worker is outside TOLERANCE of the mean load, and only when a copy
+   buys at least MIN_GAIN of balance.
 
-`place` is pure and deterministic: no I/O, no randomness, ties broken by worker id and
-expert position.  Costs are O(replicas * log(workers)) plus the bounded polish.
+`place` is pure and deterministic (ties broken by worker id and expert position), and costs
+O(replicas * log(workers)) plus the bounded polish.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import numbers
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 
@@ -72,19 +74,20 @@ def place(
         raise PlacementError("experts lists a key twice; pass each (layer, expert) once")
     gone = set(dead)
     for w, c in capacity.items():
-        if not isinstance(c, int) or c < 0:
+        if not isinstance(c, numbers.Integral) or c < 0:
             raise PlacementError(f"capacity of worker {w!r} must be an int >= 0, got {c!r}")
     workers = sorted(w for w, c in capacity.items() if c > 0 and w not in gone)
     nw = len(workers)
-    cap = [min(capacity[w], n) for w in workers]  # a worker holds an expert at most once
+    cap = [min(int(capacity[w]), n) for w in workers]  # a worker holds an expert at most once
     top = nw if max_replicas is None else min(max_replicas, nw)
     _check(n, nw, sum(cap), min_replicas, max_replicas)
     if n == 0:
         return {}
     loads = [1.0 if load is None else load.get(k, 1.0) for k in keys]
     for k, x in zip(keys, loads):
-        if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
+        if not (isinstance(x, numbers.Real) and math.isfinite(x) and x >= 0):
             raise PlacementError(f"load of {k} must be a finite number >= 0, got {x!r}")
+    loads = [float(x) for x in loads]
 
     wid = {w: j for j, w in enumerate(workers)}
     cur: list[list[int]] = [[] for _ in range(n)]
@@ -104,7 +107,7 @@ def place(
     budget = min(spare, max(spare - min(nw, spare // 4), live_extras))
     counts = _counts(loads, [len(c) for c in cur], min_replicas, top, budget, SPREAD * mean)
     plan = _Plan(loads, counts, cap, min_replicas)
-    plan.keep(cur, mean)
+    plan.keep(cur)
     plan.fill()
     plan.polish(mean)
     return {k: tuple(workers[j] for j in plan.holders[i]) for i, k in enumerate(keys)}
@@ -140,11 +143,9 @@ def _check(n: int, nw: int, slots: int, lo: int, hi: int | None) -> None:
         raise PlacementError(f"min_replicas must be >= 1, got {lo}")
     if hi is not None and hi < lo:
         raise PlacementError(f"max_replicas ({hi}) is below min_replicas ({lo}); raise it or pass None")
-    if n == 0:
-        return
-    if nw == 0:
+    if n and nw == 0:
         raise PlacementError("no live worker with capacity > 0: start workers before placing experts")
-    if lo > nw:
+    if n and lo > nw:
         raise PlacementError(
             f"min_replicas={lo} needs {lo} distinct live workers but only {nw} are live: "
             f"add {lo - nw} worker(s) or lower min_replicas")
@@ -158,20 +159,16 @@ def _check(n: int, nw: int, slots: int, lo: int, hi: int | None) -> None:
 def _counts(loads: list[float], held: list[int], lo: int, hi: int, budget: int, floor: float) -> list[int]:
     """Replicas per expert: lo each, then up to `budget` extras, each to the expert whose
     replicas carry the most load, while that exceeds `floor` and the expert is below hi."""
-    counts = [lo] * len(loads)
-    boost = 1.0 + HYSTERESIS
-
-    def priority(i: int, c: int) -> float:  # negated for the min-heap
-        return -(loads[i] / c) * (boost if held[i] > c else 1.0)
-
-    heap = [(priority(i, lo), i) for i in range(len(loads)) if loads[i] > 0 and lo < hi]
+    counts, boost = [lo] * len(loads), 1.0 + HYSTERESIS
+    # Min-heap of (-priority, expert): load per replica, boosted for a replica that exists.
+    heap = [(-x / lo * (boost if held[i] > lo else 1.0), i) for i, x in enumerate(loads) if x > 0 and lo < hi]
     heapq.heapify(heap)
     while budget > 0 and heap and -heap[0][0] > floor:
-        _, i = heapq.heappop(heap)
-        counts[i] += 1
+        i = heapq.heappop(heap)[1]
+        counts[i] = c = counts[i] + 1
         budget -= 1
-        if counts[i] < hi:
-            heapq.heappush(heap, (priority(i, counts[i]), i))
+        if c < hi:
+            heapq.heappush(heap, (-loads[i] / c * (boost if held[i] > c else 1.0), i))
     return counts
 
 
@@ -211,10 +208,9 @@ class _Plan:
         for j in self.holders[i]:
             self.wload[j] += self.per[i] - old
 
-    def keep(self, cur: list[list[int]], mean: float) -> None:
-        """Keep current live replicas: surplus copies leave the busiest holders, a worker
-        over capacity sheds its heaviest replicas, and one over the load band sheds the
-        fewest, largest replicas that bring it back into the band (fill re-places them)."""
+    def keep(self, cur: list[list[int]]) -> None:
+        """Keep current live replicas: surplus copies leave the busiest holders, and a
+        worker over capacity sheds its heaviest replicas (fill re-places them)."""
         surplus = []
         for i, hs in enumerate(cur):
             if len(hs) <= self.counts[i]:
@@ -231,16 +227,6 @@ class _Plan:
             if len(its) > self.cap[j]:
                 for i in sorted(its, key=lambda i: (-self.per[i], i))[: len(its) - self.cap[j]]:
                     self._remove(i, j)
-        hi, band = (1 + TOLERANCE) * mean, 2 * TOLERANCE * mean
-        for j, its in enumerate(self.items):
-            excess = self.wload[j] - hi
-            if False:
-                for i in sorted(its, key=lambda i: (-self.per[i], i)):
-                    if self.per[i] <= excess + band:  # don't overshoot below the band
-                        self._remove(i, j)
-                        excess -= self.per[i]
-                        if excess <= 0:
-                            break
 
     def fill(self) -> None:
         """Place missing replicas, heaviest first, each on the least-loaded eligible worker."""
@@ -250,8 +236,7 @@ class _Plan:
         heap = [(wload[j], len(items[j]), j) for j in range(len(cap)) if len(items[j]) < cap[j]]
         heapq.heapify(heap)
         for i in todo:
-            hs, p = holders[i], self.per[i]
-            back = []
+            hs, p, back = holders[i], self.per[i], []
             while len(hs) < self.counts[i] and heap:
                 entry = heapq.heappop(heap)
                 j = entry[2]
@@ -269,7 +254,7 @@ class _Plan:
                 while len(hs) < self.counts[i]:
                     self._make_room(i)
                 heap = [(wload[j], len(items[j]), j) for j in range(len(cap)) if len(items[j]) < cap[j]]
-                heapq.heapify(heap)
+                heapq.heapify(heap)  # loads changed along the way
 
     def _make_room(self, i: int) -> None:
         """Add one replica of i when no free slot is directly usable: along an augmenting
@@ -279,13 +264,15 @@ class _Plan:
         if self.counts[i] > self.lo:
             self._recount(i, self.counts[i] - 1)
             return
-        for f, hs in enumerate(self.holders):  # free a slot held by some other extra replica
+        # Extras can make counts infeasible (Gale-Ryser) though min_replicas alone fits:
+        # free a slot held by another expert's extra, then search again.
+        for f, hs in enumerate(self.holders):
             if f != i and len(hs) > self.lo:
                 j = next((j for j in hs if j not in self.holders[i]), hs[-1])
                 self._remove(f, j)
                 self._recount(f, self.counts[f] - 1)
                 return
-        raise PlacementError(f"no room for a replica of expert #{i}: add capacity or workers")
+        raise PlacementError(f"no room for a replica of expert #{i}: add capacity or workers")  # _check forbids
 
     def _augment(self, i: int) -> bool:
         """BFS over workers for a chain of moves ending at a free slot, then place i at its
@@ -314,8 +301,7 @@ class _Plan:
         return False
 
     def polish(self, mean: float) -> None:
-        """Local search: move (else swap) replicas off the busiest workers onto the idlest
-        while some worker is outside mean +- TOLERANCE; each step lowers the total violation."""
+        """Move (or swap) replicas off the busiest workers while any is outside the band."""
         if mean <= 0:
             return
         wload, nw = self.wload, len(self.cap)

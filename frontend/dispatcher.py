@@ -109,7 +109,7 @@ class Dispatcher:
             try:
                 response = call()
                 output.index_add_(0, rows, decode(response.output).to(output.dtype))
-            except (grpc.RpcError, futures.CancelledError) as err:
+            except (grpc.RpcError, grpc.FutureCancelledError, futures.CancelledError) as err:
                 code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
                 if code not in RETRYABLE:
                     raise DispatchError(f"worker {worker_id} refused layer {layer}: {code.name}: {err.details()}") from None

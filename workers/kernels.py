@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["fused_experts", "reference_experts"]
 
@@ -75,14 +76,14 @@ def _plan(counts, rows: int | None = None):
     return tiles
 
 
-def _forward(x, gate_up, down, tok, w, counts, gu=None):
+def _forward(x, gate_up, down, tok, w, tiles, gu=None):
     """Expert forward on expert-sorted assignments, tile by tile.
 
     x (T, H), gate_up (E, 2I, H), down (E, H, I), tok (N,) int64 token of each sorted row,
-    w (N,) its routing weight, all float tensors of one dtype.  gu: optional (N, 2I) buffer
-    that receives the gate/up GEMM output (kept for backward).  Returns out (T, H).
+    w (N,) its routing weight, all float tensors of one dtype; tiles from _plan.  gu: optional
+    (N, 2I) buffer that receives the gate/up GEMM output (kept for backward).  Returns (T, H).
     """
-    tiles, inter, hid = _plan(counts), down.shape[2], x.shape[1]
+    inter, hid = down.shape[2], x.shape[1]
     rows = max((t - s for s, t, *_ in tiles), default=0)
     xs, act, y = x.new_empty(rows, hid), x.new_empty(rows, inter), x.new_empty(rows, hid)
     gu_tile = x.new_empty(rows, 2 * inter) if gu is None else None
@@ -112,19 +113,20 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, top_k_index, top_k_weights):
         perm, tok, w, counts = _route(top_k_index, top_k_weights, gate_up.shape[0])
-        gu = x.new_empty(tok.numel(), 2 * down.shape[2])
-        out = _forward(x, gate_up, down, tok, w, counts, gu=gu)
+        gu, tiles = x.new_empty(tok.numel(), 2 * down.shape[2]), _plan(counts)
+        out = _forward(x, gate_up, down, tok, w, tiles, gu=gu)
         ctx.save_for_backward(x, gate_up, down, perm, tok, w, gu)
-        ctx.counts, ctx.k_shape = counts, top_k_weights.shape
+        ctx.counts, ctx.tiles, ctx.k_shape = counts, tiles, top_k_weights.shape
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         """grad_out (T, H) -> grads (T, H), (E, 2I, H), (E, H, I), None, (T, K); each weight
         gradient is one stacked tensor, written expert by expert (zeros for idle experts)."""
         x, gate_up, down, perm, tok, w, gu = ctx.saved_tensors
         need_x, need_gu, need_dn, _, need_w = ctx.needs_input_grad
-        tiles, inter, hid = _plan(ctx.counts), down.shape[2], x.shape[1]
+        tiles, inter, hid = ctx.tiles, down.shape[2], x.shape[1]
         rows = max((t - s for s, t, *_ in tiles), default=0)
         grad_out = grad_out.to(x.dtype)
         grad_x = x.new_zeros(x.shape) if need_x else None
@@ -201,7 +203,7 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedExperts.apply(x, gate_up_proj, down_proj, top_k_index, w).to(out_dtype)
     _, tok, ws, counts = _route(top_k_index, w, gate_up_proj.shape[0])
-    return _forward(x, gate_up_proj, down_proj, tok, ws, counts).to(out_dtype)
+    return _forward(x, gate_up_proj, down_proj, tok, ws, _plan(counts)).to(out_dtype)
 
 
 def reference_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) -> torch.Tensor:

@@ -1,0 +1,221 @@
+"""The elastic pool under load, with real processes: scale, kill -9, SIGSTOP, controller restarts.
+
+Every scenario runs a closed-loop load against the frontend that checks each
+answer against transformers' own forward; the pass condition is zero failed
+requests and zero wrong answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecluster.backends.local import ClusterError, LocalCluster
+from moecluster.backends.processes import ProcessRecord, alive
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import worker_pb2, worker_pb2_grpc
+from moecluster.sdk.load import ClosedLoopLoad
+
+import grpc
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECLUSTER_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.fixture
+def reference(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return path, batch, model(batch).logits
+
+
+@pytest.fixture
+def cluster(home, reference):
+    made = []
+
+    def up(name, workers, replicas=2):
+        c = LocalCluster(name)
+        c.up(reference[0], workers=workers, replicas=replicas, port=0)
+        made.append(c)
+        return c
+
+    yield up
+    for c in made:
+        try:
+            c.down(grace=2)
+        except ClusterError:
+            pass
+
+
+def serving(status):
+    return [w for w in status["workers"] if w["state"] == "serving"]
+
+
+def assert_spec(status, workers, replicas):
+    live = serving(status)
+    assert len(live) == workers, status
+    copies = {}
+    for w in live:
+        for layer, expert in w["experts"]:
+            copies[(layer, expert)] = copies.get((layer, expert), 0) + 1
+    assert len(copies) == 16 and min(copies.values()) >= replicas, copies
+
+
+def assert_bit_identical(status, path):
+    index = Checkpoint(path)
+    for w in serving(status):
+        with grpc.insecure_channel(w["address"]) as channel:
+            stub = worker_pb2_grpc.ExpertWorkerStub(channel)
+            from moecluster.wire import streaming
+            from moecluster.wire.tensors import decode
+            for layer, expert in w["experts"]:
+                chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(
+                    expert=worker_pb2.ExpertKey(layer=layer, expert=expert)), timeout=30)
+                state = worker_pb2.ExpertState.FromString(streaming.join(chunks, limit_bytes=1 << 30))
+                gate_up, down = index.read_expert(layer, expert)
+                assert torch.equal(decode(state.gate_up_proj), gate_up), (w["id"], layer, expert)
+                assert torch.equal(decode(state.down_proj), down), (w["id"], layer, expert)
+
+
+def load_for(c, reference, **kwargs):
+    _, batch, expected = reference
+    return ClosedLoopLoad(c.status()["endpoint"], batch, expected, clients=2, max_seconds=300, **kwargs)
+
+
+def check(report):
+    assert report.ok > 0
+    assert report.failed == 0, report.errors[:3]
+    assert report.wrong == 0, report.worst_error
+
+
+def test_scale_up_and_down_under_load_fails_nothing(cluster, reference):
+    c = cluster("scale", workers=3)
+    with load_for(c, reference) as load:
+        time.sleep(1)
+        list(c.scale(5))
+        assert_spec(c.status(), 5, 2)
+        time.sleep(1)
+        list(c.scale(2))
+        assert_spec(c.status(), 2, 2)
+        time.sleep(1)
+    check(load.report)
+    assert_bit_identical(c.status(), reference[0])
+
+
+def test_kill_minus_nine_loop_under_load(cluster, reference):
+    c = cluster("kills", workers=3)
+    rng = random.Random(0)
+    kills = 0
+    deadline = time.monotonic() + 60
+    with load_for(c, reference) as load:
+        while time.monotonic() < deadline and kills < 4:
+            victim = rng.choice(serving(c.status()))
+            os.kill(victim["pid"], signal.SIGKILL)
+            kills += 1
+            time.sleep(1.5)
+            status = c.wait_converged(90, lambda _: None)
+            assert_spec(status, 3, 2)
+            assert victim["id"] not in [w["id"] for w in status["workers"]]
+    check(load.report)
+    assert kills >= 2
+    assert_bit_identical(c.status(), reference[0])
+
+
+def test_hung_worker_is_detected_removed_and_fenced(cluster, reference):
+    c = cluster("hung", workers=3)
+    victim = serving(c.status())[1]
+    record = ProcessRecord.load(c.dir / "workers" / f"{victim['id']}.json")
+    with load_for(c, reference) as load:
+        time.sleep(0.5)
+        os.kill(victim["pid"], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            while time.monotonic() - stopped_at < 10:
+                ids = [w["id"] for w in serving(c.status())]
+                if victim["id"] not in ids:
+                    break
+                time.sleep(0.1)
+            detected = time.monotonic() - stopped_at
+            assert victim["id"] not in [w["id"] for w in serving(c.status())]
+            time.sleep(max(0.0, 10 - (time.monotonic() - stopped_at)))
+        finally:
+            if alive(record):
+                os.kill(victim["pid"], signal.SIGCONT)
+        status = c.wait_converged(90, lambda _: None)
+    check(load.report)
+    assert detected <= 3.0, f"hung worker detected after {detected:.1f}s"
+    assert_spec(status, 3, 2)
+    deadline = time.monotonic() + 15
+    while alive(record) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(record), "a worker declared dead is fenced: it never serves again"
+
+
+def test_controller_killed_during_a_scale_converges_after_restart(cluster, reference):
+    c = cluster("restart", workers=3)
+    errors = []
+
+    def scale():
+        try:
+            list(c.scale(5))
+        except ClusterError as err:
+            errors.append(err)
+
+    with load_for(c, reference) as load:
+        thread = threading.Thread(target=scale)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while len(c.status()["workers"]) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        controller = c.controller_record()
+        os.kill(controller.pid, signal.SIGKILL)  # in the middle of the scale: workers started, experts moving
+        thread.join(timeout=60)
+        time.sleep(1)  # the data path keeps serving without a controller
+        c.start_controller()
+        status = c.wait_converged(120, lambda _: None)
+    check(load.report)
+    assert errors, "the scale call saw its controller die"
+    assert status["desired_workers"] == 5
+    assert_spec(status, 5, 2)
+    table = {}
+    for w in serving(status):
+        for key in map(tuple, w["experts"]):
+            table.setdefault(key, []).append(w["id"])
+    assert all(len(set(h)) == len(h) for h in table.values())
+    assert_bit_identical(status, reference[0])
+
+
+def test_migrate_drain_and_metrics(cluster, reference):
+    c = cluster("ops", workers=3, replicas=1)
+    status = c.status()
+    source = serving(status)[0]
+    layer, expert = source["experts"][0]
+    target = serving(status)[1]["id"]
+    with load_for(c, reference) as load:
+        lines = list(c.migrate(layer, expert, target))
+        assert any(target in line for line in lines)
+        moved = c.status()
+        holders = [w["id"] for w in serving(moved) if [layer, expert] in w["experts"]]
+        assert holders == [target]
+        list(c.drain(serving(moved)[2]["id"]))
+        assert_spec(c.status(), 2, 1)
+    check(load.report)
+    info = (c.dir / "run" / "controller.ready").read_text()
+    metrics_address = __import__("json").loads(info)["metrics"]
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    assert "moecluster_epoch" in text and 'moecluster_bytes_moved_total{source="peer"}' in text
+    with pytest.raises(ClusterError, match="not serving"):
+        list(c.migrate(layer, expert, "worker-99"))

@@ -34,7 +34,8 @@ class LocalActuator:
             record = ProcessRecord.load(path)
             if alive(record):
                 return WorkerHandle(worker_id, record.address, record.pid)
-        record = spawn(worker_id, ["-m", "moecluster.workers.server", "--checkpoint", self.model, "--experts", "",
+        index = ["--index", str(self.dir / "index.json")] if (self.dir / "index.json").is_file() else []
+        record = spawn(worker_id, ["-m", "moecluster.workers.server", "--checkpoint", self.model, *index, "--experts", "",
                                    "--worker-id", worker_id, "--threads", str(self.worker_threads),
                                    "--grace", str(self.grace)],
                        self.dir / "run", self.dir / "logs", timeout)

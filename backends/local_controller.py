@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
     cluster = json.loads((args.cluster_dir / "cluster.json").read_text())
-    geometry = Checkpoint(spec.model).geometry
+    checkpoint = Checkpoint(spec.model)
+    checkpoint.save_index(args.cluster_dir / "index.json")  # workers start from it without importing transformers
+    geometry = checkpoint.geometry
     experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
     actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
                              worker_threads=cluster.get("worker_threads", 1))

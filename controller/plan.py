@@ -135,6 +135,8 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
     keep = [w for w in sorted(serving) if w not in victims]
     capacity = {w: spec.capacity_for(len(observed.experts), len(keep)) for w in keep}
     load = observed.load()
+    if sum(load.values()) < spec.rebalance_min_load:
+        load = {}  # a trickle of requests says nothing about which experts are hot
     per_worker = {w: sum(1 for holders in table.values() if w in holders) for w in keep}
     complete = all(len([w for w in table.get(k, ()) if w in capacity]) >= spec.min_replicas for k in observed.experts)
     fits = all(0 < per_worker[w] <= capacity[w] for w in keep)  # nobody idle, nobody over capacity

@@ -19,6 +19,7 @@ class ClusterSpec(BaseModel):
     capacity: int | None = Field(None, ge=1, description="experts one worker may hold (default: 1.5x its even share)")
     policy: Literal["balanced"] = "balanced"
     rebalance_above: float = Field(1.3, gt=1.0, description="re-place for load when max/mean worker load exceeds this")
+    rebalance_min_load: float = Field(50.0, ge=0.0, description="tokens/s below which load is noise, not a reason to move")
 
     @model_validator(mode="after")
     def _replicas_fit(self) -> "ClusterSpec":

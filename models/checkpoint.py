@@ -69,6 +69,32 @@ class Checkpoint:
         self._index(self._tensor_files())
         self.geometry = self._geometry()
 
+    def save_index(self, file: str | Path) -> None:
+        """Writes what `from_index` needs: a worker started from it never imports transformers (seconds saved)."""
+        refs = lambda rs: [[r.file, r.key, r.row] for r in rs]  # noqa: E731
+        data = {
+            "path": str(self.path),
+            "geometry": {**self.geometry.__dict__, "moe_layers": list(self.geometry.moe_layers)},
+            "experts": [[layer, expert, refs(r.gate_up), refs(r.down)] for (layer, expert), r in sorted(self.experts.items())],
+        }
+        Path(file).write_text(json.dumps(data))
+
+    @classmethod
+    def from_index(cls, file: str | Path) -> "Checkpoint":
+        """A Checkpoint for reading experts only (no config, no dense tensors), from `save_index`'s file."""
+        data = json.loads(Path(file).read_text())
+        self = cls.__new__(cls)
+        self.path = Path(data["path"])
+        self.config = None
+        self.dense = {}
+        self.experts = {
+            (layer, expert): ExpertRefs([TensorRef(*r) for r in gate_up], [TensorRef(*r) for r in down])
+            for layer, expert, gate_up, down in data["experts"]
+        }
+        geometry = data["geometry"]
+        self.geometry = Geometry(**{**geometry, "moe_layers": tuple(geometry["moe_layers"])})
+        return self
+
     def skeleton(self) -> torch.nn.Module:
         """The model on the meta device: structure without memory."""
         from transformers import AutoModelForCausalLM

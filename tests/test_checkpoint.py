@@ -94,3 +94,19 @@ def test_tiny_checkpoint_rejects_impossible_shapes(tmp_path):
         create_checkpoint("mixtral", tmp_path / "x", experts=2, top_k=3)
     with pytest.raises(ValueError, match="unsupported model family"):
         create_checkpoint("gpt2", tmp_path / "y")
+
+
+def test_saved_index_reads_the_same_experts_without_transformers(tmp_path, checkpoints):
+    import subprocess
+    import sys
+
+    index = Checkpoint(checkpoints["mixtral"])
+    index.save_index(tmp_path / "index.json")
+    loaded = Checkpoint.from_index(tmp_path / "index.json")
+    assert loaded.geometry == index.geometry
+    for key in [(0, 0), (1, 7)]:
+        assert all(torch.equal(a, b) for a, b in zip(loaded.read_expert(*key), index.read_expert(*key)))
+    probe = subprocess.run([sys.executable, "-c", "import sys; from moecluster.models.checkpoint import Checkpoint; "
+                            f"Checkpoint.from_index({str(tmp_path / 'index.json')!r}).read_expert(0, 1); "
+                            "print('transformers' in sys.modules)"], capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr

@@ -59,7 +59,7 @@ def test_the_issue_walkthrough(tmp_path, env):
     assert "qwen3_moe" in out and (model / "config.json").is_file()
     port = free_port()
     up = moectl(env, "up", "--model", str(model), "--workers", "3", "--port", str(port), "--detach")
-    assert f"127.0.0.1:{port}" in up.stdout and "workers: 3/3 serving" in up.stderr
+    assert f"127.0.0.1:{port}" in up.stdout and "workers 3/3 serving" in up.stderr
     try:
         shape = subprocess.run([sys.executable, "-c", "from moecluster import Client; import torch; "
                                 f"print(Client('127.0.0.1:{port}').forward(torch.tensor([[1,2,3]])).shape)"],
@@ -72,11 +72,13 @@ def test_the_issue_walkthrough(tmp_path, env):
         assert held == [(layer, e) for layer in (0, 1) for e in range(8)], "each expert on exactly one worker"
         text = moectl(env, "status").stdout
         assert "worker-2" in text and "serving" in text
-        pids = [status["frontend"]["pid"]] + [w["pid"] for w in status["workers"]]
+        records = Path(env["MOECLUSTER_HOME"]) / "clusters" / "default"
+        pids = [json.loads((records / f"{name}.json").read_text())["pid"] for name in ("controller", "frontend")]
+        pids += [w["pid"] for w in status["workers"]]
         assert all(alive(p) for p in pids)
     finally:
         down = moectl(env, "down")
-    assert "stopped 4 processes" in down.stdout
+    assert "stopped 5 processes" in down.stdout, "controller, frontend and 3 workers"
     assert wait_gone(pids) == [], "moectl down must leave no process behind"
     assert not (Path(env["MOECLUSTER_HOME"]) / "clusters" / "default").exists()
 
@@ -97,11 +99,18 @@ def test_answers_and_generation_match_transformers_and_survive_a_kill(tmp_path, 
         with Client(f"127.0.0.1:{port}") as client:
             assert (client.forward(batch) - expected).abs().max() <= 1e-4
             assert torch.equal(client.generate(batch[:1], max_new_tokens=5), expected_gen)
-            os.kill(status["workers"][1]["pid"], signal.SIGKILL)
+            victim = status["workers"][1]
+            os.kill(victim["pid"], signal.SIGKILL)
             for _ in range(5):
                 assert (client.forward(batch) - expected).abs().max() <= 1e-4
-            states = {w.id: w.state for w in client.status().workers}
-        assert states["worker-1"] == "unreachable" and states["worker-0"] == "serving"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            after = json.loads(moectl(env, "status", "--name", "kills", "-o", "json").stdout)
+            if after["converged"] and victim["id"] not in [w["id"] for w in after["workers"]]:
+                break
+            time.sleep(0.5)
+        assert [w["state"] for w in after["workers"]] == ["serving"] * 3, "the controller replaced the dead worker"
+        assert victim["pid"] not in [w["pid"] for w in after["workers"]]
     finally:
         moectl(env, "down", "--name", "kills")
 
@@ -121,7 +130,7 @@ def test_named_clusters_side_by_side(env, checkpoints):
         assert families == {"olmoe", "qwen2_moe"}
     finally:
         down = moectl(env, "down", "--all")
-    assert down.stdout.count("stopped 2 processes") == 2
+    assert down.stdout.count("stopped 3 processes") == 2
     assert moectl(env, "list").stdout.strip() == ""
 
 
@@ -132,17 +141,17 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        record = Path(env["MOECLUSTER_HOME"]) / "clusters" / "fg" / "cluster.json"
-        while not record.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        folder = Path(env["MOECLUSTER_HOME"]) / "clusters" / "fg"
+        while not (folder / "frontend.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        assert record.is_file(), proc.stderr.read() if proc.poll() is not None else "cluster never came up"
-        data = json.loads(record.read_text())
-        pids = [data["frontend"]["pid"]] + [w["pid"] for w in data["workers"]]
+        assert (folder / "frontend.json").is_file(), proc.stderr.read() if proc.poll() is not None else "never came up"
+        pids = [json.loads(p.read_text())["pid"] for p in [folder / "controller.json", folder / "frontend.json",
+                                                              *(folder / "workers").glob("*.json")]]
         assert Client(f"127.0.0.1:{port}").forward(torch.tensor([[1]])).shape == (1, 1, 128)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "stopped 3 processes" in out
+    assert proc.returncode == 0 and "stopped 4 processes" in out
     assert wait_gone(pids) == []
 
 

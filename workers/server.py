@@ -32,9 +32,11 @@ from moecluster.workers.service import ExpertWorkerService, expert_keys
 class WorkerServer:
     """A worker service bound to a port; `start()`, then `stop(grace)`."""
 
-    def __init__(self, checkpoint: str | Path, experts: list[tuple[int, int]], *, host: str = "127.0.0.1", port: int = 0,
-                 worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8):
-        self.service = ExpertWorkerService(Checkpoint(checkpoint), worker_id=worker_id, dtype=dtype)
+    def __init__(self, checkpoint: str | Path | Checkpoint, experts: list[tuple[int, int]], *, host: str = "127.0.0.1",
+                 port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8):
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = Checkpoint(checkpoint)
+        self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype)
         self.service.load_from_checkpoint(experts)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
@@ -60,6 +62,8 @@ class WorkerServer:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--index", type=Path, help="the checkpoint's expert index (Checkpoint.save_index): skips "
+                        "importing transformers, so the worker starts in a fraction of the time")
     parser.add_argument("--experts", default="", help="experts to load, e.g. '0:0-7,1:0-3' (LAYER:FIRST-LAST, comma separated)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        worker = WorkerServer(args.checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
+        checkpoint = Checkpoint.from_index(args.index) if args.index else Checkpoint(args.checkpoint)
+        worker = WorkerServer(checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
                               worker_id=args.worker_id, dtype=DTYPES[args.dtype]).start()
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")

@@ -37,12 +37,13 @@ MAX_NEW_TOKENS = 4096
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
-    def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = ""):
+    def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = ""):
         self.checkpoint = checkpoint
         self.dispatcher = dispatcher
         self.model = load_dense_model(checkpoint, dispatcher)
         self.vocab = self.model.config.vocab_size
         self.model_name = model_name or str(checkpoint.path)
+        self.controller = controller
         self._lock = threading.Lock()
         self.requests = 0
         self.failed = 0
@@ -85,7 +86,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         g = self.checkpoint.geometry
         return frontend_pb2.InfoResponse(
             model=self.model_name, family=self.checkpoint.config.model_type, vocab_size=self.vocab,
-            num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden)
+            num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
+            controller=self.controller)
 
     def Status(self, request, context):
         table = self.dispatcher.table
@@ -140,7 +142,7 @@ class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 30.0, max_workers: int = 8, frontend_id: str = ""):
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
-        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher)
+        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}")
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)

@@ -93,6 +93,29 @@ class Client:
         return ClusterStatus(r.model, r.family, r.epoch, r.num_moe_layers, r.num_experts, r.top_k, workers,
                              r.requests, r.failed)
 
+    def scale(self, workers: int, *, progress=None, timeout: float = 600.0) -> int:
+        """Asks the cluster's controller for `workers` expert workers; returns the epoch once the new layout serves.
+
+        `progress`, if given, is called with each progress line.
+        """
+        from moecluster.protos import controller_pb2, controller_pb2_grpc
+
+        address = self.info().controller
+        if not address:
+            raise MoEClusterError(grpc.StatusCode.FAILED_PRECONDITION, "this frontend has no controller to scale")
+        with grpc.insecure_channel(address) as channel:
+            stub = controller_pb2_grpc.ControllerStub(channel)
+
+            def run() -> int:
+                epoch = 0
+                for update in stub.Scale(controller_pb2.ScaleRequest(workers=workers), timeout=timeout):
+                    epoch = update.epoch
+                    if progress is not None and not update.done:
+                        progress(update.message)
+                return epoch
+
+            return self._call(run)
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the frontend's channel is up, or raises MoEClusterError."""
         try:

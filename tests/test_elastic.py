@@ -22,6 +22,7 @@ from moecluster.backends.local import ClusterError, LocalCluster
 from moecluster.backends.processes import ProcessRecord, alive
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
+from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
 
 import grpc
@@ -105,7 +106,9 @@ def test_scale_up_and_down_under_load_fails_nothing(cluster, reference):
     c = cluster("scale", workers=3)
     with load_for(c, reference) as load:
         time.sleep(1)
-        list(c.scale(5))
+        lines = []
+        epoch = Client(c.status()["endpoint"]).scale(5, progress=lines.append)  # the SDK's way
+        assert epoch == c.status()["epoch"] and any("5/5" in line for line in lines)
         assert_spec(c.status(), 5, 2)
         time.sleep(1)
         list(c.scale(2))

@@ -222,3 +222,53 @@ def test_migrate_drain_and_metrics(cluster, reference):
     assert "moecluster_epoch" in text and 'moecluster_bytes_moved_total{source="peer"}' in text
     with pytest.raises(ClusterError, match="not serving"):
         list(c.migrate(layer, expert, "worker-99"))
+
+
+def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
+    """Load drawn Zipf(1.2) over layer 0's experts: the controller copies the hot ones and imbalance falls."""
+    from moecluster.frontend.dispatcher import Dispatcher
+    from moecluster.frontend.routing import RoutingTable
+    from moecluster.frontend.table_watcher import TableWatcher
+
+    c = cluster("zipf", workers=4, replicas=1)
+    controller = c.info()["controller"]
+    dispatcher = Dispatcher(RoutingTable(0, {}), timeout=30)
+    watcher = TableWatcher(controller, dispatcher, "zipf-load")
+    watcher.start()
+    assert watcher.first_table.wait(30)
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.randperm(8, generator=gen)  # which expert is hottest is arbitrary
+    zipf = torch.tensor([1 / (r + 1) ** 1.2 for r in range(8)])
+    probabilities = torch.empty(8)
+    probabilities[ranks] = zipf / zipf.sum()
+    hottest = int(ranks[0])
+    imbalances = []
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ids = torch.multinomial(probabilities, 256, replacement=True, generator=gen).view(256, 1)
+            dispatcher.forward(0, torch.randn(256, 64, generator=gen), ids, torch.ones(256, 1))
+            status = c.status()
+            imbalances.append(status["imbalance"])
+            copies = sum(1 for w in serving(status) if [0, hottest] in w["experts"])
+            if copies >= 2 and status["imbalance"] <= 1.3:
+                break
+    finally:
+        watcher.stop()
+        dispatcher.close()
+    assert copies >= 2, f"the hottest expert has {copies} copies"
+    assert max(imbalances) > 1.3, "the skewed load should have been visible as imbalance first"
+    assert imbalances[-1] <= 1.3, imbalances[-10:]
+    assert_bit_identical(c.status(), reference[0])
+
+
+def test_experts_that_lost_every_copy_are_reloaded_from_the_checkpoint(cluster, reference):
+    c = cluster("orphans", workers=2, replicas=1)
+    victim = serving(c.status())[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    status = c.wait_converged(90, lambda _: None)
+    assert_spec(status, 2, 1)
+    with Client(status["endpoint"]) as client:
+        assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
+    assert_bit_identical(status, reference[0])

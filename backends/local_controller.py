@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -28,35 +27,19 @@ from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.observability.prometheus import serve_metrics
+from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import controller_pb2_grpc
-
-
-def serve_metrics(controller: Controller, port: int) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if self.path != "/metrics":
-                self.send_error(404)
-                return
-            body = controller.metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-    return server
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cluster-dir", required=True, type=Path)
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: cluster.json's "
+                        "metrics_port, else any free; -1: off)")
     args = parser.parse_args(argv)
+    configure_tracing("moecluster-controller")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     spec_path = args.cluster_dir / "spec.json"
@@ -82,18 +65,20 @@ def main(argv: list[str] | None = None) -> None:
     if server.add_insecure_port(cluster["controller"]) == 0:
         sys.exit(f"controller: cannot listen on {cluster['controller']}")
     server.start()
-    metrics = serve_metrics(controller, cluster.get("metrics_port", 0))
+    metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
+    metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
     controller.start()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": cluster["controller"], "pid": os.getpid(),
-                                   "metrics": f"127.0.0.1:{metrics.server_address[1]}"}))
+                                   **({"metrics": metrics.address} if metrics else {})}))
         tmp.replace(args.ready_file)
     stopped.wait()
     controller.stop()  # workers and frontend keep serving unless Shutdown stopped them
-    metrics.shutdown()
+    if metrics:
+        metrics.stop()
     server.stop(2).wait()
 
 

@@ -19,9 +19,11 @@ from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import WorkerState
 from moecluster.controller.publisher import Publisher
+from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2
 
 log = logging.getLogger("moecluster.controller")
+_TRACER = tracer(__name__)
 
 COPY_TIMEOUT_S = 300.0
 
@@ -50,7 +52,8 @@ class Executor:
             self._check_table_alive(step)
             started = time.perf_counter()
             try:
-                self._run(step)
+                with start_span(_TRACER, "controller.step", {"step": type(step).__name__, "key": step.key}):
+                    self._run(step)
             except grpc.RpcError as err:
                 raise StepFailed(f"{step.key}: {err.code().name}: {err.details()}") from None
             finally:

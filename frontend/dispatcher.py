@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from moecluster.frontend.routing import RoutingTable
+from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode, nbytes
@@ -27,6 +28,7 @@ from moecluster.wire.tensors import decode, encode, nbytes
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 SUSPECT_SECONDS = 2.0  # a worker that failed is tried last for this long
+_TRACER = tracer(__name__)
 
 
 class ExpertUnavailableError(RuntimeError):
@@ -74,6 +76,11 @@ class Dispatcher:
         with self._lock:
             return self._newer.wait_for(lambda: self._table.epoch > epoch, timeout)
 
+    def outstanding(self) -> dict[str, int]:
+        """Tokens in flight per worker id (each worker of the table, 0 when idle): the load this frontend puts on it."""
+        with self._lock:
+            return {**dict.fromkeys(self._table.workers, 0), **{w: n for w, n in self._outstanding.items() if n}}
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -83,14 +90,30 @@ class Dispatcher:
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """(T, H), (T, K) ids, (T, K) weights -> (T, H) sum of weighted expert outputs."""
         output = torch.zeros_like(hidden_states)
-        self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, excluded=set())
+        seen = {"workers": set(), "retries": 0}  # for the span: workers called and shares sent again
+        with start_span(_TRACER, "moe.dispatch", {"layer": layer, "tokens": int(hidden_states.shape[0])}) as span:
+            try:
+                self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, excluded=set(), seen=seen)
+            finally:
+                span.set_attributes({"workers": len(seen["workers"]), "retries": seen["retries"]})
         return output
 
     # ----------------------------------------------------------------
 
-    def _dispatch(self, layer, hidden, index, weights, output, excluded: set[str]) -> None:
+    def _dispatch(self, layer, hidden, index, weights, output, excluded: set[str], seen: dict | None = None,
+                  fresh_tables: int = 2) -> None:
         table = self._table
-        plan = self._assign(table, layer, index, excluded)
+        try:
+            plan = self._assign(table, layer, index, excluded)
+        except ExpertUnavailableError:
+            # Every copy we know of failed: the controller may have moved the expert under a table we
+            # have not received yet. Wait for it and start over with it, a bounded number of times.
+            if fresh_tables and self.wait_newer(table.epoch, self.stale_wait):
+                self._dispatch(layer, hidden, index, weights, output, set(), seen, fresh_tables - 1)
+                return
+            raise
+        if seen is not None:
+            seen["workers"].update(plan)
         pending = []
         for worker_id, mask in plan.items():
             rows = mask.any(dim=1).nonzero().squeeze(1)
@@ -124,8 +147,11 @@ class Dispatcher:
                     self._inflight[worker_id].discard(cancel)
         for worker_id, rows, sub_index in failed:
             self.retries += 1
+            if seen is not None:
+                seen["retries"] += 1
             partial = torch.zeros((rows.numel(), hidden.shape[1]), dtype=hidden.dtype)
-            self._dispatch(layer, hidden[rows], sub_index, weights[rows], partial, excluded | {worker_id})
+            self._dispatch(layer, hidden[rows], sub_index, weights[rows], partial, excluded | {worker_id}, seen,
+                           fresh_tables)
             output.index_add_(0, rows, partial)
 
     def _assign(self, table: RoutingTable, layer: int, index: torch.Tensor, excluded: set[str]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@
 Serves `moecluster.frontend.v1.Frontend` (Forward, Generate, Info, Status) and
 grpc.health.v1. It routes by the controller's routing table, follows every new
 epoch and acknowledges it, and keeps serving on its last table while the
-controller is away.
+controller is away. Prometheus metrics are on http://HOST:PORT/metrics
+(--metrics-port; the ready file's "metrics" names the address).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.observability.prometheus import frontend_metrics, serve_metrics
+from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import WireError, decode, encode
@@ -168,6 +171,12 @@ class FrontendServer:
         self.server.stop(grace).wait()
         self.dispatcher.close()
 
+    def render_metrics(self) -> str:
+        """Prometheus text for /metrics, from the service's counters and the dispatcher's state."""
+        d = self.dispatcher
+        return frontend_metrics(requests=self.service.requests, failed=self.service.failed, retries=d.retries,
+                                wire_bytes=d.wire_bytes, epoch=d.table.epoch, outstanding=d.outstanding())
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,12 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each worker RPC, seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
     args = parser.parse_args(argv)
+    configure_tracing("moecluster-frontend")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
                                   frontend_id=args.frontend_id).start()
+        metrics = serve_metrics(frontend.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"frontend: {err}")
     stopped = threading.Event()
@@ -192,11 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": frontend.address, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"address": frontend.address, "pid": os.getpid(),
+                                   **({"metrics": metrics.address} if metrics else {})}))
         tmp.replace(args.ready_file)
     print(f"frontend serving {args.checkpoint} on {frontend.address}", flush=True)
     stopped.wait()
     frontend.stop()
+    if metrics:
+        metrics.stop()
 
 
 if __name__ == "__main__":

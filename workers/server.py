@@ -5,6 +5,8 @@
 Loads only the named experts' tensors, serves them over gRPC on 127.0.0.1 (by
 default), writes {"address", "pid"} to --ready-file once it serves, and stops
 gracefully on SIGTERM (in-flight requests finish within --grace seconds).
+Prometheus metrics are on http://HOST:PORT/metrics (--metrics-port; the ready
+file's "metrics" names the address).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 from grpc_health.v1 import health_pb2_grpc
 
 from moecluster.models.checkpoint import Checkpoint
-from moecluster.protos import worker_pb2_grpc
+from moecluster.observability.prometheus import serve_metrics, worker_metrics
+from moecluster.observability.tracing import configure_tracing
+from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import DTYPES
 from moecluster.workers.service import ExpertWorkerService, expert_keys
@@ -58,6 +62,11 @@ class WorkerServer:
         self.service.set_serving(False)
         self.server.stop(grace).wait()
 
+    def render_metrics(self) -> str:
+        """Prometheus text for /metrics, from the service's Stats."""
+        stats = self.service.Stats(worker_pb2.StatsRequest(), None)
+        return worker_metrics(stats, bytes_pulled=self.service.bytes_pulled)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,13 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
     args = parser.parse_args(argv)
+    configure_tracing("moecluster-worker")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         checkpoint = Checkpoint.from_index(args.index) if args.index else Checkpoint(args.checkpoint)
         worker = WorkerServer(checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
                               worker_id=args.worker_id, dtype=DTYPES[args.dtype]).start()
+        metrics = serve_metrics(worker.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")
     stopped = threading.Event()
@@ -86,11 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": worker.address, "pid": os.getpid(), "id": args.worker_id}))
+        tmp.write_text(json.dumps({"address": worker.address, "pid": os.getpid(), "id": args.worker_id,
+                                   **({"metrics": metrics.address} if metrics else {})}))
         tmp.replace(args.ready_file)
     print(f"worker {args.worker_id} serving {len(worker.service.store.held())} experts on {worker.address}", flush=True)
     stopped.wait()
     worker.stop(args.grace)
+    if metrics:
+        metrics.stop()
 
 
 if __name__ == "__main__":

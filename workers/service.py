@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import tensor_pb2, worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import WireError, decode, encode
@@ -30,6 +31,7 @@ from moecluster.workers.validation import RequestError, invalid
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 PULL_DEADLINE_S = 120.0
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
+_TRACER = tracer(__name__)
 
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
@@ -45,6 +47,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         self._stats: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])  # tokens, calls, seconds
         self._requests = 0
         self._rejected = 0
+        self.bytes_pulled = 0  # expert bytes copied from peers, for /metrics
         self.set_serving(False)
 
     # -- lifecycle -------------------------------------------------------
@@ -172,10 +175,16 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             state, size = _fetch_expert(request.source, request.expert, limit, deadline)
             gate_up, down = _checked_state(self.geometry, key, state)
             self.store.add({key: (gate_up, down)}, version=state.version)
+            with self._lock:
+                self.bytes_pulled += size
             self._observe_epoch(request.epoch)  # only a pull that succeeded moves the epoch
             return worker_pb2.PullExpertResponse(bytes=size, seconds=time.perf_counter() - start)
 
-        return _answer(context, self, run)
+        attributes = {"layer": request.expert.layer, "expert": request.expert.expert, "source": request.source}
+        with start_span(_TRACER, "expert.pull", attributes) as span:
+            response = _answer(context, self, run)
+            span.set_attribute("bytes", response.bytes)
+            return response
 
     def Stats(self, request, context):
         with self._lock:

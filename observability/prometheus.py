@@ -1,0 +1,278 @@
+"""Prometheus metrics without a client library: a tiny registry, the text format, a /metrics server.
+
+    registry = Registry()
+    tokens = registry.counter("moecluster_worker_tokens_total", "tokens computed", ["layer", "expert"])
+    tokens.inc(12, layer=0, expert=3)
+    server = serve_metrics(registry.render, port=0)   # GET http://127.0.0.1:PORT/metrics
+
+Processes whose state already lives elsewhere (a worker's Stats, a frontend's
+dispatcher) do not count twice: they build a fresh registry from that state on
+each scrape (`worker_metrics`, `frontend_metrics`). This file names every
+worker and frontend metric; the controller renders its own (controller/metrics.py).
+
+Rates are Prometheus' job: tokens/s per expert is
+`rate(moecluster_worker_tokens_total[1m])`, summed over workers by (layer, expert).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+# -- the registry -----------------------------------------------------------------
+
+
+class Metric:
+    """One metric family: a value per label set. Thread-safe."""
+
+    def __init__(self, name: str, kind: str, help: str = "", labels: Iterable[str] = ()):
+        labels = tuple(labels)
+        if not _NAME.match(name):
+            raise ValueError(f"metric name {name!r} is not [a-zA-Z_:][a-zA-Z0-9_:]*")
+        bad = [l for l in labels if not _LABEL.match(l) or l.startswith("__")]
+        if bad or len(set(labels)) != len(labels):
+            raise ValueError(f"metric {name}: bad or repeated label names {labels}")
+        self.name, self.kind, self.help, self.labels = name, kind, help, labels
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, labels: Mapping[str, object]) -> tuple[str, ...]:
+        if set(labels) != set(self.labels):
+            raise ValueError(f"metric {self.name} takes labels {list(self.labels)}, got {sorted(labels)}")
+        return tuple(str(labels[l]) for l in self.labels)
+
+    def inc(self, amount: float = 1, **labels) -> None:
+        if self.kind == "counter" and amount < 0:
+            raise ValueError(f"counter {self.name} cannot go down (inc by {amount})")
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def set(self, value: float, **labels) -> None:
+        """Sets a gauge; on a counter, publishes a total counted elsewhere (it must not go down)."""
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = value
+
+    def get(self, **labels) -> float:
+        with self._lock:
+            return self._values.get(self._key(labels), 0)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def render(self) -> list[str]:
+        lines = []
+        if self.help:
+            lines.append(f"# HELP {self.name} {_escape_help(self.help)}")
+        lines.append(f"# TYPE {self.name} {self.kind}")
+        with self._lock:
+            values = sorted(self._values.items())
+        if not self.labels and not values:
+            values = [((), 0)]  # an unlabelled metric is always there, 0 until it moves
+        for key, value in values:
+            lines.append(f"{self.name}{_labels(zip(self.labels, key))} {format_value(value)}")
+        return lines
+
+
+class Registry:
+    def __init__(self):
+        self._metrics: dict[str, Metric] = {}
+        self._lock = threading.Lock()
+
+    def counter(self, name: str, help: str = "", labels: Iterable[str] = ()) -> Metric:
+        return self._add(Metric(name, "counter", help, labels))
+
+    def gauge(self, name: str, help: str = "", labels: Iterable[str] = ()) -> Metric:
+        return self._add(Metric(name, "gauge", help, labels))
+
+    def _add(self, metric: Metric) -> Metric:
+        with self._lock:
+            old = self._metrics.get(metric.name)
+            if old is not None:
+                if (old.kind, old.labels) != (metric.kind, metric.labels):
+                    raise ValueError(f"metric {metric.name} is already a {old.kind} with labels {old.labels}")
+                return old
+            self._metrics[metric.name] = metric
+        return metric
+
+    def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        with self._lock:
+            metrics = list(self._metrics.values())
+        return "".join(line + "\n" for metric in metrics for line in metric.render())
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs)
+    return f"{{{body}}}" if body else ""
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+# -- reading the format back (tests, tools) ------------------------------------------------
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+-?\d+)?\Z")
+_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\\n]|\\[\\"n])*)"\s*(,|\Z)')
+_VALUES = {"nan": math.nan, "+inf": math.inf, "inf": math.inf, "-inf": -math.inf}
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Text exposition -> [(name, labels, value)]; ValueError naming the first line that is not the format."""
+    samples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 2 and parts[1] == "TYPE" and (
+                    len(parts) != 4 or parts[3] not in ("counter", "gauge", "summary", "histogram", "untyped")
+                    or not _NAME.match(parts[2])):
+                raise ValueError(f"line {number}: bad TYPE line {line!r}")
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            raise ValueError(f"line {number}: not `name{{labels}} value`: {line!r}")
+        name, body, raw = match.groups()
+        labels: dict[str, str] = {}
+        pos = 0
+        while body and pos < len(body):
+            pair = _PAIR.match(body, pos)
+            if not pair or pair.group(1) in labels:
+                raise ValueError(f"line {number}: bad labels {{{body}}}")
+            labels[pair.group(1)] = pair.group(2).replace(r"\n", "\n").replace(r"\"", '"').replace(r"\\", "\\")
+            pos = pair.end()
+        try:
+            value = _VALUES[raw.lower()] if raw.lower() in _VALUES else float(raw)
+        except ValueError:
+            raise ValueError(f"line {number}: value {raw!r} is not a number") from None
+        samples.append((name, labels, value))
+    return samples
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound (the port is the real one when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def serve_metrics(render: Callable[[], str], port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serves `render()` on GET /metrics from a daemon thread; port 0 picks a free one (see `.address`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404, "metrics are on /metrics")
+                return
+            try:
+                body = render().encode()
+            except Exception as err:  # noqa: BLE001 - a scrape must not kill the server
+                self.send_error(500, f"rendering metrics failed: {type(err).__name__}: {err}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server_class = MetricsServer
+    if ":" in host:
+        server_class = type("MetricsServer6", (MetricsServer,), {"address_family": socket.AF_INET6})
+    server = server_class((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name=f"metrics-{server.server_address[1]}").start()
+    return server
+
+
+# -- what each process exports --------------------------------------------------------------
+
+
+def worker_metrics(stats, *, bytes_pulled: int = 0) -> str:
+    """A worker's /metrics from its StatsResponse (the numbers ExpertWorkerService keeps).
+
+    `stats` needs worker_id, epoch, draining, held, requests, rejected and experts
+    (each with expert.layer, expert.expert, tokens, calls, seconds). An expert's
+    counters go back to 0 when the worker drops it (a counter reset to Prometheus).
+    """
+    r = Registry()
+    r.gauge("moecluster_worker_info", "this worker's id", ["worker"]).set(1, worker=stats.worker_id)
+    tokens = r.counter("moecluster_worker_tokens_total", "tokens computed per expert", ["layer", "expert"])
+    seconds = r.counter("moecluster_worker_expert_seconds_total",
+                        "compute seconds per expert (a call's time shared by token count)", ["layer", "expert"])
+    calls = r.counter("moecluster_worker_expert_calls_total", "Forward calls that used the expert", ["layer", "expert"])
+    for row in stats.experts:
+        key = {"layer": row.expert.layer, "expert": row.expert.expert}
+        tokens.set(int(row.tokens), **key)
+        seconds.set(float(row.seconds), **key)
+        calls.set(int(row.calls), **key)
+    r.counter("moecluster_worker_requests_total", "Forward calls answered").set(int(stats.requests))
+    r.counter("moecluster_worker_rejected_total", "requests refused as malformed or stale").set(int(stats.rejected))
+    r.counter("moecluster_worker_bytes_pulled_total", "expert bytes copied from peers").set(int(bytes_pulled))
+    r.gauge("moecluster_worker_experts_held", "experts held in memory").set(len(stats.held))
+    r.gauge("moecluster_worker_epoch", "highest routing epoch seen").set(int(stats.epoch))
+    r.gauge("moecluster_worker_draining", "1 once the worker drains").set(int(bool(stats.draining)))
+    return r.render()
+
+
+def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
+                     outstanding: Mapping[str, int]) -> str:
+    """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per worker)."""
+    r = Registry()
+    r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
+    r.counter("moecluster_frontend_failed_total", "requests failed for want of a live expert replica").set(int(failed))
+    r.counter("moecluster_frontend_dispatch_retries_total",
+              "worker shares sent again to another replica").set(int(retries))
+    r.counter("moecluster_frontend_wire_bytes_total", "serialized bytes to and from workers").set(int(wire_bytes))
+    r.gauge("moecluster_frontend_epoch", "routing table epoch in use").set(int(epoch))
+    r.gauge("moecluster_frontend_workers", "workers routed to (the table's, and any still owing answers)").set(
+        len(outstanding))
+    load = r.gauge("moecluster_frontend_outstanding_tokens", "tokens in flight per worker (its load from here)",
+                   ["worker"])
+    for worker_id, tokens in sorted(outstanding.items()):
+        load.set(int(tokens), worker=worker_id)
+    return r.render()
+
+
+__all__ = ["CONTENT_TYPE", "Metric", "MetricsServer", "Registry", "format_value", "frontend_metrics", "parse",
+           "serve_metrics", "worker_metrics"]

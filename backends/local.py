@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint

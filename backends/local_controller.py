@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import threading
 from concurrent import futures
 from pathlib import Path
 
 import grpc
-
 from moecluster.backends.local_actuator import LocalActuator
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
@@ -30,6 +26,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.prometheus import serve_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import controller_pb2_grpc
+from moecluster.wire.ready import announce_ready, stop_signal
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp.replace(spec_path)
 
     controller = Controller(spec, actuator, experts, address=cluster["controller"], save_spec=save_spec)
-    stopped = threading.Event()
+    stopped = stop_signal()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(controller, on_shutdown=lambda: (controller.shutdown(), stopped.set())), server)
@@ -68,13 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
     metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
     controller.start()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": cluster["controller"], "pid": os.getpid(),
-                                   **({"metrics": metrics.address} if metrics else {})}))
-        tmp.replace(args.ready_file)
+    announce_ready(args.ready_file, cluster["controller"], **({"metrics": metrics.address} if metrics else {}))
     stopped.wait()
     controller.stop()  # workers and frontend keep serving unless Shutdown stopped them
     if metrics:

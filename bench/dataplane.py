@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
-
 from moecluster.controller.static_placement import static_placement  # noqa: E402
 from moecluster.frontend.dispatcher import Dispatcher  # noqa: E402
 from moecluster.frontend.routing import RoutingTable  # noqa: E402

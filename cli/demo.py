@@ -23,13 +23,12 @@ def say(message: str) -> None:
 
 
 def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str = "qwen3_moe") -> int:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
     from moecluster.backends.local import LocalCluster
     from moecluster.models.tiny import create_checkpoint
     from moecluster.sdk.client import Client
     from moecluster.sdk.load import ClosedLoopLoad
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     logging.disable_progress_bar()
     progress = lambda m: print(f"   {m}", file=sys.stderr, flush=True)  # noqa: E731

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import grpc
-
 from moecluster.controller import plan as p
 from moecluster.controller.actuator import Actuator
 from moecluster.controller.metrics import ControllerMetrics

@@ -15,7 +15,6 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from moecluster.controller.actuator import WorkerHandle
 from moecluster.controller.observed import ExpertKey, Observed, WorkerObservation, WorkerState
 from moecluster.protos import worker_pb2, worker_pb2_grpc

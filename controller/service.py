@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 
 import grpc
-from pydantic import ValidationError
-
 from moecluster.controller.publisher import Table
 from moecluster.controller.runtime import Controller
 from moecluster.protos import controller_pb2, controller_pb2_grpc
+from pydantic import ValidationError
 
 
 def table_message(table: Table) -> controller_pb2.RoutingTable:

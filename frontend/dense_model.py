@@ -8,11 +8,10 @@ holds an expert weight.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.remote_experts import swap_experts
 from moecluster.models.checkpoint import Checkpoint, CheckpointError
+from torch import nn
 
 
 def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -18,7 +18,6 @@ from concurrent import futures
 
 import grpc
 import torch
-
 from moecluster.frontend.routing import RoutingTable
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc

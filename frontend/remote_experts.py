@@ -8,9 +8,8 @@ module keeps the model's own router, shared experts and everything dense.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from moecluster.frontend.dispatcher import Dispatcher
+from torch import nn
 
 
 class RemoteExperts(nn.Module):

@@ -12,9 +12,7 @@ controller is away. Prometheus metrics are on http://HOST:PORT/metrics
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 import threading
 from concurrent import futures
@@ -23,7 +21,6 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
@@ -33,6 +30,7 @@ from moecluster.observability.prometheus import frontend_metrics, serve_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
+from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import WireError, decode, encode
 
 MAX_BATCH_TOKENS = 65536
@@ -199,14 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = serve_metrics(frontend.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"frontend: {err}")
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": frontend.address, "pid": os.getpid(),
-                                   **({"metrics": metrics.address} if metrics else {})}))
-        tmp.replace(args.ready_file)
+    stopped = stop_signal()
+    announce_ready(args.ready_file, frontend.address, **({"metrics": metrics.address} if metrics else {}))
     print(f"frontend serving {args.checkpoint} on {frontend.address}", flush=True)
     stopped.wait()
     frontend.stop()

@@ -12,7 +12,6 @@ import logging
 import threading
 
 import grpc
-
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.protos import controller_pb2, controller_pb2_grpc

@@ -17,9 +17,8 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from moecluster.models.families import family
+from safetensors import safe_open
 
 _EXPERT_PARAM = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\..*experts)\.(?P<param>gate_up_proj|down_proj)$")
 _EXPERT_NUMBER = re.compile(r"experts\.(\d+)\.")

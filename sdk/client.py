@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from moecluster.sdk.client import Client
 
 

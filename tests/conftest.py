@@ -17,9 +17,8 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """family -> path of a tiny checkpoint (2 MoE layers x 8 experts, top-2, hidden 64), made once per session."""
-    from transformers.utils import logging
-
     from moecluster.models.tiny import create_checkpoint
+    from transformers.utils import logging
 
     logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("checkpoints")

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import FAMILIES
 from moecluster.models.checkpoint import Checkpoint, CheckpointError
 from moecluster.models.tiny import create_checkpoint
+from transformers import AutoModelForCausalLM
 
 
 def experts_modules(model):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from moecluster import Client
 from moecluster.sdk.client import MoEClusterError
+from transformers import AutoModelForCausalLM
 
 
 def free_port() -> int:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import running_workers
 from moecluster.controller.static_placement import static_placement
-from moecluster.frontend.dispatcher import DispatchError, Dispatcher, ExpertUnavailableError
+from moecluster.frontend.dispatcher import Dispatcher, DispatchError, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2

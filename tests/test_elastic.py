@@ -14,18 +14,16 @@ import threading
 import time
 import urllib.request
 
+import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from moecluster.backends.local import ClusterError, LocalCluster
 from moecluster.backends.processes import ProcessRecord, alive
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
-
-import grpc
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture

@@ -16,8 +16,6 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import torch
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from conftest import running_workers
 from moecluster.controller import plan as p
 from moecluster.controller.executor import Executor
@@ -31,6 +29,7 @@ from moecluster.observability.tracing import TRACE_FILE_ENV, configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import encode
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 TIMEOUT_S = 30.0
 

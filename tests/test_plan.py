@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moecluster.controller import plan as p
 from moecluster.controller.observed import Observed, WorkerObservation, WorkerState
 from moecluster.controller.spec import ClusterSpec

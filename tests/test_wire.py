@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from moecluster.protos import tensor_pb2
 from moecluster.wire import streaming
 from moecluster.wire.tensors import DTYPES, WireError, decode, encode

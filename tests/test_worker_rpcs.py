@@ -17,16 +17,14 @@ from concurrent import futures
 import grpc
 import pytest
 import torch
+from conftest import running_workers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode
 from moecluster.workers.kernels import reference_experts
 from moecluster.workers.service import SERVICE_NAME
-
-from conftest import running_workers
 
 TIMEOUT_S = 30.0
 ALL = {(layer, e): ("w",) for layer in (0, 1) for e in range(8)}

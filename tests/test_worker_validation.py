@@ -21,7 +21,6 @@ import zlib
 import grpc
 import pytest
 import torch
-
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import tensor_pb2, worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming

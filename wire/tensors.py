@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from moecluster.protos import tensor_pb2
 
 DTYPES: dict[str, torch.dtype] = {

@@ -12,23 +12,20 @@ file's "metrics" names the address).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-import threading
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2_grpc
-
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.prometheus import serve_metrics, worker_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
+from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
 from moecluster.workers.service import ExpertWorkerService, expert_keys
 
@@ -93,14 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = serve_metrics(worker.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": worker.address, "pid": os.getpid(), "id": args.worker_id,
-                                   **({"metrics": metrics.address} if metrics else {})}))
-        tmp.replace(args.ready_file)
+    stopped = stop_signal()
+    announce_ready(args.ready_file, worker.address, id=args.worker_id, **({"metrics": metrics.address} if metrics else {}))
     print(f"worker {args.worker_id} serving {len(worker.service.store.held())} experts on {worker.address}", flush=True)
     stopped.wait()
     worker.stop(args.grace)

@@ -11,13 +11,12 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
-
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -248,7 +247,8 @@ def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
 
 def _checked_state(geometry, key: tuple[int, int], state: worker_pb2.ExpertState) -> tuple[torch.Tensor, torch.Tensor]:
     if (state.expert.layer, state.expert.expert) != key:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {(state.expert.layer, state.expert.expert)}, asked for {key}")
+        sent = (state.expert.layer, state.expert.expert)
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {sent}, asked for {key}")
     try:
         gate_up = decode(state.gate_up_proj, name="gate_up_proj").clone()
         down = decode(state.down_proj, name="down_proj").clone()

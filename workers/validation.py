@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-
 from moecluster.models.checkpoint import Geometry
 from moecluster.protos import worker_pb2
 from moecluster.wire.tensors import WireError, decode

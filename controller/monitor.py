@@ -16,7 +16,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moecluster.controller.actuator import WorkerHandle
-from moecluster.controller.observed import ExpertKey, Observed, WorkerObservation, WorkerState
+from moecluster.controller.observed import ExpertKey, Observed, WorkerObservation, WorkerState, worker_index
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 
@@ -34,6 +34,7 @@ class _Tracked:
         self.epoch = 0
         self.last_ok = time.monotonic()
         self.refused_since: float | None = None  # first of an unbroken run of UNAVAILABLE answers
+        self.removed = False  # set by remove(): its threads stop touching it
         self.tokens: dict[ExpertKey, int] = {}
         self.rates: dict[ExpertKey, float] = {}
         self.sampled_at = 0.0
@@ -47,6 +48,7 @@ class WorkerMonitor:
         self.on_change = on_change
         self._lock = threading.Lock()
         self._workers: dict[str, _Tracked] = {}
+        self.next_index = 0  # worker ids are never reused: a replacement is a new worker, in logs and metrics
         self._stopped = threading.Event()
         self._probe_now = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-monitor", daemon=True)
@@ -68,12 +70,15 @@ class WorkerMonitor:
             if handle.id in self._workers:
                 return
             tracked = self._workers[handle.id] = _Tracked(handle)
+            self.next_index = max(self.next_index, worker_index(handle.id) + 1)
         threading.Thread(target=self._watch_health, args=(tracked,), name=f"health-{handle.id}", daemon=True).start()
         self._probe(tracked)
 
     def remove(self, worker_id: str) -> None:
         with self._lock:
             tracked = self._workers.pop(worker_id, None)
+            if tracked is not None:
+                tracked.removed = True
         if tracked is not None:
             tracked.channel.close()
 
@@ -89,7 +94,7 @@ class WorkerMonitor:
                 w: WorkerObservation(w, t.handle.address, t.handle.pid, t.state, t.held, t.epoch, dict(t.rates))
                 for w, t in self._workers.items()
             }
-        return Observed(workers, self.experts)
+        return Observed(workers, self.experts, self.next_index)
 
     def handle(self, worker_id: str) -> WorkerHandle:
         with self._lock:
@@ -114,12 +119,22 @@ class WorkerMonitor:
             self._probe_now.clear()
             with self._lock:
                 tracked = [t for t in self._workers.values() if t.state != WorkerState.DEAD]
-            calls = [(t, t.stub.Stats.future(worker_pb2.StatsRequest(), timeout=self.rpc_timeout)) for t in tracked]
+            calls = [(t, self._stats_call(t)) for t in tracked]
             for t, call in calls:
-                self._record(t, call)
+                if call is not None:
+                    self._record(t, call)
 
     def _probe(self, tracked: _Tracked) -> None:
-        self._record(tracked, tracked.stub.Stats.future(worker_pb2.StatsRequest(), timeout=self.rpc_timeout))
+        call = self._stats_call(tracked)
+        if call is not None:
+            self._record(tracked, call)
+
+    def _stats_call(self, tracked: _Tracked) -> futures.Future | None:
+        """Starts a Stats heartbeat; None when the worker was removed (its channel closed) meanwhile."""
+        try:
+            return tracked.stub.Stats.future(worker_pb2.StatsRequest(), timeout=self.rpc_timeout)
+        except ValueError:  # "Channel closed!": remove() won the race; nothing to observe
+            return None
 
     def _record(self, tracked: _Tracked, call: futures.Future) -> None:
         now = time.monotonic()
@@ -165,13 +180,13 @@ class WorkerMonitor:
     def _watch_health(self, tracked: _Tracked) -> None:
         """Blocks on the health stream; when it breaks, probe at once instead of waiting for the next beat."""
         stub = health_pb2_grpc.HealthStub(tracked.channel)
-        while not self._stopped.is_set() and tracked.state != WorkerState.DEAD:
+        while not self._stopped.is_set() and tracked.state != WorkerState.DEAD and not tracked.removed:
             try:
                 for _ in stub.Watch(health_pb2.HealthCheckRequest(service="")):
                     pass
             except (grpc.RpcError, ValueError):
                 pass  # stream broken (or channel closed): fall through to a probe
-            if self._stopped.is_set():
+            if self._stopped.is_set() or tracked.removed:
                 return
             self._probe_now.set()
             time.sleep(self.period / 2)

@@ -7,6 +7,7 @@ asked for: after a restart it knows exactly as much as before.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,10 +32,17 @@ class WorkerObservation:
     load: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s per expert, recent window
 
 
+def worker_index(worker_id: str) -> int:
+    """'worker-12' -> 12; -1 for an id without a trailing number."""
+    match = re.search(r"(\d+)$", worker_id)
+    return int(match[1]) if match else -1
+
+
 @dataclass(frozen=True)
 class Observed:
     workers: dict[str, WorkerObservation]
     experts: tuple[ExpertKey, ...]  # every expert the model has
+    next_index: int = 0  # lowest worker number never used yet (ids are not reused)
 
     def in_state(self, *states: WorkerState) -> dict[str, WorkerObservation]:
         return {w: o for w, o in self.workers.items() if o.state in states}

@@ -14,10 +14,9 @@ leaves the pool only once no published table names it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from moecluster.controller.observed import ExpertKey, Observed, WorkerState
+from moecluster.controller.observed import ExpertKey, Observed, WorkerState, worker_index
 from moecluster.controller.placement import imbalance, moves, place
 from moecluster.controller.spec import ClusterSpec
 
@@ -221,19 +220,14 @@ def _victims(serving, table: Placement, min_replicas: int, count: int) -> set[st
     def cost(worker_id: str) -> tuple[int, int, int]:
         mine = [k for k in serving[worker_id].held if worker_id in table.get(k, ())]
         at_risk = sum(1 for k in mine if copies.get(k, 0) <= min_replicas)
-        return at_risk, len(mine), -_index(worker_id)
+        return at_risk, len(mine), -worker_index(worker_id)
 
     return set(sorted(serving, key=cost)[:count])
 
 
 def _new_ids(observed: Observed, count: int) -> list[str]:
-    start = max((_index(w) for w in observed.workers), default=-1) + 1
+    start = max(observed.next_index, max((worker_index(w) for w in observed.workers), default=-1) + 1)
     return [f"worker-{i}" for i in range(start, start + count)]
-
-
-def _index(worker_id: str) -> int:
-    match = re.search(r"(\d+)$", worker_id)
-    return int(match[1]) if match else -1
 
 
 def _holders(table: Placement) -> set[str]:

@@ -1,0 +1,59 @@
+"""The worker monitor against real workers: it sees deaths fast and survives workers coming and going."""
+
+import os
+import threading
+import time
+
+from conftest import running_workers
+from moecluster.controller import plan as p
+from moecluster.controller.actuator import WorkerHandle
+from moecluster.controller.monitor import WorkerMonitor
+from moecluster.controller.observed import WorkerState
+from moecluster.controller.spec import ClusterSpec
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sees_what_workers_hold_and_a_stopped_one_dies_fast(qwen3):
+    placement = {(0, e): ("worker-3" if e < 4 else "worker-7",) for e in range(8)}
+    with running_workers(qwen3, placement) as servers:
+        monitor = WorkerMonitor(tuple(placement), period=0.1).start()
+        try:
+            for worker_id, server in servers.items():
+                monitor.add(WorkerHandle(worker_id, server.address, os.getpid()))
+            assert wait_for(lambda: len(monitor.snapshot().serving) == 2)
+            assert monitor.snapshot().workers["worker-3"].held == {(0, e) for e in range(4)}
+            servers["worker-7"].stop(0)
+            started = time.monotonic()
+            assert wait_for(lambda: monitor.snapshot().workers["worker-7"].state == WorkerState.DEAD, 3.0)
+            assert time.monotonic() - started < 1.5, "a refused connection on loopback is a dead process"
+        finally:
+            monitor.stop()
+
+
+def test_removing_workers_under_heartbeats_kills_no_thread_and_ids_are_not_reused(qwen3):
+    placement = {(0, e): (f"worker-{e % 4}",) for e in range(8)}
+    with running_workers(qwen3, placement) as servers:
+        monitor = WorkerMonitor(tuple(placement), period=0.01).start()  # heartbeats racing the removals
+        try:
+            for _ in range(5):
+                for worker_id, server in servers.items():
+                    monitor.add(WorkerHandle(worker_id, server.address, os.getpid()))
+                time.sleep(0.05)
+                for worker_id in servers:
+                    monitor.remove(worker_id)
+            assert monitor._thread.is_alive(), "the monitor loop must outlive a channel closed under it"
+            assert wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("health-")], 3.0)
+            observed = monitor.snapshot()
+            assert observed.workers == {} and observed.next_index == 4
+            spec = ClusterSpec(model="m", workers=2)
+            assert p.reconcile(spec, observed, {}) == [p.StartWorker("worker-4"), p.StartWorker("worker-5")]
+        finally:
+            monitor.stop()

@@ -41,14 +41,20 @@ def cmd_model_create(args) -> int:
     return 0
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt  # SIGTERM while starting: `up` stops what it started, then we exit
+
+
 def cmd_up(args) -> int:
     cluster = LocalCluster(args.name)
+    signal.signal(signal.SIGTERM, _interrupt)
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress)
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
           f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print(f"stop it with: moectl down --name {status['name']}")
         return 0
     print("Ctrl-C to stop", flush=True)
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(args.func(args))
     except (ClusterError, ValueError) as err:
         sys.exit(f"moectl: {err}")
+    except KeyboardInterrupt:
+        sys.exit("moectl: interrupted; stopped what was started")
 
 
 if __name__ == "__main__":

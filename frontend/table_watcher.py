@@ -49,6 +49,8 @@ class TableWatcher(threading.Thread):
             except grpc.RpcError as err:
                 if not self.stopped.is_set():
                     log.debug("controller watch broke (%s); retrying", err.code().name)
+            except Exception:  # noqa: BLE001 - a bad table must not end the watch: keep the last good one
+                log.exception("routing table update failed; keeping epoch %d", self.dispatcher.table.epoch)
             self.stopped.wait(self.retry)
         channel.close()
 

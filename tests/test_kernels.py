@@ -43,7 +43,9 @@ def grads(fn, x, gate_up, down, index, weights, grad_out):
     """Output and autograd grads of fn w.r.t. (x, gate_up, down, weights)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     out = fn(leaves[0], leaves[1], leaves[2], index, leaves[3])
-    return out, torch.autograd.grad(out, leaves, grad_out)
+    if not out.requires_grad:  # the reference builds no graph when nothing is served
+        return out, [torch.zeros_like(leaf) for leaf in leaves]
+    return out, torch.autograd.grad(out, leaves, grad_out, materialize_grads=True)
 
 
 def transformers_eager(gate_up, down):
@@ -58,12 +60,15 @@ def transformers_eager(gate_up, down):
     return experts
 
 
-CASES = [(t, e, k) for t in (1, 7, 33, 512) for e in (7, 13) for k in (1, 2, e)]
+# every (T, E, K) in fp32 with and without unserved (-1) entries, a subset in fp64
+CASES = [
+    (t, e, k, routing, torch.float32)
+    for t in (1, 7, 33, 512) for e in (7, 13) for k in (1, 2, e) for routing in ("topk", "neg")
+]
+CASES += [(t, e, k, "neg", torch.float64) for t in (7, 512) for e in (7, 13) for k in (1, 2, e)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("routing", ["topk", "neg"])
-@pytest.mark.parametrize("t,e,k", CASES)
+@pytest.mark.parametrize("t,e,k,routing,dtype", CASES)
 def test_matches_reference(t, e, k, routing, dtype):
     case = make_case(t, e, k, routing, dtype)
     grad_out = torch.randn(t, H, dtype=dtype)
@@ -121,6 +126,28 @@ def test_tiling_and_split_experts(monkeypatch, tile_rows, routing):
         assert rel(a, b) <= 1e-10
 
 
+@pytest.mark.parametrize("routing", ["topk", "one", "neg"])
+@pytest.mark.parametrize("t,e,k,dtype", [(1, 7, 2, torch.float32), (8, 13, 13, torch.float32),
+                                         (33, 7, 7, torch.float64), (512, 13, 2, torch.float32)])
+def test_aligned_shapes_grouped_mm_path(monkeypatch, t, e, k, routing, dtype):
+    """H, I multiples of 4: small problems may run their forward GEMMs via torch._grouped_mm."""
+    calls = []
+    if hasattr(torch, "_grouped_mm"):
+        real = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    case = make_case(t, e, k, routing, dtype, hid=24, inter=12)
+    grad_out = torch.randn(t, 24, dtype=dtype)
+    out, g = grads(fused_experts, *case, grad_out)
+    ref, g_ref = grads(reference_experts, *case, grad_out)
+    with torch.no_grad():
+        out_ng = fused_experts(*case)
+    assert rel(out, ref) <= FWD_TOL[dtype] and rel(out_ng, ref) <= FWD_TOL[dtype]
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) <= GRAD_TOL[dtype]
+    if hasattr(torch, "_grouped_mm") and dtype == torch.float32 and (case[3] >= 0).any():
+        assert calls  # the grouped path ran (it only takes fp32/bf16/fp16)
+
+
 def test_all_unserved_and_empty():
     x, gate_up, down, index, weights = make_case(9, 7, 2)
     index = torch.full_like(index, -1)
@@ -148,7 +175,8 @@ def test_only_requested_grads():
     x, gate_up, down, index, weights = make_case(33, 7, 2, "neg", torch.float64)
     xr, wr = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
     fused_experts(xr, gate_up, down, index, wr).sum().backward()
-    _, g_ref = grads(reference_experts, x, gate_up, down, index, weights, torch.ones(33, H, dtype=torch.float64))
+    ones = torch.ones(33, H, dtype=torch.float64)
+    _, g_ref = grads(reference_experts, x, gate_up, down, index, weights, ones)
     assert rel(xr.grad, g_ref[0]) <= 1e-10 and rel(wr.grad, g_ref[3]) <= 1e-10
 
 

@@ -8,8 +8,8 @@ that holds only some experts also needs to skip the assignments it does not
 serve.  Here the T*K (token, slot) assignments are sorted by expert once, each
 expert runs two GEMMs on a contiguous slice, and the backward writes weight
 gradients straight into one preallocated stacked tensor.  Plain torch: CPU and
-any other device.  (``torch._grouped_mm`` was measured on CPU and lost to the
-per-expert ``torch.mm(out=...)`` loop, so it is not used.)
+any other device.  Measured on CPU: ``torch._grouped_mm`` loses to the tiled
+``torch.mm(out=...)`` loop on big batches and wins on small ones (decode).
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: 
     """Sort the served (token, slot) assignments by expert, once.
 
     top_k_index: (T, K) int64/int32, negative = not served here; top_k_weights: (T, K) float.
-    Returns (perm, tok, w, counts): perm (N,) int64 flat indices into T*K of the served
+    Returns (perm, tok, w, counts, tiles): perm (N,) int64 flat indices into T*K of the served
     assignments grouped by expert (stable), tok = perm // K (N,) int64, w (N,) the routing
-    weights in that order, counts a python list of E ints (rows per expert).
+    weights in that order, counts a list of E ints (rows per expert), tiles from _plan.
     """
     k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # negatives ("not served") sort first
     hist = torch.bincount(flat.clamp(min=-1) + 1, minlength=num_experts + 1).tolist()  # one sync
     perm = order[hist[0]:]
-    return perm, perm // k, top_k_weights.reshape(-1)[perm], hist[1:]
+    return perm, perm // k, top_k_weights.reshape(-1)[perm], hist[1:], _plan(hist[1:])
 
 
 # Rows per tile.  Temporaries are tile-sized and reused across tiles: they stay in cache
@@ -54,6 +54,7 @@ def _plan(counts, rows: int | None = None):
     tiles, seg, start, pos = [], ([], [], []), 0, 0
 
     def close():
+        """End the current tile (if it has segments) and start the next at `pos`."""
         nonlocal seg, start
         if seg[0]:
             tiles.append((start, pos, *seg))
@@ -76,34 +77,61 @@ def _plan(counts, rows: int | None = None):
     return tiles
 
 
-def _forward(x, gate_up, down, tok, w, tiles, gu=None):
+def _grouped_mm_offsets(x, gate_up, down, counts, tiles):
+    """(E,) int32 cumulative rows per expert if torch._grouped_mm should run the GEMMs, else None.
+
+    _grouped_mm loops over experts in C++, saving the per-expert python overhead that shows
+    in decode.  It returns fresh outputs (page faults on big ones, see TILE_ROWS), so it is
+    used only when all rows fit in one tile; on CPU it needs fp32/bf16/fp16 with 16-byte
+    aligned rows and data.  On other devices the loop is kept (CUDA restricts its dtypes)."""
+    if len(tiles) != 1 or x.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    step = 16 // x.element_size()
+    if x.shape[1] % step or down.shape[2] % step or not (gate_up.is_contiguous() and down.is_contiguous()):
+        return None
+    if gate_up.data_ptr() % 16 or down.data_ptr() % 16:
+        return None
+    return torch.tensor(counts, dtype=torch.int32).cumsum_(0, dtype=torch.int32)
+
+
+def _forward(x, gate_up, down, tok, w, counts, tiles, keep_gate_up: bool = False):
     """Expert forward on expert-sorted assignments, tile by tile.
 
     x (T, H), gate_up (E, 2I, H), down (E, H, I), tok (N,) int64 token of each sorted row,
-    w (N,) its routing weight, all float tensors of one dtype; tiles from _plan.  gu: optional
-    (N, 2I) buffer that receives the gate/up GEMM output (kept for backward).  Returns (T, H).
+    w (N,) its routing weight, all float tensors of one dtype; counts, tiles from _route.
+    Returns out (T, H) and, if keep_gate_up, the (N, 2I) gate/up GEMM output (else None).
     """
     inter, hid = down.shape[2], x.shape[1]
     rows = max((t - s for s, t, *_ in tiles), default=0)
+    offs = _grouped_mm_offsets(x, gate_up, down, counts, tiles)
     xs, act, y = x.new_empty(rows, hid), x.new_empty(rows, inter), x.new_empty(rows, hid)
-    gu_tile = x.new_empty(rows, 2 * inter) if gu is None else None
+    gu = x.new_empty(tok.numel() if keep_gate_up else rows, 2 * inter) if offs is None else None
     wcol, scale_act = w.unsqueeze(1), inter <= hid  # weight the smaller of (n, I) / (n, H)
     out = x.new_zeros(x.shape)
     for s, t, experts, sizes, _ in tiles:
         n = t - s
         xt = torch.index_select(x, 0, tok[s:t], out=xs[:n])
-        h = gu_tile[:n] if gu is None else gu[s:t]
-        for e, x_e, h_e in zip(experts, xt.split(sizes), h.split(sizes)):
-            torch.mm(x_e, gate_up[e].t(), out=h_e)
+        if offs is not None:
+            h = gu = torch._grouped_mm(xt, gate_up.transpose(1, 2), offs=offs)
+        else:
+            h = gu[s:t] if keep_gate_up else gu[:n]
+            for e, x_e, h_e in zip(experts, xt.split(sizes), h.split(sizes)):
+                torch.mm(x_e, gate_up[e].t(), out=h_e)
         a = torch.ops.aten.silu.out(h[:, :inter], out=act[:n]).mul_(h[:, inter:])  # silu(g) * u
         if scale_act:
             a.mul_(wcol[s:t])
-        for e, a_e, y_e in zip(experts, a.split(sizes), y[:n].split(sizes)):
-            torch.mm(a_e, down[e].t(), out=y_e)
+        if offs is not None:
+            y_t = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)
+        else:
+            y_t = y[:n]
+            for e, a_e, y_e in zip(experts, a.split(sizes), y_t.split(sizes)):
+                torch.mm(a_e, down[e].t(), out=y_e)
         if not scale_act:
-            y[:n].mul_(wcol[s:t])
-        out.index_add_(0, tok[s:t], y[:n])
-    return out
+            y_t.mul_(wcol[s:t])
+        out.index_add_(0, tok[s:t], y_t)
+    return out, (gu if keep_gate_up else None)
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -112,9 +140,9 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up, down, top_k_index, top_k_weights):
-        perm, tok, w, counts = _route(top_k_index, top_k_weights, gate_up.shape[0])
-        gu, tiles = x.new_empty(tok.numel(), 2 * down.shape[2]), _plan(counts)
-        out = _forward(x, gate_up, down, tok, w, tiles, gu=gu)
+        """Same tensors as fused_experts (x and top_k_weights already in the weights' dtype)."""
+        perm, tok, w, counts, tiles = _route(top_k_index, top_k_weights, gate_up.shape[0])
+        out, gu = _forward(x, gate_up, down, tok, w, counts, tiles, keep_gate_up=True)
         ctx.save_for_backward(x, gate_up, down, perm, tok, w, gu)
         ctx.counts, ctx.tiles, ctx.k_shape = counts, tiles, top_k_weights.shape
         return out
@@ -202,8 +230,8 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     tensors = (x, gate_up_proj, down_proj, w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedExperts.apply(x, gate_up_proj, down_proj, top_k_index, w).to(out_dtype)
-    _, tok, ws, counts = _route(top_k_index, w, gate_up_proj.shape[0])
-    return _forward(x, gate_up_proj, down_proj, tok, ws, _plan(counts)).to(out_dtype)
+    _, tok, ws, counts, tiles = _route(top_k_index, w, gate_up_proj.shape[0])
+    return _forward(x, gate_up_proj, down_proj, tok, ws, counts, tiles)[0].to(out_dtype)
 
 
 def reference_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) -> torch.Tensor:

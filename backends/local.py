@@ -120,12 +120,10 @@ class LocalCluster:
         for sub in ("run", "logs", "workers"):
             (self.dir / sub).mkdir(exist_ok=True)
         try:
-            record = spawn("controller", ["-m", "moecluster.backends.local_controller", "--cluster-dir", str(self.dir)],
-                           self.dir / "run", self.dir / "logs", timeout)
+            return spawn("controller", ["-m", "moecluster.backends.local_controller", "--cluster-dir", str(self.dir)],
+                         self.dir / "run", self.dir / "logs", timeout, record_at=self.dir / "controller.json")
         except ProcessError as err:
             raise ClusterError(str(err)) from None
-        record.save(self.dir / "controller.json")
-        return record
 
     def wait_converged(self, timeout: float, progress: Progress) -> dict:
         deadline = time.monotonic() + timeout

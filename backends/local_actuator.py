@@ -32,14 +32,14 @@ class LocalActuator:
         path = self._record_path(worker_id)
         if path.is_file():
             record = ProcessRecord.load(path)
-            if alive(record):
+            if alive(record) and record.address:
                 return WorkerHandle(worker_id, record.address, record.pid)
+            stop(record, self.grace)  # half-started by a controller that died: start it afresh
         index = ["--index", str(self.dir / "index.json")] if (self.dir / "index.json").is_file() else []
         record = spawn(worker_id, ["-m", "moecluster.workers.server", "--checkpoint", self.model, *index, "--experts", "",
                                    "--worker-id", worker_id, "--threads", str(self.worker_threads),
                                    "--grace", str(self.grace)],
-                       self.dir / "run", self.dir / "logs", timeout)
-        record.save(path)
+                       self.dir / "run", self.dir / "logs", timeout, record_at=path)
         return WorkerHandle(worker_id, record.address, record.pid)
 
     def stop_worker(self, worker_id: str) -> None:
@@ -52,22 +52,25 @@ class LocalActuator:
         handles = []
         for path in sorted((self.dir / "workers").glob("*.json")):
             record = ProcessRecord.load(path)
-            if alive(record):
+            if alive(record) and record.address:
                 handles.append(WorkerHandle(record.id, record.address, record.pid))
-            else:
-                path.unlink(missing_ok=True)  # died while nobody watched: the controller replaces it
+                continue
+            # Died while nobody watched, or half-started when the last controller died: stop it,
+            # forget it; the controller starts a fresh one if the spec still wants it.
+            stop(record, self.grace)
+            path.unlink(missing_ok=True)
         return handles
 
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
         path = self.dir / "frontend.json"
         if path.is_file():
             record = ProcessRecord.load(path)
-            if alive(record):
+            if alive(record) and record.address:
                 return WorkerHandle("frontend", record.address, record.pid)
+            stop(record, self.grace)
         record = spawn("frontend", ["-m", "moecluster.frontend.server", "--checkpoint", self.model, "--controller",
                                     controller_address, "--port", str(self.frontend_port)],
-                       self.dir / "run", self.dir / "logs", timeout)
-        record.save(path)
+                       self.dir / "run", self.dir / "logs", timeout, record_at=path)
         return WorkerHandle("frontend", record.address, record.pid)
 
     def stop_all(self) -> None:

@@ -40,14 +40,22 @@ class ProcessRecord:
         return cls(**json.loads(path.read_text()))
 
 
-def spawn(process_id: str, args: list[str], run_dir: Path, log_dir: Path, timeout: float) -> ProcessRecord:
-    """Runs `python ARGS --ready-file RUN_DIR/ID.ready` and waits for the ready file."""
+def spawn(process_id: str, args: list[str], run_dir: Path, log_dir: Path, timeout: float,
+          record_at: Path | None = None) -> ProcessRecord:
+    """Runs `python ARGS --ready-file RUN_DIR/ID.ready` and waits for the ready file.
+
+    With `record_at`, the record is written there the moment the process exists (address
+    still empty) and again once it serves: whoever dies while it starts leaves a trace, so
+    nothing is orphaned.
+    """
     ready = run_dir / f"{process_id}.ready"
     ready.unlink(missing_ok=True)
     log = log_dir / f"{process_id}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    if record_at is not None:
+        ProcessRecord(process_id, proc.pid, "", str(log), str(run_dir)).save(record_at)
     deadline = time.monotonic() + timeout
     while not ready.is_file():
         if proc.poll() is not None:
@@ -59,7 +67,10 @@ def spawn(process_id: str, args: list[str], run_dir: Path, log_dir: Path, timeou
             raise ProcessError(f"{process_id} not serving after {timeout:.0f}s; see {log}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
-    return ProcessRecord(process_id, proc.pid, info["address"], str(log), str(run_dir))
+    record = ProcessRecord(process_id, proc.pid, info["address"], str(log), str(run_dir))
+    if record_at is not None:
+        record.save(record_at)
+    return record
 
 
 def alive(record: ProcessRecord) -> bool:

@@ -286,3 +286,33 @@ def test_experts_that_lost_every_copy_are_reloaded_from_the_checkpoint(cluster, 
     with Client(status["endpoint"]) as client:
         assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
     assert_bit_identical(status, reference[0])
+
+
+def test_nothing_is_orphaned_when_the_controller_dies_while_a_worker_starts(cluster, reference):
+    c = cluster("orphan-start", workers=1, replicas=1)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.extend(_scale_errors(c, 2)))
+    thread.start()
+    folder = c.dir / "workers"
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    starting = ProcessRecord.load(sorted(folder.glob("*.json"))[-1])
+    os.kill(c.controller_record().pid, signal.SIGKILL)  # the new worker's process exists; it may not serve yet
+    thread.join(timeout=60)
+    c.start_controller()
+    status = c.wait_converged(120, lambda _: None)
+    assert len(serving(status)) == 2
+    c.down(grace=2)
+    deadline = time.monotonic() + 15
+    while alive(starting) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(starting), "the worker that was starting when the controller died is not left running"
+
+
+def _scale_errors(c, workers):
+    try:
+        list(c.scale(workers))
+        return []
+    except ClusterError as err:
+        return [err]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop
+from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import controller_pb2, controller_pb2_grpc
@@ -145,7 +145,7 @@ class LocalCluster:
             controller = self.controller_record()
             if controller is not None and not alive(controller):
                 raise ClusterError(f"the controller exited; its log ({controller.log}) ends:\n"
-                                   + _tail(controller.log))
+                                   + tail(controller.log))
             if time.monotonic() > deadline:
                 raise ClusterError(f"cluster {self.name!r} not serving after {timeout:.0f}s; logs in {self.dir / 'logs'}"
                                    + (f"; last error: {status['last_error']}" if status and status["last_error"] else ""))
@@ -219,8 +219,3 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
         return running
 
-
-def _tail(path: str) -> str:
-    from moecluster.backends.processes import tail
-
-    return tail(path)

@@ -24,10 +24,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch  # noqa: E402
+from moecluster.workers.kernels import fused_experts  # noqa: E402
 from transformers import MixtralConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
-
-from moecluster.workers.kernels import fused_experts  # noqa: E402
 
 # name (its first word is the --only key), T, H, I, E, K
 SHAPES = [

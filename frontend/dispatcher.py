@@ -22,7 +22,7 @@ from moecluster.frontend.routing import RoutingTable
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
-from moecluster.wire.tensors import decode, encode, nbytes
+from moecluster.wire.tensors import decode, encode
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
@@ -202,6 +202,3 @@ class Dispatcher:
                 stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)
             return stub
 
-
-def tensor_bytes(*tensors: torch.Tensor) -> int:
-    return sum(nbytes(t) for t in tensors)

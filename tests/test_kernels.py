@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
 from moecluster.workers import kernels
 from moecluster.workers.kernels import fused_experts, reference_experts
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 H, I = 19, 13  # odd on purpose
 FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}

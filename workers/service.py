@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.tracing import start_span, tracer
-from moecluster.protos import tensor_pb2, worker_pb2, worker_pb2_grpc
+from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import WireError, decode, encode
 from moecluster.workers import validation
@@ -278,5 +278,3 @@ def expert_keys(spec: str) -> list[tuple[int, int]]:
             raise ValueError(f"bad expert spec {part!r}; use LAYER:EXPERT or LAYER:FIRST-LAST, comma separated") from None
     return keys
 
-
-__all__ = ["ExpertWorkerService", "SERVICE_NAME", "expert_keys", "tensor_pb2"]

@@ -49,7 +49,8 @@ def _plan(counts, rows: int | None = None):
     counts: list of E ints.  Returns a list of (start, end, experts, sizes, firsts): the
     tile's absolute row range and, per expert segment in it, the expert id, its row count
     and whether it is that expert's first segment (later ones accumulate weight grads).
-    Experts are not split unless they alone exceed `rows` (then into near-equal chunks)."""
+    An expert is split (into near-equal chunks) only beyond 2 * rows rows: every chunk
+    streams the expert's weights from memory again."""
     rows = rows or TILE_ROWS
     tiles, seg, start, pos = [], ([], [], []), 0, 0
 
@@ -65,7 +66,7 @@ def _plan(counts, rows: int | None = None):
             continue
         if pos - start + c > rows:
             close()
-        chunks = -(-c // rows)
+        chunks = -(-c // (2 * rows))
         for j in range(chunks):
             if j:
                 close()
@@ -82,9 +83,12 @@ def _grouped_mm_offsets(x, gate_up, down, counts, tiles):
 
     _grouped_mm loops over experts in C++, saving the per-expert python overhead that shows
     in decode.  It returns fresh outputs (page faults on big ones, see TILE_ROWS), so it is
-    used only when all rows fit in one tile; on CPU it needs fp32/bf16/fp16 with 16-byte
-    aligned rows and data.  On other devices the loop is kept (CUDA restricts its dtypes)."""
-    if len(tiles) != 1 or x.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
+    used only when all rows fit in one tile of <= TILE_ROWS rows; on CPU it needs fp32/bf16/
+    fp16 with 16-byte aligned rows and data.  Other devices keep the loop (CUDA restricts
+    its dtypes)."""
+    if len(tiles) != 1 or tiles[0][1] > TILE_ROWS or x.device.type != "cpu":
+        return None
+    if not hasattr(torch, "_grouped_mm"):
         return None
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None

@@ -7,9 +7,11 @@ dense gradient the size of the whole stacked weight (E x 2I x H).  A worker
 that holds only some experts also needs to skip the assignments it does not
 serve.  Here the T*K (token, slot) assignments are sorted by expert once, each
 expert runs two GEMMs on a contiguous slice, and the backward writes weight
-gradients straight into one preallocated stacked tensor.  Plain torch: CPU and
-any other device.  Measured on CPU: ``torch._grouped_mm`` loses to the tiled
-``torch.mm(out=...)`` loop on big batches and wins on small ones (decode).
+gradients straight into one preallocated stacked tensor.  Plain torch, for the CPU
+and any device but CUDA, where `fused_experts` hands over to the Triton kernels
+(`triton_experts`) or torch._grouped_mm (`grouped_mm_experts`).  Measured on CPU:
+``torch._grouped_mm`` loses to the tiled ``torch.mm(out=...)`` loop on big batches
+and wins on small ones (decode).
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     out[t] = sum_k w[t,k] * down[e] @ (silu(g) * u), (g, u) = (gate_up[e] @ x[t]).chunk(2),
     e = top_k_index[t, k] >= 0.  Differentiable in hidden_states, both weights and top_k_weights.
     """
+    if hidden_states.is_cuda:
+        return _gpu_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
     out_dtype = hidden_states.dtype
     x = hidden_states.to(gate_up_proj.dtype)
     w = top_k_weights.to(gate_up_proj.dtype)
@@ -236,6 +240,20 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
         return _FusedExperts.apply(x, gate_up_proj, down_proj, top_k_index, w).to(out_dtype)
     _, tok, ws, counts, tiles = _route(top_k_index, w, gate_up_proj.shape[0])
     return _forward(x, gate_up_proj, down_proj, tok, ws, counts, tiles)[0].to(out_dtype)
+
+
+def _gpu_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    """On CUDA: the Triton kernels, or torch._grouped_mm where the tuned table found it faster."""
+    from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported
+    from moecluster.workers.kernel_tuning import device_name, pick_config
+    from moecluster.workers.triton_experts import triton_fused_experts
+
+    e, inter, hid = gate_up_proj.shape[0], down_proj.shape[2], hidden_states.shape[1]
+    config = pick_config(e, inter, hid, hidden_states.shape[0], gate_up_proj.dtype, device_name(hidden_states.device),
+                         top_k=top_k_index.shape[1])
+    if config["backend"] == "grouped_mm" and grouped_mm_supported(hidden_states, gate_up_proj, down_proj):
+        return grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    return triton_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, config=config)
 
 
 def reference_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""The Triton expert kernels against the per-expert loop: forward and every gradient.
+
+Without a GPU they run in Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
+on small shapes; on a CUDA machine the same cases run compiled on the GPU, and the `gpu`
+tests add larger bf16 shapes, the dispatch of `fused_experts` and the torch._grouped_mm path."""
+
+import json
+
+import pytest
+import torch
+from moecluster.workers import kernel_tuning
+from moecluster.workers.kernels import fused_experts, reference_experts
+from moecluster.workers.triton_experts import align, interpreting, triton_fused_experts
+
+from tests.test_kernels import H, grads, make_case, rel
+
+pytest.importorskip("triton")
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("triton compiled mode needs a GPU; set TRITON_INTERPRET=1 to run on a CPU", allow_module_level=True)
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}  # (forward, grads)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def check(case, dtype, fn=triton_fused_experts, needs_grad=True):
+    """Compare fn's output and the four gradients with the per-expert loop in float64."""
+    x, gate_up, down, index, weights = case
+    t, hid = x.shape
+    grad_out = torch.randn(t, hid, dtype=torch.float64)
+    on = [v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for v in case]
+    ref, g_ref = grads(reference_experts, *[v.double() if v.is_floating_point() else v for v in case], grad_out)
+    if not needs_grad:
+        with torch.no_grad():
+            out = fn(*on)
+        assert rel(out.double().cpu(), ref) <= TOL[dtype][0]
+        return
+    out, g = grads(fn, *on, grad_out.to(DEVICE, dtype))
+    assert out.shape == (t, hid) and out.dtype == dtype and out.device.type == DEVICE
+    assert torch.isfinite(out).all()
+    assert rel(out.double().cpu(), ref) <= TOL[dtype][0]
+    for name, a, b in zip(("hidden", "gate_up", "down", "weights"), g, g_ref):
+        assert a.shape == b.shape, name
+        assert rel(a.double().cpu(), b) <= TOL[dtype][1], name
+    assert torch.all(g[3].cpu()[index < 0] == 0)  # unserved slots get no routing-weight gradient
+    return g
+
+
+# (T, E, K, routing, dtype): T below one block (16), odd H=19 and I=13, prime E, K = 1 and K = E,
+# all tokens on one expert, experts left empty, slots served elsewhere (-1); fp32 and fp16.
+CASES = [
+    (1, 7, 2, "topk", torch.float32),
+    (7, 7, 1, "topk", torch.float32),
+    (7, 7, 7, "neg", torch.float32),
+    (33, 13, 2, "neg", torch.float32),
+    (17, 13, 1, "neg", torch.float32),
+    (20, 7, 2, "one", torch.float32),
+    (20, 13, 3, "sparse", torch.float32),
+    (1, 7, 2, "topk", torch.float16),
+    (9, 7, 7, "topk", torch.float16),
+    (33, 13, 13, "neg", torch.float16),
+    (20, 7, 2, "one", torch.float16),
+    (40, 5, 3, "sparse", torch.float16),
+]
+
+
+@pytest.mark.parametrize("t,e,k,routing,dtype", CASES)
+def test_matches_per_expert_loop(t, e, k, routing, dtype):
+    g = check(make_case(t, e, k, routing), dtype)
+    if routing in ("one", "sparse"):  # idle experts: exactly zero weight gradients
+        used = set(make_case(t, e, k, routing)[3].flatten().tolist())
+        for x in range(e):
+            if x not in used:
+                assert torch.count_nonzero(g[1][x]) == 0 and torch.count_nonzero(g[2][x]) == 0
+
+
+def test_no_grad_and_int32_index():
+    x, gate_up, down, index, weights = make_case(33, 13, 2, "neg")
+    check((x, gate_up, down, index.int(), weights), torch.float32, needs_grad=False)
+
+
+def test_all_unserved_and_no_tokens():
+    x, gate_up, down, index, weights = [v.to(DEVICE) for v in make_case(9, 7, 2)]
+    index = torch.full_like(index, -1)
+    out, gs = grads(triton_fused_experts, x, gate_up, down, index, weights, torch.randn(9, H, device=DEVICE))
+    assert torch.count_nonzero(out) == 0 and all(torch.count_nonzero(g) == 0 for g in gs)
+    x, gate_up, down, index, weights = [v.to(DEVICE) for v in make_case(0, 7, 2)]
+    out, (gx, ggu, gdn, gw) = grads(triton_fused_experts, x, gate_up, down, index, weights,
+                                    torch.zeros(0, H, device=DEVICE))
+    assert out.shape == (0, H) and gx.shape == (0, H) and gw.shape == (0, 2)
+    assert ggu.shape == gate_up.shape and torch.count_nonzero(ggu) == 0
+
+
+def test_frozen_weights_only_requested_grads():
+    x, gate_up, down, index, weights = [v.to(DEVICE) for v in make_case(20, 7, 2, "neg")]
+    xr, wr = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    triton_fused_experts(xr, gate_up, down, index, wr).sum().backward()
+    ref_x, ref_w = x.cpu().double().requires_grad_(True), weights.cpu().double().requires_grad_(True)
+    reference_experts(ref_x, gate_up.cpu().double(), down.cpu().double(), index.cpu(), ref_w).sum().backward()
+    assert rel(xr.grad.double().cpu(), ref_x.grad) <= 1e-5 and rel(wr.grad.double().cpu(), ref_w.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+@pytest.mark.parametrize("routing", ["topk", "one", "sparse", "neg"])
+def test_align_pads_each_expert_to_whole_blocks(block_m, routing):
+    """Every served assignment is in exactly one row, each block holds one expert's rows, and
+    unserved or padding rows carry the sentinel n."""
+    _, _, _, index, _ = make_case(33, 7, 3, routing)
+    r = align(index, 7, block_m)
+    n, ids = index.numel(), r.sorted_ids.long()
+    served = sorted(i for i in range(n) if index.flatten()[i] >= 0)
+    assert sorted(ids[ids < n].tolist()) == served
+    used = int(r.rows_used)
+    assert used % block_m == 0 and torch.all(ids[used:] == n)
+    for b in range(used // block_m):
+        rows = ids[b * block_m:(b + 1) * block_m]
+        e = int(r.block_expert[b])
+        assert torch.all(index.flatten()[rows[rows < n]] == e) and (rows < n).any()
+        assert int(r.pad_start[e]) <= b * block_m < int(r.pad_start[e] + r.padded[e])
+    assert torch.all(r.block_expert[used // block_m:] == 7)
+
+
+def test_tuned_table_nearest_entry_completed_by_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_tuning, "TUNED_DIR", tmp_path)
+    kernel_tuning._load.cache_clear()
+    path = kernel_tuning.table_path(8, 14336, 4096, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    assert path.name == "E=8,I=14336,H=4096,dtype=bfloat16,device=NVIDIA_H100_80GB_HBM3.json"
+    path.write_text(json.dumps({"16": {"BLOCK_M": 16, "down": {"BLOCK_N": 32}},
+                                "4096": {"BLOCK_M": 128, "backend": "grouped_mm"}}))
+    small = kernel_tuning.pick_config(8, 14336, 4096, 20, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    big = kernel_tuning.pick_config(8, 14336, 4096, 3000, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    other = kernel_tuning.pick_config(8, 14336, 4096, 3000, torch.bfloat16, "NVIDIA A100")
+    assert small["BLOCK_M"] == 16 and small["down"]["BLOCK_N"] == 32 and small["down"]["BLOCK_K"] > 0
+    assert small["backend"] == "triton" and big["backend"] == "grouped_mm" and big["BLOCK_M"] == 128
+    assert other == kernel_tuning.default_config(8, 3000, None, torch.bfloat16, False)
+    kernel_tuning._load.cache_clear()
+
+
+def test_tuned_tables_shipped_are_complete():
+    """Each shipped table parses and every entry names known kernels and parameters."""
+    known = set(kernel_tuning.default_config(8, 64, 2, torch.bfloat16, False))
+    for path in kernel_tuning.TUNED_DIR.glob("*.json"):
+        for tokens, entry in json.loads(path.read_text()).items():
+            assert int(tokens) > 0 and set(entry) <= known, path.name
+            assert entry.get("backend", "triton") in ("triton", "grouped_mm"), path.name
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k,hid,inter", [(512, 8, 2, 256, 384), (1000, 64, 8, 128, 96), (3, 16, 4, 200, 136)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_larger_shapes(t, e, k, hid, inter, dtype):
+    check(make_case(t, e, k, "neg", hid=hid, inter=inter), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_fused_experts_dispatches_to_triton(monkeypatch):
+    from moecluster.workers import triton_experts
+
+    calls = []
+    real = triton_experts.triton_fused_experts
+    monkeypatch.setattr(triton_experts, "triton_fused_experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    check(make_case(64, 8, 2, "topk", hid=128, inter=64), torch.bfloat16, fn=fused_experts)
+    assert calls
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (300, 16, 4), (64, 8, 8)])
+def test_gpu_grouped_mm_path(t, e, k):
+    from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported
+
+    case = make_case(t, e, k, "neg", hid=128, inter=64)
+    x = case[0].to(DEVICE, torch.bfloat16)
+    if not grouped_mm_supported(x, case[1].to(DEVICE, torch.bfloat16), case[2].to(DEVICE, torch.bfloat16)):
+        pytest.skip("torch._grouped_mm needs bf16 on an sm90+ GPU with this PyTorch")
+    check(case, torch.bfloat16, fn=grouped_mm_experts)

@@ -1,0 +1,467 @@
+"""Triton fused MoE experts: the GPU path behind `kernels.fused_experts`.
+
+Layout (as vLLM's fused_moe): the T*K (token, slot) assignments are sorted by expert
+once and each expert's segment is padded to BLOCK_M in the index space only
+(`align`), so every M-block of a grouped GEMM belongs to one expert and reads that
+expert's weights.  Forward is two grouped GEMMs, gate+up with SwiGLU in its
+epilogue and down with the routing weight in its epilogue, then a combine that sums
+each token's K rows.  Backward (as ScatterMoE/SonicMoE) keeps only the gate/up
+pre-activation h from the forward; the activation a = silu(g) * u is recomputed in
+the epilogues that need it.  Kernels:
+
+  forward   _gate_up_kernel   h = x[tok] @ gate_up[e]^T, a = silu(g) * u
+            _down_kernel      y[id] = w * (a @ down[e]^T)
+            _combine_kernel   out[t] = sum_k y[t*K + k]      (unserved slots skipped)
+  backward  _grad_act_kernel  p = dy[tok] @ down[e]; dw = <p, a>; dh = (dg, du)
+            _grad_x_kernel    dx[id] = dh @ gate_up[e]    (+ _combine_kernel)
+            _grad_w1_kernel   dgate_up[e] = dh_e^T @ x_e
+            _grad_w2_kernel   ddown[e] = dy_e^T @ (w * a)_e
+
+Intermediates (h, a, dh) are kept in the input dtype; every dot accumulates in fp32.
+Under TRITON_INTERPRET=1 (tests on a CPU) dots run on fp32-upcast operands: the
+interpreter's 16-bit `tl.dot` is not trustworthy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moecluster.workers.kernel_tuning import device_name, pick_config
+
+__all__ = ["Routing", "align", "triton_fused_experts", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass
+class Routing:
+    """Expert-sorted, block-padded assignment order; all tensors stay on the device (no sync).
+
+    sorted_ids (R,) int32: assignment id (t*K + k) per row, `n` (= T*K) in padding rows;
+    block_expert (R // block_m,) int32: expert of each M-block, E past the last used block;
+    rows_used (1,) int32: padded row count actually used; pad_start, padded (E,) int32:
+    each expert's first row and padded row count."""
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    rows_used: torch.Tensor
+    pad_start: torch.Tensor
+    padded: torch.Tensor
+    block_m: int
+    n: int
+
+
+def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+    """vLLM's moe_align_block_size in torch ops, without a host sync: rows are allocated
+    for the worst case (every expert wastes block_m - 1 rows) and unused blocks exit early."""
+    flat = top_k_index.reshape(-1).long()
+    n, dev = flat.numel(), flat.device
+    key = torch.where(flat >= 0, flat, num_experts)  # not served here: sorts last, dropped
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]  # no bincount: it syncs
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start, start = pad_end - padded, torch.cumsum(counts, 0) - counts
+    rows = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+    e_sorted = key[order]
+    e_c = e_sorted.clamp(max=num_experts - 1)
+    dst = pad_start[e_c] + torch.arange(n, device=dev) - start[e_c]
+    dst = torch.where(e_sorted < num_experts, dst, rows)  # row `rows` is a dump slot
+    sorted_ids = torch.full((rows + 1,), n, dtype=torch.int32, device=dev)
+    sorted_ids = sorted_ids.scatter_(0, dst, order.int())[:rows]
+    block_starts = torch.arange(0, rows, block_m, device=dev)
+    block_expert = torch.searchsorted(pad_end, block_starts, right=True).int()
+    rows_used = pad_end[-1:].int() if num_experts else torch.zeros(1, dtype=torch.int32, device=dev)
+    return Routing(sorted_ids, block_expert, rows_used, pad_start.int(), padded.int(), block_m, n)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M M-blocks sweep the N-blocks together, so B tiles stay in L2."""
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _mainloop(acc, a_ptrs, a_ok, stride_ak, b_ptrs, b_ok, stride_bk, K,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += A @ B over K: A tile (BM, BK) at a_ptrs (rows a_ok), B tile (BK, BN) at b_ptrs (cols b_ok)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M: tl.constexpr):
+    """Rows of M-block pid_m: sorted row offsets (int64), assignment ids, their tokens, row mask, expert."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    return offs_m.to(tl.int64), ids.to(tl.int64), (ids // topk).to(tl.int64), ids < n, e
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr, rows_used_ptr,
+                    R, H, I, n, topk,
+                    s_xm, s_xk, s_we, s_wn, s_wk, s_hm, s_am,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    STORE_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Per (M-block, N-block of I): gate and up accumulators share the x tile; SwiGLU in the epilogue."""
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return
+    offs_m, ids, tok, row_ok, e = _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * s_xm + offs_k[None, :] * s_xk
+    g_ptrs = w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk
+    u_ptrs = g_ptrs + I * s_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = offs_k < H - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_xk
+        g_ptrs += BLOCK_K * s_wk
+        u_ptrs += BLOCK_K * s_wk
+    ok = row_ok[:, None] & n_ok[None, :]
+    dt = a_ptr.dtype.element_ty
+    if STORE_H:
+        h_ptrs = h_ptr + offs_m[:, None] * s_hm + offs_n[None, :]
+        tl.store(h_ptrs, acc_g.to(dt), mask=ok)
+        tl.store(h_ptrs + I, acc_u.to(dt), mask=ok)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(a_ptr + offs_m[:, None] * s_am + offs_n[None, :], act.to(dt), mask=ok)
+
+
+@triton.jit
+def _down_kernel(a_ptr, w_ptr, y_ptr, rw_ptr, sorted_ids_ptr, block_expert_ptr, rows_used_ptr,
+                 R, H, I, n, topk,
+                 s_am, s_we, s_wn, s_wk, s_ym,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """y[id] = w[id] * (a_row @ down[e]^T) for the sorted rows of one M-block and N-block of H."""
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return
+    offs_m, ids, tok, row_ok, e = _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _mainloop(acc, a_ptr + offs_m[:, None] * s_am + offs_k[None, :], row_ok, 1,
+                    w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, I,
+                    BLOCK_K, UPCAST, PREC)
+    rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * rw[:, None]
+    tl.store(y_ptr + ids[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, idx_ptr, out_ptr, H, topk, s_ym, s_om,
+                    BLOCK_H: tl.constexpr, BLOCK_KK: tl.constexpr):
+    """out[t] = sum over served slots k of y[t*K + k], in fp32; slots with index < 0 are never read."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    ks = tl.arange(0, BLOCK_KK)
+    k_ok = ks < topk
+    served = (tl.load(idx_ptr + t * topk + ks, mask=k_ok, other=-1) >= 0) & k_ok
+    rows = t * topk + ks
+    y = tl.load(y_ptr + rows[:, None] * s_ym + offs_h[None, :], mask=served[:, None] & h_ok[None, :], other=0.0)
+    tl.store(out_ptr + t * s_om + offs_h, tl.sum(y.to(tl.float32), axis=0).to(out_ptr.dtype.element_ty), mask=h_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_ptr, block_expert_ptr, rows_used_ptr,
+                     R, H, I, n, topk,
+                     s_dym, s_we, s_wk, s_wn, s_hm, s_dhm,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """p = dy[tok] @ down[e] (N over I); epilogue: dw partial <p, a> per N-block, dg and du into dh.
+
+    With s = sigmoid(g): a = g*s*u, dL/dw = <p, a>, dL/dg = w*p*u*s*(1 + g*(1-s)), dL/du = w*p*g*s."""
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return
+    offs_m, ids, tok, row_ok, e = _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p = _mainloop(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], row_ok, 1,
+                  w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, H,
+                  BLOCK_K, UPCAST, PREC)
+    ok = row_ok[:, None] & n_ok[None, :]
+    h_ptrs = h_ptr + offs_m[:, None] * s_hm + offs_n[None, :]
+    g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(h_ptrs + I, mask=ok, other=0.0).to(tl.float32)
+    rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    s = tl.sigmoid(g)
+    silu = g * s
+    tl.store(dw_ptr + pid_n * n + ids, tl.sum(p * silu * u, axis=1), mask=row_ok)
+    dt = dh_ptr.dtype.element_ty
+    dh_ptrs = dh_ptr + offs_m[:, None] * s_dhm + offs_n[None, :]
+    tl.store(dh_ptrs, (rw * p * u * s * (1.0 + g * (1.0 - s))).to(dt), mask=ok)
+    tl.store(dh_ptrs + I, (rw * p * silu).to(dt), mask=ok)
+
+
+@triton.jit
+def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows_used_ptr,
+                   R, H, I, n, topk,
+                   s_dhm, s_we, s_wk, s_wn, s_dxm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """dx[id] = dh_row @ gate_up[e] (K over 2I, N over H), per assignment; combined per token after."""
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return
+    offs_m, ids, tok, row_ok, e = _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _mainloop(acc, dh_ptr + offs_m[:, None] * s_dhm + offs_k[None, :], row_ok, 1,
+                    w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, 2 * I,
+                    BLOCK_K, UPCAST, PREC)
+    tl.store(dx_ptr + ids[:, None] * s_dxm + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grad_w1_kernel(dh_ptr, x_ptr, dgu_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
+                    H, I, n, topk,
+                    s_dhm, s_xm, s_ge, s_gn,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """dgate_up[e] (2I, H) = dh_e^T @ x_e: one (N over 2I, K over H) tile per program, looping over e's rows."""
+    e = tl.program_id(0).to(tl.int64)
+    num_k = tl.cdiv(H, BLOCK_K)
+    pid_n, pid_k = tl.program_id(1) // num_k, tl.program_id(1) % num_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = offs_n < 2 * I, offs_k < H
+    start = tl.load(pad_start_ptr + e)
+    end = start + tl.load(padded_ptr + e)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ids = tl.load(sorted_ids_ptr + offs_r, mask=offs_r < end, other=n)
+        row_ok = ids < n
+        tok = (ids // topk).to(tl.int64)
+        dh_t = tl.load(dh_ptr + offs_r.to(tl.int64)[None, :] * s_dhm + offs_n[:, None],
+                       mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + tok[:, None] * s_xm + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dh_t, xs = dh_t.to(tl.float32), xs.to(tl.float32)
+        acc = tl.dot(dh_t, xs, acc, input_precision=PREC)
+    tl.store(dgu_ptr + e * s_ge + offs_n[:, None] * s_gn + offs_k[None, :], acc.to(dgu_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _grad_w2_kernel(dy_ptr, h_ptr, rw_ptr, ddn_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
+                    H, I, n, topk,
+                    s_dym, s_hm, s_de, s_dn,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """ddown[e] (H, I) = dy_e^T @ (w * a)_e, a = silu(g) * u recomputed from h (N over H, K over I)."""
+    e = tl.program_id(0).to(tl.int64)
+    num_k = tl.cdiv(I, BLOCK_K)
+    pid_n, pid_k = tl.program_id(1) // num_k, tl.program_id(1) % num_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = offs_n < H, offs_k < I
+    start = tl.load(pad_start_ptr + e)
+    end = start + tl.load(padded_ptr + e)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ids = tl.load(sorted_ids_ptr + offs_r, mask=offs_r < end, other=n)
+        row_ok = ids < n
+        tok = (ids // topk).to(tl.int64)
+        dy_t = tl.load(dy_ptr + tok[None, :] * s_dym + offs_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        ok = row_ok[:, None] & k_ok[None, :]
+        h_ptrs = h_ptr + offs_r.to(tl.int64)[:, None] * s_hm + offs_k[None, :]
+        g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + I, mask=ok, other=0.0).to(tl.float32)
+        rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+        wa = g * tl.sigmoid(g) * u * rw[:, None]
+        if UPCAST:
+            dy_t = dy_t.to(tl.float32)
+        else:
+            wa = wa.to(dy_t.dtype)
+        acc = tl.dot(dy_t, wa, acc, input_precision=PREC)
+    tl.store(ddn_ptr + e * s_de + offs_n[:, None] * s_dn + offs_k[None, :], acc.to(ddn_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _modes(dtype):
+    """(UPCAST, PREC): fp32 dots are exact ("ieee", not tf32) so fp32 matches the reference."""
+    return interpreting(), "ieee" if dtype == torch.float32 or interpreting() else "tf32"
+
+
+def _gemm_meta(cfg, kernel):
+    """Launch meta-parameters of one grouped GEMM: the shared BLOCK_M plus that kernel's own entry."""
+    return dict(BLOCK_M=cfg["BLOCK_M"], **cfg[kernel])
+
+
+def _grid(route, cols, cfg, kernel):
+    return (triton.cdiv(route.sorted_ids.numel(), cfg["BLOCK_M"]) * triton.cdiv(cols, cfg[kernel]["BLOCK_N"]),)
+
+
+def _combine(y, top_k_index, t, hid, dtype):
+    """(T*K, H) per-assignment rows -> (T, H) per-token sums (unserved slots skipped)."""
+    out = torch.empty(t, hid, dtype=dtype, device=y.device)
+    if t:
+        k = top_k_index.shape[1]
+        block_h = min(1024, triton.next_power_of_2(hid))
+        _combine_kernel[(t, triton.cdiv(hid, block_h))](
+            y, top_k_index, out, hid, k, y.stride(0), out.stride(0),
+            BLOCK_H=block_h, BLOCK_KK=max(2, triton.next_power_of_2(k)))
+    return out
+
+
+def _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h: bool):
+    """out (T, H), routing and (if keep_h) the gate/up pre-activations h (R, 2I) in sorted-row order."""
+    t, hid = x.shape
+    num_e, inter = gate_up.shape[0], down.shape[2]
+    k = top_k_index.shape[1]
+    route = align(top_k_index, num_e, cfg["BLOCK_M"])
+    rows = route.sorted_ids.numel()
+    upcast, prec = _modes(x.dtype)
+    h = x.new_empty(rows, 2 * inter) if keep_h else None
+    act = x.new_empty(rows, inter)
+    y = x.new_empty(t * k, hid)
+    common = (route.sorted_ids, route.block_expert, route.rows_used, rows, hid, inter, route.n, k)
+    _gate_up_kernel[_grid(route, inter, cfg, "gate_up")](
+        x, gate_up, h if keep_h else act, act, *common,
+        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+        h.stride(0) if keep_h else 0, act.stride(0),
+        STORE_H=keep_h, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "gate_up"))
+    _down_kernel[_grid(route, hid, cfg, "down")](
+        act, down, y, rw, *common,
+        act.stride(0), down.stride(0), down.stride(1), down.stride(2), y.stride(0),
+        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "down"))
+    return _combine(y, top_k_index, t, hid, x.dtype), route, h
+
+
+def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
+    """Gradients (dx, dgate_up, ddown, drw) for the needs mask (x, gate_up, down, rw)."""
+    need_x, need_gu, need_dn, need_w = needs
+    t, hid = x.shape
+    num_e, inter = gate_up.shape[0], down.shape[2]
+    k = top_k_index.shape[1]
+    rows, n = route.sorted_ids.numel(), route.n
+    upcast, prec = _modes(x.dtype)
+    common = (route.sorted_ids, route.block_expert, route.rows_used, rows, hid, inter, n, k)
+    dh = x.new_empty(rows, 2 * inter)
+    n_blocks = triton.cdiv(inter, cfg["grad_act"]["BLOCK_N"])
+    dw_part = torch.empty(n_blocks, n, dtype=torch.float32, device=x.device)
+    _grad_act_kernel[_grid(route, inter, cfg, "grad_act")](
+        dy, down, h, rw, dh, dw_part, *common,
+        dy.stride(0), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0),
+        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act"))
+    grad_x = grad_gu = grad_dn = grad_w = None
+    if need_w:
+        served = (top_k_index.reshape(-1) >= 0)
+        grad_w = torch.where(served, dw_part.sum(0), 0.0).to(rw.dtype)
+    if need_x:
+        dxr = x.new_empty(t * k, hid)
+        _grad_x_kernel[_grid(route, hid, cfg, "grad_x")](
+            dh, gate_up, dxr, *common,
+            dh.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), dxr.stride(0),
+            UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_x"))
+        grad_x = _combine(dxr, top_k_index, t, hid, x.dtype)
+    wcfg = cfg["grad_w"]
+    meta = dict(BLOCK_N=wcfg["BLOCK_N"], BLOCK_K=wcfg["BLOCK_K"], BLOCK_R=wcfg["BLOCK_R"], UPCAST=upcast, PREC=prec,
+                num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
+    if need_gu:
+        grad_gu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+        grid = (num_e, triton.cdiv(2 * inter, wcfg["BLOCK_N"]) * triton.cdiv(hid, wcfg["BLOCK_K"]))
+        _grad_w1_kernel[grid](dh, x, grad_gu, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
+                              dh.stride(0), x.stride(0), grad_gu.stride(0), grad_gu.stride(1), **meta)
+    if need_dn:
+        grad_dn = torch.empty_like(down, memory_format=torch.contiguous_format)
+        grid = (num_e, triton.cdiv(hid, wcfg["BLOCK_N"]) * triton.cdiv(inter, wcfg["BLOCK_K"]))
+        _grad_w2_kernel[grid](dy, h, rw, grad_dn, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
+                              dy.stride(0), h.stride(0), grad_dn.stride(0), grad_dn.stride(1), **meta)
+    return grad_x, grad_gu, grad_dn, grad_w
+
+
+class _TritonExperts(torch.autograd.Function):
+    """Autograd wrapper; saves x, the weights, the routing and h (R x 2I), nothing larger."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, top_k_index, rw, cfg):
+        out, route, h = _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h=True)
+        ctx.save_for_backward(x, gate_up, down, top_k_index, rw, h)
+        ctx.route, ctx.cfg = route, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up, down, top_k_index, rw, h = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[4])
+        dy = grad_out.to(x.dtype).contiguous()
+        gx, ggu, gdn, gw = _backward(dy, x, gate_up, down, top_k_index, rw, ctx.route, h, ctx.cfg, needs)
+        return gx, ggu, gdn, None, gw, None
+
+
+def triton_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, config=None):
+    """`kernels.fused_experts` through Triton (same arguments, shapes and result).
+
+    config: launch parameters as `kernel_tuning` describes them; default: the tuned table
+    for this shape and device, else defaults (`kernel_tuning.pick_config`)."""
+    out_dtype = hidden_states.dtype
+    x = hidden_states.to(gate_up_proj.dtype).contiguous()
+    rw = top_k_weights.to(gate_up_proj.dtype).reshape(-1).contiguous()
+    idx = top_k_index.contiguous()
+    gate_up, down = gate_up_proj, down_proj
+    num_e, inter, hid = gate_up.shape[0], down.shape[2], x.shape[1]
+    if config is None:
+        config = pick_config(num_e, inter, hid, x.shape[0], x.dtype, device_name(x.device), interpreting(), idx.shape[1])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, rw)):
+        out = _TritonExperts.apply(x, gate_up, down, idx, rw, config)
+    else:
+        out = _forward(x, gate_up, down, idx, rw, config, keep_h=False)[0]
+    return out.to(out_dtype)

@@ -22,11 +22,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # ben
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
-
 from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported  # noqa: E402
 from moecluster.workers.kernels import reference_experts  # noqa: E402
 from moecluster.workers.triton_experts import triton_fused_experts  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 PEAK_TBS = {"H100": 3.35, "H200": 4.8}

@@ -22,11 +22,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # bench/kernels.py is not `kernels`
 
 import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
 from moecluster.workers import kernel_tuning  # noqa: E402
 from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported  # noqa: E402
 from moecluster.workers.triton_experts import triton_fused_experts  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
 SHAPES = {"mixtral": (8, 14336, 4096, 2), "qwen3": (128, 768, 2048, 8)}  # E, I, H, K
 TOKENS = {"mixtral": [1, 4, 16, 64, 256, 1024, 8192], "qwen3": [1, 4, 16, 64, 256, 1024, 4096, 32768]}

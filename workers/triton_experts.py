@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
 from moecluster.workers.kernel_tuning import device_name, pick_config
 
 __all__ = ["Routing", "align", "triton_fused_experts", "interpreting"]

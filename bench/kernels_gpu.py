@@ -1,6 +1,6 @@
 """GPU benchmark of the expert kernels: Triton fused_experts vs torch._grouped_mm vs a per-expert loop.
 
-    python bench/kernels_gpu.py [--only mixtral qwen3 decode] [--json PATH]
+    python bench/kernels_gpu.py [--only mixtral qwen3 decode] [--json PATH] [--profile]
 
 bf16, random softmax+top-k routing, every time a median of CUDA-event timings
 (`triton.testing.do_bench`; decode through CUDA graphs where the path has no host sync).
@@ -119,10 +119,28 @@ def bench_decode(name, h, i, e, k, bw_copy, bw_sheet, rows):
                   f"{100 * tbs / bw_sheet:5.1f}% of HBM {100 * tbs / bw_copy:5.1f}% of copy", flush=True)
 
 
+def profile(name, t, h, i, e, k):
+    """Per-kernel GPU time of one Triton forward+backward (and of a forward alone), from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x, gate_up, down, idx, w = [v.detach().requires_grad_(v.is_floating_point()) for v in make_case(t, h, i, e, k)]
+    grad = torch.randn_like(x)
+    for _ in range(2):
+        triton_fused_experts(x, gate_up, down, idx, w).backward(grad)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        triton_fused_experts(x, gate_up, down, idx, w).backward(grad)
+        torch.cuda.synchronize()
+    print(f"\nprofile {name} T={t} fwd+bwd")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=["mixtral", "qwen3", "decode"])
     parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel times of the Triton path first")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/kernels_gpu.py needs a CUDA GPU")
@@ -132,6 +150,10 @@ def main(argv=None):
     print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"ceilings this run: 8192^3 bf16 mm {peak_mm:.0f} TFLOP/s, copy {bw_copy:.2f} TB/s; "
           f"datasheet {PEAK_TFLOPS[kind]:.0f} TFLOP/s, {PEAK_TBS[kind]} TB/s", flush=True)
+    if args.profile:
+        for name, t, h, i, e, k in PREFILL:
+            profile(name, t, h, i, e, k)
+        profile("qwen3", 1, 2048, 768, 128, 8)
     rows = []
     for name, t, h, i, e, k in PREFILL:
         if name in args.only:

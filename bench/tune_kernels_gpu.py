@@ -28,16 +28,19 @@ from moecluster.workers.triton_experts import triton_fused_experts  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 SHAPES = {"mixtral": (8, 14336, 4096, 2), "qwen3": (128, 768, 2048, 8)}  # E, I, H, K
-TOKENS = {"mixtral": [1, 4, 16, 64, 256, 1024, 8192], "qwen3": [1, 4, 16, 64, 256, 1024, 4096, 32768]}
+# the prefill size first: with a --budget-s, it is what the goals are measured on
+TOKENS = {"mixtral": [8192, 1, 16, 64, 1024], "qwen3": [32768, 1, 16, 64, 1024, 4096]}
 
-GEMM_CANDIDATES = [
-    dict(BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
-    for n, k, g, w, s in [
-        (32, 64, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (64, 128, 1, 4, 5),
-        (64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 8, 3), (128, 128, 8, 8, 3),
-        (256, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4),
-    ]
-]
+def _gemm(rows):
+    return [dict(BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s) for n, k, g, w, s in rows]
+
+
+# (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); gate_up's BLOCK_N is per accumulator (gate and up)
+DECODE_CANDIDATES = _gemm([(32, 64, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 1, 4, 4), (128, 64, 1, 4, 4),
+                           (64, 128, 1, 4, 5), (32, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3)])
+PREFILL_CANDIDATES = _gemm([(64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 8, 3),
+                            (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4),
+                            (128, 32, 8, 4, 4)])
 GRAD_W_CANDIDATES = [
     dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, num_warps=w, num_stages=s)
     for n, k, r, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4),
@@ -75,11 +78,16 @@ def train_ms(case, cfg):
     return timed(lambda: triton_fused_experts(x, gate_up, down, idx, w, config=cfg).backward(grad))
 
 
+DEADLINE = [float("inf")]  # time.time() after which searches keep what they have
+
+
 def search(cfg, kernels, candidates, measure):
     """Coordinate search: each kernel's entry in turn, keeping the best found so far."""
     best = measure(cfg)
     for kernel in kernels:
         for cand in candidates:
+            if time.time() > DEADLINE[0]:
+                return cfg, best
             trial = copy.deepcopy(cfg)
             trial[kernel] = dict(cand)
             ms = measure(trial)
@@ -92,11 +100,12 @@ def tune_tokens(e, i, h, k, t, train: bool):
     case = make_case(t, e, i, h, k)
     base = kernel_tuning.default_config(e, t, k, torch.bfloat16, False)
     rows_per_expert = t * k / e
-    block_ms = [16, 32] if rows_per_expert <= 32 else [64, 128]
+    decode = rows_per_expert <= 32
+    candidates = DECODE_CANDIDATES if decode else PREFILL_CANDIDATES
     best_cfg, best_ms = None, float("inf")
-    for bm in block_ms:
+    for bm in [16, 32] if decode else [64, 128]:
         cfg = dict(copy.deepcopy(base), BLOCK_M=bm)
-        cfg, ms = search(cfg, ["gate_up", "down"], GEMM_CANDIDATES, lambda c: forward_ms(case, c))
+        cfg, ms = search(cfg, ["gate_up", "down"], candidates, lambda c: forward_ms(case, c))
         if ms < best_ms:
             best_cfg, best_ms = cfg, ms
     entry = {key: best_cfg[key] for key in ("BLOCK_M", "gate_up", "down")}
@@ -108,7 +117,7 @@ def tune_tokens(e, i, h, k, t, train: bool):
         entry["backend"] = "grouped_mm" if gmm < best_ms else "triton"
         report += f", grouped_mm fwd {gmm:.3f} ms"
     if train:
-        cfg, ms = search(best_cfg, ["grad_act", "grad_x"], GEMM_CANDIDATES[::2], lambda c: train_ms(case, c))
+        cfg, ms = search(best_cfg, ["grad_act", "grad_x"], candidates[::2], lambda c: train_ms(case, c))
         cfg, ms = search(cfg, ["grad_w"], GRAD_W_CANDIDATES, lambda c: train_ms(case, c))
         entry.update({key: cfg[key] for key in ("grad_act", "grad_x", "grad_w")})
         report += f", triton fwd+bwd {ms:.3f} ms"
@@ -123,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--train-from", type=int, default=1024,
                         help="also tune the backward kernels for token counts from this one up")
     parser.add_argument("--out", default=str(kernel_tuning.TUNED_DIR), help="directory for the JSON tables")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="seconds per shape, after which searches keep what they found so far")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tuning needs a CUDA GPU")
@@ -131,6 +142,7 @@ def main(argv=None):
     if not jobs:
         parser.error("name a --shape or a --custom E I H K")
     for name, e, i, h, k in jobs:
+        DEADLINE[0] = time.time() + args.budget_s
         table = {}
         for t in args.tokens or TOKENS.get(name, [1, 16, 256, 4096]):
             start = time.time()

@@ -39,7 +39,7 @@ def grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_
     xs = torch.where(served, x[order // k], 0)
     w = torch.where(served, top_k_weights.to(x.dtype).reshape(-1)[order, None], 0)
     h = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
-    a = F.silu(h[:, :inter]) * h[:, inter:] * w
+    a = (F.silu(h[:, :inter].float()) * h[:, inter:].float() * w.float()).to(x.dtype)  # fp32: dL/dw sums I terms
     ys = torch.where(served, torch._grouped_mm(a, down_proj.transpose(1, 2), offs=offs), 0)
     y = torch.empty_like(ys).index_copy(0, order, ys)
     return y.view(t, k, hid).sum(1, dtype=torch.float32).to(hidden_states.dtype)

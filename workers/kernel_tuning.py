@@ -10,13 +10,14 @@ A config is a dict:
 
 Tuned tables live in `workers/tuned/E=..,I=..,H=..,dtype=..,device=...json`, one per
 expert shape, dtype and GPU, mapping a token count to a config (`bench/tune_kernels_gpu.py`
-writes them on a GPU).  A call uses the entry of the nearest token count; keys the entry
+writes them on a GPU).  A call uses the entry of the nearest token count (by ratio); keys the entry
 leaves out, and shapes with no table, fall back to the defaults below.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def pick_config(num_experts: int, inter: int, hidden: int, tokens: int, dtype: t
         return config
     table = _load(table_path(num_experts, inter, hidden, dtype, gpu))
     if table:
-        tuned = table[min(table, key=lambda m: abs(m - tokens))]
+        tuned = table[min(table, key=lambda m: abs(math.log(m) - math.log(max(tokens, 1))))]
         for key, value in tuned.items():
             config[key] = dict(config.get(key, {}), **value) if isinstance(value, dict) else value
     return config

@@ -96,14 +96,20 @@ def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _mainloop(acc, a_ptrs, a_ok, stride_ak, b_ptrs, b_ok, stride_bk, K,
-              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """acc += A @ B over K: A tile (BM, BK) at a_ptrs (rows a_ok), B tile (BK, BN) at b_ptrs (cols b_ok)."""
+def _mainloop(acc, a_ptrs, stride_ak, b_ptrs, stride_bk, K,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += A @ B over K: A tile (BM, BK) at a_ptrs, B tile (BK, BN) at b_ptrs.  Rows and
+    columns are always in bounds (padding rows read token 0, columns wrap), so only a
+    ragged K needs a mask, and EVEN_K (K % BLOCK_K == 0) loads with none."""
     offs_k = tl.arange(0, BLOCK_K)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -114,11 +120,13 @@ def _mainloop(acc, a_ptrs, a_ok, stride_ak, b_ptrs, b_ok, stride_bk, K,
 
 @triton.jit
 def _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M: tl.constexpr):
-    """Rows of M-block pid_m: sorted row offsets (int64), assignment ids, their tokens, row mask, expert."""
+    """Rows of M-block pid_m: sorted row offsets (int64), assignment ids, their tokens (token 0
+    for padding rows, so loads need no row mask), row mask, expert."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ids = tl.load(sorted_ids_ptr + offs_m)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    return offs_m.to(tl.int64), ids.to(tl.int64), (ids // topk).to(tl.int64), ids < n, e
+    row_ok = ids < n
+    return offs_m.to(tl.int64), ids.to(tl.int64), tl.where(row_ok, ids // topk, 0).to(tl.int64), row_ok, e
 
 
 # ----------------------------------------------------------------------------- forward
@@ -129,7 +137,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr
                     R, H, I, n, topk,
                     s_xm, s_xk, s_we, s_wn, s_wk, s_hm, s_am,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    STORE_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    STORE_H: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Per (M-block, N-block of I): gate and up accumulators share the x tile; SwiGLU in the epilogue."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
@@ -139,15 +147,20 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * s_xm + offs_k[None, :] * s_xk
-    g_ptrs = w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk
+    g_ptrs = w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk
     u_ptrs = g_ptrs + I * s_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(H, BLOCK_K)):
-        k_ok = offs_k < H - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < H - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
@@ -155,7 +168,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr
         a_ptrs += BLOCK_K * s_xk
         g_ptrs += BLOCK_K * s_wk
         u_ptrs += BLOCK_K * s_wk
-    ok = row_ok[:, None] & n_ok[None, :]
+    ok = n_ok[None, :] & (offs_m >= 0)[:, None]  # padding rows too: finite (token 0), so the down GEMM reads no garbage
     dt = a_ptr.dtype.element_ty
     if STORE_H:
         h_ptrs = h_ptr + offs_m[:, None] * s_hm + offs_n[None, :]
@@ -170,7 +183,7 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, rw_ptr, sorted_ids_ptr, block_expert_ptr, 
                  R, H, I, n, topk,
                  s_am, s_we, s_wn, s_wk, s_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """y[id] = w[id] * (a_row @ down[e]^T) for the sorted rows of one M-block and N-block of H."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
@@ -180,9 +193,9 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, rw_ptr, sorted_ids_ptr, block_expert_ptr, 
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mainloop(acc, a_ptr + offs_m[:, None] * s_am + offs_k[None, :], row_ok, 1,
-                    w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, I,
-                    BLOCK_K, UPCAST, PREC)
+    acc = _mainloop(acc, a_ptr + offs_m[:, None] * s_am + offs_k[None, :], 1,
+                    w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, I,
+                    BLOCK_K, EVEN_K, UPCAST, PREC)
     rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     tl.store(y_ptr + ids[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -212,7 +225,7 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_pt
                      R, H, I, n, topk,
                      s_dym, s_we, s_wk, s_wn, s_hm, s_dhm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr):
+                     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """p = dy[tok] @ down[e] (N over I); epilogue: dw partial <p, a> per N-block, dg and du into dh.
 
     With s = sigmoid(g): a = g*s*u, dL/dw = <p, a>, dL/dg = w*p*u*s*(1 + g*(1-s)), dL/du = w*p*g*s."""
@@ -224,9 +237,9 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_pt
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    p = _mainloop(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], row_ok, 1,
-                  w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, H,
-                  BLOCK_K, UPCAST, PREC)
+    p = _mainloop(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], 1,
+                  w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, H,
+                  BLOCK_K, EVEN_K, UPCAST, PREC)
     ok = row_ok[:, None] & n_ok[None, :]
     h_ptrs = h_ptr + offs_m[:, None] * s_hm + offs_n[None, :]
     g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -237,6 +250,7 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_pt
     tl.store(dw_ptr + pid_n * n + ids, tl.sum(p * silu * u, axis=1), mask=row_ok)
     dt = dh_ptr.dtype.element_ty
     dh_ptrs = dh_ptr + offs_m[:, None] * s_dhm + offs_n[None, :]
+    ok = n_ok[None, :] & (offs_m >= 0)[:, None]  # padding rows get exact zeros (rw = 0) for the dx GEMM
     tl.store(dh_ptrs, (rw * p * u * s * (1.0 + g * (1.0 - s))).to(dt), mask=ok)
     tl.store(dh_ptrs + I, (rw * p * silu).to(dt), mask=ok)
 
@@ -246,7 +260,7 @@ def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows
                    R, H, I, n, topk,
                    s_dhm, s_we, s_wk, s_wn, s_dxm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """dx[id] = dh_row @ gate_up[e] (K over 2I, N over H), per assignment; combined per token after."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
@@ -256,9 +270,9 @@ def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mainloop(acc, dh_ptr + offs_m[:, None] * s_dhm + offs_k[None, :], row_ok, 1,
-                    w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk, n_ok, s_wk, 2 * I,
-                    BLOCK_K, UPCAST, PREC)
+    acc = _mainloop(acc, dh_ptr + offs_m[:, None] * s_dhm + offs_k[None, :], 1,
+                    w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, 2 * I,
+                    BLOCK_K, EVEN_K, UPCAST, PREC)
     tl.store(dx_ptr + ids[:, None] * s_dxm + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -339,9 +353,9 @@ def _modes(dtype):
     return interpreting(), "ieee" if dtype == torch.float32 or interpreting() else "tf32"
 
 
-def _gemm_meta(cfg, kernel):
+def _gemm_meta(cfg, kernel, reduce_len):
     """Launch meta-parameters of one grouped GEMM: the shared BLOCK_M plus that kernel's own entry."""
-    return dict(BLOCK_M=cfg["BLOCK_M"], **cfg[kernel])
+    return dict(BLOCK_M=cfg["BLOCK_M"], EVEN_K=reduce_len % cfg[kernel]["BLOCK_K"] == 0, **cfg[kernel])
 
 
 def _grid(route, cols, cfg, kernel):
@@ -376,11 +390,11 @@ def _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h: bool):
         x, gate_up, h if keep_h else act, act, *common,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         h.stride(0) if keep_h else 0, act.stride(0),
-        STORE_H=keep_h, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "gate_up"))
+        STORE_H=keep_h, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "gate_up", hid))
     _down_kernel[_grid(route, hid, cfg, "down")](
         act, down, y, rw, *common,
         act.stride(0), down.stride(0), down.stride(1), down.stride(2), y.stride(0),
-        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "down"))
+        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "down", inter))
     return _combine(y, top_k_index, t, hid, x.dtype), route, h
 
 
@@ -399,7 +413,7 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
     _grad_act_kernel[_grid(route, inter, cfg, "grad_act")](
         dy, down, h, rw, dh, dw_part, *common,
         dy.stride(0), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0),
-        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act"))
+        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act", hid))
     grad_x = grad_gu = grad_dn = grad_w = None
     if need_w:
         served = (top_k_index.reshape(-1) >= 0)
@@ -409,7 +423,7 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
         _grad_x_kernel[_grid(route, hid, cfg, "grad_x")](
             dh, gate_up, dxr, *common,
             dh.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), dxr.stride(0),
-            UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_x"))
+            UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_x", 2 * inter))
         grad_x = _combine(dxr, top_k_index, t, hid, x.dtype)
     wcfg = cfg["grad_w"]
     meta = dict(BLOCK_N=wcfg["BLOCK_N"], BLOCK_K=wcfg["BLOCK_K"], BLOCK_R=wcfg["BLOCK_R"], UPCAST=upcast, PREC=prec,

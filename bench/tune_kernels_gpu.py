@@ -6,7 +6,8 @@
 Per token count: for each BLOCK_M candidate, a coordinate search over each kernel's
 (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) timing the whole forward (or, for
 the backward kernels, forward+backward), then the best BLOCK_M; finally torch._grouped_mm's
-forward is timed and the entry's "backend" names the faster path.  bf16, CUDA-event medians.
+forward is timed and the entry's "backend" names the faster path.  bf16, CUDA-event medians;
+forwards are replayed from CUDA graphs (as a server runs them), backwards run eagerly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from moecluster.workers import kernel_tuning  # noqa: E402
 from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported  # noqa: E402
 from moecluster.workers.triton_experts import triton_fused_experts  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 SHAPES = {"mixtral": (8, 14336, 4096, 2), "qwen3": (128, 768, 2048, 8)}  # E, I, H, K
 # the prefill size first: with a --budget-s, it is what the goals are measured on
@@ -41,10 +42,11 @@ DECODE_CANDIDATES = _gemm([(32, 64, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 1, 4,
 PREFILL_CANDIDATES = _gemm([(64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 8, 3),
                             (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4),
                             (128, 32, 8, 4, 4)])
+# (BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages): BLOCK_R rows is the reduction step of the weight gradients
 GRAD_W_CANDIDATES = [
     dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, num_warps=w, num_stages=s)
-    for n, k, r, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4),
-                          (128, 256, 32, 8, 3), (64, 64, 64, 4, 3)]
+    for n, k, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+                          (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2)]
 ]
 
 
@@ -57,9 +59,13 @@ def make_case(t, e, i, h, k, dtype=torch.bfloat16):
     return x, gate_up, down, idx, (w / w.sum(-1, keepdim=True)).to(dtype)
 
 
-def timed(fn):
-    """Median ms, or inf when the config does not fit (shared memory, registers)."""
+def timed(fn, graph=False):
+    """Median ms (replayed from a CUDA graph if `graph`, as a server runs decode: the launch
+    overhead of the Python side is then out of the figure), or inf when the config does
+    not fit (shared memory, registers)."""
     try:
+        if graph:
+            return do_bench_cudagraph(fn, rep=40, return_mode="median")
         return do_bench(fn, warmup=10, rep=40, return_mode="median")
     except Exception as err:  # OutOfResources and compile errors: the config is not viable here
         if "out of resource" not in str(err).lower() and "OutOfResources" not in type(err).__name__:
@@ -69,7 +75,7 @@ def timed(fn):
 
 def forward_ms(case, cfg):
     with torch.no_grad():
-        return timed(lambda: triton_fused_experts(*case, config=cfg))
+        return timed(lambda: triton_fused_experts(*case, config=cfg), graph=True)
 
 
 def train_ms(case, cfg):
@@ -113,7 +119,7 @@ def tune_tokens(e, i, h, k, t, train: bool):
     report = f"triton fwd {best_ms:.3f} ms"
     if grouped_mm_supported(*case[:3]):
         with torch.no_grad():
-            gmm = timed(lambda: grouped_mm_experts(*case))
+            gmm = timed(lambda: grouped_mm_experts(*case), graph=True)
         entry["backend"] = "grouped_mm" if gmm < best_ms else "triton"
         report += f", grouped_mm fwd {gmm:.3f} ms"
     if train:
@@ -147,7 +153,8 @@ def main(argv=None):
         for t in args.tokens or TOKENS.get(name, [1, 16, 256, 4096]):
             start = time.time()
             table[str(t)], report = tune_tokens(e, i, h, k, t, train=t >= args.train_from)
-            print(f"{name} E={e} I={i} H={h} K={k} T={t}: {report} ({time.time() - start:.0f} s)", flush=True)
+            print(f"{name} E={e} I={i} H={h} K={k} T={t}: {report} ({time.time() - start:.0f} s)\n  {table[str(t)]}",
+                  flush=True)
             torch.cuda.empty_cache()
         path = os.path.join(args.out, kernel_tuning.table_path(e, i, h, torch.bfloat16, gpu).name)
         os.makedirs(args.out, exist_ok=True)

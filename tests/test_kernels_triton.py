@@ -99,13 +99,17 @@ def test_frozen_weights_only_requested_grads():
     assert rel(xr.grad.double().cpu(), ref_x.grad) <= 1e-5 and rel(wr.grad.double().cpu(), ref_w.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("method", ["kernel", "torch"])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 @pytest.mark.parametrize("routing", ["topk", "one", "sparse", "neg"])
-def test_align_pads_each_expert_to_whole_blocks(block_m, routing):
-    """Every served assignment is in exactly one row, each block holds one expert's rows, and
-    unserved or padding rows carry the sentinel n."""
+def test_align_pads_each_expert_to_whole_blocks(block_m, routing, method):
+    """Every served assignment is in exactly one row, in assignment order within its expert,
+    each block holds one expert's rows, and unserved or padding rows carry the sentinel n."""
     _, _, _, index, _ = make_case(33, 7, 3, routing)
-    r = align(index, 7, block_m)
+    index = index.to(DEVICE)
+    r = align(index, 7, block_m, method)
+    r = type(r)(*[v.cpu() if isinstance(v, torch.Tensor) else v for v in vars(r).values()])
+    index = index.cpu()
     n, ids = index.numel(), r.sorted_ids.long()
     served = sorted(i for i in range(n) if index.flatten()[i] >= 0)
     assert sorted(ids[ids < n].tolist()) == served
@@ -116,6 +120,9 @@ def test_align_pads_each_expert_to_whole_blocks(block_m, routing):
         e = int(r.block_expert[b])
         assert torch.all(index.flatten()[rows[rows < n]] == e) and (rows < n).any()
         assert int(r.pad_start[e]) <= b * block_m < int(r.pad_start[e] + r.padded[e])
+    for e in range(7):  # stable: an expert's rows keep assignment order
+        rows = ids[int(r.pad_start[e]):int(r.pad_start[e] + r.padded[e])]
+        assert rows[rows < n].tolist() == sorted(rows[rows < n].tolist())
     assert torch.all(r.block_expert[used // block_m:] == 7)
 
 
@@ -123,7 +130,7 @@ def test_tuned_table_nearest_entry_completed_by_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel_tuning, "TUNED_DIR", tmp_path)
     kernel_tuning._load.cache_clear()
     path = kernel_tuning.table_path(8, 14336, 4096, torch.bfloat16, "NVIDIA H100 80GB HBM3")
-    assert path.name == "E=8,I=14336,H=4096,dtype=bfloat16,device=NVIDIA_H100_80GB_HBM3.json"
+    assert path.name == "E8-I14336-H4096-bfloat16-NVIDIA_H100_80GB_HBM3.json"
     path.write_text(json.dumps({"16": {"BLOCK_M": 16, "down": {"BLOCK_N": 32}},
                                 "4096": {"BLOCK_M": 128, "backend": "grouped_mm"}}))
     small = kernel_tuning.pick_config(8, 14336, 4096, 20, torch.bfloat16, "NVIDIA H100 80GB HBM3")

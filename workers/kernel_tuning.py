@@ -8,7 +8,7 @@ A config is a dict:
   grad_w                       weight-gradient kernels {BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages}
   backend                      "triton" or "grouped_mm": which path `fused_experts` takes (forward)
 
-Tuned tables live in `workers/tuned/E=..,I=..,H=..,dtype=..,device=...json`, one per
+Tuned tables live in `workers/tuned/E{E}-I{I}-H{H}-{dtype}-{GPU name}.json`, one per
 expert shape, dtype and GPU, mapping a token count to a config (`bench/tune_kernels_gpu.py`
 writes them on a GPU).  A call uses the entry of the nearest token count (by ratio); keys the entry
 leaves out, and shapes with no table, fall back to the defaults below.
@@ -65,7 +65,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def table_path(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device_name: str) -> Path:
     """Where the tuned table for this expert shape, dtype and GPU lives."""
-    name = f"E={num_experts},I={inter},H={hidden},dtype={_dtype_name(dtype)},device={device_name.replace(' ', '_')}.json"
+    name = f"E{num_experts}-I{inter}-H{hidden}-{_dtype_name(dtype)}-{device_name.replace(' ', '_')}.json"
     return TUNED_DIR / name
 
 

@@ -7,15 +7,15 @@ expert's weights.  Forward is two grouped GEMMs, gate+up with SwiGLU in its
 epilogue and down with the routing weight in its epilogue, then a combine that sums
 each token's K rows.  Backward (as ScatterMoE/SonicMoE) keeps only the gate/up
 pre-activation h from the forward; the activation a = silu(g) * u is recomputed in
-the epilogues that need it.  Kernels:
+the backward's first epilogue.  Kernels:
 
   forward   _gate_up_kernel   h = x[tok] @ gate_up[e]^T, a = silu(g) * u
             _down_kernel      y[id] = w * (a @ down[e]^T)
             _combine_kernel   out[t] = sum_k y[t*K + k]      (unserved slots skipped)
-  backward  _grad_act_kernel  p = dy[tok] @ down[e]; dw = <p, a>; dh = (dg, du)
+  backward  _grad_act_kernel  p = dy[tok] @ down[e]; dw = <p, a>; dh = (dg, du); wa = w * a
             _grad_x_kernel    dx[id] = dh @ gate_up[e]    (+ _combine_kernel)
             _grad_w1_kernel   dgate_up[e] = dh_e^T @ x_e
-            _grad_w2_kernel   ddown[e] = dy_e^T @ (w * a)_e
+            _grad_w2_kernel   ddown[e] = dy_e^T @ wa_e     (wa = w * a from _grad_act_kernel)
 
 Intermediates (h, a, dh) are kept in the input dtype; every dot accumulates in fp32.
 Under TRITON_INTERPRET=1 (tests on a CPU) dots run on fp32-upcast operands: the
@@ -58,9 +58,40 @@ class Routing:
     n: int
 
 
-def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
-    """vLLM's moe_align_block_size in torch ops, without a host sync: rows are allocated
-    for the worst case (every expert wastes block_m - 1 rows) and unused blocks exit early."""
+ALIGN_KERNEL_MAX = 4096  # assignments up to which one Triton program does the routing (decode, small batches)
+
+
+def align(top_k_index: torch.Tensor, num_experts: int, block_m: int, method: str | None = None) -> Routing:
+    """vLLM's moe_align_block_size without a host sync: rows are allocated for the worst case
+    (every expert wastes block_m - 1 rows) and unused blocks exit early.  method "kernel"
+    (default up to ALIGN_KERNEL_MAX assignments) runs one Triton program, about 30 fewer
+    launches than "torch", which is what decode latency is made of."""
+    n = top_k_index.numel()
+    if method is None:
+        method = "kernel" if 0 < n <= ALIGN_KERNEL_MAX else "torch"
+    return _align_kernel_path(top_k_index, num_experts, block_m) if method == "kernel" else \
+        _align_torch(top_k_index, num_experts, block_m)
+
+
+def _worst_case_rows(n: int, num_experts: int, block_m: int) -> int:
+    return triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+
+
+def _align_kernel_path(top_k_index, num_experts, block_m) -> Routing:
+    n, dev = top_k_index.numel(), top_k_index.device
+    rows = _worst_case_rows(n, num_experts, block_m)
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(rows // block_m, dtype=torch.int32, device=dev)
+    meta = torch.empty(1 + 3 * num_experts, dtype=torch.int32, device=dev)  # rows_used, pad_start, padded, start
+    block_e = triton.next_power_of_2(num_experts + 1)
+    _align_kernel[(1,)](top_k_index.reshape(-1), sorted_ids, block_expert, meta, n, num_experts, rows,
+                        BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_E=block_e, BLOCK_B=256,
+                        num_warps=8 if n > 1024 else 4)
+    return Routing(sorted_ids, block_expert, meta[:1], meta[1:1 + num_experts],
+                   meta[1 + num_experts:1 + 2 * num_experts], block_m, n)
+
+
+def _align_torch(top_k_index, num_experts, block_m) -> Routing:
     flat = top_k_index.reshape(-1).long()
     n, dev = flat.numel(), flat.device
     key = torch.where(flat >= 0, flat, num_experts)  # not served here: sorts last, dropped
@@ -70,7 +101,7 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start, start = pad_end - padded, torch.cumsum(counts, 0) - counts
-    rows = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+    rows = _worst_case_rows(n, num_experts, block_m)
     e_sorted = key[order]
     e_c = e_sorted.clamp(max=num_experts - 1)
     dst = pad_start[e_c] + torch.arange(n, device=dev) - start[e_c]
@@ -127,6 +158,39 @@ def _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M: tl.co
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     row_ok = ids < n
     return offs_m.to(tl.int64), ids.to(tl.int64), tl.where(row_ok, ids // topk, 0).to(tl.int64), row_ok, e
+
+
+@triton.jit
+def _align_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, meta_ptr, n, E, R,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: histogram, padded offsets, a stable sort by (expert, assignment) and the
+    scatter into padded rows.  meta = [rows_used, pad_start (E), padded (E), start (E)]."""
+    offs = tl.arange(0, BLOCK_N)
+    key = tl.load(idx_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+    key = tl.where(key >= 0, key, E)  # not served (and lanes past n): bin E, sorted last
+    bins = tl.arange(0, BLOCK_E)
+    e_ok = bins < E
+    counts = tl.where(e_ok, tl.histogram(key, BLOCK_E), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, 0)
+    tl.store(meta_ptr, tl.sum(padded, 0))
+    tl.store(meta_ptr + 1 + bins, pad_end - padded, mask=e_ok)
+    tl.store(meta_ptr + 1 + E + bins, padded, mask=e_ok)
+    tl.store(meta_ptr + 1 + 2 * E + bins, tl.cumsum(counts, 0) - counts, mask=e_ok)
+    for b0 in range(0, R // BLOCK_M, BLOCK_B):  # every row starts as padding; each block gets its expert
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        b_ok = blocks < R // BLOCK_M
+        before = (pad_end[None, :] <= (blocks * BLOCK_M)[:, None]) & e_ok[None, :]
+        tl.store(block_expert_ptr + blocks, tl.sum(before.to(tl.int32), 1), mask=b_ok)
+        for j in range(BLOCK_M):
+            tl.store(sorted_ids_ptr + blocks * BLOCK_M + j, n, mask=b_ok)
+    tl.debug_barrier()  # the sentinel fill and the offsets are visible before the scatter below
+    ordered = tl.sort(key * BLOCK_N + offs)
+    s_key, s_id = ordered // BLOCK_N, ordered % BLOCK_N
+    served = s_key < E
+    dst = tl.load(meta_ptr + 1 + s_key, mask=served, other=0) + offs - tl.load(meta_ptr + 1 + 2 * E + s_key,
+                                                                                mask=served, other=0)
+    tl.store(sorted_ids_ptr + dst, s_id, mask=served)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -221,12 +285,13 @@ def _combine_kernel(y_ptr, idx_ptr, out_ptr, H, topk, s_ym, s_om,
 
 
 @triton.jit
-def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_ptr, block_expert_ptr, rows_used_ptr,
-                     R, H, I, n, topk,
-                     s_dym, s_we, s_wk, s_wn, s_hm, s_dhm,
+def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, wa_ptr, dw_ptr, sorted_ids_ptr, block_expert_ptr,
+                     rows_used_ptr, R, H, I, n, topk,
+                     s_dym, s_we, s_wk, s_wn, s_hm, s_dhm, s_wam,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """p = dy[tok] @ down[e] (N over I); epilogue: dw partial <p, a> per N-block, dg and du into dh.
+                     STORE_WA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """p = dy[tok] @ down[e] (N over I); epilogue: dw partial <p, a> per N-block, dg and du into dh,
+    and w * a into wa for the down-weight gradient (a pure GEMM then, not an activation per tile).
 
     With s = sigmoid(g): a = g*s*u, dL/dw = <p, a>, dL/dg = w*p*u*s*(1 + g*(1-s)), dL/du = w*p*g*s."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
@@ -253,6 +318,8 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, dw_ptr, sorted_ids_pt
     ok = n_ok[None, :] & (offs_m >= 0)[:, None]  # padding rows get exact zeros (rw = 0) for the dx GEMM
     tl.store(dh_ptrs, (rw * p * u * s * (1.0 + g * (1.0 - s))).to(dt), mask=ok)
     tl.store(dh_ptrs + I, (rw * p * silu).to(dt), mask=ok)
+    if STORE_WA:
+        tl.store(wa_ptr + offs_m[:, None] * s_wam + offs_n[None, :], (rw * silu * u).to(dt), mask=ok)
 
 
 @triton.jit
@@ -309,12 +376,12 @@ def _grad_w1_kernel(dh_ptr, x_ptr, dgu_ptr, sorted_ids_ptr, pad_start_ptr, padde
 
 
 @triton.jit
-def _grad_w2_kernel(dy_ptr, h_ptr, rw_ptr, ddn_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
+def _grad_w2_kernel(dy_ptr, wa_ptr, ddn_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
                     H, I, n, topk,
-                    s_dym, s_hm, s_de, s_dn,
+                    s_dym, s_wam, s_de, s_dn,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """ddown[e] (H, I) = dy_e^T @ (w * a)_e, a = silu(g) * u recomputed from h (N over H, K over I)."""
+    """ddown[e] (H, I) = dy_e^T @ (w * a)_e (N over H, K over I), wa written by _grad_act_kernel."""
     e = tl.program_id(0).to(tl.int64)
     num_k = tl.cdiv(I, BLOCK_K)
     pid_n, pid_k = tl.program_id(1) // num_k, tl.program_id(1) % num_k
@@ -330,16 +397,10 @@ def _grad_w2_kernel(dy_ptr, h_ptr, rw_ptr, ddn_ptr, sorted_ids_ptr, pad_start_pt
         row_ok = ids < n
         tok = (ids // topk).to(tl.int64)
         dy_t = tl.load(dy_ptr + tok[None, :] * s_dym + offs_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        ok = row_ok[:, None] & k_ok[None, :]
-        h_ptrs = h_ptr + offs_r.to(tl.int64)[:, None] * s_hm + offs_k[None, :]
-        g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(h_ptrs + I, mask=ok, other=0.0).to(tl.float32)
-        rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
-        wa = g * tl.sigmoid(g) * u * rw[:, None]
+        wa = tl.load(wa_ptr + offs_r.to(tl.int64)[:, None] * s_wam + offs_k[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
-            dy_t = dy_t.to(tl.float32)
-        else:
-            wa = wa.to(dy_t.dtype)
+            dy_t, wa = dy_t.to(tl.float32), wa.to(tl.float32)
         acc = tl.dot(dy_t, wa, acc, input_precision=PREC)
     tl.store(ddn_ptr + e * s_de + offs_n[:, None] * s_dn + offs_k[None, :], acc.to(ddn_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
@@ -408,12 +469,13 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
     upcast, prec = _modes(x.dtype)
     common = (route.sorted_ids, route.block_expert, route.rows_used, rows, hid, inter, n, k)
     dh = x.new_empty(rows, 2 * inter)
+    wa = x.new_empty(rows, inter) if need_dn else dh  # dh: an unused placeholder (STORE_WA off)
     n_blocks = triton.cdiv(inter, cfg["grad_act"]["BLOCK_N"])
     dw_part = torch.empty(n_blocks, n, dtype=torch.float32, device=x.device)
     _grad_act_kernel[_grid(route, inter, cfg, "grad_act")](
-        dy, down, h, rw, dh, dw_part, *common,
-        dy.stride(0), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0),
-        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act", hid))
+        dy, down, h, rw, dh, wa, dw_part, *common,
+        dy.stride(0), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0), wa.stride(0),
+        STORE_WA=need_dn, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act", hid))
     grad_x = grad_gu = grad_dn = grad_w = None
     if need_w:
         served = (top_k_index.reshape(-1) >= 0)
@@ -436,8 +498,8 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
     if need_dn:
         grad_dn = torch.empty_like(down, memory_format=torch.contiguous_format)
         grid = (num_e, triton.cdiv(hid, wcfg["BLOCK_N"]) * triton.cdiv(inter, wcfg["BLOCK_K"]))
-        _grad_w2_kernel[grid](dy, h, rw, grad_dn, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
-                              dy.stride(0), h.stride(0), grad_dn.stride(0), grad_dn.stride(1), **meta)
+        _grad_w2_kernel[grid](dy, wa, grad_dn, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
+                              dy.stride(0), wa.stride(0), grad_dn.stride(0), grad_dn.stride(1), **meta)
     return grad_x, grad_gu, grad_dn, grad_w
 
 

@@ -7,7 +7,8 @@ Per token count: for each BLOCK_M candidate, a coordinate search over each kerne
 (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) timing the whole forward (or, for
 the backward kernels, forward+backward), then the best BLOCK_M; finally torch._grouped_mm's
 forward is timed and the entry's "backend" names the faster path.  bf16, CUDA-event medians;
-forwards are replayed from CUDA graphs (as a server runs them), backwards run eagerly.
+decode-sized forwards are replayed from CUDA graphs (as a server runs them, so Python's
+launch overhead stays out), the rest runs eagerly.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def timed(fn, graph=False):
         return float("inf")
 
 
-def forward_ms(case, cfg):
+def forward_ms(case, cfg, graph):
     with torch.no_grad():
-        return timed(lambda: triton_fused_experts(*case, config=cfg), graph=True)
+        return timed(lambda: triton_fused_experts(*case, config=cfg), graph=graph)
 
 
 def train_ms(case, cfg):
@@ -111,7 +112,7 @@ def tune_tokens(e, i, h, k, t, train: bool):
     best_cfg, best_ms = None, float("inf")
     for bm in [16, 32] if decode else [64, 128]:
         cfg = dict(copy.deepcopy(base), BLOCK_M=bm)
-        cfg, ms = search(cfg, ["gate_up", "down"], candidates, lambda c: forward_ms(case, c))
+        cfg, ms = search(cfg, ["gate_up", "down"], candidates, lambda c: forward_ms(case, c, graph=decode))
         if ms < best_ms:
             best_cfg, best_ms = cfg, ms
     entry = {key: best_cfg[key] for key in ("BLOCK_M", "gate_up", "down")}
@@ -119,7 +120,7 @@ def tune_tokens(e, i, h, k, t, train: bool):
     report = f"triton fwd {best_ms:.3f} ms"
     if grouped_mm_supported(*case[:3]):
         with torch.no_grad():
-            gmm = timed(lambda: grouped_mm_experts(*case), graph=True)
+            gmm = timed(lambda: grouped_mm_experts(*case), graph=decode)
         entry["backend"] = "grouped_mm" if gmm < best_ms else "triton"
         report += f", grouped_mm fwd {gmm:.3f} ms"
     if train:

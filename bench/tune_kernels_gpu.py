@@ -103,6 +103,19 @@ def search(cfg, kernels, candidates, measure):
     return cfg, best
 
 
+def retune_backward(e, i, h, k, t, entry):
+    """Refine only the backward kernels of an existing entry, over every candidate."""
+    case = make_case(t, e, i, h, k)
+    cfg = kernel_tuning.default_config(e, t, k, torch.bfloat16, False)
+    cfg.update(copy.deepcopy(entry))
+    candidates = DECODE_CANDIDATES if t * k / e <= 32 else PREFILL_CANDIDATES
+    before = train_ms(case, cfg)
+    cfg, ms = search(cfg, ["grad_act", "grad_x"], candidates, lambda c: train_ms(case, c))
+    cfg, ms = search(cfg, ["grad_w"], GRAD_W_CANDIDATES, lambda c: train_ms(case, c))
+    entry.update({key: cfg[key] for key in ("grad_act", "grad_x", "grad_w")})
+    return entry, f"triton fwd+bwd {before:.3f} -> {ms:.3f} ms"
+
+
 def tune_tokens(e, i, h, k, t, train: bool):
     case = make_case(t, e, i, h, k)
     base = kernel_tuning.default_config(e, t, k, torch.bfloat16, False)
@@ -139,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--train-from", type=int, default=1024,
                         help="also tune the backward kernels for token counts from this one up")
     parser.add_argument("--out", default=str(kernel_tuning.TUNED_DIR), help="directory for the JSON tables")
+    parser.add_argument("--backward-only", action="store_true",
+                        help="refine the backward kernels of the existing table's entries (for --tokens) only")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="seconds per shape, after which searches keep what they found so far")
     args = parser.parse_args(argv)
@@ -150,14 +165,17 @@ def main(argv=None):
         parser.error("name a --shape or a --custom E I H K")
     for name, e, i, h, k in jobs:
         DEADLINE[0] = time.time() + args.budget_s
-        table = {}
+        path = os.path.join(args.out, kernel_tuning.table_path(e, i, h, torch.bfloat16, gpu).name)
+        table = json.load(open(path)) if args.backward_only else {}
         for t in args.tokens or TOKENS.get(name, [1, 16, 256, 4096]):
             start = time.time()
-            table[str(t)], report = tune_tokens(e, i, h, k, t, train=t >= args.train_from)
+            if args.backward_only:
+                table[str(t)], report = retune_backward(e, i, h, k, t, table[str(t)])
+            else:
+                table[str(t)], report = tune_tokens(e, i, h, k, t, train=t >= args.train_from)
             print(f"{name} E={e} I={i} H={h} K={k} T={t}: {report} ({time.time() - start:.0f} s)\n  {table[str(t)]}",
                   flush=True)
             torch.cuda.empty_cache()
-        path = os.path.join(args.out, kernel_tuning.table_path(e, i, h, torch.bfloat16, gpu).name)
         os.makedirs(args.out, exist_ok=True)
         with open(path, "w") as f:
             json.dump(table, f, indent=1)

@@ -3,6 +3,11 @@
 Epochs only grow. A frontend acknowledges an epoch once it routes new requests
 by it; `await_acks` is what lets the controller drop an expert's old copy only
 when no frontend can still send new requests there (copy, switch, then drop).
+
+A frontend whose watch stream broke is still waited for during a lease (it is
+most likely reconnecting, with an older table), and a controller that restarts
+over a serving pool waits one lease before any drop, so that frontends it has
+never heard of can reconnect and acknowledge first.
 """
 
 from __future__ import annotations
@@ -24,13 +29,25 @@ class Table:
     placement: Placement
 
 
+LEASE_S = 3.0  # frontends retry a broken watch every 0.2 s
+
+
 class Publisher:
-    def __init__(self, epoch: int = 0):
+    def __init__(self, epoch: int = 0, *, lease_s: float = LEASE_S):
         self._cond = threading.Condition()
         self._table = Table(epoch, {}, {})
         self._acks: dict[str, int] = {}  # frontend id -> acknowledged epoch
         self._watching: dict[str, int] = {}  # frontend id -> open watch streams
+        self._gone: dict[str, float] = {}  # frontend id -> when its last watch stream closed
+        self._lease_s = lease_s
+        self._warm_until = 0.0
         self._closed = False
+
+    def expect_reconnects(self) -> None:
+        """The pool served under an earlier controller: frontends we do not know yet may route
+        by an older table, so await_acks waits one lease for them to come back."""
+        with self._cond:
+            self._warm_until = time.monotonic() + self._lease_s
 
     @property
     def table(self) -> Table:
@@ -58,20 +75,26 @@ class Publisher:
             return {f: self._acks.get(f, 0) for f in self._watching}
 
     def await_acks(self, epoch: int, timeout: float) -> list[str]:
-        """Waits until every watching frontend acked `epoch`; returns those that had not by `timeout`."""
+        """Waits until every frontend that is watching, or whose stream broke less than a lease
+        ago, acked `epoch` (and any restart warm-up is over); returns those that had not by `timeout`."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                lagging = [f for f in self._watching if self._acks.get(f, 0) < epoch]
-                remaining = deadline - time.monotonic()
-                if not lagging or remaining <= 0 or self._closed:
+                now = time.monotonic()
+                recent = [f for f, t in self._gone.items() if now - t < self._lease_s]
+                lagging = sorted(f for f in {*self._watching, *recent} if self._acks.get(f, 0) < epoch)
+                remaining = deadline - now
+                if (not lagging and now >= self._warm_until) or remaining <= 0 or self._closed:
                     return lagging
-                self._cond.wait(remaining)
+                # wake for acks and streams; also when the warm-up or a broken stream's lease runs out
+                ends = [t + self._lease_s - now for f, t in self._gone.items() if f in recent] + [self._warm_until - now]
+                self._cond.wait(min([remaining] + [e for e in ends if e > 0]))
 
     def watch(self, frontend_id: str, known_epoch: int, alive) -> Iterator[Table]:
         """Yields the table whenever its epoch passes what the frontend has; ends when `alive()` turns false."""
         with self._cond:
             self._watching[frontend_id] = self._watching.get(frontend_id, 0) + 1
+            self._gone.pop(frontend_id, None)
         try:
             sent = known_epoch
             while alive() and not self._closed:
@@ -87,6 +110,7 @@ class Publisher:
                 self._watching[frontend_id] -= 1
                 if not self._watching[frontend_id]:
                     del self._watching[frontend_id]
+                    self._gone[frontend_id] = time.monotonic()
                 self._cond.notify_all()
 
     def close(self) -> None:

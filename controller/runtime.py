@@ -63,6 +63,7 @@ class Controller:
         if placement:
             addresses = {w: o.address for w, o in observed.workers.items()}
             self.publisher.publish(placement, addresses, min_epoch=observed.max_epoch() + 1)
+            self.publisher.expect_reconnects()
             log.info("recovered %d workers and %d experts; epoch %d", len(observed.serving), len(placement),
                      self.publisher.table.epoch)
         self._thread.start()

@@ -60,6 +60,11 @@ class ExpertWorkerStub:
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.OfferExpert = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/OfferExpert',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.ExpertOffer.FromString,
+                _registered_method=True)
         self.PullExpert = channel.unary_unary(
                 '/moecluster.worker.v1.ExpertWorker/PullExpert',
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.PullExpertRequest.SerializeToString,
@@ -112,6 +117,14 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OfferExpert(self, request, context):
+        """A ticket for the expert's raw bytes on the bulk side channel (how PullExpert copies:
+        gRPC's per-message costs cap a stream far below what the socket carries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PullExpert(self, request, context):
         """Copy an expert from a peer (its ExportExpert) while both keep serving.
         """
@@ -159,6 +172,11 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.ExportExpert,
                     request_deserializer=moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'OfferExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.OfferExpert,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.ExpertOffer.SerializeToString,
             ),
             'PullExpert': grpc.unary_unary_rpc_method_handler(
                     servicer.PullExpert,
@@ -311,6 +329,33 @@ class ExpertWorker:
             '/moecluster.worker.v1.ExpertWorker/ExportExpert',
             moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.SerializeToString,
             moecluster_dot_protos_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/OfferExpert',
+            moecluster_dot_protos_dot_worker__pb2.ExportExpertRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.ExpertOffer.FromString,
             options,
             channel_credentials,
             insecure,

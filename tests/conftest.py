@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import grpc
 import pytest
 import torch
 
@@ -62,3 +63,38 @@ def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)
+
+
+# -- one worker's RPC tests (test_worker_rpcs, test_worker_pull) -------------------------------
+
+ALL_EXPERTS = {(layer, e): ("w",) for layer in (0, 1) for e in range(8)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(qwen3):
+    from moecluster.models.checkpoint import Checkpoint
+
+    return Checkpoint(qwen3)
+
+
+@pytest.fixture(scope="module")
+def weights(ckpt):
+    """layer -> (gate_up [E, 2I, H], down [E, H, I]) read with Checkpoint.read_expert."""
+    g = ckpt.geometry
+    assert (g.hidden, g.intermediate, g.num_experts, g.moe_layers) == (64, 32, 8, (0, 1))  # what the tests assume
+    out = {}
+    for layer in g.moe_layers:
+        pairs = [ckpt.read_expert(layer, e) for e in range(g.num_experts)]
+        out[layer] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_worker(qwen3):
+    """One in-process worker holding every expert of both layers; yields its stub."""
+    from moecluster.protos import worker_pb2_grpc
+    from moecluster.wire import streaming
+
+    with running_workers(qwen3, ALL_EXPERTS) as servers:
+        with grpc.insecure_channel(servers["w"].address, options=streaming.GRPC_OPTIONS) as channel:
+            yield worker_pb2_grpc.ExpertWorkerStub(channel)

@@ -1,8 +1,8 @@
-"""The expert worker's RPCs on real gRPC: Forward(Stream), load/drop, export/pull, stats, health, process life."""
+"""The expert worker's RPCs on real gRPC: Forward(Stream), load/drop, stats, health, process life
+(copies between workers: test_worker_pull.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,114 +11,31 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
-from concurrent import futures
 
 import grpc
 import pytest
 import torch
 from conftest import running_workers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
-from moecluster.wire.tensors import decode, encode
-from moecluster.workers.kernels import reference_experts
+from moecluster.wire.tensors import decode
 from moecluster.workers.service import SERVICE_NAME
+from worker_helpers import (
+    TIMEOUT_S,
+    expected,
+    forward,
+    held,
+    keys,
+    max_err,
+    pairs,
+    request,
+    routing,
+    stats,
+    stub_for,
+)
 
-TIMEOUT_S = 30.0
 ALL = {(layer, e): ("w",) for layer in (0, 1) for e in range(8)}
-
-
-# -- helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ckpt(qwen3):
-    return Checkpoint(qwen3)
-
-
-@pytest.fixture(scope="module")
-def weights(ckpt):
-    """layer -> (gate_up [E, 2I, H], down [E, H, I]) read with Checkpoint.read_expert."""
-    g = ckpt.geometry
-    assert (g.hidden, g.intermediate, g.num_experts, g.moe_layers) == (64, 32, 8, (0, 1))  # what the tests assume
-    out = {}
-    for layer in g.moe_layers:
-        pairs = [ckpt.read_expert(layer, e) for e in range(g.num_experts)]
-        out[layer] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def full_worker(qwen3):
-    """One in-process worker holding every expert of both layers; yields its stub."""
-    with running_workers(qwen3, ALL) as servers:
-        with grpc.insecure_channel(servers["w"].address, options=streaming.GRPC_OPTIONS) as channel:
-            yield worker_pb2_grpc.ExpertWorkerStub(channel)
-
-
-def stub_for(server) -> tuple[grpc.Channel, worker_pb2_grpc.ExpertWorkerStub]:
-    channel = grpc.insecure_channel(server.address, options=streaming.GRPC_OPTIONS)
-    return channel, worker_pb2_grpc.ExpertWorkerStub(channel)
-
-
-def routing(tokens: int, experts: list[int], k: int = 2, seed: int = 0, index_dtype=torch.int32, dtype=torch.float32):
-    """Random (hidden [T, H], index [T, k] of distinct ids drawn from `experts`, weights [T, k])."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, 64, generator=gen).to(dtype)
-    choices = torch.tensor(experts)
-    picks = torch.stack([torch.randperm(len(experts), generator=gen)[:k] for _ in range(tokens)]) if tokens else \
-        torch.zeros(0, k, dtype=torch.long)
-    index = choices[picks].to(index_dtype)
-    weights = torch.rand(tokens, k, generator=gen).to(dtype)
-    return hidden, index, weights
-
-
-def request(layer, hidden, index, weights, epoch=0) -> worker_pb2.ForwardRequest:
-    return worker_pb2.ForwardRequest(layer=layer, hidden_states=encode(hidden), top_k_index=encode(index),
-                                     top_k_weights=encode(weights), epoch=epoch)
-
-
-def forward(stub, layer, hidden, index, weights) -> torch.Tensor:
-    response = stub.Forward(request(layer, hidden, index, weights), timeout=TIMEOUT_S)
-    return decode(response.output).clone()
-
-
-def expected(weights_of, layer, hidden, index, top_w) -> torch.Tensor:
-    return reference_experts(hidden.float(), *weights_of[layer], index.long(), top_w.float())
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
-def stats(stub) -> worker_pb2.StatsResponse:
-    return stub.Stats(worker_pb2.StatsRequest(), timeout=TIMEOUT_S)
-
-
-def held(stub) -> list[tuple[int, int]]:
-    return [(k.layer, k.expert) for k in stats(stub).held]
-
-
-def keys(*pairs) -> list[worker_pb2.ExpertKey]:
-    return [worker_pb2.ExpertKey(layer=l, expert=e) for l, e in pairs]
-
-
-def pairs(expert_keys) -> list[tuple[int, int]]:
-    return [(k.layer, k.expert) for k in expert_keys]
-
-
-def export(stub, layer, expert) -> tuple[worker_pb2.ExpertState, list]:
-    chunks = list(stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=keys((layer, expert))[0]), timeout=TIMEOUT_S))
-    payload = streaming.join(iter(chunks), limit_bytes=1 << 24)  # checks size and CRC
-    return worker_pb2.ExpertState.FromString(payload), chunks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- Forward ---------------------------------------------------------------------
@@ -287,174 +204,6 @@ def test_forward_is_consistent_while_experts_come_and_go(qwen3, weights):
                 thread.join(timeout=TIMEOUT_S)
             assert not thread.is_alive() and not errors
             assert held(stub) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-
-
-# -- ExportExpert / PullExpert ---------------------------------------------------
-
-
-def test_export_expert_is_checksummed_and_bit_identical(full_worker, ckpt):
-    for layer, expert in [(0, 0), (0, 7), (1, 3)]:
-        state, chunks = export(full_worker, layer, expert)
-        payload = b"".join(c.data for c in chunks)
-        assert chunks[-1].last and chunks[-1].crc32 == zlib.crc32(payload) and chunks[0].total_size == len(payload)
-        assert pairs([state.expert]) == [(layer, expert)]
-        gate_up, down = ckpt.read_expert(layer, expert)
-        assert state.gate_up_proj.dtype == "float32" and list(state.gate_up_proj.shape) == [64, 64]
-        assert list(state.down_proj.shape) == [64, 32]
-        assert decode(state.gate_up_proj).numpy().tobytes() == gate_up.numpy().tobytes()
-        assert decode(state.down_proj).numpy().tobytes() == down.numpy().tobytes()
-
-
-def test_pull_expert_copies_bit_identical_weights(qwen3, weights):
-    placement = {**{(1, e): ("a",) for e in range(8)}, **{(0, e): ("b",) for e in range(4)}}
-    with running_workers(qwen3, placement) as servers:
-        ca, a = stub_for(servers["a"])
-        cb, b = stub_for(servers["b"])
-        with ca, cb:
-            reply = b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((1, 5))[0], source=servers["a"].address,
-                                                              epoch=7), timeout=TIMEOUT_S)
-            assert reply.bytes > 3 * 64 * 32 * 4 and reply.seconds > 0
-            after = stats(b)
-            assert (1, 5) in pairs(after.held) and after.epoch == 7
-            assert held(a) == [(1, e) for e in range(8)]  # the source keeps serving it
-
-            from_a, _ = export(a, 1, 5)
-            from_b, _ = export(b, 1, 5)
-            assert from_b.gate_up_proj.data == from_a.gate_up_proj.data
-            assert from_b.down_proj.data == from_a.down_proj.data
-            assert from_b.version == from_a.version
-
-            hidden, index, top_w = routing(25, [5], k=1, seed=4)
-            out_b = forward(b, 1, hidden, index, top_w)
-            assert torch.equal(out_b, forward(a, 1, hidden, index, top_w))
-            assert max_err(out_b, expected(weights, 1, hidden, index, top_w)) <= 1e-5
-
-            again = b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((1, 5))[0], source=servers["a"].address,
-                                                              epoch=8), timeout=TIMEOUT_S)
-            assert again.bytes == 0 and stats(b).epoch == 8
-
-
-def test_pull_failures_change_nothing(qwen3):
-    placement = {**{(1, e): ("a",) for e in range(4)}, **{(0, e): ("b",) for e in range(4)}}
-    with running_workers(qwen3, placement) as servers:
-        ca, a = stub_for(servers["a"])
-        cb, b = stub_for(servers["b"])
-        with ca, cb:
-            before = stats(b)
-
-            dead = f"127.0.0.1:{free_port()}"
-            start = time.monotonic()
-            with pytest.raises(grpc.RpcError) as caught:
-                b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((1, 2))[0], source=dead, epoch=9), timeout=TIMEOUT_S)
-            assert time.monotonic() - start < 5
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert dead in caught.value.details()
-
-            with pytest.raises(grpc.RpcError) as caught:  # a holds only experts 0-3 of layer 1
-                b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((1, 6))[0], source=servers["a"].address, epoch=9),
-                             timeout=TIMEOUT_S)
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert servers["a"].address in caught.value.details() and "not on this worker" in caught.value.details()
-
-            after = stats(b)
-            assert pairs(after.held) == pairs(before.held) == [(0, e) for e in range(4)]
-            assert after.epoch == before.epoch == 0
-            assert after.rejected == before.rejected + 1  # the FAILED_PRECONDITION; a dead peer is no rejection
-            assert held(a) == [(1, e) for e in range(4)]
-
-
-class FakePeer(worker_pb2_grpc.ExpertWorkerServicer):
-    """A peer whose ExportExpert sends what a test tells it to (or hangs until the caller gives up)."""
-
-    def __init__(self, chunks=None):
-        self.chunks = chunks
-        self.remaining: list[float] = []
-        self.ended = threading.Event()
-
-    def ExportExpert(self, request, context):
-        self.remaining.append(context.time_remaining())
-        if self.chunks is None:  # hang until the caller's deadline or cancellation ends the call
-            deadline = time.monotonic() + TIMEOUT_S
-            while context.is_active() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            self.ended.set()
-            return
-        yield from self.chunks
-
-
-@contextlib.contextmanager
-def fake_peer(peer: FakePeer):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=streaming.GRPC_OPTIONS)
-    worker_pb2_grpc.add_ExpertWorkerServicer_to_server(peer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0).wait(timeout=TIMEOUT_S)
-
-
-def state_chunks(layer, expert, gate_up, down, *, corrupt_crc=False):
-    state = worker_pb2.ExpertState(expert=keys((layer, expert))[0], gate_up_proj=encode(gate_up), down_proj=encode(down))
-    chunks = list(streaming.split(state.SerializeToString(), chunk_bytes=4096))
-    if corrupt_crc:
-        chunks[-1].crc32 ^= 1
-    return chunks
-
-
-def test_pull_never_outlives_the_callers_deadline(qwen3):
-    """The pull passes the caller's deadline on to the peer: a peer that hangs cannot hold the worker longer."""
-    peer = FakePeer()
-    with fake_peer(peer) as source, running_workers(qwen3, {(0, 0): ("b",)}) as servers:
-        channel, b = stub_for(servers["b"])
-        with channel:
-            start = time.monotonic()
-            with pytest.raises(grpc.RpcError) as caught:
-                b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((0, 3))[0], source=source, epoch=4), timeout=1.5)
-            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.monotonic() - start < 5
-            assert peer.ended.wait(timeout=5)  # the worker gave up on the peer too
-            assert time.monotonic() - start < 6
-            assert len(peer.remaining) == 1 and peer.remaining[0] <= 1.5
-            now = stats(b)
-            assert pairs(now.held) == [(0, 0)] and now.epoch == 0 and now.rejected == 0
-
-
-@pytest.mark.parametrize("what", ["garbage", "bad-crc", "wrong-expert", "wrong-shape", "bad-dtype"])
-def test_pull_from_a_lying_peer_is_data_loss_and_changes_nothing(qwen3, ckpt, what):
-    gate_up, down = ckpt.read_expert(0, 3)
-    chunks = {
-        "garbage": lambda: list(streaming.split(b"\xff" * 5000, chunk_bytes=4096)),
-        "bad-crc": lambda: state_chunks(0, 3, gate_up, down, corrupt_crc=True),
-        "wrong-expert": lambda: state_chunks(0, 4, gate_up, down),
-        "wrong-shape": lambda: state_chunks(0, 3, gate_up[:10], down),
-        "bad-dtype": lambda: state_chunks(0, 3, gate_up.to(torch.int32), down),
-    }[what]()
-    fragment = {"garbage": "not an ExpertState", "bad-crc": "checksum mismatch", "wrong-expert": "asked for (0, 3)",
-                "wrong-shape": "has shapes [10, 64]", "bad-dtype": "int32"}[what]
-    with fake_peer(FakePeer(chunks)) as source, running_workers(qwen3, {(0, 0): ("b",)}) as servers:
-        channel, b = stub_for(servers["b"])
-        with channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((0, 3))[0], source=source, epoch=4), timeout=TIMEOUT_S)
-            assert caught.value.code() == grpc.StatusCode.DATA_LOSS
-            assert source in caught.value.details() or "peer" in caught.value.details()
-            assert fragment in caught.value.details()
-            now = stats(b)
-            assert pairs(now.held) == [(0, 0)] and now.epoch == 0 and now.rejected == 0
-
-
-def test_pull_from_an_honest_fake_peer_takes_its_bytes(qwen3, ckpt, weights):
-    gate_up, down = ckpt.read_expert(0, 3)
-    with fake_peer(FakePeer(state_chunks(0, 3, gate_up, down))) as source, \
-            running_workers(qwen3, {(0, 0): ("b",)}) as servers:
-        channel, b = stub_for(servers["b"])
-        with channel:
-            reply = b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((0, 3))[0], source=source, epoch=2),
-                                 timeout=TIMEOUT_S)
-            assert reply.bytes > 0 and held(b) == [(0, 0), (0, 3)] and stats(b).epoch == 2
-            hidden, index, top_w = routing(10, [0, 3], seed=21)
-            assert max_err(forward(b, 0, hidden, index, top_w), expected(weights, 0, hidden, index, top_w)) <= 1e-5
 
 
 # -- Stats -----------------------------------------------------------------------

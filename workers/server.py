@@ -25,6 +25,7 @@ from moecluster.observability.prometheus import serve_metrics, worker_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
+from moecluster.wire.bulk import BulkSender
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
 from moecluster.workers.service import ExpertWorkerService, expert_keys
@@ -34,10 +35,12 @@ class WorkerServer:
     """A worker service bound to a port; `start()`, then `stop(grace)`."""
 
     def __init__(self, checkpoint: str | Path | Checkpoint, experts: list[tuple[int, int]], *, host: str = "127.0.0.1",
-                 port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8):
+                 port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8,
+                 bulk_port: int = 0):
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint(checkpoint)
-        self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype)
+        self.bulk = BulkSender(host, bulk_port)  # started with the server: expert copies to peers
+        self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype, bulk=self.bulk)
         self.service.load_from_checkpoint(experts)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
@@ -51,6 +54,7 @@ class WorkerServer:
         self.address = f"{host}:{self.port}"
 
     def start(self) -> "WorkerServer":
+        self.bulk.start()
         self.server.start()
         self.service.set_serving(True)
         return self
@@ -58,6 +62,7 @@ class WorkerServer:
     def stop(self, grace: float = 5.0) -> None:
         self.service.set_serving(False)
         self.server.stop(grace).wait()
+        self.bulk.close()
 
     def render_metrics(self) -> str:
         """Prometheus text for /metrics, from the service's Stats."""
@@ -79,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
+    parser.add_argument("--bulk-port", type=int, default=0,
+                        help="port of the side channel peers copy experts from (default 0: any free; fix it where a "
+                             "firewall or NetworkPolicy must allow it)")
     args = parser.parse_args(argv)
     configure_tracing("moecluster-worker")
     if args.threads:
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = Checkpoint.from_index(args.index) if args.index else Checkpoint(args.checkpoint)
         worker = WorkerServer(checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
-                              worker_id=args.worker_id, dtype=DTYPES[args.dtype]).start()
+                              worker_id=args.worker_id, dtype=DTYPES[args.dtype], bulk_port=args.bulk_port).start()
         metrics = serve_metrics(worker.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")

@@ -7,6 +7,7 @@ without changing any state.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,7 +21,8 @@ from grpc_health.v1 import health, health_pb2
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import bulk, streaming
+from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import WireError, decode, encode
 from moecluster.workers import validation
 from moecluster.workers.expert_store import ExpertStore
@@ -31,11 +33,14 @@ SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 PULL_DEADLINE_S = 120.0
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
 _TRACER = tracer(__name__)
+_LOG = logging.getLogger(__name__)
 
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
-    def __init__(self, checkpoint: Checkpoint, *, worker_id: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint: Checkpoint, *, worker_id: str, dtype: torch.dtype = torch.float32,
+                 bulk: BulkSender | None = None):
         self.checkpoint = checkpoint
+        self.bulk = bulk  # None: peers copy through the ExportExpert stream only
         self.geometry = checkpoint.geometry
         self.worker_id = worker_id
         self.store = ExpertStore(self.geometry.num_experts, dtype)
@@ -145,19 +150,32 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def ExportExpert(self, request, context):
         def run():
             key = validation.check_expert_key(self.geometry, request.expert)
-            try:
-                gate_up, down = self.store.get(*key)
-                version = self.store.version(*key)
-            except KeyError:
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"expert {key} is not on this worker (worker epoch {self.epoch})"
-                ) from None
+            gate_up, down, version = self._held(key)
             return worker_pb2.ExpertState(
                 expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down), version=version
             )
 
         state = _answer(context, self, run)
         yield from streaming.split(state.SerializeToString())
+
+    def OfferExpert(self, request, context):
+        def run():
+            key = validation.check_expert_key(self.geometry, request.expert)
+            if self.bulk is None:
+                raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "this worker has no bulk side channel; use ExportExpert")
+            gate_up, down, version = self._held(key)
+            return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=self.bulk.offer([gate_up, down]))
+
+        return _answer(context, self, run)
+
+    def _held(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        try:
+            gate_up, down = self.store.get(*key)
+            return gate_up, down, self.store.version(*key)
+        except KeyError:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"expert {key} is not on this worker (worker epoch {self.epoch})"
+            ) from None
 
     def PullExpert(self, request, context):
         def run():
@@ -171,9 +189,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             remaining = context.time_remaining()  # never outlive the caller's deadline
             deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
             limit = self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096
-            state, size = _fetch_expert(request.source, request.expert, limit, deadline)
-            gate_up, down = _checked_state(self.geometry, key, state)
-            self.store.add({key: (gate_up, down)}, version=state.version)
+            sent, tensors, version, size = _fetch_expert(request.source, request.expert, limit, deadline)
+            gate_up, down = _checked_state(self.geometry, key, sent, tensors)
+            self.store.add({key: (gate_up, down)}, version=version)
             with self._lock:
                 self.bytes_pulled += size
             self._observe_epoch(request.epoch)  # only a pull that succeeded moves the epoch
@@ -227,38 +245,55 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
 
 
 def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
-                  timeout: float = PULL_DEADLINE_S) -> tuple[worker_pb2.ExpertState, int]:
-    """Streams an ExpertState from a peer's ExportExpert; errors say which peer failed and how."""
+                  timeout: float = PULL_DEADLINE_S) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
+    """Copies an expert from a peer: (the key it sent, [gate_up, down], version, bytes).
+
+    The bytes come over the peer's bulk side channel (OfferExpert's ticket); a peer
+    without one, or one whose bulk port cannot be reached, is read through the
+    ExportExpert stream instead.  Errors say which peer failed and how."""
     with grpc.insecure_channel(source, options=streaming.GRPC_OPTIONS) as channel:
         stub = worker_pb2_grpc.ExpertWorkerStub(channel)
         try:
+            try:
+                offer = stub.OfferExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                offer = None  # a peer without the side channel
+            if offer is not None:
+                host = source.rsplit(":", 1)[0].strip("[]")
+                try:
+                    tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes)
+                    return offer.expert, tensors, offer.version, offer.ticket.nbytes
+                except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
+                    _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)
             chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
             payload = streaming.join(chunks, limit_bytes=limit_bytes)
+            state = worker_pb2.ExpertState.FromString(payload)
+            tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
+            return state.expert, tensors, state.version, len(payload)
         except grpc.RpcError as err:
             code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
             raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
         except WireError as err:
             raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
-    try:
-        return worker_pb2.ExpertState.FromString(payload), len(payload)
-    except DecodeError as err:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
+        except DecodeError as err:
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
 
 
-def _checked_state(geometry, key: tuple[int, int], state: worker_pb2.ExpertState) -> tuple[torch.Tensor, torch.Tensor]:
-    if (state.expert.layer, state.expert.expert) != key:
-        sent = (state.expert.layer, state.expert.expert)
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {sent}, asked for {key}")
-    try:
-        gate_up = decode(state.gate_up_proj, name="gate_up_proj").clone()
-        down = decode(state.down_proj, name="down_proj").clone()
-    except WireError as err:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key}: {err}") from None
+def _checked_state(geometry, key: tuple[int, int], sent: worker_pb2.ExpertKey,
+                   tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pulled tensors, if they are the expert asked for with this model's shapes."""
+    if (sent.layer, sent.expert) != key:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {(sent.layer, sent.expert)}, asked for {key}")
+    if len(tensors) != 2:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent {len(tensors)} tensors for expert {key}, not 2")
+    gate_up, down = tensors
     if gate_up.shape != (2 * geometry.intermediate, geometry.hidden) or down.shape != (geometry.hidden, geometry.intermediate):
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has shapes {list(gate_up.shape)}, {list(down.shape)}")
     if not (gate_up.is_floating_point() and down.is_floating_point()):
-        names = state.gate_up_proj.dtype, state.down_proj.dtype
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has dtypes {names[0]}, {names[1]}; weights are float")
+        raise RequestError(grpc.StatusCode.DATA_LOSS,
+                           f"peer's expert {key} has dtypes {gate_up.dtype}, {down.dtype}; weights are float")
     return gate_up, down
 
 

@@ -1,0 +1,96 @@
+"""The routing-table publisher: who await_acks waits for (watching, reconnecting, after a restart)."""
+
+import threading
+import time
+
+from moecluster.controller.publisher import Publisher
+
+LEASE = 0.4
+PLACEMENT = {(0, 0): ("w0",)}
+ADDRESSES = {"w0": "127.0.0.1:1"}
+
+
+def watcher(pub: Publisher, frontend: str, acks: bool = True):
+    """A frontend watching on a thread; acknowledges every table it gets (if `acks`); stop() ends its stream."""
+    alive = threading.Event()
+    alive.set()
+    got = []
+
+    def run():
+        for table in pub.watch(frontend, 0, alive.is_set):
+            got.append(table.epoch)
+            if acks:
+                pub.ack(frontend, table.epoch)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while frontend not in pub.frontends() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def stop():
+        alive.clear()
+        thread.join(timeout=5)
+
+    return got, stop
+
+
+def test_no_frontend_means_nothing_to_wait_for():
+    pub = Publisher(lease_s=LEASE)
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    start = time.monotonic()
+    assert pub.await_acks(epoch, timeout=5) == []
+    assert time.monotonic() - start < LEASE  # a fresh controller has no one to wait for
+
+
+def test_waits_for_a_watching_frontend_to_ack():
+    pub = Publisher(lease_s=LEASE)
+    got, stop = watcher(pub, "f1")
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    assert pub.await_acks(epoch, timeout=5) == []
+    assert got == [epoch]
+    stop()
+
+
+def test_a_silent_frontend_is_reported_lagging():
+    pub = Publisher(lease_s=LEASE)
+    _, stop = watcher(pub, "mute", acks=False)
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    assert pub.await_acks(epoch, timeout=0.3) == ["mute"]
+    stop()
+
+
+def test_a_reconnecting_frontend_is_waited_for_until_it_acks():
+    pub = Publisher(lease_s=5.0)
+    _, stop = watcher(pub, "f1")
+    stop()  # its stream broke: it still routes by whatever it had
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    assert pub.await_acks(epoch, timeout=0.3) == ["f1"]  # not forgotten with its stream
+    got, stop = watcher(pub, "f1")  # it comes back and catches up
+    assert pub.await_acks(epoch, timeout=5) == [] and got == [epoch]
+    stop()
+
+
+def test_a_frontend_gone_for_a_lease_is_no_longer_waited_for():
+    pub = Publisher(lease_s=LEASE)
+    _, stop = watcher(pub, "f1")
+    stop()
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    start = time.monotonic()
+    assert pub.await_acks(epoch, timeout=5) == []
+    assert LEASE * 0.5 <= time.monotonic() - start < 5  # it waited for the lease, not the whole timeout
+
+
+def test_a_restarted_controller_waits_a_lease_for_frontends_it_never_saw():
+    pub = Publisher(lease_s=1.0)
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    pub.expect_reconnects()
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(pub.await_acks(epoch, timeout=10)), daemon=True)
+    waiter.start()
+    time.sleep(0.2)
+    assert not done  # still warming up
+    got, stop = watcher(pub, "old-frontend")  # reconnects during the warm-up: must ack before any drop
+    waiter.join(timeout=10)
+    assert done == [[]] and got == [epoch]
+    stop()

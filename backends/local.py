@@ -76,8 +76,9 @@ class LocalCluster:
         return ProcessRecord.load(path) if path.is_file() else None
 
     def records(self) -> list[ProcessRecord]:
-        """Every process the cluster's records name: controller, frontend, workers."""
-        paths = [self.dir / "controller.json", self.dir / "frontend.json", *sorted((self.dir / "workers").glob("*.json"))]
+        """Every process the cluster's records name: controller, frontend, workers, the worker zygote."""
+        paths = [self.dir / "controller.json", self.dir / "frontend.json", *sorted((self.dir / "workers").glob("*.json")),
+                 self.dir / "zygote.json"]
         return [ProcessRecord.load(p) for p in paths if p.is_file()]
 
     # -- up ------------------------------------------------------------------
@@ -120,7 +121,7 @@ class LocalCluster:
         for sub in ("run", "logs", "workers"):
             (self.dir / sub).mkdir(exist_ok=True)
         try:
-            return spawn("controller", ["-m", "moecluster.backends.local_controller", "--cluster-dir", str(self.dir)],
+            return spawn("controller", "moecluster.backends.local_controller", ["--cluster-dir", str(self.dir)],
                          self.dir / "run", self.dir / "logs", timeout, record_at=self.dir / "controller.json")
         except ProcessError as err:
             raise ClusterError(str(err)) from None

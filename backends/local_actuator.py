@@ -1,16 +1,24 @@
 """The local backend's actuator: workers and the frontend as processes on 127.0.0.1.
 
 What it started is written down in the cluster folder (one record per process),
-which is all a restarted controller needs to find its workers again.
+which is all a restarted controller needs to find its workers again.  Workers are
+forked from a zygote that imported torch and gRPC once (`zygote.py`), which takes a
+new worker from about 3 s to a fraction of one; MOECLUSTER_ZYGOTE=0 starts each as a
+fresh interpreter instead.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from pathlib import Path
 
-from moecluster.backends.processes import ProcessRecord, alive, spawn, stop
+from moecluster.backends import zygote
+from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop
 from moecluster.controller.actuator import WorkerHandle
+
+log = logging.getLogger(__name__)
 
 
 class LocalActuator:
@@ -36,11 +44,34 @@ class LocalActuator:
                 return WorkerHandle(worker_id, record.address, record.pid)
             stop(record, self.grace)  # half-started by a controller that died: start it afresh
         index = ["--index", str(self.dir / "index.json")] if (self.dir / "index.json").is_file() else []
-        record = spawn(worker_id, ["-m", "moecluster.workers.server", "--checkpoint", self.model, *index, "--experts", "",
-                                   "--worker-id", worker_id, "--threads", str(self.worker_threads),
-                                   "--grace", str(self.grace)],
-                       self.dir / "run", self.dir / "logs", timeout, record_at=path)
+        args = ["--checkpoint", self.model, *index, "--experts", "", "--worker-id", worker_id,
+                "--threads", str(self.worker_threads), "--grace", str(self.grace)]
+        launcher = self._zygote_launcher(timeout) if os.environ.get("MOECLUSTER_ZYGOTE", "1") != "0" else None
+        try:
+            record = spawn(worker_id, "moecluster.workers.server", args, self.dir / "run", self.dir / "logs", timeout,
+                           record_at=path, launcher=launcher)
+        except OSError as err:  # the zygote went away between the check and the fork
+            if launcher is None:
+                raise
+            log.warning("worker zygote failed (%s); starting %s as a fresh process", err, worker_id)
+            record = spawn(worker_id, "moecluster.workers.server", args, self.dir / "run", self.dir / "logs", timeout,
+                           record_at=path)
         return WorkerHandle(worker_id, record.address, record.pid)
+
+    def _zygote_launcher(self, timeout: float):
+        """A launcher forking from this cluster's zygote (started on first use); None if it cannot start."""
+        path = self.dir / "zygote.json"
+        with self._lock:
+            record = ProcessRecord.load(path) if path.is_file() else None
+            if record is None or not alive(record):
+                try:
+                    record = spawn("zygote", "moecluster.backends.zygote", ["--socket", str(zygote.socket_path(self.dir))],
+                                   self.dir / "run", self.dir / "logs", timeout, record_at=path)
+                except (OSError, ProcessError) as err:
+                    log.warning("worker zygote did not start (%s); starting workers as fresh processes", err)
+                    return None
+        sock = Path(record.address)
+        return lambda argv, logfile: zygote.fork_worker(sock, argv, logfile)
 
     def stop_worker(self, worker_id: str) -> None:
         path = self._record_path(worker_id)
@@ -68,8 +99,8 @@ class LocalActuator:
             if alive(record) and record.address:
                 return WorkerHandle("frontend", record.address, record.pid)
             stop(record, self.grace)
-        record = spawn("frontend", ["-m", "moecluster.frontend.server", "--checkpoint", self.model, "--controller",
-                                    controller_address, "--port", str(self.frontend_port)],
+        record = spawn("frontend", "moecluster.frontend.server", ["--checkpoint", self.model, "--controller",
+                                                                   controller_address, "--port", str(self.frontend_port)],
                        self.dir / "run", self.dir / "logs", timeout, record_at=path)
         return WorkerHandle("frontend", record.address, record.pid)
 
@@ -80,3 +111,7 @@ class LocalActuator:
             path.unlink(missing_ok=True)
         for path in sorted((self.dir / "workers").glob("*.json")):
             self.stop_worker(path.stem)
+        path = self.dir / "zygote.json"
+        if path.is_file():
+            stop(ProcessRecord.load(path), self.grace)
+            path.unlink(missing_ok=True)

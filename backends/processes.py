@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,34 +41,45 @@ class ProcessRecord:
         return cls(**json.loads(path.read_text()))
 
 
-def spawn(process_id: str, args: list[str], run_dir: Path, log_dir: Path, timeout: float,
-          record_at: Path | None = None) -> ProcessRecord:
-    """Runs `python ARGS --ready-file RUN_DIR/ID.ready` and waits for the ready file.
+Launcher = Callable[[list[str], Path], int]  # (arguments, log file) -> pid of a process running them
 
-    With `record_at`, the record is written there the moment the process exists (address
-    still empty) and again once it serves: whoever dies while it starts leaves a trace, so
-    nothing is orphaned.
+
+def spawn(process_id: str, module: str, args: list[str], run_dir: Path, log_dir: Path, timeout: float,
+          record_at: Path | None = None, launcher: Launcher | None = None) -> ProcessRecord:
+    """Runs `python -m MODULE ARGS --ready-file RUN_DIR/ID.ready` and waits for the ready file.
+
+    `launcher` starts the process some other way (a zygote's fork) from the same arguments;
+    the process must then name RUN_DIR on its command line too.  With `record_at`, the
+    record is written there the moment the process exists (address still empty) and again
+    once it serves: whoever dies while it starts leaves a trace, so nothing is orphaned.
     """
     ready = run_dir / f"{process_id}.ready"
     ready.unlink(missing_ok=True)
     log = log_dir / f"{process_id}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, *args, "--ready-file", str(ready)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    argv = [*args, "--ready-file", str(ready)]
+    proc = None
+    if launcher is None:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        pid = proc.pid
+    else:
+        pid = launcher(argv, log)
+    record = ProcessRecord(process_id, pid, "", str(log), str(run_dir))
     if record_at is not None:
-        ProcessRecord(process_id, proc.pid, "", str(log), str(run_dir)).save(record_at)
+        record.save(record_at)
     deadline = time.monotonic() + timeout
     while not ready.is_file():
-        if proc.poll() is not None:
-            raise ProcessError(f"{process_id} exited with status {proc.returncode} while starting; its log ({log}) ends:\n"
-                               + tail(log))
+        if (proc.poll() is not None) if proc is not None else not alive(record):
+            status = f"status {proc.returncode}" if proc is not None else "an error"
+            raise ProcessError(f"{process_id} exited with {status} while starting; its log ({log}) ends:\n" + tail(log))
         if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
             raise ProcessError(f"{process_id} not serving after {timeout:.0f}s; see {log}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     info = json.loads(ready.read_text())
-    record = ProcessRecord(process_id, proc.pid, info["address"], str(log), str(run_dir))
+    record = ProcessRecord(process_id, pid, info["address"], str(log), str(run_dir))
     if record_at is not None:
         record.save(record_at)
     return record

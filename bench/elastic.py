@@ -1,6 +1,6 @@
 """Elasticity of a local cluster, measured in one run on one tiny checkpoint.
 
-    python bench/elastic.py [--quick] [--verbose]
+    python bench/elastic.py [--quick] [--verbose] [--only scale kill migration]
 
 1. scale-up latency: `scale` 3 -> 5 workers (until the new layout serves) vs a
    cold `up` of 5 workers on the same model; ratio cold / scale (goal >= 5x).
@@ -12,9 +12,9 @@
    controller's Status every ~20 ms: (a) the dead worker is out of the serving
    workers and every expert still has a live copy among them (goal <= 1 s),
    (b) the pool is back to spec (goal <= 10 s); 0 failed requests.
-4. expert migration bandwidth: PullExpert between two worker processes on
-   loopback vs a plain TCP copy of the same bytes between two processes
-   (goal >= 50 %).
+4. expert migration bandwidth: PullExpert (bulk side channel) between two worker
+   processes on loopback vs a plain TCP copy of the same bytes between two
+   processes (goal >= 50 %), and the ExportExpert gRPC stream alone for contrast.
 
 Every figure is printed with its goal, then a table of all of them. The run is
 bounded (about 6 minutes, `--quick` about 3) and stops every process it started.
@@ -504,6 +504,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shorter windows (about 3 minutes)")
     parser.add_argument("--verbose", action="store_true", help="print the clusters' progress lines on stderr")
+    parser.add_argument("--only", nargs="+", choices=["scale", "kill", "migration"], default=["scale", "kill", "migration"],
+                        help="parts to run: scale (1 and 2), kill (3), migration (4); default all")
     args = parser.parse_args()
     run = Run(args.quick, args.verbose)
 
@@ -533,7 +535,7 @@ def main() -> int:
             f"{g.intermediate} ({3 * g.hidden * g.intermediate * 4 / 2**20:.1f} MiB per expert in fp32), "
             f"top-{g.top_k}, batch {tuple(batch.shape)}; replicas {REPLICAS}; {os.cpu_count()} cores; "
             f"budget {run.budget:.0f} s; load average {os.getloadavg()[0]:.1f} at start")
-        cluster = guarded(run, "scale latency", part_scale_latency, run, path)
+        cluster = guarded(run, "scale latency", part_scale_latency, run, path) if "scale" in args.only else None
         if cluster is not None:
             guarded(run, "load while scaling", part_load_while_scaling, run, cluster, batch, expected)
             errors = controller_thread_errors(cluster)
@@ -541,14 +543,16 @@ def main() -> int:
                             "all alive", not errors)
             run.down(cluster)
         # kill -9 on a pool of its own: a controller that lost a thread while scaling would not measure recovery.
-        log(f"3. kill -9 one of 3 workers under load (replicas {REPLICAS}), Status polled every {POLL_S * 1e3:.0f} ms")
-        cluster = LocalCluster("bench-elastic-kill")
-        run.clusters.append(cluster)
-        if guarded(run, "kill -9: up", cluster.up, path, workers=3, replicas=REPLICAS, port=0, timeout=240,
-                   progress=run.progress) is not None:
-            guarded(run, "kill -9", part_kill, run, cluster, batch, expected, experts)
-        run.down(cluster)
-        guarded(run, "migration", migration_bandwidth, tmp, run.results, 2 if run.quick else 3, run.procs)
+        if "kill" in args.only:
+            log(f"3. kill -9 one of 3 workers under load (replicas {REPLICAS}), Status polled every {POLL_S * 1e3:.0f} ms")
+            cluster = LocalCluster("bench-elastic-kill")
+            run.clusters.append(cluster)
+            if guarded(run, "kill -9: up", cluster.up, path, workers=3, replicas=REPLICAS, port=0, timeout=240,
+                       progress=run.progress) is not None:
+                guarded(run, "kill -9", part_kill, run, cluster, batch, expected, experts)
+            run.down(cluster)
+        if "migration" in args.only:
+            guarded(run, "migration", migration_bandwidth, tmp, run.results, 2 if run.quick else 3, run.procs)
     finally:
         run.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

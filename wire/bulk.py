@@ -62,12 +62,13 @@ class BulkSender:
         if self._sock is not None:
             self._sock.close()
 
-    def offer(self, tensors: list[torch.Tensor]) -> tensor_pb2.BulkTicket:
-        """Snapshot `tensors` (any device and layout) and return the ticket that fetches them."""
+    def offer(self, tensors: list[torch.Tensor], *, copy: bool = True) -> tensor_pb2.BulkTicket:
+        """Snapshot `tensors` (any device and layout) and return the ticket that fetches them.
+        copy=False: the caller hands over tensors nobody else will change (no snapshot copy)."""
         for t in tensors:
             if t.dtype not in NAMES:
                 raise WireError(f"dtype {t.dtype} cannot travel; supported: {sorted(DTYPES)}")
-        snapshot = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+        snapshot = [t.detach().to("cpu", copy=copy).contiguous() for t in tensors]
         digest = xxhash.xxh3_64()
         for t in snapshot:
             digest.update(_bytes_view(t))

@@ -1,31 +1,55 @@
-"""The experts one worker holds, as immutable per-layer snapshots.
+"""The experts one worker holds: per-layer slot buffers, read through immutable snapshots.
 
-A Forward reads one snapshot and never sees a half-applied load or drop: a
-change builds a new stacked snapshot and swaps it in under a lock. Stacking the
-held experts of a layer ([n, 2I, H], [n, H, I]) is what lets the fused kernel
-run them as one grouped computation.
+Each layer's experts live in stacked buffers ([C, 2I, H], [C, H, I]) with a free
+slot list, which is what lets the fused kernel run them as one grouped
+computation over slot indices.  Adding an expert copies it into a free slot
+(growing the buffers by half when full): a pull costs one copy of that expert,
+not of every expert the layer already holds.  A change swaps in a new snapshot
+under a lock, so a Forward never sees a half-applied load or drop.
+
+A dropped expert's slot is reused only once no reader that could still see it
+remains: readers hold `reading(layer)` for as long as they use a snapshot's
+tensors, and freed slots wait for every reader of an older generation to leave.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+MIN_SLOTS = 4
+
 
 @dataclass(frozen=True)
 class LayerExperts:
-    """One layer's experts on this worker."""
+    """One layer's experts on this worker, as one reader sees them."""
 
-    experts: tuple[int, ...]  # global expert ids, in slot order
-    gate_up: torch.Tensor  # (n, 2I, H)
-    down: torch.Tensor  # (n, H, I)
+    experts: tuple[int, ...]  # global expert ids held
+    slots: tuple[int, ...]  # the buffer slot of each of `experts`
+    gate_up: torch.Tensor  # (C, 2I, H) buffer; only `slots` hold experts
+    down: torch.Tensor  # (C, H, I)
     slot_of: torch.Tensor  # (E + 1,) int64: global id -> slot, -1 where not held; entry E maps -1 to -1
 
     def local_index(self, top_k_index: torch.Tensor) -> torch.Tensor:
         """(T, K) global ids (or -1) -> (T, K) int64 slots (or -1); -1 also for experts not held."""
         return self.slot_of[top_k_index.long()]
+
+    def slot(self, expert: int) -> int:
+        return self.slots[self.experts.index(expert)]
+
+
+@dataclass
+class _Layer:
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    slot_of: dict[int, int]  # global id -> slot
+    free: list[int]
+    retired: list[tuple[int, int]]  # (generation of the drop, slot): free once older readers left
 
 
 class ExpertStore:
@@ -33,11 +57,32 @@ class ExpertStore:
         self.num_experts = num_experts
         self.dtype = dtype
         self._lock = threading.Lock()
+        self._buffers: dict[int, _Layer] = {}
         self._layers: dict[int, LayerExperts] = {}
         self._versions: dict[tuple[int, int], int] = {}
+        self._generation = 0
+        self._readers: Counter[int] = Counter()  # generation -> readers that entered at it
+
+    # -- reading -----------------------------------------------------------
 
     def snapshot(self, layer: int) -> LayerExperts | None:
+        """The layer's current snapshot; use its tensors inside `reading(layer)` only."""
         return self._layers.get(layer)
+
+    @contextlib.contextmanager
+    def reading(self, layer: int) -> Iterator[LayerExperts | None]:
+        """The layer's snapshot, whose slots are not reused while the block runs."""
+        with self._lock:
+            generation = self._generation
+            self._readers[generation] += 1
+            snap = self._layers.get(layer)
+        try:
+            yield snap
+        finally:
+            with self._lock:
+                self._readers[generation] -= 1
+                if not self._readers[generation]:
+                    del self._readers[generation]
 
     def held(self) -> list[tuple[int, int]]:
         return sorted(self._versions)
@@ -49,27 +94,29 @@ class ExpertStore:
         return self._versions[(layer, expert)]
 
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's (2I, H) gate_up and (H, I) down; KeyError when not held."""
-        snap = self._layers.get(layer)
-        if snap is None or expert not in snap.experts:
-            raise KeyError((layer, expert))
-        slot = snap.experts.index(expert)
-        return snap.gate_up[slot], snap.down[slot]
+        """Copies of one expert's (2I, H) gate_up and (H, I) down; KeyError when not held."""
+        with self.reading(layer) as snap:
+            if snap is None or expert not in snap.experts:
+                raise KeyError((layer, expert))
+            slot = snap.slot(expert)
+            return snap.gate_up[slot].clone(), snap.down[slot].clone()
+
+    # -- changes -----------------------------------------------------------
 
     def add(self, items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], version: int = 0) -> list[tuple[int, int]]:
         """Adds experts not yet held; returns those added. Shapes are the caller's to check."""
         with self._lock:
             added = [key for key in sorted(items) if key not in self._versions]
             for layer in sorted({layer for layer, _ in added}):
-                snap = self._layers.get(layer)
                 new = [e for (l, e) in added if l == layer]
-                experts = (snap.experts if snap else ()) + tuple(new)
-                gate_up = torch.stack([items[(layer, e)][0].to(self.dtype) for e in new])
-                down = torch.stack([items[(layer, e)][1].to(self.dtype) for e in new])
-                if snap is not None:  # [n, 2I, H] + [m, 2I, H] -> [n + m, 2I, H]
-                    gate_up = torch.cat([snap.gate_up, gate_up])
-                    down = torch.cat([snap.down, down])
-                self._layers[layer] = self._stack(experts, gate_up, down)
+                buf = self._room(layer, items[(layer, new[0])], len(new))
+                for e in new:
+                    slot = buf.free.pop()
+                    gate_up, down = items[(layer, e)]
+                    buf.gate_up[slot].copy_(gate_up)
+                    buf.down[slot].copy_(down)
+                    buf.slot_of[e] = slot
+                self._publish(layer)
             for key in added:
                 self._versions[key] = version
             return added
@@ -79,20 +126,46 @@ class ExpertStore:
         with self._lock:
             dropped = [key for key in sorted(set(keys)) if key in self._versions]
             for layer in sorted({layer for layer, _ in dropped}):
-                snap = self._layers[layer]
-                gone = {e for (l, e) in dropped if l == layer}
-                keep = [slot for slot, e in enumerate(snap.experts) if e not in gone]
-                if not keep:
-                    del self._layers[layer]
-                    continue
-                experts = tuple(snap.experts[s] for s in keep)
-                index = torch.tensor(keep)
-                self._layers[layer] = self._stack(experts, snap.gate_up[index], snap.down[index])
+                buf = self._buffers[layer]
+                for _, e in (k for k in dropped if k[0] == layer):
+                    buf.retired.append((self._generation + 1, buf.slot_of.pop(e)))
+                if not buf.slot_of:
+                    del self._buffers[layer]
+                self._publish(layer)
             for key in dropped:
                 del self._versions[key]
             return dropped
 
-    def _stack(self, experts: tuple[int, ...], gate_up: torch.Tensor, down: torch.Tensor) -> LayerExperts:
+    def _room(self, layer: int, like: tuple[torch.Tensor, torch.Tensor], need: int) -> _Layer:
+        """The layer's buffers with at least `need` free slots: reclaimed, or grown by half."""
+        buf = self._buffers.get(layer)
+        if buf is not None:
+            oldest_reader = min(self._readers, default=self._generation + 1)
+            buf.free += [slot for gen, slot in buf.retired if gen <= oldest_reader]
+            buf.retired = [(gen, slot) for gen, slot in buf.retired if gen > oldest_reader]
+            if len(buf.free) >= need:
+                return buf
+        old = buf.gate_up.shape[0] if buf is not None else 0
+        size = max(MIN_SLOTS, old + need, old + old // 2)
+        gate_up = torch.empty((size, *like[0].shape), dtype=self.dtype)
+        down = torch.empty((size, *like[1].shape), dtype=self.dtype)
+        if buf is None:
+            buf = self._buffers[layer] = _Layer(gate_up, down, {}, [], [])
+        else:  # readers of the old buffers keep them; nothing of theirs is overwritten
+            gate_up[:old].copy_(buf.gate_up)
+            down[:old].copy_(buf.down)
+            buf.gate_up, buf.down = gate_up, down
+        buf.free += list(range(size - 1, old - 1, -1))
+        return buf
+
+    def _publish(self, layer: int) -> None:
+        self._generation += 1
+        buf = self._buffers.get(layer)
+        if buf is None:
+            self._layers.pop(layer, None)
+            return
+        experts = tuple(sorted(buf.slot_of))
+        slots = tuple(buf.slot_of[e] for e in experts)
         slot_of = torch.full((self.num_experts + 1,), -1, dtype=torch.long)
-        slot_of[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
-        return LayerExperts(experts, gate_up.contiguous(), down.contiguous(), slot_of)
+        slot_of[torch.tensor(experts, dtype=torch.long)] = torch.tensor(slots, dtype=torch.long)
+        self._layers[layer] = LayerExperts(experts, slots, buf.gate_up, buf.down, slot_of)

@@ -95,20 +95,20 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def _forward(self, request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
         inputs = validation.check_forward(self.geometry, request)
-        snapshot = self.store.snapshot(inputs.layer)
-        local = validation.check_held(snapshot, inputs, self.epoch)
-        start = time.perf_counter()
-        if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
-            output = torch.zeros_like(inputs.hidden_states)
-        else:
-            with torch.no_grad():
-                output = fused_experts(
-                    inputs.hidden_states.to(self.store.dtype),
-                    snapshot.gate_up,
-                    snapshot.down,
-                    local,
-                    inputs.top_k_weights.to(self.store.dtype),
-                ).to(inputs.hidden_states.dtype)
+        with self.store.reading(inputs.layer) as snapshot:
+            local = validation.check_held(snapshot, inputs, self.epoch)
+            start = time.perf_counter()
+            if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
+                output = torch.zeros_like(inputs.hidden_states)
+            else:
+                with torch.no_grad():
+                    output = fused_experts(
+                        inputs.hidden_states.to(self.store.dtype),
+                        snapshot.gate_up,
+                        snapshot.down,
+                        local,
+                        inputs.top_k_weights.to(self.store.dtype),
+                    ).to(inputs.hidden_states.dtype)
         self._record(inputs.layer, inputs.top_k_index, time.perf_counter() - start)
         return worker_pb2.ForwardResponse(output=encode(output), epoch=self.epoch)
 
@@ -164,7 +164,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             if self.bulk is None:
                 raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "this worker has no bulk side channel; use ExportExpert")
             gate_up, down, version = self._held(key)
-            return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=self.bulk.offer([gate_up, down]))
+            ticket = self.bulk.offer([gate_up, down], copy=False)  # the store's get() already copied
+            return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=ticket)
 
         return _answer(context, self, run)
 

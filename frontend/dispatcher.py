@@ -69,6 +69,8 @@ class Dispatcher:
             gone = [cancel for w, calls in self._inflight.items() if w not in table.workers for cancel in calls]
         for cancel in gone:
             cancel()
+        for address in table.workers.values():  # connect to new workers now, not on their first request
+            self._stub(address)
 
     def wait_newer(self, epoch: int, timeout: float) -> bool:
         """Blocks until the table's epoch passes `epoch`; False on timeout."""
@@ -198,6 +200,7 @@ class Dispatcher:
             stub = self._stubs.get(address)
             if stub is None:
                 channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+                channel.subscribe(lambda _state: None, try_to_connect=True)  # start the connection in the background
                 self._channels[address] = channel
                 stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)
             return stub

@@ -54,6 +54,7 @@ class WorkerServer:
         self.address = f"{host}:{self.port}"
 
     def start(self) -> "WorkerServer":
+        self.service.warm_up()
         self.bulk.start()
         self.server.start()
         self.service.set_serving(True)

@@ -61,6 +61,16 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
+    def warm_up(self) -> None:
+        """One expert computation on dummy weights, so that the first real request does not pay
+        for the kernel path's first-call set-up (thread pool, allocator): ~10 ms on a fresh worker."""
+        g = self.geometry
+        with torch.no_grad():
+            fused_experts(torch.zeros(2, g.hidden, dtype=self.store.dtype),
+                          torch.zeros(1, 2 * g.intermediate, g.hidden, dtype=self.store.dtype),
+                          torch.zeros(1, g.hidden, g.intermediate, dtype=self.store.dtype),
+                          torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=self.store.dtype))
+
     def load_from_checkpoint(self, keys: list[tuple[int, int]]) -> int:
         """Reads `keys` from the checkpoint (only their tensors) and holds them; returns bytes read."""
         return self._load(keys)[1]

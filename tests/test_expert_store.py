@@ -111,3 +111,38 @@ def test_any_sequence_of_adds_drops_and_readers_matches_a_plain_dict(ops):
             for e in seen:
                 assert torch.equal(snap.gate_up[snap.slot(e)], weights(layer, e)[0])
         ctx.__exit__(None, None, None)
+
+
+def test_a_reservation_is_invisible_until_committed():
+    store = ExpertStore(E)
+    store.add({(0, 0): weights(0, 0)})
+    res = store.reserve(0, 5, ((2 * I, H), (H, I)))
+    assert store.reserve(0, 5, ((2 * I, H), (H, I))) is None  # one pull of an expert at a time
+    assert store.reserve(0, 0, ((2 * I, H), (H, I))) is None  # held already
+    res.gate_up.copy_(weights(0, 5)[0])
+    res.down.copy_(weights(0, 5)[1])
+    check_snapshot(store, 0, {0})
+    assert not store.holds(0, 5)
+    store.commit(res, version=7)
+    check_snapshot(store, 0, {0, 5})
+    assert store.version(0, 5) == 7
+
+
+def test_an_aborted_reservation_leaves_nothing_and_frees_its_slot():
+    store = ExpertStore(E)
+    res = store.reserve(1, 2, ((2 * I, H), (H, I)))
+    store.abort(res)
+    check_snapshot(store, 1, set())
+    assert store.held() == []
+    store.add({(1, 2): weights(1, 2)})
+    check_snapshot(store, 1, {2})
+
+
+def test_a_commit_after_the_buffers_grew_copies_what_was_received():
+    store = ExpertStore(E)
+    res = store.reserve(0, 7, ((2 * I, H), (H, I)))
+    store.add({(0, e): weights(0, e) for e in range(5)})  # grows the layer's buffers under the reservation
+    res.gate_up.copy_(weights(0, 7)[0])  # the receiver still writes into the old buffer
+    res.down.copy_(weights(0, 7)[1])
+    store.commit(res)
+    check_snapshot(store, 0, {0, 1, 2, 3, 4, 7})

@@ -86,13 +86,31 @@ def test_a_malformed_ticket_is_refused_before_connecting(sender, edit, fragment)
 
 def test_an_unreachable_side_channel_is_an_os_error(sender):
     ticket = sender.offer([torch.ones(100)])
-    with socket.socket() as probe:  # a port nobody listens on
+    with socket.socket() as probe:  # bound, never listening: refused, and nobody else can take the port
         probe.bind(("127.0.0.1", 0))
         ticket.port = probe.getsockname()[1]
-    with pytest.raises(OSError):
-        bulk.receive("127.0.0.1", ticket, timeout=5, limit_bytes=LIMIT)
+        with pytest.raises(OSError):
+            bulk.receive("127.0.0.1", ticket, timeout=5, limit_bytes=LIMIT)
 
 
 def test_unsupported_dtype_refused_on_offer(sender):
     with pytest.raises(WireError, match="cannot travel"):
         sender.offer([torch.ones(3, dtype=torch.complex64)])
+
+
+def test_release_runs_once_after_the_send_on_expiry_and_on_close():
+    calls = []
+    s = BulkSender("127.0.0.1", 0).start()
+    try:
+        ticket = s.offer([torch.ones(10)], copy=False, release=lambda: calls.append("sent"))
+        bulk.receive("127.0.0.1", ticket, timeout=10, limit_bytes=LIMIT)
+        s.offer([torch.ones(10)], copy=False, release=lambda: calls.append("closed"))
+    finally:
+        s.close()
+    expiring = BulkSender("127.0.0.1", 0, ttl_s=0.0).start()
+    try:
+        expiring.offer([torch.ones(1)], release=lambda: calls.append("expired"))
+        expiring.offer([torch.ones(1)])  # sweeps the expired offer
+    finally:
+        expiring.close()
+    assert sorted(calls) == ["closed", "expired", "sent"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import running_workers
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import bulk, streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import decode, encode
 from worker_helpers import TIMEOUT_S, expected, export, forward, free_port, held, keys, max_err, pairs, routing, stats, stub_for
@@ -203,12 +203,15 @@ def test_pull_falls_back_to_the_stream_when_the_bulk_port_cannot_be_reached(qwen
     gate_up, down = ckpt.read_expert(0, 3)
     sender = BulkSender("127.0.0.1", 0).start()
     ticket = sender.offer([gate_up, down])
-    sender.close()  # the ticket now names a port nobody listens on
+    sender.close()
+    closed = socket.socket()  # bound, never listening: connecting is refused, and nobody else can take the port
+    closed.bind(("127.0.0.1", 0))
+    ticket.port = closed.getsockname()[1]
 
     def offer(request):
         return worker_pb2.ExpertOffer(expert=request.expert, ticket=ticket)
 
-    with fake_peer(FakePeer(state_chunks(0, 3, gate_up, down), offer)) as source, \
+    with closed, fake_peer(FakePeer(state_chunks(0, 3, gate_up, down), offer)) as source, \
             running_workers(qwen3, {(0, 0): ("b",)}) as servers:
         channel, b = stub_for(servers["b"])
         with channel:
@@ -257,3 +260,18 @@ def test_offer_expert_refuses_what_it_does_not_hold(full_worker):
     with pytest.raises(grpc.RpcError) as caught:
         full_worker.OfferExpert(worker_pb2.ExportExpertRequest(expert=keys((5, 0))[0]), timeout=TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_offer_is_what_was_held_even_if_the_expert_is_dropped_and_its_slot_wanted(qwen3, ckpt):
+    """OfferExpert sends the held slot without copying it: a drop and new loads while the offer is
+    pending must not reuse that slot."""
+    with running_workers(qwen3, {(0, e): ("a",) for e in range(4)}) as servers:
+        channel, a = stub_for(servers["a"])
+        with channel:
+            offer = a.OfferExpert(worker_pb2.ExportExpertRequest(expert=keys((0, 2))[0]), timeout=TIMEOUT_S)
+            a.DropExperts(worker_pb2.DropExpertsRequest(experts=keys((0, 2)), epoch=1), timeout=TIMEOUT_S)
+            a.LoadExperts(worker_pb2.LoadExpertsRequest(experts=keys((0, 5), (0, 6)), epoch=1), timeout=TIMEOUT_S)
+            gate_up, down = bulk.receive("127.0.0.1", offer.ticket, timeout=TIMEOUT_S, limit_bytes=1 << 30)
+            expected_gate_up, expected_down = ckpt.read_expert(0, 2)
+            assert torch.equal(gate_up, expected_gate_up) and torch.equal(down, expected_down)
+            assert held(a) == [(0, 0), (0, 1), (0, 3), (0, 5), (0, 6)]

@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ def _bytes_view(tensor: torch.Tensor) -> memoryview:
 class _Offer:
     tensors: list[torch.Tensor]
     expires: float
+    release: Callable[[], None] | None = None  # run once when the offer is served, expires or the sender closes
 
 
 @dataclass
@@ -61,23 +63,35 @@ class BulkSender:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
+        with self._lock:
+            offers, self._offers = list(self._offers.values()), {}
+        for offer in offers:
+            _release(offer)
 
-    def offer(self, tensors: list[torch.Tensor], *, copy: bool = True) -> tensor_pb2.BulkTicket:
+    def offer(self, tensors: list[torch.Tensor], *, copy: bool = True,
+              release: Callable[[], None] | None = None) -> tensor_pb2.BulkTicket:
         """Snapshot `tensors` (any device and layout) and return the ticket that fetches them.
-        copy=False: the caller hands over tensors nobody else will change (no snapshot copy)."""
-        for t in tensors:
-            if t.dtype not in NAMES:
-                raise WireError(f"dtype {t.dtype} cannot travel; supported: {sorted(DTYPES)}")
-        snapshot = [t.detach().to("cpu", copy=copy).contiguous() for t in tensors]
-        digest = xxhash.xxh3_64()
-        for t in snapshot:
-            digest.update(_bytes_view(t))
+        copy=False sends the tensors themselves: the caller keeps them unchanged until `release`
+        is called (once: after the send, on expiry, or when the sender closes)."""
+        try:
+            for t in tensors:
+                if t.dtype not in NAMES:
+                    raise WireError(f"dtype {t.dtype} cannot travel; supported: {sorted(DTYPES)}")
+            snapshot = [t.detach().to("cpu", copy=copy).contiguous() for t in tensors]
+            digest = xxhash.xxh3_64()
+            for t in snapshot:
+                digest.update(_bytes_view(t))
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         token = secrets.token_bytes(TOKEN_BYTES)
         now = time.monotonic()
         with self._lock:
-            for key in [k for k, o in self._offers.items() if o.expires < now]:
-                del self._offers[key]
-            self._offers[token] = _Offer(snapshot, now + self.ttl_s)
+            expired = [self._offers.pop(k) for k, o in list(self._offers.items()) if o.expires < now]
+            self._offers[token] = _Offer(snapshot, now + self.ttl_s, release)
+        for offer in expired:
+            _release(offer)
         return tensor_pb2.BulkTicket(
             port=self.port, token=token, nbytes=sum(t.numel() * t.element_size() for t in snapshot),
             digest=digest.intdigest(),
@@ -98,6 +112,7 @@ class BulkSender:
 
     def _serve(self, conn: socket.socket) -> None:
         """Read a token, send that offer's bytes, close.  An unknown token gets the door shut."""
+        offer = None
         with conn:
             try:
                 conn.settimeout(self.ttl_s)
@@ -110,6 +125,15 @@ class BulkSender:
                     conn.sendall(_bytes_view(t))
             except OSError:
                 return  # the receiver went away; it will report the short read
+            finally:
+                if offer is not None:
+                    _release(offer)
+
+
+def _release(offer: _Offer) -> None:
+    if offer.release is not None:
+        offer.release()
+        offer.release = None
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -123,8 +147,10 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def receive(host: str, ticket: tensor_pb2.BulkTicket, *, timeout: float, limit_bytes: int) -> list[torch.Tensor]:
-    """Fetch a ticket's tensors from `host`.  OSError: the side channel cannot be reached
+def receive(host: str, ticket: tensor_pb2.BulkTicket, *, timeout: float, limit_bytes: int,
+            into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Fetch a ticket's tensors from `host` (into `into`, if given: same dtypes and shapes, contiguous).
+    OSError: the side channel cannot be reached
     (nothing was read); WireError: the ticket or the bytes are wrong (size, dtype, shape,
     digest) or the transfer broke off."""
     tensors, total = [], 0
@@ -141,7 +167,12 @@ def receive(host: str, ticket: tensor_pb2.BulkTicket, *, timeout: float, limit_b
         tensors.append((dtype, tuple(meta.shape)))
     if total != ticket.nbytes or len(ticket.token) != TOKEN_BYTES:
         raise WireError(f"bulk ticket: {ticket.nbytes} bytes announced for tensors of {total} bytes")
-    out = [torch.empty(shape, dtype=dtype) for dtype, shape in tensors]
+    if into is None:
+        out = [torch.empty(shape, dtype=dtype) for dtype, shape in tensors]
+    elif [(t.dtype, tuple(t.shape)) for t in into] == tensors and all(t.is_contiguous() for t in into):
+        out = into  # straight into the caller's memory (a reserved store slot)
+    else:
+        raise WireError(f"bulk ticket describes {tensors}, not the {len(into)} tensors to receive into")
     digest = xxhash.xxh3_64()
     conn = socket.create_connection((host, ticket.port), timeout=timeout)  # OSError here: unreachable
     with conn:

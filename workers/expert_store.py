@@ -7,7 +7,8 @@ computation over slot indices.  Adding an expert copies it into a free slot
 not of every expert the layer already holds.  A change swaps in a new snapshot
 under a lock, so a Forward never sees a half-applied load or drop.
 
-A dropped expert's slot is reused only once no reader that could still see it
+A pull receives straight into a reserved slot that readers cannot see until it
+is committed.  A dropped expert's slot is reused only once no reader that could still see it
 remains: readers hold `reading(layer)` for as long as they use a snapshot's
 tensors, and freed slots wait for every reader of an older generation to leave.
 """
@@ -50,6 +51,18 @@ class _Layer:
     slot_of: dict[int, int]  # global id -> slot
     free: list[int]
     retired: list[tuple[int, int]]  # (generation of the drop, slot): free once older readers left
+    reserved: dict[int, int]  # global id -> slot being written by a pull, invisible to readers
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A slot a pull writes into (`gate_up`, `down`) before `commit` makes it visible."""
+
+    layer: int
+    expert: int
+    slot: int
+    gate_up: torch.Tensor
+    down: torch.Tensor
 
 
 class ExpertStore:
@@ -103,13 +116,47 @@ class ExpertStore:
 
     # -- changes -----------------------------------------------------------
 
+    def reserve(self, layer: int, expert: int, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> Reservation | None:
+        """A free slot to receive (layer, expert) into, unseen by readers until `commit`; None when
+        the expert is already held or being received."""
+        with self._lock:
+            buf = self._buffers.get(layer)
+            if (layer, expert) in self._versions or (buf is not None and expert in buf.reserved):
+                return None
+            buf = self._room(layer, shapes, 1)
+            slot = buf.free.pop()
+            buf.reserved[expert] = slot
+            return Reservation(layer, expert, slot, buf.gate_up[slot], buf.down[slot])
+
+    def commit(self, res: Reservation, version: int = 0) -> None:
+        """Makes a reservation's expert visible (copied over if the buffers grew meanwhile)."""
+        with self._lock:
+            buf = self._buffers[res.layer]
+            del buf.reserved[res.expert]
+            if buf.gate_up[res.slot].data_ptr() != res.gate_up.data_ptr():
+                buf.gate_up[res.slot].copy_(res.gate_up)
+                buf.down[res.slot].copy_(res.down)
+            buf.slot_of[res.expert] = res.slot
+            self._versions[(res.layer, res.expert)] = version
+            self._publish(res.layer)
+
+    def abort(self, res: Reservation) -> None:
+        """Gives a reservation's slot back (no reader ever saw it)."""
+        with self._lock:
+            buf = self._buffers[res.layer]
+            del buf.reserved[res.expert]
+            buf.free.append(res.slot)
+            if not buf.slot_of and not buf.reserved:
+                del self._buffers[res.layer]
+
     def add(self, items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], version: int = 0) -> list[tuple[int, int]]:
         """Adds experts not yet held; returns those added. Shapes are the caller's to check."""
         with self._lock:
             added = [key for key in sorted(items) if key not in self._versions]
             for layer in sorted({layer for layer, _ in added}):
                 new = [e for (l, e) in added if l == layer]
-                buf = self._room(layer, items[(layer, new[0])], len(new))
+                first = items[(layer, new[0])]
+                buf = self._room(layer, (first[0].shape, first[1].shape), len(new))
                 for e in new:
                     slot = buf.free.pop()
                     gate_up, down = items[(layer, e)]
@@ -129,14 +176,14 @@ class ExpertStore:
                 buf = self._buffers[layer]
                 for _, e in (k for k in dropped if k[0] == layer):
                     buf.retired.append((self._generation + 1, buf.slot_of.pop(e)))
-                if not buf.slot_of:
+                if not buf.slot_of and not buf.reserved:
                     del self._buffers[layer]
                 self._publish(layer)
             for key in dropped:
                 del self._versions[key]
             return dropped
 
-    def _room(self, layer: int, like: tuple[torch.Tensor, torch.Tensor], need: int) -> _Layer:
+    def _room(self, layer: int, shapes: tuple[tuple[int, ...], tuple[int, ...]], need: int) -> _Layer:
         """The layer's buffers with at least `need` free slots: reclaimed, or grown by half."""
         buf = self._buffers.get(layer)
         if buf is not None:
@@ -147,10 +194,10 @@ class ExpertStore:
                 return buf
         old = buf.gate_up.shape[0] if buf is not None else 0
         size = max(MIN_SLOTS, old + need, old + old // 2)
-        gate_up = torch.empty((size, *like[0].shape), dtype=self.dtype)
-        down = torch.empty((size, *like[1].shape), dtype=self.dtype)
+        gate_up = torch.empty((size, *shapes[0]), dtype=self.dtype)
+        down = torch.empty((size, *shapes[1]), dtype=self.dtype)
         if buf is None:
-            buf = self._buffers[layer] = _Layer(gate_up, down, {}, [], [])
+            buf = self._buffers[layer] = _Layer(gate_up, down, {}, [], [], {})
         else:  # readers of the old buffers keep them; nothing of theirs is overwritten
             gate_up[:old].copy_(buf.gate_up)
             down[:old].copy_(buf.down)
@@ -161,7 +208,7 @@ class ExpertStore:
     def _publish(self, layer: int) -> None:
         self._generation += 1
         buf = self._buffers.get(layer)
-        if buf is None:
+        if buf is None or not buf.slot_of:
             self._layers.pop(layer, None)
             return
         experts = tuple(sorted(buf.slot_of))

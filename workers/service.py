@@ -23,7 +23,7 @@ from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import bulk, streaming
 from moecluster.wire.bulk import BulkSender
-from moecluster.wire.tensors import WireError, decode, encode
+from moecluster.wire.tensors import NAMES, WireError, decode, encode
 from moecluster.workers import validation
 from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.kernels import fused_experts
@@ -173,9 +173,17 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             if self.bulk is None:
                 raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "this worker has no bulk side channel; use ExportExpert")
-            gate_up, down, version = self._held(key)
-            ticket = self.bulk.offer([gate_up, down], copy=False)  # the store's get() already copied
-            return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=ticket)
+            # Send the held slot itself, no copy: the read guard keeps its slot from reuse until the
+            # transfer is over (the bulk sender releases it; at the latest when the offer expires).
+            guard = self.store.reading(key[0])
+            snap = guard.__enter__()
+            release = lambda: guard.__exit__(None, None, None)  # noqa: E731
+            if snap is None or key[1] not in snap.experts:
+                release()
+                self._held(key)  # raises the not-held error
+            slot = snap.slot(key[1])
+            ticket = self.bulk.offer([snap.gate_up[slot], snap.down[slot]], copy=False, release=release)
+            return worker_pb2.ExpertOffer(expert=_key(key), version=self.store.version(*key), ticket=ticket)
 
         return _answer(context, self, run)
 
@@ -200,9 +208,22 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             remaining = context.time_remaining()  # never outlive the caller's deadline
             deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
             limit = self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096
-            sent, tensors, version, size = _fetch_expert(request.source, request.expert, limit, deadline)
-            gate_up, down = _checked_state(self.geometry, key, sent, tensors)
-            self.store.add({key: (gate_up, down)}, version=version)
+            g = self.geometry
+            shapes = ((2 * g.intermediate, g.hidden), (g.hidden, g.intermediate))
+            reservation = self.store.reserve(*key, shapes)  # receive straight into a slot readers cannot see yet
+            if reservation is None:  # held meanwhile, or another pull of it is under way
+                raise RequestError(grpc.StatusCode.ABORTED, f"expert {key} is already held or being pulled; retry")
+            try:
+                sent, tensors, version, size = _fetch_expert(request.source, request.expert, limit, deadline,
+                                                             into=[reservation.gate_up, reservation.down])
+                gate_up, down = _checked_state(self.geometry, key, sent, tensors)
+                if gate_up.data_ptr() != reservation.gate_up.data_ptr():  # came another way (stream, other dtype)
+                    reservation.gate_up.copy_(gate_up)
+                    reservation.down.copy_(down)
+            except BaseException:
+                self.store.abort(reservation)
+                raise
+            self.store.commit(reservation, version)
             with self._lock:
                 self.bytes_pulled += size
             self._observe_epoch(request.epoch)  # only a pull that succeeded moves the epoch
@@ -255,12 +276,13 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
-def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
-                  timeout: float = PULL_DEADLINE_S) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
+def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int, timeout: float = PULL_DEADLINE_S,
+                  into: list[torch.Tensor] | None = None) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
     """Copies an expert from a peer: (the key it sent, [gate_up, down], version, bytes).
 
-    The bytes come over the peer's bulk side channel (OfferExpert's ticket); a peer
-    without one, or one whose bulk port cannot be reached, is read through the
+    The bytes come over the peer's bulk side channel (OfferExpert's ticket), straight
+    into `into` when the ticket's dtypes and shapes match it; a peer without a side
+    channel, or one whose bulk port cannot be reached, is read through the
     ExportExpert stream instead.  Errors say which peer failed and how."""
     with grpc.insecure_channel(source, options=streaming.GRPC_OPTIONS) as channel:
         stub = worker_pb2_grpc.ExpertWorkerStub(channel)
@@ -273,8 +295,11 @@ def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
                 offer = None  # a peer without the side channel
             if offer is not None:
                 host = source.rsplit(":", 1)[0].strip("[]")
+                matches = into is not None and [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors] == \
+                    [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
                 try:
-                    tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes)
+                    tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes,
+                                           into=into if matches else None)
                     return offer.expert, tensors, offer.version, offer.ticket.nbytes
                 except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
                     _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)

@@ -64,6 +64,7 @@ class WorkerServer:
         self.service.set_serving(False)
         self.server.stop(grace).wait()
         self.bulk.close()
+        self.service.close()
 
     def render_metrics(self) -> str:
         """Prometheus text for /metrics, from the service's Stats."""

@@ -52,6 +52,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         self._requests = 0
         self._rejected = 0
         self.bytes_pulled = 0  # expert bytes copied from peers, for /metrics
+        self._peers: dict[str, grpc.Channel] = {}
         self.set_serving(False)
 
     # -- lifecycle -------------------------------------------------------
@@ -187,6 +188,19 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
         return _answer(context, self, run)
 
+    def _peer(self, address: str) -> worker_pb2_grpc.ExpertWorkerStub:
+        """A stub on a kept channel to a peer: a pull pays no connection set-up."""
+        with self._lock:
+            if address not in self._peers:
+                self._peers[address] = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+            return worker_pb2_grpc.ExpertWorkerStub(self._peers[address])
+
+    def close(self) -> None:
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for channel in peers:
+            channel.close()
+
     def _held(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         try:
             gate_up, down = self.store.get(*key)
@@ -214,7 +228,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             if reservation is None:  # held meanwhile, or another pull of it is under way
                 raise RequestError(grpc.StatusCode.ABORTED, f"expert {key} is already held or being pulled; retry")
             try:
-                sent, tensors, version, size = _fetch_expert(request.source, request.expert, limit, deadline,
+                sent, tensors, version, size = _fetch_expert(self._peer(request.source), request.source, request.expert,
+                                                             limit, deadline,
                                                              into=[reservation.gate_up, reservation.down])
                 gate_up, down = _checked_state(self.geometry, key, sent, tensors)
                 if gate_up.data_ptr() != reservation.gate_up.data_ptr():  # came another way (stream, other dtype)
@@ -276,7 +291,8 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
-def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int, timeout: float = PULL_DEADLINE_S,
+def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
+                  timeout: float = PULL_DEADLINE_S,
                   into: list[torch.Tensor] | None = None) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
     """Copies an expert from a peer: (the key it sent, [gate_up, down], version, bytes).
 
@@ -284,37 +300,35 @@ def _fetch_expert(source: str, key: worker_pb2.ExpertKey, limit_bytes: int, time
     into `into` when the ticket's dtypes and shapes match it; a peer without a side
     channel, or one whose bulk port cannot be reached, is read through the
     ExportExpert stream instead.  Errors say which peer failed and how."""
-    with grpc.insecure_channel(source, options=streaming.GRPC_OPTIONS) as channel:
-        stub = worker_pb2_grpc.ExpertWorkerStub(channel)
+    try:
         try:
-            try:
-                offer = stub.OfferExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                offer = None  # a peer without the side channel
-            if offer is not None:
-                host = source.rsplit(":", 1)[0].strip("[]")
-                matches = into is not None and [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors] == \
-                    [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
-                try:
-                    tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes,
-                                           into=into if matches else None)
-                    return offer.expert, tensors, offer.version, offer.ticket.nbytes
-                except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
-                    _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)
-            chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
-            payload = streaming.join(chunks, limit_bytes=limit_bytes)
-            state = worker_pb2.ExpertState.FromString(payload)
-            tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
-            return state.expert, tensors, state.version, len(payload)
+            offer = stub.OfferExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
         except grpc.RpcError as err:
-            code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
-            raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
-        except WireError as err:
-            raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
-        except DecodeError as err:
-            raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            offer = None  # a peer without the side channel
+        if offer is not None:
+            host = source.rsplit(":", 1)[0].strip("[]")
+            matches = into is not None and [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors] == \
+                [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
+            try:
+                tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes,
+                                       into=into if matches else None)
+                return offer.expert, tensors, offer.version, offer.ticket.nbytes
+            except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
+                _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)
+        chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
+        payload = streaming.join(chunks, limit_bytes=limit_bytes)
+        state = worker_pb2.ExpertState.FromString(payload)
+        tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
+        return state.expert, tensors, state.version, len(payload)
+    except grpc.RpcError as err:
+        code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
+        raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
+    except WireError as err:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
+    except DecodeError as err:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
 
 
 def _checked_state(geometry, key: tuple[int, int], sent: worker_pb2.ExpertKey,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from moecluster.workers import kernel_tuning
 from moecluster.workers.kernels import fused_experts, reference_experts
-from moecluster.workers.triton_experts import align, interpreting, triton_fused_experts
+from moecluster.workers.triton_experts import interpreting, triton_fused_experts
+from moecluster.workers.triton_routing import align
 
 from tests.test_kernels import H, grads, make_case, rel
 

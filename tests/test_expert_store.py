@@ -1,5 +1,6 @@
 """The worker's expert store: slots, snapshots, and slot reuse that never reaches a reader."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -146,3 +147,18 @@ def test_a_commit_after_the_buffers_grew_copies_what_was_received():
     res.down.copy_(weights(0, 7)[1])
     store.commit(res)
     check_snapshot(store, 0, {0, 1, 2, 3, 4, 7})
+
+
+def test_a_pinned_slot_is_not_reused_until_released():
+    store = ExpertStore(E)
+    store.add({(0, e): weights(0, e) for e in range(4)})
+    gate_up, _, release = store.pin(0, 1)
+    store.drop([(0, 1)])
+    store.add({(0, 6): weights(0, 6)})
+    assert torch.equal(gate_up, weights(0, 1)[0])  # still expert 1's bytes
+    release()
+    release()  # idempotent
+    store.add({(0, 7): weights(0, 7)})
+    check_snapshot(store, 0, {0, 2, 3, 6, 7})
+    with pytest.raises(KeyError):
+        store.pin(0, 1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,24 @@ class ExpertStore:
                 self._readers[generation] -= 1
                 if not self._readers[generation]:
                     del self._readers[generation]
+
+    def pin(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+        """Views of one held expert's slot (no copy), kept from reuse until `release()` (idempotent);
+        KeyError when not held."""
+        guard = self.reading(layer)
+        snap = guard.__enter__()
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                guard.__exit__(None, None, None)
+
+        if snap is None or expert not in snap.experts:
+            release()
+            raise KeyError((layer, expert))
+        slot = snap.slot(expert)
+        return snap.gate_up[slot], snap.down[slot], release
 
     def held(self) -> list[tuple[int, int]]:
         return sorted(self._versions)

@@ -174,16 +174,13 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             if self.bulk is None:
                 raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "this worker has no bulk side channel; use ExportExpert")
-            # Send the held slot itself, no copy: the read guard keeps its slot from reuse until the
-            # transfer is over (the bulk sender releases it; at the latest when the offer expires).
-            guard = self.store.reading(key[0])
-            snap = guard.__enter__()
-            release = lambda: guard.__exit__(None, None, None)  # noqa: E731
-            if snap is None or key[1] not in snap.experts:
-                release()
-                self._held(key)  # raises the not-held error
-            slot = snap.slot(key[1])
-            ticket = self.bulk.offer([snap.gate_up[slot], snap.down[slot]], copy=False, release=release)
+            # Send the held slot itself, no copy: pinned until the transfer is over (the bulk sender
+            # releases it; at the latest when the offer expires).
+            try:
+                gate_up, down, release = self.store.pin(*key)
+            except KeyError:
+                raise self._not_held(key) from None
+            ticket = self.bulk.offer([gate_up, down], copy=False, release=release)
             return worker_pb2.ExpertOffer(expert=_key(key), version=self.store.version(*key), ticket=ticket)
 
         return _answer(context, self, run)
@@ -206,9 +203,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             gate_up, down = self.store.get(*key)
             return gate_up, down, self.store.version(*key)
         except KeyError:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"expert {key} is not on this worker (worker epoch {self.epoch})"
-            ) from None
+            raise self._not_held(key) from None
+
+    def _not_held(self, key: tuple[int, int]) -> RequestError:
+        return RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"expert {key} is not on this worker (worker epoch {self.epoch})")
 
     def PullExpert(self, request, context):
         def run():

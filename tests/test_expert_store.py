@@ -1,5 +1,7 @@
 """The worker's expert store: slots, snapshots, and slot reuse that never reaches a reader."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -118,7 +120,8 @@ def test_a_reservation_is_invisible_until_committed():
     store = ExpertStore(E)
     store.add({(0, 0): weights(0, 0)})
     res = store.reserve(0, 5, ((2 * I, H), (H, I)))
-    assert store.reserve(0, 5, ((2 * I, H), (H, I))) is None  # one pull of an expert at a time
+    with pytest.raises(TimeoutError):  # one pull of an expert at a time
+        store.reserve(0, 5, ((2 * I, H), (H, I)))
     assert store.reserve(0, 0, ((2 * I, H), (H, I))) is None  # held already
     res.gate_up.copy_(weights(0, 5)[0])
     res.down.copy_(weights(0, 5)[1])
@@ -162,3 +165,19 @@ def test_a_pinned_slot_is_not_reused_until_released():
     check_snapshot(store, 0, {0, 2, 3, 6, 7})
     with pytest.raises(KeyError):
         store.pin(0, 1)
+
+
+def test_a_second_pull_of_the_same_expert_waits_for_the_first():
+    store = ExpertStore(E)
+    res = store.reserve(0, 3, ((2 * I, H), (H, I)))
+    with pytest.raises(TimeoutError):
+        store.reserve(0, 3, ((2 * I, H), (H, I)), wait_s=0.05)
+    got = []
+    second = threading.Thread(target=lambda: got.append(store.reserve(0, 3, ((2 * I, H), (H, I)), wait_s=10)))
+    second.start()
+    res.gate_up.copy_(weights(0, 3)[0])
+    res.down.copy_(weights(0, 3)[1])
+    store.commit(res)
+    second.join(timeout=10)
+    assert got == [None]  # the first one brought it: nothing left to do
+    check_snapshot(store, 0, {3})

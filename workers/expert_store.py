@@ -70,6 +70,7 @@ class ExpertStore:
         self.num_experts = num_experts
         self.dtype = dtype
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a reservation ended
         self._buffers: dict[int, _Layer] = {}
         self._layers: dict[int, LayerExperts] = {}
         self._versions: dict[tuple[int, int], int] = {}
@@ -134,21 +135,29 @@ class ExpertStore:
 
     # -- changes -----------------------------------------------------------
 
-    def reserve(self, layer: int, expert: int, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> Reservation | None:
+    def reserve(self, layer: int, expert: int, shapes: tuple[tuple[int, ...], tuple[int, ...]],
+                wait_s: float = 0.0) -> Reservation | None:
         """A free slot to receive (layer, expert) into, unseen by readers until `commit`; None when
-        the expert is already held or being received."""
-        with self._lock:
-            buf = self._buffers.get(layer)
-            if (layer, expert) in self._versions or (buf is not None and expert in buf.reserved):
+        the expert is held.  While another pull of it is under way, waits up to `wait_s` for it
+        to end (TimeoutError after)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: expert not in self._reserved_in(layer), wait_s):
+                raise TimeoutError(f"expert {(layer, expert)} is still being received by another pull")
+            if (layer, expert) in self._versions:
                 return None
             buf = self._room(layer, shapes, 1)
             slot = buf.free.pop()
             buf.reserved[expert] = slot
             return Reservation(layer, expert, slot, buf.gate_up[slot], buf.down[slot])
 
+    def _reserved_in(self, layer: int) -> dict[int, int]:
+        buf = self._buffers.get(layer)
+        return buf.reserved if buf is not None else {}
+
     def commit(self, res: Reservation, version: int = 0) -> None:
         """Makes a reservation's expert visible (copied over if the buffers grew meanwhile)."""
-        with self._lock:
+        with self._changed:
+            self._changed.notify_all()
             buf = self._buffers[res.layer]
             del buf.reserved[res.expert]
             if buf.gate_up[res.slot].data_ptr() != res.gate_up.data_ptr():
@@ -160,7 +169,8 @@ class ExpertStore:
 
     def abort(self, res: Reservation) -> None:
         """Gives a reservation's slot back (no reader ever saw it)."""
-        with self._lock:
+        with self._changed:
+            self._changed.notify_all()
             buf = self._buffers[res.layer]
             del buf.reserved[res.expert]
             buf.free.append(res.slot)

@@ -220,12 +220,16 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             start = time.perf_counter()
             remaining = context.time_remaining()  # never outlive the caller's deadline
             deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
-            limit = self.geometry.hidden * self.geometry.intermediate * 3 * 8 + 4096
             g = self.geometry
+            limit = g.hidden * g.intermediate * 3 * 8 + 4096
             shapes = ((2 * g.intermediate, g.hidden), (g.hidden, g.intermediate))
-            reservation = self.store.reserve(*key, shapes)  # receive straight into a slot readers cannot see yet
-            if reservation is None:  # held meanwhile, or another pull of it is under way
-                raise RequestError(grpc.StatusCode.ABORTED, f"expert {key} is already held or being pulled; retry")
+            try:  # receive straight into a slot readers cannot see yet; a concurrent pull of it is waited for
+                reservation = self.store.reserve(*key, shapes, wait_s=deadline)
+            except TimeoutError as err:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
+            if reservation is None:  # the other pull brought it
+                self._observe_epoch(request.epoch)
+                return worker_pb2.PullExpertResponse(bytes=0, seconds=time.perf_counter() - start)
             try:
                 sent, tensors, version, size = _fetch_expert(self._peer(request.source), request.source, request.expert,
                                                              limit, deadline,

@@ -81,13 +81,14 @@ class Publisher:
         with self._cond:
             while True:
                 now = time.monotonic()
-                recent = [f for f, t in self._gone.items() if now - t < self._lease_s]
+                self._gone = {f: t for f, t in self._gone.items() if now - t < self._lease_s}  # forget the long gone
+                recent = list(self._gone)
                 lagging = sorted(f for f in {*self._watching, *recent} if self._acks.get(f, 0) < epoch)
                 remaining = deadline - now
                 if (not lagging and now >= self._warm_until) or remaining <= 0 or self._closed:
                     return lagging
                 # wake for acks and streams; also when the warm-up or a broken stream's lease runs out
-                ends = [t + self._lease_s - now for f, t in self._gone.items() if f in recent] + [self._warm_until - now]
+                ends = [t + self._lease_s - now for t in self._gone.values()] + [self._warm_until - now]
                 self._cond.wait(min([remaining] + [e for e in ends if e > 0]))
 
     def watch(self, frontend_id: str, known_epoch: int, alive) -> Iterator[Table]:

@@ -13,8 +13,10 @@
    workers and every expert still has a live copy among them (goal <= 1 s),
    (b) the pool is back to spec (goal <= 10 s); 0 failed requests.
 4. expert migration bandwidth: PullExpert (bulk side channel) between two worker
-   processes on loopback vs a plain TCP copy of the same bytes between two
-   processes (goal >= 50 %), and the ExportExpert gRPC stream alone for contrast.
+   processes on loopback vs a plain TCP copy of as many distinct bytes (one
+   expert's worth per transfer) between two processes (goal >= 50 %), and the
+   ExportExpert gRPC stream alone for contrast.  After a warm-up pull, the target
+   worker's layer buffers exist, as they do on a worker that rebalances.
 
 Every figure is printed with its goal, then a table of all of them. The run is
 bounded (about 6 minutes, `--quick` about 3) and stops every process it started.
@@ -59,11 +61,12 @@ MB = 1e6
 # length N and sends N bytes. Bounded: it exits after LIFETIME seconds or when stdin closes.
 TCP_SENDER = r"""
 import os, socket, struct, sys, threading, time
-LIFETIME = float(sys.argv[1])
+LIFETIME, SIZE = float(sys.argv[1]), int(sys.argv[2])
 threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(4); srv.settimeout(1.0)
+# one expert's worth of distinct bytes, like the weights a pull sends (not a cache-hot block sent over and over)
+block = memoryview(os.urandom(SIZE))
 print(srv.getsockname()[1], flush=True)
-block = memoryview(bytes(4 << 20))
 deadline = time.monotonic() + LIFETIME
 while time.monotonic() < deadline:
     try:
@@ -84,7 +87,7 @@ while time.monotonic() < deadline:
         while left:
             n = min(left, len(block))
             conn.sendall(block[:n])
-            left -= n
+            left -= n  # a request for more than SIZE sends the block again
 """
 
 
@@ -279,7 +282,8 @@ def migration_bandwidth(tmp: Path, results: Results, reps: int, procs: list) -> 
     run_dir.mkdir()
     a = start_worker(path, index, f"{layer}:0-{n - 1}", "bench-a", run_dir, procs)
     b = start_worker(path, index, "", "bench-b", run_dir, procs)
-    sender = subprocess.Popen([sys.executable, "-c", TCP_SENDER, "240"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    sender = subprocess.Popen([sys.executable, "-c", TCP_SENDER, "240", str(checkpoint.expert_bytes)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     procs.append(sender)
     port = int(sender.stdout.readline())

@@ -7,6 +7,9 @@ computation over slot indices.  Adding an expert copies it into a free slot
 not of every expert the layer already holds.  A change swaps in a new snapshot
 under a lock, so a Forward never sees a half-applied load or drop.
 
+A layer's buffers stay when its last expert leaves: the next expert of that layer
+lands in memory already mapped (a fresh 100 MB buffer costs page faults that take
+a third of a loopback pull), so a worker holds the memory of its peak, no more.
 A pull receives straight into a reserved slot that readers cannot see until it
 is committed.  A dropped expert's slot is reused only once no reader that could still see it
 remains: readers hold `reading(layer)` for as long as they use a snapshot's
@@ -174,8 +177,6 @@ class ExpertStore:
             buf = self._buffers[res.layer]
             del buf.reserved[res.expert]
             buf.free.append(res.slot)
-            if not buf.slot_of and not buf.reserved:
-                del self._buffers[res.layer]
 
     def add(self, items: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]], version: int = 0) -> list[tuple[int, int]]:
         """Adds experts not yet held; returns those added. Shapes are the caller's to check."""
@@ -204,8 +205,6 @@ class ExpertStore:
                 buf = self._buffers[layer]
                 for _, e in (k for k in dropped if k[0] == layer):
                     buf.retired.append((self._generation + 1, buf.slot_of.pop(e)))
-                if not buf.slot_of and not buf.reserved:
-                    del self._buffers[layer]
                 self._publish(layer)
             for key in dropped:
                 del self._versions[key]

@@ -14,8 +14,8 @@ the backward's first epilogue.  Kernels:
             _combine_kernel   out[t] = sum_k y[t*K + k]      (unserved slots skipped)
   backward  _grad_act_kernel  p = dy[tok] @ down[e]; dw = <p, a>; dh = (dg, du); wa = w * a
             _grad_x_kernel    dx[id] = dh @ gate_up[e]    (+ _combine_kernel)
-            _grad_w1_kernel   dgate_up[e] = dh_e^T @ x_e
-            _grad_w2_kernel   ddown[e] = dy_e^T @ wa_e     (wa = w * a from _grad_act_kernel)
+            _grad_weight_kernel  dgate_up[e] = dh_e^T @ x_e, ddown[e] = dy_e^T @ wa_e
+                                 (wa = w * a from _grad_act_kernel)
 
 Intermediates (h, a, dh) are kept in the input dtype; every dot accumulates in fp32.
 Under TRITON_INTERPRET=1 (tests on a CPU) dots run on fp32-upcast operands: the
@@ -238,18 +238,22 @@ def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows
 
 
 @triton.jit
-def _grad_w1_kernel(dh_ptr, x_ptr, dgu_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
-                    H, I, n, topk,
-                    s_dhm, s_xm, s_ge, s_gn,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """dgate_up[e] (2I, H) = dh_e^T @ x_e: one (N over 2I, K over H) tile per program, looping over e's rows."""
+def _grad_weight_kernel(a_ptr, b_ptr, out_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
+                        N, K, n, topk,
+                        s_am, s_bm, s_oe, s_on,
+                        A_BY_TOKEN: tl.constexpr, B_BY_TOKEN: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """out[e] (N, K) = A_e^T @ B_e over expert e's rows: one (N, K) tile per program, looping over the rows.
+
+    A row is read at its token (`*_BY_TOKEN`: x, dy) or at its sorted row (dh, wa):
+    dgate_up[e] = dh_e^T @ x_e (N = 2I, K = H) and ddown[e] = dy_e^T @ wa_e (N = H, K = I)."""
     e = tl.program_id(0).to(tl.int64)
-    num_k = tl.cdiv(H, BLOCK_K)
+    num_k = tl.cdiv(K, BLOCK_K)
     pid_n, pid_k = tl.program_id(1) // num_k, tl.program_id(1) % num_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok, k_ok = offs_n < 2 * I, offs_k < H
+    n_ok, k_ok = offs_n < N, offs_k < K
     start = tl.load(pad_start_ptr + e)
     end = start + tl.load(padded_ptr + e)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -258,44 +262,15 @@ def _grad_w1_kernel(dh_ptr, x_ptr, dgu_ptr, sorted_ids_ptr, pad_start_ptr, padde
         ids = tl.load(sorted_ids_ptr + offs_r, mask=offs_r < end, other=n)
         row_ok = ids < n
         tok = (ids // topk).to(tl.int64)
-        dh_t = tl.load(dh_ptr + offs_r.to(tl.int64)[None, :] * s_dhm + offs_n[:, None],
-                       mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        xs = tl.load(x_ptr + tok[:, None] * s_xm + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        row = offs_r.to(tl.int64)
+        a_rows = tok if A_BY_TOKEN else row
+        b_rows = tok if B_BY_TOKEN else row
+        a_t = tl.load(a_ptr + a_rows[None, :] * s_am + offs_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        bs = tl.load(b_ptr + b_rows[:, None] * s_bm + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
-            dh_t, xs = dh_t.to(tl.float32), xs.to(tl.float32)
-        acc = tl.dot(dh_t, xs, acc, input_precision=PREC)
-    tl.store(dgu_ptr + e * s_ge + offs_n[:, None] * s_gn + offs_k[None, :], acc.to(dgu_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & k_ok[None, :])
-
-
-@triton.jit
-def _grad_w2_kernel(dy_ptr, wa_ptr, ddn_ptr, sorted_ids_ptr, pad_start_ptr, padded_ptr,
-                    H, I, n, topk,
-                    s_dym, s_wam, s_de, s_dn,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """ddown[e] (H, I) = dy_e^T @ (w * a)_e (N over H, K over I), wa written by _grad_act_kernel."""
-    e = tl.program_id(0).to(tl.int64)
-    num_k = tl.cdiv(I, BLOCK_K)
-    pid_n, pid_k = tl.program_id(1) // num_k, tl.program_id(1) % num_k
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok, k_ok = offs_n < H, offs_k < I
-    start = tl.load(pad_start_ptr + e)
-    end = start + tl.load(padded_ptr + e)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        ids = tl.load(sorted_ids_ptr + offs_r, mask=offs_r < end, other=n)
-        row_ok = ids < n
-        tok = (ids // topk).to(tl.int64)
-        dy_t = tl.load(dy_ptr + tok[None, :] * s_dym + offs_n[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        wa = tl.load(wa_ptr + offs_r.to(tl.int64)[:, None] * s_wam + offs_k[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            dy_t, wa = dy_t.to(tl.float32), wa.to(tl.float32)
-        acc = tl.dot(dy_t, wa, acc, input_precision=PREC)
-    tl.store(ddn_ptr + e * s_de + offs_n[:, None] * s_dn + offs_k[None, :], acc.to(ddn_ptr.dtype.element_ty),
+            a_t, bs = a_t.to(tl.float32), bs.to(tl.float32)
+        acc = tl.dot(a_t, bs, acc, input_precision=PREC)
+    tl.store(out_ptr + e * s_oe + offs_n[:, None] * s_on + offs_k[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -386,13 +361,15 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
     if need_gu:
         grad_gu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         grid = (num_e, triton.cdiv(2 * inter, wcfg["BLOCK_N"]) * triton.cdiv(hid, wcfg["BLOCK_K"]))
-        _grad_w1_kernel[grid](dh, x, grad_gu, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
-                              dh.stride(0), x.stride(0), grad_gu.stride(0), grad_gu.stride(1), **meta)
+        _grad_weight_kernel[grid](dh, x, grad_gu, route.sorted_ids, route.pad_start, route.padded, 2 * inter, hid, n, k,
+                                  dh.stride(0), x.stride(0), grad_gu.stride(0), grad_gu.stride(1),
+                                  A_BY_TOKEN=False, B_BY_TOKEN=True, **meta)
     if need_dn:
         grad_dn = torch.empty_like(down, memory_format=torch.contiguous_format)
         grid = (num_e, triton.cdiv(hid, wcfg["BLOCK_N"]) * triton.cdiv(inter, wcfg["BLOCK_K"]))
-        _grad_w2_kernel[grid](dy, wa, grad_dn, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
-                              dy.stride(0), wa.stride(0), grad_dn.stride(0), grad_dn.stride(1), **meta)
+        _grad_weight_kernel[grid](dy, wa, grad_dn, route.sorted_ids, route.pad_start, route.padded, hid, inter, n, k,
+                                  dy.stride(0), wa.stride(0), grad_dn.stride(0), grad_dn.stride(1),
+                                  A_BY_TOKEN=True, B_BY_TOKEN=False, **meta)
     return grad_x, grad_gu, grad_dn, grad_w
 
 

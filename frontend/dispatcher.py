@@ -14,6 +14,7 @@ import itertools
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -84,6 +85,7 @@ class Dispatcher:
 
     def close(self) -> None:
         for channel in self._channels.values():
+            _stop_connecting(channel)
             channel.close()
         self._pool.shutdown(wait=False)
 
@@ -200,8 +202,30 @@ class Dispatcher:
             stub = self._stubs.get(address)
             if stub is None:
                 channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
-                channel.subscribe(lambda _state: None, try_to_connect=True)  # start the connection in the background
+                _connect_in_background(channel)
                 self._channels[address] = channel
                 stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)
             return stub
 
+
+_WATCHERS: dict[int, Callable] = {}  # id(channel) -> its connectivity callback, while one is subscribed
+
+
+def _connect_in_background(channel: grpc.Channel) -> None:
+    """Starts connecting now, not on the first request; gRPC's watcher thread ends once the
+    attempt settles (connected or failed), so no thread outlives the attempt."""
+    settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+               grpc.ChannelConnectivity.SHUTDOWN)
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state in settled:
+            _stop_connecting(channel)
+
+    _WATCHERS[id(channel)] = on_state
+    channel.subscribe(on_state, try_to_connect=True)
+
+
+def _stop_connecting(channel: grpc.Channel) -> None:
+    callback = _WATCHERS.pop(id(channel), None)
+    if callback is not None:
+        channel.unsubscribe(callback)

@@ -54,6 +54,11 @@ class ControllerStub:
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.DrainRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/moecluster.controller.v1.Controller/Snapshot',
+                request_serializer=moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
+                _registered_method=True)
         self.WatchRoutingTable = channel.unary_stream(
                 '/moecluster.controller.v1.Controller/WatchRoutingTable',
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.WatchRequest.SerializeToString,
@@ -98,6 +103,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Writes every expert's state at a step boundary (trainers pause for it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRoutingTable(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -138,6 +150,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'Drain': grpc.unary_stream_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=moecluster_dot_protos_dot_controller__pb2.DrainRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_controller__pb2.Progress.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_controller__pb2.Progress.SerializeToString,
             ),
             'WatchRoutingTable': grpc.unary_stream_rpc_method_handler(
@@ -263,6 +280,33 @@ class Controller:
             target,
             '/moecluster.controller.v1.Controller/Drain',
             moecluster_dot_protos_dot_controller__pb2.DrainRequest.SerializeToString,
+            moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moecluster.controller.v1.Controller/Snapshot',
+            moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.SerializeToString,
             moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
             options,
             channel_credentials,

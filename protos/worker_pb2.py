@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moecluster.protos import tensor_pb2 as moecluster_dot_protos_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoecluster/protos/worker.proto\x12\x14moecluster.worker.v1\x1a\x1emoecluster/protos/tensor.proto\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\xc5\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x31\n\rhidden_states\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12/\n\x0btop_k_index\x18\x03 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x31\n\rtop_k_weights\x18\x04 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"L\n\x0f\x46orwardResponse\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"U\n\x12LoadExpertsRequest\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"Z\n\x13LoadExpertsResponse\x12/\n\x06loaded\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\"U\n\x12\x44ropExpertsRequest\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"G\n\x13\x44ropExpertsResponse\x12\x30\n\x07\x64ropped\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\"F\n\x13\x45xportExpertRequest\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\"\xb0\x01\n\x0b\x45xpertState\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x30\n\x0cgate_up_proj\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12-\n\tdown_proj\x18\x03 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x7f\n\x0b\x45xpertOffer\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12.\n\x06ticket\x18\x03 \x01(\x0b\x32\x1e.moecluster.wire.v1.BulkTicket\"c\n\x11PullExpertRequest\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12PullExpertResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x0e\n\x0cStatsRequest\"n\n\x0b\x45xpertStats\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xd7\x01\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12-\n\x04held\x18\x05 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x32\n\x07\x65xperts\x18\x06 \x03(\x0b\x32!.moecluster.worker.v1.ExpertStats\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\"\x0e\n\x0c\x44rainRequest\"\x0f\n\rDrainResponse2\xb3\x06\n\x0c\x45xpertWorker\x12V\n\x07\x46orward\x12$.moecluster.worker.v1.ForwardRequest\x1a%.moecluster.worker.v1.ForwardResponse\x12I\n\rForwardStream\x12\x19.moecluster.wire.v1.Chunk\x1a\x19.moecluster.wire.v1.Chunk(\x01\x30\x01\x12\x62\n\x0bLoadExperts\x12(.moecluster.worker.v1.LoadExpertsRequest\x1a).moecluster.worker.v1.LoadExpertsResponse\x12\x62\n\x0b\x44ropExperts\x12(.moecluster.worker.v1.DropExpertsRequest\x1a).moecluster.worker.v1.DropExpertsResponse\x12V\n\x0c\x45xportExpert\x12).moecluster.worker.v1.ExportExpertRequest\x1a\x19.moecluster.wire.v1.Chunk0\x01\x12[\n\x0bOfferExpert\x12).moecluster.worker.v1.ExportExpertRequest\x1a!.moecluster.worker.v1.ExpertOffer\x12_\n\nPullExpert\x12\'.moecluster.worker.v1.PullExpertRequest\x1a(.moecluster.worker.v1.PullExpertResponse\x12P\n\x05Stats\x12\".moecluster.worker.v1.StatsRequest\x1a#.moecluster.worker.v1.StatsResponse\x12P\n\x05\x44rain\x12\".moecluster.worker.v1.DrainRequest\x1a#.moecluster.worker.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoecluster/protos/worker.proto\x12\x14moecluster.worker.v1\x1a\x1emoecluster/protos/tensor.proto\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\xc5\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x31\n\rhidden_states\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12/\n\x0btop_k_index\x18\x03 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x31\n\rtop_k_weights\x18\x04 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"L\n\x0f\x46orwardResponse\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"U\n\x12LoadExpertsRequest\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"Z\n\x13LoadExpertsResponse\x12/\n\x06loaded\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\"U\n\x12\x44ropExpertsRequest\x12\x30\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"G\n\x13\x44ropExpertsResponse\x12\x30\n\x07\x64ropped\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\"F\n\x13\x45xportExpertRequest\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\"\xe5\x01\n\x0b\x45xpertState\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x30\n\x0cgate_up_proj\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12-\n\tdown_proj\x18\x03 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x33\n\x0foptimizer_state\x18\x05 \x03(\x0b\x32\x1a.moecluster.wire.v1.Tensor\"\x7f\n\x0b\x45xpertOffer\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12.\n\x06ticket\x18\x03 \x01(\x0b\x32\x1e.moecluster.wire.v1.BulkTicket\"c\n\x11PullExpertRequest\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12PullExpertResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x0e\n\x0cStatsRequest\"n\n\x0b\x45xpertStats\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xe9\x01\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12-\n\x04held\x18\x05 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x32\n\x07\x65xperts\x18\x06 \x03(\x0b\x32!.moecluster.worker.v1.ExpertStats\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x10\n\x08versions\x18\t \x03(\x04\"\xea\x02\n\x0f\x42\x61\x63kwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x31\n\rhidden_states\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12/\n\x0btop_k_index\x18\x03 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x31\n\rtop_k_weights\x18\x04 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12/\n\x0bgrad_output\x18\x05 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12+\n\x07primary\x18\x06 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x0c\n\x04step\x18\x07 \x01(\x04\x12\x0f\n\x07session\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x04\x12\x14\n\x0c\x63ontribution\x18\n \x01(\x04\x12\r\n\x05\x65poch\x18\x0b \x01(\x04\"\x91\x01\n\x10\x42\x61\x63kwardResponse\x12\x36\n\x12grad_hidden_states\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x36\n\x12grad_top_k_weights\x18\x02 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"T\n\x05\x41\x64\x61mW\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\"V\n\x0c\x45xpertUpdate\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x15\n\rcontributions\x18\x02 \x03(\x04\"\xb4\x01\n\x12\x41pplyUpdateRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x04\x12*\n\x05\x61\x64\x61mw\x18\x04 \x01(\x0b\x32\x1b.moecluster.worker.v1.AdamW\x12\x33\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\".moecluster.worker.v1.ExpertUpdate\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\"p\n\tUpdateAck\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x04\"D\n\x13\x41pplyUpdateResponse\x12-\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.UpdateAck\"}\n\x0cSnapshotFile\x12/\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\"[\n\x14WriteSnapshotRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x30\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\"J\n\x15WriteSnapshotResponse\x12\x31\n\x05\x66iles\x18\x01 \x03(\x0b\x32\".moecluster.worker.v1.SnapshotFile\"\x84\x01\n\x15RestoreExpertsRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x31\n\x05\x66iles\x18\x02 \x03(\x0b\x32\".moecluster.worker.v1.SnapshotFile\x12\x16\n\x0eresume_version\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"_\n\x16RestoreExpertsResponse\x12\x31\n\x08restored\x18\x01 \x03(\x0b\x32\x1f.moecluster.worker.v1.ExpertKey\x12\x12\n\nbytes_read\x18\x02 \x01(\x04\"\x0e\n\x0c\x44rainRequest\"\x0f\n\rDrainResponse2\x95\n\n\x0c\x45xpertWorker\x12V\n\x07\x46orward\x12$.moecluster.worker.v1.ForwardRequest\x1a%.moecluster.worker.v1.ForwardResponse\x12I\n\rForwardStream\x12\x19.moecluster.wire.v1.Chunk\x1a\x19.moecluster.wire.v1.Chunk(\x01\x30\x01\x12\x62\n\x0bLoadExperts\x12(.moecluster.worker.v1.LoadExpertsRequest\x1a).moecluster.worker.v1.LoadExpertsResponse\x12\x62\n\x0b\x44ropExperts\x12(.moecluster.worker.v1.DropExpertsRequest\x1a).moecluster.worker.v1.DropExpertsResponse\x12V\n\x0c\x45xportExpert\x12).moecluster.worker.v1.ExportExpertRequest\x1a\x19.moecluster.wire.v1.Chunk0\x01\x12[\n\x0bOfferExpert\x12).moecluster.worker.v1.ExportExpertRequest\x1a!.moecluster.worker.v1.ExpertOffer\x12_\n\nPullExpert\x12\'.moecluster.worker.v1.PullExpertRequest\x1a(.moecluster.worker.v1.PullExpertResponse\x12P\n\x05Stats\x12\".moecluster.worker.v1.StatsRequest\x1a#.moecluster.worker.v1.StatsResponse\x12Y\n\x08\x42\x61\x63kward\x12%.moecluster.worker.v1.BackwardRequest\x1a&.moecluster.worker.v1.BackwardResponse\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.moecluster.wire.v1.Chunk\x1a\x19.moecluster.wire.v1.Chunk(\x01\x30\x01\x12\x62\n\x0b\x41pplyUpdate\x12(.moecluster.worker.v1.ApplyUpdateRequest\x1a).moecluster.worker.v1.ApplyUpdateResponse\x12h\n\rWriteSnapshot\x12*.moecluster.worker.v1.WriteSnapshotRequest\x1a+.moecluster.worker.v1.WriteSnapshotResponse\x12k\n\x0eRestoreExperts\x12+.moecluster.worker.v1.RestoreExpertsRequest\x1a,.moecluster.worker.v1.RestoreExpertsResponse\x12P\n\x05\x44rain\x12\".moecluster.worker.v1.DrainRequest\x1a#.moecluster.worker.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,23 +49,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPORTEXPERTREQUEST']._serialized_start=749
   _globals['_EXPORTEXPERTREQUEST']._serialized_end=819
   _globals['_EXPERTSTATE']._serialized_start=822
-  _globals['_EXPERTSTATE']._serialized_end=998
-  _globals['_EXPERTOFFER']._serialized_start=1000
-  _globals['_EXPERTOFFER']._serialized_end=1127
-  _globals['_PULLEXPERTREQUEST']._serialized_start=1129
-  _globals['_PULLEXPERTREQUEST']._serialized_end=1228
-  _globals['_PULLEXPERTRESPONSE']._serialized_start=1230
-  _globals['_PULLEXPERTRESPONSE']._serialized_end=1282
-  _globals['_STATSREQUEST']._serialized_start=1284
-  _globals['_STATSREQUEST']._serialized_end=1298
-  _globals['_EXPERTSTATS']._serialized_start=1300
-  _globals['_EXPERTSTATS']._serialized_end=1410
-  _globals['_STATSRESPONSE']._serialized_start=1413
-  _globals['_STATSRESPONSE']._serialized_end=1628
-  _globals['_DRAINREQUEST']._serialized_start=1630
-  _globals['_DRAINREQUEST']._serialized_end=1644
-  _globals['_DRAINRESPONSE']._serialized_start=1646
-  _globals['_DRAINRESPONSE']._serialized_end=1661
-  _globals['_EXPERTWORKER']._serialized_start=1664
-  _globals['_EXPERTWORKER']._serialized_end=2483
+  _globals['_EXPERTSTATE']._serialized_end=1051
+  _globals['_EXPERTOFFER']._serialized_start=1053
+  _globals['_EXPERTOFFER']._serialized_end=1180
+  _globals['_PULLEXPERTREQUEST']._serialized_start=1182
+  _globals['_PULLEXPERTREQUEST']._serialized_end=1281
+  _globals['_PULLEXPERTRESPONSE']._serialized_start=1283
+  _globals['_PULLEXPERTRESPONSE']._serialized_end=1335
+  _globals['_STATSREQUEST']._serialized_start=1337
+  _globals['_STATSREQUEST']._serialized_end=1351
+  _globals['_EXPERTSTATS']._serialized_start=1353
+  _globals['_EXPERTSTATS']._serialized_end=1463
+  _globals['_STATSRESPONSE']._serialized_start=1466
+  _globals['_STATSRESPONSE']._serialized_end=1699
+  _globals['_BACKWARDREQUEST']._serialized_start=1702
+  _globals['_BACKWARDREQUEST']._serialized_end=2064
+  _globals['_BACKWARDRESPONSE']._serialized_start=2067
+  _globals['_BACKWARDRESPONSE']._serialized_end=2212
+  _globals['_ADAMW']._serialized_start=2214
+  _globals['_ADAMW']._serialized_end=2298
+  _globals['_EXPERTUPDATE']._serialized_start=2300
+  _globals['_EXPERTUPDATE']._serialized_end=2386
+  _globals['_APPLYUPDATEREQUEST']._serialized_start=2389
+  _globals['_APPLYUPDATEREQUEST']._serialized_end=2569
+  _globals['_UPDATEACK']._serialized_start=2571
+  _globals['_UPDATEACK']._serialized_end=2683
+  _globals['_APPLYUPDATERESPONSE']._serialized_start=2685
+  _globals['_APPLYUPDATERESPONSE']._serialized_end=2753
+  _globals['_SNAPSHOTFILE']._serialized_start=2755
+  _globals['_SNAPSHOTFILE']._serialized_end=2880
+  _globals['_WRITESNAPSHOTREQUEST']._serialized_start=2882
+  _globals['_WRITESNAPSHOTREQUEST']._serialized_end=2973
+  _globals['_WRITESNAPSHOTRESPONSE']._serialized_start=2975
+  _globals['_WRITESNAPSHOTRESPONSE']._serialized_end=3049
+  _globals['_RESTOREEXPERTSREQUEST']._serialized_start=3052
+  _globals['_RESTOREEXPERTSREQUEST']._serialized_end=3184
+  _globals['_RESTOREEXPERTSRESPONSE']._serialized_start=3186
+  _globals['_RESTOREEXPERTSRESPONSE']._serialized_end=3281
+  _globals['_DRAINREQUEST']._serialized_start=3283
+  _globals['_DRAINREQUEST']._serialized_end=3297
+  _globals['_DRAINRESPONSE']._serialized_start=3299
+  _globals['_DRAINRESPONSE']._serialized_end=3314
+  _globals['_EXPERTWORKER']._serialized_start=3317
+  _globals['_EXPERTWORKER']._serialized_end=4618
 # @@protoc_insertion_point(module_scope)

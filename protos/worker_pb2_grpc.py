@@ -75,6 +75,31 @@ class ExpertWorkerStub:
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/Backward',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.BackwardResponse.FromString,
+                _registered_method=True)
+        self.BackwardStream = channel.stream_stream(
+                '/moecluster.worker.v1.ExpertWorker/BackwardStream',
+                request_serializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.ApplyUpdate = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/ApplyUpdate',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.ApplyUpdateRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.ApplyUpdateResponse.FromString,
+                _registered_method=True)
+        self.WriteSnapshot = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/WriteSnapshot',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.WriteSnapshotRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.WriteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.RestoreExperts = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/RestoreExperts',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/moecluster.worker.v1.ExpertWorker/Drain',
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.DrainRequest.SerializeToString,
@@ -138,6 +163,38 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Training: gradients in, input gradients out; weight gradients stay here until ApplyUpdate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardStream(self, request_iterator, context):
+        """Backward for payloads above ~1 MiB: Chunks of a BackwardRequest in, of a BackwardResponse out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyUpdate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreExperts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """Health turns NOT_SERVING; requests already routed here are still answered.
         """
@@ -187,6 +244,31 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=moecluster_dot_protos_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.BackwardRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.BackwardResponse.SerializeToString,
+            ),
+            'BackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardStream,
+                    request_deserializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.FromString,
+                    response_serializer=moecluster_dot_protos_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'ApplyUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyUpdate,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.ApplyUpdateRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.ApplyUpdateResponse.SerializeToString,
+            ),
+            'WriteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteSnapshot,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.WriteSnapshotRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.WriteSnapshotResponse.SerializeToString,
+            ),
+            'RestoreExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreExperts,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -410,6 +492,141 @@ class ExpertWorker:
             '/moecluster.worker.v1.ExpertWorker/Stats',
             moecluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
             moecluster_dot_protos_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/Backward',
+            moecluster_dot_protos_dot_worker__pb2.BackwardRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/BackwardStream',
+            moecluster_dot_protos_dot_tensor__pb2.Chunk.SerializeToString,
+            moecluster_dot_protos_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/ApplyUpdate',
+            moecluster_dot_protos_dot_worker__pb2.ApplyUpdateRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.ApplyUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/WriteSnapshot',
+            moecluster_dot_protos_dot_worker__pb2.WriteSnapshotRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.WriteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/RestoreExperts',
+            moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "int32": torch.int32,
     "int64": torch.int64,
+    "bool": torch.bool,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 

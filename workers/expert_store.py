@@ -197,6 +197,28 @@ class ExpertStore:
                 self._versions[key] = version
             return added
 
+    def replace(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor, version: int) -> None:
+        """New weights and version for a held expert (a training update), copy on write: they go
+        into a fresh slot and the old one is retired, so a reader mid-Forward keeps the old weights
+        whole.  KeyError when not held."""
+        with self._lock:
+            if (layer, expert) not in self._versions:
+                raise KeyError((layer, expert))
+            buf = self._room(layer, (gate_up.shape, down.shape), 1)
+            slot = buf.free.pop()
+            buf.gate_up[slot].copy_(gate_up)
+            buf.down[slot].copy_(down)
+            buf.retired.append((self._generation + 1, buf.slot_of[expert]))
+            buf.slot_of[expert] = slot
+            self._versions[(layer, expert)] = version
+            self._publish(layer)
+
+    def set_version(self, layer: int, expert: int, version: int) -> None:
+        with self._lock:
+            if (layer, expert) not in self._versions:
+                raise KeyError((layer, expert))
+            self._versions[(layer, expert)] = version
+
     def drop(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Drops held experts; returns those dropped (others are ignored: dropping is idempotent)."""
         with self._lock:

@@ -1,4 +1,4 @@
-"""The ExpertWorker gRPC service: Forward, load/drop, peer-to-peer expert copies, stats.
+"""The ExpertWorker gRPC service: Forward, Backward and updates, load/drop, peer-to-peer copies, stats.
 
 The worker knows nothing of the controller's plans: it obeys epoch-tagged
 commands, says what it holds, and rejects what it cannot answer correctly
@@ -23,10 +23,13 @@ from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import bulk, streaming
 from moecluster.wire.bulk import BulkSender
-from moecluster.wire.tensors import NAMES, WireError, decode, encode
+from moecluster.wire.tensors import DTYPES, NAMES, WireError, decode, encode
 from moecluster.workers import validation
+from moecluster.workers.expert_backward import expert_backward
 from moecluster.workers.expert_store import ExpertStore
+from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
 from moecluster.workers.kernels import fused_experts
+from moecluster.workers.snapshot_files import ExpertState, FileInfo, SnapshotError, read_expert, write_expert
 from moecluster.workers.validation import RequestError, invalid
 
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
@@ -44,6 +47,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         self.geometry = checkpoint.geometry
         self.worker_id = worker_id
         self.store = ExpertStore(self.geometry.num_experts, dtype)
+        self.training = ExpertTraining(self.store)
         self.health = health.HealthServicer()
         self.epoch = 0
         self.draining = False
@@ -81,6 +85,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         todo = [k for k in dict.fromkeys(keys) if not self.store.holds(*k)]
         items = {k: self.checkpoint.read_expert(*k, dtype=self.store.dtype) for k in todo}
         added = self.store.add(items)
+        self.training.forget(added)  # read from the checkpoint: untrained, whatever was here before
         return added, sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in items.values())
 
     def _observe_epoch(self, epoch: int) -> None:
@@ -93,13 +98,18 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         return _answer(context, self, lambda: self._forward(request))
 
     def ForwardStream(self, request_iterator, context):
+        limit = validation.MAX_TOKENS * self.geometry.hidden * 16
+        yield from self._streamed(request_iterator, context, worker_pb2.ForwardRequest, self._forward, limit)
+
+    def _streamed(self, request_iterator, context, message_type, handle: Callable, limit_bytes: int):
+        """A unary handler behind a chunked stream (payloads above ~1 MiB): chunks in, chunks out."""
         def run():
-            payload = streaming.join(request_iterator, limit_bytes=validation.MAX_TOKENS * self.geometry.hidden * 16)
+            payload = streaming.join(request_iterator, limit_bytes=limit_bytes)
             try:
-                request = worker_pb2.ForwardRequest.FromString(payload)
+                request = message_type.FromString(payload)
             except DecodeError as err:
-                raise invalid(f"stream payload of {len(payload)} bytes is not a ForwardRequest: {err}") from None
-            return self._forward(request)
+                raise invalid(f"stream payload of {len(payload)} bytes is not a {message_type.__name__}: {err}") from None
+            return handle(request)
 
         response = _answer(context, self, run)
         yield from streaming.split(response.SerializeToString())
@@ -135,6 +145,114 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 row[1] += 1
                 row[2] += seconds * count / total
 
+    def Backward(self, request, context):
+        return _answer(context, self, lambda: self._backward(request))
+
+    def BackwardStream(self, request_iterator, context):
+        limit = validation.MAX_TOKENS * self.geometry.hidden * 40  # hidden states and their gradient, 8 bytes each
+        yield from self._streamed(request_iterator, context, worker_pb2.BackwardRequest, self._backward, limit)
+
+    def _backward(self, request: worker_pb2.BackwardRequest) -> worker_pb2.BackwardResponse:
+        inputs = validation.check_backward(self.geometry, request)
+        fwd = inputs.forward
+        with self.store.reading(fwd.layer) as snapshot:
+            local = validation.check_held(snapshot, fwd, self.epoch)
+            experts = sorted({int(e) for e in fwd.top_k_index[fwd.top_k_index >= 0].tolist()})
+            if not experts:
+                return worker_pb2.BackwardResponse(grad_hidden_states=encode(torch.zeros_like(fwd.hidden_states)),
+                                                   grad_top_k_weights=encode(torch.zeros_like(fwd.top_k_weights)),
+                                                   epoch=self.epoch)
+            with self.training.lock:  # the version checked is the version the gradient is kept for
+                self._refusing(lambda: self.training.check_step([(fwd.layer, e) for e in experts], request.step,
+                                                                request.session, request.attempt))
+                grad_x, grad_w, grads = expert_backward(snapshot, fwd.hidden_states, local, fwd.top_k_weights,
+                                                        inputs.grad_output, inputs.primary)
+                for expert, pair in grads.items():
+                    self.training.contribute((fwd.layer, expert), request.step, request.session, request.attempt,
+                                             request.contribution, pair)
+        self._observe_epoch(request.epoch)
+        return worker_pb2.BackwardResponse(grad_hidden_states=encode(grad_x), grad_top_k_weights=encode(grad_w),
+                                           epoch=self.epoch)
+
+    @staticmethod
+    def _refusing(run: Callable):
+        try:
+            return run()
+        except TrainingRefused as err:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+
+    def ApplyUpdate(self, request, context):
+        def run():
+            if request.step < 1 or not request.session:
+                raise invalid(f"step {request.step}, session {request.session!r}: steps count from 1 and a session is named")
+            hyper = AdamW(request.adamw.lr, request.adamw.beta1, request.adamw.beta2, request.adamw.eps,
+                          request.adamw.weight_decay)
+            if not (hyper.lr >= 0 and 0 <= hyper.beta1 < 1 and 0 <= hyper.beta2 < 1 and hyper.eps > 0
+                    and hyper.weight_decay >= 0):
+                raise invalid(f"adamw: {hyper} is out of range (lr >= 0, 0 <= betas < 1, eps > 0, weight_decay >= 0)")
+            experts = {}
+            for update in request.experts:
+                key = validation.check_expert_key(self.geometry, update.expert)
+                if not self.store.holds(*key):
+                    raise self._not_held(key)
+                experts[key] = list(update.contributions)
+            acks = self._refusing(lambda: self.training.apply(request.step, request.session, request.attempt, hyper,
+                                                              experts))
+            self._observe_epoch(request.epoch)
+            return worker_pb2.ApplyUpdateResponse(acks=[
+                worker_pb2.UpdateAck(expert=_key(k), version=a.version, duplicate=a.duplicate, digest=a.digest)
+                for k, a in sorted(acks.items())])
+
+        return _answer(context, self, run)
+
+    def WriteSnapshot(self, request, context):
+        def run():
+            keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
+            if not request.directory or not os.path.isdir(request.directory):
+                raise invalid(f"directory: {request.directory!r} is not a directory on this worker")
+            files = []
+            for key in keys:
+                with self.training.lock:  # weights, moments and version of one committed step
+                    gate_up, down, version = self._held(key)
+                    moments = self.training.moments(key)
+                    moments = tuple(m.clone() for m in moments) if moments is not None else None
+                try:
+                    info = write_expert(request.directory, ExpertState(*key, version, gate_up, down, moments))
+                except OSError as err:
+                    raise RequestError(grpc.StatusCode.INTERNAL, f"writing expert {key}: {err}") from None
+                files.append(worker_pb2.SnapshotFile(expert=_key(key), file=info.file, version=info.version,
+                                                     digest=info.digest, bytes=info.bytes))
+            return worker_pb2.WriteSnapshotResponse(files=files)
+
+        return _answer(context, self, run)
+
+    def RestoreExperts(self, request, context):
+        def run():
+            states, read = [], 0
+            for f in request.files:
+                key = validation.check_expert_key(self.geometry, f.expert)
+                try:
+                    state = read_expert(request.directory, FileInfo(f.file, f.version, f.digest, f.bytes), *key)
+                except SnapshotError as err:
+                    raise RequestError(grpc.StatusCode.DATA_LOSS, str(err)) from None
+                g = self.geometry
+                if state.gate_up.shape != (2 * g.intermediate, g.hidden) or state.down.shape != (g.hidden, g.intermediate):
+                    raise RequestError(grpc.StatusCode.DATA_LOSS, f"{f.file}: shapes do not fit this model")
+                states.append(state)
+                read += f.bytes
+            restored = []
+            with self.training.lock:
+                for state in states:  # all files checked before anything changes
+                    key = (state.layer, state.expert)
+                    self.store.drop([key])
+                    self.store.add({key: (state.gate_up, state.down)}, version=request.resume_version)
+                    self.training.adopt(key, state.moments)
+                    restored.append(_key(key))
+            self._observe_epoch(request.epoch)
+            return worker_pb2.RestoreExpertsResponse(restored=restored, bytes_read=read)
+
+        return _answer(context, self, run)
+
     def LoadExperts(self, request, context):
         def run():
             keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
@@ -150,7 +268,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         def run():
             keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
             self._observe_epoch(request.epoch)
-            dropped = self.store.drop(keys)
+            with self.training.lock:
+                dropped = self.store.drop(keys)
+                self.training.forget(dropped)
             with self._lock:
                 for key in dropped:
                     self._stats.pop(key, None)
@@ -161,10 +281,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def ExportExpert(self, request, context):
         def run():
             key = validation.check_expert_key(self.geometry, request.expert)
-            gate_up, down, version = self._held(key)
-            return worker_pb2.ExpertState(
-                expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down), version=version
-            )
+            with self.training.lock:
+                gate_up, down, version = self._held(key)
+                moments = self.training.moments(key) or ()
+                return worker_pb2.ExpertState(expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down),
+                                              version=version, optimizer_state=[encode(m) for m in moments])
 
         state = _answer(context, self, run)
         yield from streaming.split(state.SerializeToString())
@@ -176,12 +297,15 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "this worker has no bulk side channel; use ExportExpert")
             # Send the held slot itself, no copy: pinned until the transfer is over (the bulk sender
             # releases it; at the latest when the offer expires).
-            try:
-                gate_up, down, release = self.store.pin(*key)
-            except KeyError:
-                raise self._not_held(key) from None
-            ticket = self.bulk.offer([gate_up, down], copy=False, release=release)
-            return worker_pb2.ExpertOffer(expert=_key(key), version=self.store.version(*key), ticket=ticket)
+            with self.training.lock:  # weights, moments and version of one committed step
+                try:
+                    gate_up, down, release = self.store.pin(*key)
+                except KeyError:
+                    raise self._not_held(key) from None
+                version = self.store.version(*key)
+                moments = [m.clone() for m in self.training.moments(key) or ()]  # updated in place: copies
+            ticket = self.bulk.offer([gate_up, down, *moments], copy=False, release=release)
+            return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=ticket)
 
         return _answer(context, self, run)
 
@@ -221,7 +345,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             remaining = context.time_remaining()  # never outlive the caller's deadline
             deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
             g = self.geometry
-            limit = g.hidden * g.intermediate * 3 * 8 + 4096
+            limit = g.hidden * g.intermediate * 3 * 8 * 3 + 4096  # weights and two moments, 8-byte worst case
             shapes = ((2 * g.intermediate, g.hidden), (g.hidden, g.intermediate))
             try:  # receive straight into a slot readers cannot see yet; a concurrent pull of it is waited for
                 reservation = self.store.reserve(*key, shapes, wait_s=deadline)
@@ -234,14 +358,16 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 sent, tensors, version, size = _fetch_expert(self._peer(request.source), request.source, request.expert,
                                                              limit, deadline,
                                                              into=[reservation.gate_up, reservation.down])
-                gate_up, down = _checked_state(self.geometry, key, sent, tensors)
+                gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
                 if gate_up.data_ptr() != reservation.gate_up.data_ptr():  # came another way (stream, other dtype)
                     reservation.gate_up.copy_(gate_up)
                     reservation.down.copy_(down)
             except BaseException:
                 self.store.abort(reservation)
                 raise
-            self.store.commit(reservation, version)
+            with self.training.lock:
+                self.training.adopt(key, moments)
+                self.store.commit(reservation, version)
             with self._lock:
                 self.bytes_pulled += size
             self._observe_epoch(request.epoch)  # only a pull that succeeded moves the epoch
@@ -254,6 +380,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             return response
 
     def Stats(self, request, context):
+        held = self.store.held()
         with self._lock:
             experts = [
                 worker_pb2.ExpertStats(expert=_key(k), tokens=int(v[0]), calls=int(v[1]), seconds=v[2])
@@ -265,7 +392,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             pid=os.getpid(),
             epoch=self.epoch,
             draining=self.draining,
-            held=[_key(k) for k in self.store.held()],
+            held=[_key(k) for k in held],
+            versions=[self.store.version(*k) if self.store.holds(*k) else 0 for k in held],
             experts=experts,
             requests=requests,
             rejected=rejected,
@@ -312,8 +440,10 @@ def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: work
             offer = None  # a peer without the side channel
         if offer is not None:
             host = source.rsplit(":", 1)[0].strip("[]")
-            matches = into is not None and [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors] == \
-                [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
+            sent = [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors]
+            matches = into is not None and sent[:len(into)] == [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
+            if matches:  # the moments of a trained expert come after the weights: fresh buffers
+                into = into + [torch.empty(shape, dtype=DTYPES[dtype]) for dtype, shape in sent[len(into):]]
             try:
                 tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes,
                                        into=into if matches else None)
@@ -324,6 +454,7 @@ def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: work
         payload = streaming.join(chunks, limit_bytes=limit_bytes)
         state = worker_pb2.ExpertState.FromString(payload)
         tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
+        tensors += [decode(m, name="optimizer_state").clone() for m in state.optimizer_state]
         return state.expert, tensors, state.version, len(payload)
     except grpc.RpcError as err:
         code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
@@ -334,20 +465,23 @@ def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: work
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
 
 
-def _checked_state(geometry, key: tuple[int, int], sent: worker_pb2.ExpertKey,
-                   tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pulled tensors, if they are the expert asked for with this model's shapes."""
+def _checked_state(geometry, key: tuple[int, int], sent: worker_pb2.ExpertKey, tensors: list[torch.Tensor]):
+    """The pulled (gate_up, down, moments or None), if they are the expert asked for with this model's shapes."""
     if (sent.layer, sent.expert) != key:
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {(sent.layer, sent.expert)}, asked for {key}")
-    if len(tensors) != 2:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent {len(tensors)} tensors for expert {key}, not 2")
-    gate_up, down = tensors
+    if len(tensors) not in (2, 6):
+        raise RequestError(grpc.StatusCode.DATA_LOSS,
+                           f"peer sent {len(tensors)} tensors for expert {key}, not 2 (weights) or 6 (with moments)")
+    gate_up, down = tensors[:2]
+    moments = tuple(tensors[2:]) or None
+    if moments is not None and [m.shape for m in moments] != [gate_up.shape, down.shape] * 2:
+        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's moments of expert {key} do not match its weights")
     if gate_up.shape != (2 * geometry.intermediate, geometry.hidden) or down.shape != (geometry.hidden, geometry.intermediate):
         raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has shapes {list(gate_up.shape)}, {list(down.shape)}")
     if not (gate_up.is_floating_point() and down.is_floating_point()):
         raise RequestError(grpc.StatusCode.DATA_LOSS,
                            f"peer's expert {key} has dtypes {gate_up.dtype}, {down.dtype}; weights are float")
-    return gate_up, down
+    return gate_up, down, moments
 
 
 def _key(key: tuple[int, int]) -> worker_pb2.ExpertKey:

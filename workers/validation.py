@@ -117,3 +117,34 @@ def check_held(snapshot: LayerExperts | None, inputs: ForwardInputs, epoch: int)
             f"experts {wanted[:8]} of layer {inputs.layer} are not on this worker (worker epoch {epoch})",
         )
     return local
+
+
+@dataclass(frozen=True)
+class BackwardInputs:
+    forward: ForwardInputs
+    grad_output: torch.Tensor  # (T, H) float
+    primary: torch.Tensor  # (T, K) bool
+
+
+def check_backward(geometry: Geometry, request: worker_pb2.BackwardRequest) -> BackwardInputs:
+    """BackwardRequest -> decoded tensors, or RequestError(INVALID_ARGUMENT) naming what is wrong."""
+    forward = check_forward(geometry, worker_pb2.ForwardRequest(
+        layer=request.layer, hidden_states=request.hidden_states, top_k_index=request.top_k_index,
+        top_k_weights=request.top_k_weights))
+    if request.step < 1:
+        raise invalid("step: 0; training steps count from 1 (the update that takes an expert to version 1)")
+    if not request.session:
+        raise invalid("session: empty; every trainer names itself")
+    try:
+        grad = decode(request.grad_output, name="grad_output")
+        primary = decode(request.primary, name="primary")
+    except WireError as err:
+        raise invalid(str(err)) from None
+    if grad.dtype not in FLOAT_DTYPES or grad.shape != forward.hidden_states.shape:
+        raise invalid(f"grad_output: {grad.dtype} {list(grad.shape)}, expected a float tensor shaped like "
+                      f"hidden_states {list(forward.hidden_states.shape)}")
+    if primary.dtype != torch.bool or primary.shape != forward.top_k_index.shape:
+        raise invalid(f"primary: {primary.dtype} {list(primary.shape)}, expected bool {list(forward.top_k_index.shape)}")
+    if grad.numel() and not bool(torch.isfinite(grad).all()):
+        raise invalid("grad_output: contains NaN or Inf")
+    return BackwardInputs(forward, grad, primary)

@@ -1,0 +1,207 @@
+"""Training on one worker through its RPCs: Backward equals autograd, ApplyUpdate equals torch.optim.AdamW,
+updates apply exactly once, state (weights, moments, version) moves with a pull and survives a snapshot."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from conftest import running_workers
+from moecluster.protos import worker_pb2
+from moecluster.wire.tensors import decode, encode
+from moecluster.workers.kernels import reference_experts
+from worker_helpers import TIMEOUT_S, keys, routing, stats, stub_for
+
+HYPER = worker_pb2.AdamW(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+LAYER = 0
+EXPERTS = list(range(8))
+
+
+def backward(stub, hidden, index, weights, grad, *, step, contribution=0, attempt=0, session="s", primary=None):
+    primary = torch.ones_like(index, dtype=torch.bool) if primary is None else primary
+    response = stub.Backward(worker_pb2.BackwardRequest(
+        layer=LAYER, hidden_states=encode(hidden), top_k_index=encode(index), top_k_weights=encode(weights),
+        grad_output=encode(grad), primary=encode(primary), step=step, session=session, attempt=attempt,
+        contribution=contribution), timeout=TIMEOUT_S)
+    return decode(response.grad_hidden_states).clone(), decode(response.grad_top_k_weights).clone()
+
+
+def update(stub, step, contributions, *, attempt=0, session="s", experts=EXPERTS):
+    request = worker_pb2.ApplyUpdateRequest(
+        step=step, session=session, attempt=attempt, adamw=HYPER,
+        experts=[worker_pb2.ExpertUpdate(expert=keys((LAYER, e))[0], contributions=contributions.get(e, []))
+                 for e in experts])
+    return {a.expert.expert: a for a in stub.ApplyUpdate(request, timeout=TIMEOUT_S).acks}
+
+
+def used(index):
+    return {int(e) for e in index.flatten().tolist() if e >= 0}
+
+
+def exported(stub, expert):
+    from worker_helpers import export
+
+    state, _ = export(stub, LAYER, expert)
+    return decode(state.gate_up_proj).clone(), decode(state.down_proj).clone(), state
+
+
+def batch(seed):
+    hidden, index, weights = routing(12, EXPERTS, seed=seed)
+    grad = torch.randn(12, 64, generator=torch.Generator().manual_seed(100 + seed))
+    return hidden, index, weights, grad
+
+
+@pytest.fixture
+def worker(qwen3):
+    with running_workers(qwen3, {(LAYER, e): ("w",) for e in EXPERTS}) as servers:
+        channel, stub = stub_for(servers["w"])
+        with channel:
+            yield stub
+
+
+def test_three_steps_equal_autograd_and_torch_adamw(worker, weights):
+    gate_up = weights[LAYER][0].clone().requires_grad_()
+    down = weights[LAYER][1].clone().requires_grad_()
+    opt = torch.optim.AdamW([gate_up, down], lr=HYPER.lr, betas=(HYPER.beta1, HYPER.beta2), eps=HYPER.eps,
+                            weight_decay=HYPER.weight_decay)
+    for step in (1, 2, 3):
+        contributions = {}
+        opt.zero_grad()
+        for c in range(2):  # two backward calls (micro-batches) per step
+            hidden, index, top_w, grad = batch(10 * step + c)
+            x, w = hidden.clone().requires_grad_(), top_w.clone().requires_grad_()
+            reference_experts(x, gate_up, down, index.long(), w).backward(grad)
+            got_x, got_w = backward(worker, hidden, index, top_w, grad, step=step, contribution=c)
+            assert torch.allclose(got_x, x.grad, atol=1e-5) and torch.allclose(got_w, w.grad, atol=1e-5)
+            for e in used(index):
+                contributions.setdefault(e, []).append(c)
+        opt.step()
+        acks = update(worker, step, contributions)
+        assert {a.version for a in acks.values()} == {step} and not any(a.duplicate for a in acks.values())
+    for e in EXPERTS:
+        g, d, state = exported(worker, e)
+        assert state.version == 3 and len(state.optimizer_state) == 4
+        assert (g - gate_up[e]).abs().max() < 1e-5 and (d - down[e]).abs().max() < 1e-5
+    assert set(stats(worker).versions) == {3}
+
+
+def test_repeated_and_late_messages_change_nothing(worker):
+    hidden, index, top_w, grad = batch(1)
+    contributions = {e: [0] for e in used(index)}
+    for _ in range(2):  # a repeated backward call: its gradient is kept once
+        backward(worker, hidden, index, top_w, grad, step=1)
+    first = update(worker, 1, contributions)
+    before = {e: exported(worker, e)[:2] for e in EXPERTS}
+    again = update(worker, 1, contributions)  # a repeated update: the stored acknowledgement
+    assert all(again[e].duplicate and again[e].digest == first[e].digest and again[e].version == 1 for e in EXPERTS)
+    with pytest.raises(grpc.RpcError) as late:  # a late gradient for a step already applied
+        backward(worker, hidden, index, top_w, grad, step=1, contribution=5)
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "applied already" in late.value.details()
+    with pytest.raises(grpc.RpcError) as early:  # an update that skips a step
+        update(worker, 3, {})
+    assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "missed updates" in early.value.details()
+    for e in EXPERTS:
+        g, d, state = exported(worker, e)
+        assert state.version == 1 and torch.equal(g, before[e][0]) and torch.equal(d, before[e][1])
+
+    # Same result as a worker that got each message once.
+    replay = update(worker, 2, {})
+    assert all(a.version == 2 for a in replay.values())
+
+
+def test_update_missing_a_contribution_is_refused_whole(worker):
+    hidden, index, top_w, grad = batch(2)
+    backward(worker, hidden, index, top_w, grad, step=1, contribution=0)
+    named = {e: [0, 1] for e in used(index)}  # contribution 1 never arrived
+    with pytest.raises(grpc.RpcError) as err:
+        update(worker, 1, named)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "has [0]" in err.value.details()
+    assert set(stats(worker).versions) == {0}  # no expert applied anything, not even those without gradients
+
+
+def test_a_newer_attempt_discards_the_older_gradient(worker, qwen3):
+    hidden, index, top_w, grad = batch(3)
+    backward(worker, hidden, index, top_w, grad * 100, step=1, attempt=0)
+    backward(worker, hidden, index, top_w, grad, step=1, attempt=1)
+    with pytest.raises(grpc.RpcError) as err:  # the old attempt, arriving late
+        backward(worker, hidden, index, top_w, grad, step=1, attempt=0, contribution=7)
+    assert "superseded" in err.value.details()
+    acks = update(worker, 1, {e: [0] for e in used(index)}, attempt=1)
+    with running_workers(qwen3, {(LAYER, e): ("v",) for e in EXPERTS}) as servers:  # the same, in one attempt
+        channel, other = stub_for(servers["v"])
+        with channel:
+            backward(other, hidden, index, top_w, grad, step=1)
+            fresh = update(other, 1, {e: [0] for e in used(index)})
+    assert {e: a.digest for e, a in acks.items()} == {e: a.digest for e, a in fresh.items()}
+
+
+def test_only_primary_slots_return_input_gradients(worker, weights, qwen3):
+    hidden, index, top_w, grad = batch(4)
+    primary = torch.zeros_like(index, dtype=torch.bool)
+    primary[:, 0] = True
+    got_x, got_w = backward(worker, hidden, index, top_w, grad, step=1, primary=primary)
+    x, w = hidden.clone().requires_grad_(), top_w.clone().requires_grad_()
+    reference_experts(x, *weights[LAYER], torch.where(primary, index, -1).long(), w).backward(grad)
+    assert torch.allclose(got_x, x.grad, atol=1e-5) and torch.allclose(got_w, w.grad, atol=1e-5)
+    assert torch.equal(got_w[:, 1], torch.zeros(12))
+    # ... while the weight gradient kept covers every slot: the update equals one from an all-primary call
+    acks = update(worker, 1, {e: [0] for e in used(index)})
+    with running_workers(qwen3, {(LAYER, e): ("v",) for e in EXPERTS}) as servers:
+        channel, other = stub_for(servers["v"])
+        with channel:
+            backward(other, hidden, index, top_w, grad, step=1)
+            fresh = update(other, 1, {e: [0] for e in used(index)})
+    assert {e: a.digest for e, a in acks.items()} == {e: a.digest for e, a in fresh.items()}
+
+
+def test_a_pull_moves_weights_moments_and_version(qwen3):
+    placement = {**{(LAYER, e): ("a",) for e in EXPERTS}, (1, 0): ("b",)}
+    with running_workers(qwen3, placement) as servers:
+        ca, a = stub_for(servers["a"])
+        cb, b = stub_for(servers["b"])
+        with ca, cb:
+            for step in (1, 2):
+                hidden, index, top_w, grad = batch(step)
+                backward(a, hidden, index, top_w, grad, step=step)
+                update(a, step, {e: [0] for e in used(index)})
+            b.PullExpert(worker_pb2.PullExpertRequest(expert=keys((LAYER, 3))[0], source=servers["a"].address),
+                         timeout=TIMEOUT_S)
+            assert exported(b, 3)[2].version == 2
+            hidden, index, top_w, grad = batch(9)
+            index[:, 0] = 3  # both train expert 3 on the same tokens
+            index[:, 1] = torch.where(index[:, 1] == 3, 4, index[:, 1])
+            only3 = torch.where(index == 3, index, -1)
+            acks = []
+            for stub in (a, b):
+                backward(stub, hidden, only3, top_w, grad, step=3)
+                acks.append(update(stub, 3, {3: [0]}, experts=[3])[3])
+            assert acks[0].digest == acks[1].digest and acks[0].version == 3
+            assert [m.shape for m in exported(b, 3)[2].optimizer_state] == [[64, 64], [64, 32]] * 2
+
+
+def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
+    hidden, index, top_w, grad = batch(5)
+    backward(worker, hidden, index, top_w, grad, step=1)
+    update(worker, 1, {e: [0] for e in used(index)})
+    files = worker.WriteSnapshot(worker_pb2.WriteSnapshotRequest(directory=str(tmp_path), experts=keys((LAYER, 2), (LAYER, 5))),
+                                 timeout=TIMEOUT_S).files
+    assert [(f.expert.expert, f.version) for f in files] == [(2, 1), (5, 1)]
+    saved = {e: exported(worker, e)[:2] for e in (2, 5)}
+    update(worker, 2, {})  # moves on
+    restored = worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files,
+                                                                      resume_version=2), timeout=TIMEOUT_S)
+    assert [k.expert for k in restored.restored] == [2, 5]
+    for e in (2, 5):
+        g, d, state = exported(worker, e)
+        assert state.version == 2 and torch.equal(g, saved[e][0]) and torch.equal(d, saved[e][1])
+        assert len(state.optimizer_state) == 4
+    path = tmp_path / files[0].file
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(data))
+    before = exported(worker, 2)[:2]
+    with pytest.raises(grpc.RpcError) as err:
+        worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files, resume_version=2),
+                              timeout=TIMEOUT_S)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS and "refused" in err.value.details()
+    assert all(torch.equal(x, y) for x, y in zip(exported(worker, 2)[:2], before))

@@ -84,7 +84,8 @@ class LocalCluster:
     # -- up ------------------------------------------------------------------
 
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
-           capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None) -> dict:
+           capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
+           snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves."""
         if (self.dir / "cluster.json").is_file():
             controller = self.controller_record()
@@ -102,7 +103,11 @@ class LocalCluster:
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
         model = Path(model).resolve()
         Checkpoint(model)  # fails early, with a clear message, on a bad checkpoint
-        spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity)
+        if snapshot_dir is not None:
+            snapshot_dir = Path(snapshot_dir).resolve()
+            snapshot_dir.mkdir(parents=True, exist_ok=True)
+        spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
+                           snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s)
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),
@@ -170,7 +175,10 @@ class LocalCluster:
         return {
             "name": s.name, "endpoint": s.endpoint, "epoch": s.epoch, "desired_workers": s.desired_workers,
             "min_replicas": s.min_replicas, "converged": s.converged, "last_error": s.last_error,
-            "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends),
+            "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends), "controller": self.info()["controller"],
+            "step": s.step, "snapshot": s.snapshot,
+            "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
+                           "source": r.source} for r in s.rollbacks],
             "workers": [{"id": w.id, "address": w.address, "pid": w.pid, "state": w.state,
                          "experts": [[l, e] for l, e in zip(w.experts[::2], w.experts[1::2])], "load": w.load}
                         for w in s.workers],
@@ -192,6 +200,12 @@ class LocalCluster:
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
         return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout)
+
+    def snapshot(self, directory: str | Path | None = None, timeout: float = 600.0) -> Iterator[str]:
+        directory = str(Path(directory).resolve()) if directory else ""
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        return self._stream("Snapshot", controller_pb2.SnapshotRequest(directory=directory), timeout)
 
     def migrate(self, layer: int, expert: int, to: str, source: str = "", timeout: float = 600.0) -> Iterator[str]:
         request = controller_pb2.MigrateRequest(layer=layer, expert=expert, to_worker=to, from_worker=source)

@@ -6,6 +6,8 @@
   moectl scale --workers 5          # returns when the new layout serves
   moectl migrate --layer 0 --expert 3 --to worker-4
   moectl drain worker-1
+  moectl train --steps 30 --out ./run      # train the model through the cluster
+  moectl snapshot --dir ./snapshots        # experts' training state, at a step boundary
   moectl down
   moectl demo            # the whole tour on a tiny model, in one command
 """
@@ -50,7 +52,7 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
-                        progress=_progress)
+                        progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every)
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
           f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
@@ -92,6 +94,11 @@ def cmd_status(args) -> int:
     for w in doc["workers"]:
         print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
               f"  {w['load']:>9.1f} tokens/s")
+    if doc["step"]:
+        print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
+    for r in doc["rollbacks"]:
+        print(f"  rollback: expert ({r['layer']}, {r['expert']}) restored to step {r['snapshot_step']} from {r['source']} "
+              f"at step {r['step']}: {r['step'] - r['snapshot_step']} updates lost")
     if doc["last_error"]:
         print(f"  last error: {doc['last_error']}")
     return 0
@@ -118,6 +125,22 @@ def cmd_migrate(args) -> int:
 
 def cmd_drain(args) -> int:
     return _follow(LocalCluster(args.name).drain(args.worker, timeout=args.timeout))
+
+
+def cmd_snapshot(args) -> int:
+    return _follow(LocalCluster(args.name).snapshot(args.dir, timeout=args.timeout))
+
+
+def cmd_train(args) -> int:
+    from moecluster.cli.train import train
+
+    cluster = LocalCluster(args.name)
+    info = cluster.info()
+    cluster.status()  # a clear error if the controller is down
+    train(info["controller"], info["model"], steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
+          seed=args.seed, out=args.out, progress=_progress)
+    print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -172,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
+    up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
+    up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.set_defaults(func=cmd_up)
 
     scale = sub.add_parser("scale", help="grow or shrink the worker pool with no failed requests; waits until it serves")
@@ -194,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--name", default="default")
     drain.add_argument("--timeout", type=float, default=600)
     drain.set_defaults(func=cmd_drain)
+
+    train = sub.add_parser("train", help="train the cluster's model on random tokens: dense parts here, experts on the workers")
+    train.add_argument("--name", default="default")
+    train.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
+    train.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    train.add_argument("--seq", type=int, default=32, help="tokens per sequence (default 32)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3; weight decay 0)")
+    train.add_argument("--seed", type=int, default=0, help="step s trains on a batch drawn with seed SEED + s (default 0)")
+    train.add_argument("--out", required=True, help="folder for metrics.jsonl and the trained model (final/)")
+    train.set_defaults(func=cmd_train)
+
+    snapshot = sub.add_parser("snapshot", help="write every expert's training state (weights, AdamW moments, version)")
+    snapshot.add_argument("--name", default="default")
+    snapshot.add_argument("--dir", help="snapshots go to DIR/step-NNNNNNNN/ (default: the cluster's --snapshot-dir)")
+    snapshot.add_argument("--timeout", type=float, default=600)
+    snapshot.set_defaults(func=cmd_snapshot)
 
     resume = sub.add_parser("resume", help="restart a cluster's controller (it rebuilds its state from the workers)")
     resume.add_argument("--name", default="default")

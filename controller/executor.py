@@ -7,12 +7,14 @@ and plans afresh instead of pushing on with a stale plan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 import grpc
 from moecluster.controller import plan as p
+from moecluster.controller import snapshots
 from moecluster.controller.actuator import Actuator
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
@@ -41,28 +43,56 @@ def _keys(experts) -> list[worker_pb2.ExpertKey]:
 
 class Executor:
     def __init__(self, actuator: Actuator, monitor: WorkerMonitor, publisher: Publisher, metrics: ControllerMetrics,
-                 *, start_timeout: float = 120.0, ack_timeout: float = 5.0, progress: Callable[[str], None] = log.info):
+                 *, start_timeout: float = 120.0, ack_timeout: float = 5.0, pause_timeout: float = 300.0,
+                 snapshot_dir: str | None = None, progress: Callable[[str], None] = log.info):
         self.actuator, self.monitor, self.publisher, self.metrics = actuator, monitor, publisher, metrics
-        self.start_timeout, self.ack_timeout = start_timeout, ack_timeout
+        self.start_timeout, self.ack_timeout, self.pause_timeout = start_timeout, ack_timeout, pause_timeout
+        self.snapshot_dir = snapshot_dir
         self.progress = progress
+        self.rollbacks: list[dict] = []  # experts restored to an older step than the pool's: reported, never hidden
 
     def run(self, steps: list[p.Step]) -> None:
-        for step in steps:
-            self._check_table_alive(step)
+        with self.paused(any(isinstance(s, p.COPIES) for s in steps)):
+            for step in steps:
+                self._check_table_alive(step)
+                started = time.perf_counter()
+                try:
+                    with start_span(_TRACER, "controller.step", {"step": type(step).__name__, "key": step.key}):
+                        self._run(step)
+                except grpc.RpcError as err:
+                    raise StepFailed(f"{step.key}: {err.code().name}: {err.details()}") from None
+                finally:
+                    self.metrics.step_seconds(type(step).__name__, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def paused(self, needed: bool = True):
+        """Trainers at a step boundary for the block (expert state is copied only between steps);
+        nothing to wait for when no trainer watches. The plan's next Publish (or the block's end) lifts it."""
+        trainers = self.publisher.trainers() if needed else []
+        if trainers:
+            table = self.publisher.publish(self.publisher.table.placement, self.publisher.table.addresses, paused=True)
+            self.progress(f"pausing trainers {trainers} at their step boundary (epoch {table.epoch})")
             started = time.perf_counter()
-            try:
-                with start_span(_TRACER, "controller.step", {"step": type(step).__name__, "key": step.key}):
-                    self._run(step)
-            except grpc.RpcError as err:
-                raise StepFailed(f"{step.key}: {err.code().name}: {err.details()}") from None
-            finally:
-                self.metrics.step_seconds(type(step).__name__, time.perf_counter() - started)
+            lagging = [f for f in self.publisher.await_acks(table.epoch, self.pause_timeout) if f in trainers]
+            if lagging:
+                self._resume()
+                raise StepFailed(f"trainers {lagging} did not reach a step boundary within {self.pause_timeout:.0f}s")
+            self.metrics.step_seconds("PauseTrainers", time.perf_counter() - started)
+        try:
+            yield
+        finally:
+            if self.publisher.table.paused:
+                self._resume()
+
+    def _resume(self) -> None:
+        table = self.publisher.table
+        self.publisher.publish(table.placement, table.addresses)
 
     def _check_table_alive(self, step: p.Step) -> None:
         observed = self.monitor.snapshot()
         dead = {w for holders in self.publisher.table.placement.values() for w in holders
                 if observed.workers.get(w) is None or observed.workers[w].state == WorkerState.DEAD}
-        if dead and not isinstance(step, (p.Publish, p.LoadExperts)):  # the steps that heal
+        if dead and not isinstance(step, (p.Publish, p.LoadExperts, p.RestoreExperts)):  # the steps that heal
             raise Replan(f"workers {sorted(dead)} died; healing first")
 
     def _run(self, step: p.Step) -> None:
@@ -77,6 +107,9 @@ class Executor:
                 response = self.monitor.stub(worker_id).LoadExperts(
                     worker_pb2.LoadExpertsRequest(experts=_keys(experts), epoch=epoch), timeout=COPY_TIMEOUT_S)
                 self.metrics.bytes_moved("checkpoint", response.bytes_read)
+                self.monitor.refresh(worker_id)
+            case p.RestoreExperts(worker_id, experts, step_now):
+                self._restore(worker_id, experts, step_now, epoch)
                 self.monitor.refresh(worker_id)
             case p.PullExpert(worker_id, expert, source):
                 source_address = self.monitor.handle(source).address
@@ -112,3 +145,38 @@ class Executor:
                 self.actuator.stop_worker(worker_id)
             case _:
                 raise TypeError(f"unknown step {step!r}")
+
+    def _restore(self, worker_id: str, experts: tuple, step_now: int, epoch: int) -> None:
+        """From the newest snapshot that has the experts and passes its digests; from the checkpoint
+        (step 0) when none does. Either way the rollback is recorded and logged."""
+        stub = self.monitor.stub(worker_id)
+        refused = []
+        for snap in snapshots.newest_first(self.snapshot_dir) if self.snapshot_dir else []:
+            if not all(k in snap.files for k in experts):
+                continue
+            request = worker_pb2.RestoreExpertsRequest(directory=str(snap.path), files=[snap.files[k] for k in experts],
+                                                       resume_version=step_now, epoch=epoch)
+            try:
+                response = stub.RestoreExperts(request, timeout=COPY_TIMEOUT_S)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.DATA_LOSS:
+                    raise
+                log.error("snapshot %s refused: %s", snap.path, err.details())
+                refused.append(str(snap.path))
+                continue
+            self.metrics.bytes_moved("snapshot", response.bytes_read)
+            self._rolled_back(experts, snap.step, step_now, str(snap.path))
+            return
+        response = stub.LoadExperts(worker_pb2.LoadExpertsRequest(experts=_keys(experts), epoch=epoch, version=step_now),
+                                    timeout=COPY_TIMEOUT_S)
+        self.metrics.bytes_moved("checkpoint", response.bytes_read)
+        self._rolled_back(experts, 0, step_now, "checkpoint" + (f" (snapshots refused: {refused})" if refused else ""))
+
+    def _rolled_back(self, experts: tuple, snapshot_step: int, step_now: int, source: str) -> None:
+        for layer, expert in experts:
+            self.rollbacks.append({"layer": layer, "expert": expert, "snapshot_step": snapshot_step, "step": step_now,
+                                   "source": source})
+        log.warning("experts %s lost every copy: restored from %s at step %d, resumed at step %d (%d updates lost)",
+                    list(experts), source, snapshot_step, step_now, step_now - snapshot_step)
+        self.progress(f"rollback: {len(experts)} experts back to step {snapshot_step} from {source} "
+                      f"({step_now - snapshot_step} updates lost)")

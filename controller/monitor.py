@@ -31,6 +31,7 @@ class _Tracked:
         self.stub = worker_pb2_grpc.ExpertWorkerStub(self.channel)
         self.state = WorkerState.STARTING
         self.held: frozenset[ExpertKey] = frozenset()
+        self.versions: dict[ExpertKey, int] = {}
         self.epoch = 0
         self.last_ok = time.monotonic()
         self.refused_since: float | None = None  # first of an unbroken run of UNAVAILABLE answers
@@ -91,7 +92,8 @@ class WorkerMonitor:
     def snapshot(self) -> Observed:
         with self._lock:
             workers = {
-                w: WorkerObservation(w, t.handle.address, t.handle.pid, t.state, t.held, t.epoch, dict(t.rates))
+                w: WorkerObservation(w, t.handle.address, t.handle.pid, t.state, t.held, t.epoch, dict(t.rates),
+                                     dict(t.versions))
                 for w, t in self._workers.items()
             }
         return Observed(workers, self.experts, self.next_index)
@@ -160,6 +162,7 @@ class WorkerMonitor:
                 return  # fenced: once dead, a worker that wakes up is never trusted again
             changed = state != tracked.state or held != tracked.held
             tracked.state, tracked.held, tracked.epoch, tracked.last_ok = state, held, stats.epoch, now
+            tracked.versions = {(k.layer, k.expert): v for k, v in zip(stats.held, stats.versions)}
             tracked.refused_since = None
             self._update_rates(tracked, stats, now)
         if changed:

@@ -30,6 +30,7 @@ class WorkerObservation:
     held: frozenset[ExpertKey] = frozenset()
     epoch: int = 0
     load: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s per expert, recent window
+    versions: dict[ExpertKey, int] = field(default_factory=dict)  # training updates applied, per held expert
 
 
 def worker_index(worker_id: str) -> int:
@@ -58,6 +59,11 @@ class Observed:
             for key, rate in obs.load.items():
                 total[key] = total.get(key, 0.0) + rate
         return total
+
+    @property
+    def step(self) -> int:
+        """Training steps the pool has applied: the highest version a serving worker holds (0: never trained)."""
+        return max((v for o in self.serving.values() for v in o.versions.values()), default=0)
 
     def max_epoch(self) -> int:
         return max((o.epoch for o in self.workers.values()), default=0)

@@ -45,6 +45,20 @@ class LoadExperts:
 
 
 @dataclass(frozen=True)
+class RestoreExperts:
+    """Experts of a trained pool that lost every copy: back from the latest snapshot, resumed at
+    `step` (the pool's); the steps in between are lost, and reported."""
+
+    worker_id: str
+    experts: tuple[ExpertKey, ...]
+    step: int
+
+    @property
+    def key(self) -> str:
+        return f"restore/{self.worker_id}/{len(self.experts)}"
+
+
+@dataclass(frozen=True)
 class PullExpert:
     """`worker_id` copies `expert` from `source` while both serve."""
 
@@ -105,7 +119,8 @@ class StopWorker:
         return f"stop/{self.worker_id}"
 
 
-Step = StartWorker | LoadExperts | PullExpert | Publish | AwaitAcks | DropExperts | DrainWorker | StopWorker
+Step = StartWorker | LoadExperts | RestoreExperts | PullExpert | Publish | AwaitAcks | DropExperts | DrainWorker | StopWorker
+COPIES = (LoadExperts, RestoreExperts, PullExpert)  # the steps that write expert state: trainers pause for them
 
 
 def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: frozenset[str] = frozenset()) -> list[Step]:
@@ -157,7 +172,7 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
             steps.append(PullExpert(worker_id, key, sources[0]))
         else:
             loads.setdefault(worker_id, []).append(key)
-    steps += [LoadExperts(w, tuple(sorted(keys))) for w, keys in sorted(loads.items())]
+    steps += [_load(w, keys, observed) for w, keys in sorted(loads.items())]
     if target != table:
         steps += [Publish(target), AwaitAcks()]
     for worker_id in keep:
@@ -203,12 +218,19 @@ def _heal(spec: ClusterSpec, observed: Observed, table: Placement, gone: set[str
         for key, holders in rescue.items():
             by_worker.setdefault(holders[0], []).append(key)
             survivors[key] = holders[:1]
-        steps += [LoadExperts(w, tuple(sorted(keys))) for w, keys in sorted(by_worker.items())]
+        steps += [_load(w, keys, observed) for w, keys in sorted(by_worker.items())]
     placement = {k: h for k, h in survivors.items() if h}
     steps.append(Publish(placement))
     dead = observed.in_state(WorkerState.DEAD)
     steps += [StopWorker(w) for w in sorted(dead)]
     return steps
+
+
+def _load(worker_id: str, keys: list[ExpertKey], observed: Observed) -> LoadExperts | RestoreExperts:
+    """Experts with no live copy: from the checkpoint, or, once the pool has trained, from a snapshot."""
+    if observed.step > 0:
+        return RestoreExperts(worker_id, tuple(sorted(keys)), observed.step)
+    return LoadExperts(worker_id, tuple(sorted(keys)))
 
 
 def _victims(serving, table: Placement, min_replicas: int, count: int) -> set[str]:

@@ -27,6 +27,7 @@ class Table:
     epoch: int
     addresses: dict[str, str]  # worker id -> host:port, for every worker the placement names
     placement: Placement
+    paused: bool = False  # expert state is being copied: trainers hold at their step boundary
 
 
 LEASE_S = 3.0  # frontends retry a broken watch every 0.2 s
@@ -39,6 +40,7 @@ class Publisher:
         self._acks: dict[str, int] = {}  # frontend id -> acknowledged epoch
         self._watching: dict[str, int] = {}  # frontend id -> open watch streams
         self._gone: dict[str, float] = {}  # frontend id -> when its last watch stream closed
+        self._trainers: set[str] = set()  # frontends that train (they hold paused acks until a step ends)
         self._lease_s = lease_s
         self._warm_until = 0.0
         self._closed = False
@@ -53,7 +55,8 @@ class Publisher:
     def table(self) -> Table:
         return self._table
 
-    def publish(self, placement: Placement, addresses: dict[str, str], *, min_epoch: int = 0) -> Table:
+    def publish(self, placement: Placement, addresses: dict[str, str], *, min_epoch: int = 0,
+                paused: bool = False) -> Table:
         """Makes `placement` the table at the next epoch (at least `min_epoch`) and wakes every watcher."""
         holders = {w for ws in placement.values() for w in ws}
         unknown = holders - set(addresses)
@@ -61,7 +64,7 @@ class Publisher:
             raise ValueError(f"placement names workers without an address: {sorted(unknown)}")
         with self._cond:
             epoch = max(self._table.epoch + 1, min_epoch)
-            self._table = Table(epoch, {w: addresses[w] for w in sorted(holders)}, dict(placement))
+            self._table = Table(epoch, {w: addresses[w] for w in sorted(holders)}, dict(placement), paused)
             self._cond.notify_all()
             return self._table
 
@@ -69,6 +72,13 @@ class Publisher:
         with self._cond:
             self._acks[frontend_id] = max(epoch, self._acks.get(frontend_id, 0))
             self._cond.notify_all()
+
+    def trainers(self) -> list[str]:
+        """Trainers watching, or whose stream broke less than a lease ago."""
+        with self._cond:
+            now = time.monotonic()
+            recent = {f for f, t in self._gone.items() if now - t < self._lease_s}
+            return sorted(f for f in self._trainers if f in self._watching or f in recent)
 
     def frontends(self) -> dict[str, int]:
         with self._cond:
@@ -91,9 +101,11 @@ class Publisher:
                 ends = [t + self._lease_s - now for t in self._gone.values()] + [self._warm_until - now]
                 self._cond.wait(min([remaining] + [e for e in ends if e > 0]))
 
-    def watch(self, frontend_id: str, known_epoch: int, alive) -> Iterator[Table]:
+    def watch(self, frontend_id: str, known_epoch: int, alive, trainer: bool = False) -> Iterator[Table]:
         """Yields the table whenever its epoch passes what the frontend has; ends when `alive()` turns false."""
         with self._cond:
+            if trainer:
+                self._trainers.add(frontend_id)
             self._watching[frontend_id] = self._watching.get(frontend_id, 0) + 1
             self._gone.pop(frontend_id, None)
         try:

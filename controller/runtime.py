@@ -14,7 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 from moecluster.controller import plan as p
+from moecluster.controller import snapshots
 from moecluster.controller.actuator import Actuator, WorkerHandle
 from moecluster.controller.executor import Executor, Replan, StepFailed
 from moecluster.controller.metrics import ControllerMetrics
@@ -23,6 +25,7 @@ from moecluster.controller.observed import ExpertKey, WorkerState
 from moecluster.controller.placement import imbalance
 from moecluster.controller.publisher import Publisher
 from moecluster.controller.spec import ClusterSpec
+from moecluster.protos import worker_pb2
 
 log = logging.getLogger("moecluster.controller")
 
@@ -39,7 +42,10 @@ class Controller:
         self.publisher = Publisher()
         self._wake = threading.Event()
         self.monitor = WorkerMonitor(experts, period=heartbeat, dead_after=dead_after, on_change=self._wake.set)
-        self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout)
+        self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout,
+                                 snapshot_dir=spec.snapshot_dir)
+        self.last_snapshot: snapshots.Snapshot | None = None
+        self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
         self._leaving: set[str] = set()
         self._stopped = threading.Event()
@@ -113,9 +119,57 @@ class Controller:
             elif self.converged:
                 self.last_error = ""
                 self._update_gauges(observed)
+                self._snapshot_if_due(observed)
                 if self.frontend is None:
                     self.frontend = self.actuator.start_frontend(self.address, timeout=120)
             return steps
+
+    def _snapshot_if_due(self, observed) -> None:
+        """Periodic snapshots of a pool that trained since the last one."""
+        every, root = self.spec.snapshot_every_s, self.spec.snapshot_dir
+        if not (every and root) or time.monotonic() - self._last_snapshot_at < every:
+            return
+        if observed.step == 0 or (self.last_snapshot is not None and self.last_snapshot.step >= observed.step):
+            return
+        for line in self._take_snapshot(root):
+            log.info("%s", line)
+
+    def snapshot(self, directory: str = "") -> Iterator[str]:
+        """Writes every expert's state at a step boundary into DIRECTORY/step-NNNNNNNN/; yields progress."""
+        root = directory or self.spec.snapshot_dir
+        if not root:
+            raise ValueError("no snapshot directory: give one, or start the cluster with a snapshot_dir")
+        with self._plan_lock:
+            yield from self._take_snapshot(root)
+
+    def _take_snapshot(self, root: str) -> Iterator[str]:
+        partial = snapshots.partial_dir(root)
+        try:
+            with self.executor.paused():
+                table = self.publisher.table.placement
+                if not table:
+                    raise ValueError("the pool holds no experts yet")
+                by_worker: dict[str, list[ExpertKey]] = {}
+                for key, holders in sorted(table.items()):
+                    by_worker.setdefault(holders[0], []).append(key)
+                files = []
+                for worker_id, keys in sorted(by_worker.items()):
+                    request = worker_pb2.WriteSnapshotRequest(
+                        directory=str(partial), experts=[worker_pb2.ExpertKey(layer=l, expert=e) for l, e in keys])
+                    try:
+                        files += self.monitor.stub(worker_id).WriteSnapshot(request, timeout=300).files
+                    except grpc.RpcError as err:
+                        raise StepFailed(f"snapshot: {worker_id} could not write: {err.code().name}: {err.details()}") from None
+                    yield f"{worker_id}: wrote {len(keys)} experts"
+            steps = {f.version for f in files}
+            if len(steps) != 1:
+                raise ValueError(f"experts are at different versions {sorted(steps)}: not a step boundary")
+            snap = snapshots.seal(partial, steps.pop(), files)
+        except BaseException:
+            snapshots.discard(partial)
+            raise
+        self.last_snapshot, self._last_snapshot_at = snap, time.monotonic()
+        yield f"snapshot of step {snap.step}: {len(files)} experts in {snap.path}"
 
     def _update_gauges(self, observed) -> None:
         load = observed.load()
@@ -191,4 +245,6 @@ class Controller:
             "imbalance": imbalance(table.placement, load, list(observed.serving)) if load and observed.serving else 1.0,
             "frontends": sorted(self.publisher.frontends()),
             "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
+            "step": observed.step, "rollbacks": list(self.executor.rollbacks),
+            "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "",
         }

@@ -17,6 +17,7 @@ def table_message(table: Table) -> controller_pb2.RoutingTable:
         workers=[controller_pb2.WorkerAddress(id=w, address=a) for w, a in sorted(table.addresses.items())],
         placements=[controller_pb2.Placement(layer=l, expert=e, workers=list(h))
                     for (l, e), h in sorted(table.placement.items())],
+        paused=table.paused,
     )
 
 
@@ -30,7 +31,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.StatusResponse(
             name=s["name"], endpoint=s["endpoint"], epoch=s["epoch"], desired_workers=s["desired_workers"],
             min_replicas=s["min_replicas"], converged=s["converged"], last_error=s["last_error"],
-            imbalance=s["imbalance"], frontends=s["frontends"],
+            imbalance=s["imbalance"], frontends=s["frontends"], step=s["step"], snapshot=s["snapshot"],
+            rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
                                                experts=[v for k in w["experts"] for v in k], load=w["load"])
                      for w in s["workers"]])
@@ -45,6 +47,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         yield from self._progress(context, lambda: self.controller.migrate(
             (request.layer, request.expert), request.to_worker, request.from_worker or None))
 
+    def Snapshot(self, request, context):
+        yield from self._progress(context, lambda: self.controller.snapshot(request.directory))
+
     def WatchRoutingTable(self, request, context):
         if not request.frontend_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frontend_id: empty; every frontend names itself")
@@ -52,8 +57,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         if request.known_epoch >= publisher.table.epoch and publisher.table.placement:
             # A restarted controller may be behind a frontend: move past what it has seen.
             table = publisher.table
-            publisher.publish(table.placement, table.addresses, min_epoch=request.known_epoch + 1)
-        for table in publisher.watch(request.frontend_id, request.known_epoch, context.is_active):
+            publisher.publish(table.placement, table.addresses, min_epoch=request.known_epoch + 1, paused=table.paused)
+        for table in publisher.watch(request.frontend_id, request.known_epoch, context.is_active, request.trainer):
             yield table_message(table)
 
     def AckEpoch(self, request, context):
@@ -73,6 +78,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
         except TimeoutError as err:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except RuntimeError as err:  # a step that failed (a worker died mid-snapshot, trainers never paused)
+            context.abort(grpc.StatusCode.ABORTED, str(err))
 
 
 def _one_line(err: Exception) -> str:

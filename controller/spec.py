@@ -20,12 +20,16 @@ class ClusterSpec(BaseModel):
     policy: Literal["balanced"] = "balanced"
     rebalance_above: float = Field(1.3, gt=1.0, description="re-place for load when max/mean worker load exceeds this")
     rebalance_min_load: float = Field(50.0, ge=0.0, description="tokens/s below which load is noise, not a reason to move")
+    snapshot_dir: str | None = Field(None, description="where training snapshots go (and are restored from)")
+    snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
 
     @model_validator(mode="after")
     def _replicas_fit(self) -> "ClusterSpec":
         if self.min_replicas > self.workers:
             raise ValueError(f"min_replicas ({self.min_replicas}) cannot exceed workers ({self.workers}): "
                              "copies of one expert live on distinct workers")
+        if self.snapshot_every_s is not None and not self.snapshot_dir:
+            raise ValueError("snapshot_every_s needs snapshot_dir: the folder periodic snapshots go to")
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         return self

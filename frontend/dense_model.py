@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import torch
 from moecluster.frontend.dispatcher import Dispatcher
-from moecluster.frontend.remote_experts import swap_experts
+from moecluster.frontend.remote_moe import swap_experts
 from moecluster.models.checkpoint import Checkpoint, CheckpointError
 from torch import nn
 
 
-def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torch.dtype = torch.float32,
+                     session=None) -> nn.Module:
+    """In eval mode; `session` (a TrainingSession) makes the remote experts differentiable."""
     model = checkpoint.skeleton()
     geometry = checkpoint.geometry
-    swap_experts(model, geometry.moe_layers, geometry.num_experts, dispatcher)
+    swap_experts(model, geometry.moe_layers, geometry.num_experts, dispatcher, session)
     model.to_empty(device="cpu")
     # Non-persistent buffers (rotary frequencies) are computed, not stored: rebuild them.
     model.apply(model._init_weights)

@@ -1,4 +1,4 @@
-"""Sends one MoE layer's tokens to the workers that hold their experts.
+"""Sends one MoE layer's tokens to the workers that hold their experts (and, in training, their gradients).
 
 One RPC per worker per layer, all in flight at once; each worker gets only the
 tokens that need one of its experts (deduplicated), with -1 in the slots another
@@ -11,11 +11,13 @@ request fails only when some expert it needs has no live replica left.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -29,6 +31,17 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 SUSPECT_SECONDS = 2.0  # a worker that failed is tried last for this long
 _TRACER = tracer(__name__)
+log = logging.getLogger("moecluster.frontend")
+
+
+@dataclass(frozen=True)
+class StepTag:
+    """Which update a backward call's gradient belongs to, and the call's id within it."""
+
+    step: int
+    session: str
+    attempt: int
+    contribution: int
 
 
 class ExpertUnavailableError(RuntimeError):
@@ -100,6 +113,95 @@ class Dispatcher:
             finally:
                 span.set_attributes({"workers": len(seen["workers"]), "retries": seen["retries"]})
         return output
+
+    def backward(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 grad_output: torch.Tensor, tag: StepTag) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: -> (dL/dhidden (T, H), dL/dtop_k_weights (T, K)).
+
+        Every live holder of an expert gets all of its tokens (each replica keeps the same weight
+        gradient, so all apply the same update); one of them, the primary, returns the input
+        gradients. When a primary fails, its experts are asked of the other holders again: the
+        contribution id keeps a gradient from being counted twice where it already arrived."""
+        grad_x, grad_w = torch.zeros_like(hidden_states), torch.zeros_like(top_k_weights)
+        with start_span(_TRACER, "moe.backward", {"layer": layer, "tokens": int(hidden_states.shape[0])}):
+            self._backward(layer, hidden_states, top_k_index, top_k_weights, grad_output, tag, grad_x, grad_w, set())
+        return grad_x, grad_w
+
+    def _backward(self, layer, hidden, index, weights, grad, tag: StepTag, grad_x, grad_w, excluded: set[str],
+                  fresh_tables: int = 2) -> None:
+        table = self._table
+        try:
+            primary = self._assign(table, layer, index, excluded)
+        except ExpertUnavailableError:
+            if fresh_tables and self.wait_newer(table.epoch, self.stale_wait):
+                self._backward(layer, hidden, index, weights, grad, tag, grad_x, grad_w, set(), fresh_tables - 1)
+                return
+            raise
+        in_use = torch.unique(index[index >= 0]).tolist()
+        pending = []
+        for worker_id in sorted({w for e in in_use for w in table.holders(layer, e) if w not in excluded}):
+            mine = [e for e in in_use if worker_id in table.holders(layer, e)]
+            mask = torch.isin(index, torch.tensor(mine))
+            rows = mask.any(dim=1).nonzero().squeeze(1)
+            lead = primary.get(worker_id, torch.zeros_like(mask))
+            sub_index = torch.where(mask, index, -1)[rows].to(torch.int32)
+            request = worker_pb2.BackwardRequest(
+                layer=layer, hidden_states=encode(hidden[rows]), top_k_index=encode(sub_index),
+                top_k_weights=encode(weights[rows].to(hidden.dtype)), grad_output=encode(grad[rows].to(hidden.dtype)),
+                primary=encode(lead[rows]), step=tag.step, session=tag.session, attempt=tag.attempt,
+                contribution=tag.contribution, epoch=table.epoch)
+            call, cancel = self._send(table.workers[worker_id], request)
+            pending.append((worker_id, rows, lead, call))
+        redo = []
+        for worker_id, rows, lead, call in pending:
+            try:
+                response = call()
+                grad_x.index_add_(0, rows, decode(response.grad_hidden_states).to(grad_x.dtype))
+                grad_w.index_add_(0, rows, decode(response.grad_top_k_weights).to(grad_w.dtype))
+            except (grpc.RpcError, grpc.FutureCancelledError, futures.CancelledError) as err:
+                code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
+                if code not in RETRYABLE:
+                    raise DispatchError(f"worker {worker_id} refused the backward of layer {layer}: {code.name}: "
+                                        f"{err.details()}") from None
+                self._suspect_until[worker_id] = time.monotonic() + SUSPECT_SECONDS
+                if lead.any():  # its input gradients are missing: ask the other holders
+                    redo.append((worker_id, lead))
+        for worker_id, lead in redo:
+            self.retries += 1
+            rows = lead.any(dim=1).nonzero().squeeze(1)
+            part_x = torch.zeros((rows.numel(), hidden.shape[1]), dtype=grad_x.dtype)
+            part_w = torch.zeros((rows.numel(), index.shape[1]), dtype=grad_w.dtype)
+            self._backward(layer, hidden[rows], torch.where(lead, index, -1)[rows], weights[rows], grad[rows], tag,
+                           part_x, part_w, excluded | {worker_id}, fresh_tables)
+            grad_x.index_add_(0, rows, part_x)
+            grad_w.index_add_(0, rows, part_w)
+
+    def apply_update(self, request: worker_pb2.ApplyUpdateRequest,
+                     contributions: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], list[worker_pb2.UpdateAck]]:
+        """Sends the step's update to every holder of every expert in the table (each gets its own
+        experts' contribution lists) -> {expert: acknowledgements of the holders that answered}. A holder
+        that is gone or refuses is left out (logged); the caller checks every expert has an answer."""
+        table = self._table
+        calls = {}
+        for worker_id, address in table.workers.items():
+            mine = table.experts_of(worker_id)
+            if not mine:
+                continue
+            message = worker_pb2.ApplyUpdateRequest()
+            message.CopyFrom(request)
+            message.epoch = table.epoch
+            message.experts.extend(worker_pb2.ExpertUpdate(expert=worker_pb2.ExpertKey(layer=l, expert=e),
+                                                           contributions=contributions.get((l, e), [])) for l, e in mine)
+            calls[worker_id] = self._stub(address).ApplyUpdate.future(message, timeout=self.timeout)
+        acks: dict[tuple[int, int], list[worker_pb2.UpdateAck]] = {k: [] for k in table.replicas}
+        for worker_id, call in calls.items():
+            try:
+                for ack in call.result().acks:
+                    acks[(ack.expert.layer, ack.expert.expert)].append(ack)
+            except grpc.RpcError as err:
+                log.warning("update of step %d not applied on %s: %s: %s", request.step, worker_id, err.code().name,
+                            err.details())
+        return acks
 
     # ----------------------------------------------------------------
 
@@ -175,12 +277,13 @@ class Dispatcher:
             owner.setdefault(worker_id, []).append(expert)
         return {w: torch.isin(index, torch.tensor(experts)) for w, experts in owner.items()}
 
-    def _send(self, address: str, request: worker_pb2.ForwardRequest):
-        """Starts the RPC now; returns (wait for the answer, cancel it)."""
+    def _send(self, address: str, request: worker_pb2.ForwardRequest | worker_pb2.BackwardRequest):
+        """Starts the RPC (Forward or Backward, streamed when large) now; returns (wait for the answer, cancel it)."""
         stub = self._stub(address)
         size = request.ByteSize()
+        method, response_type = _METHODS[type(request)]
         if not streaming.needs_streaming(size):
-            future = stub.Forward.future(request, timeout=self.timeout)
+            future = getattr(stub, method).future(request, timeout=self.timeout)
 
             def wait():
                 response = future.result()
@@ -188,14 +291,18 @@ class Dispatcher:
                 return response
             return wait, future.cancel
 
-        chunks = stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout)
+        chunks = getattr(stub, method + "Stream")(streaming.split(request.SerializeToString()), timeout=self.timeout)
 
         def stream():
             payload = streaming.join(chunks, limit_bytes=1 << 34)
             self.wire_bytes += size + len(payload)
-            return worker_pb2.ForwardResponse.FromString(payload)
+            return response_type.FromString(payload)
 
         return self._pool.submit(stream).result, chunks.cancel
+
+    def stub(self, worker_id: str) -> worker_pb2_grpc.ExpertWorkerStub:
+        """A stub for a worker of the current table (KeyError when it has none)."""
+        return self._stub(self._table.workers[worker_id])
 
     def _stub(self, address: str) -> worker_pb2_grpc.ExpertWorkerStub:
         with self._lock:
@@ -208,6 +315,8 @@ class Dispatcher:
             return stub
 
 
+_METHODS = {worker_pb2.ForwardRequest: ("Forward", worker_pb2.ForwardResponse),
+            worker_pb2.BackwardRequest: ("Backward", worker_pb2.BackwardResponse)}
 _WATCHERS: dict[int, Callable] = {}  # id(channel) -> its connectivity callback, while one is subscribed
 
 

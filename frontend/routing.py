@@ -16,6 +16,7 @@ class RoutingTable:
     epoch: int
     workers: dict[str, str]  # worker id -> "host:port"
     replicas: dict[tuple[int, int], tuple[str, ...]] = field(default_factory=dict)  # (layer, expert) -> worker ids
+    paused: bool = False  # expert state is being copied: trainers start no step until it lifts
 
     def __post_init__(self) -> None:
         for key, holders in self.replicas.items():

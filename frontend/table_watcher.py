@@ -14,6 +14,7 @@ import threading
 import grpc
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
+from moecluster.frontend.step_gate import StepGate
 from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.wire import streaming
 
@@ -23,13 +24,15 @@ log = logging.getLogger("moecluster.frontend")
 def from_message(message: controller_pb2.RoutingTable) -> RoutingTable:
     return RoutingTable(
         message.epoch, {w.id: w.address for w in message.workers},
-        {(p.layer, p.expert): tuple(p.workers) for p in message.placements})
+        {(p.layer, p.expert): tuple(p.workers) for p in message.placements}, paused=message.paused)
 
 
 class TableWatcher(threading.Thread):
-    def __init__(self, controller: str, dispatcher: Dispatcher, frontend_id: str, retry: float = 0.2):
+    def __init__(self, controller: str, dispatcher: Dispatcher, frontend_id: str, retry: float = 0.2,
+                 gate: StepGate | None = None):
         super().__init__(daemon=True, name="table-watch")
         self.controller, self.dispatcher, self.frontend_id, self.retry = controller, dispatcher, frontend_id, retry
+        self.gate = gate  # a trainer's: acknowledges a paused table only between steps
         self.first_table = threading.Event()
         self.stopped = threading.Event()
         self._call = None
@@ -40,12 +43,16 @@ class TableWatcher(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self._call = stub.WatchRoutingTable(controller_pb2.WatchRequest(
-                    frontend_id=self.frontend_id, known_epoch=self.dispatcher.table.epoch))
+                    frontend_id=self.frontend_id, known_epoch=self.dispatcher.table.epoch, trainer=self.gate is not None))
                 for message in self._call:
-                    self.dispatcher.update(from_message(message))
+                    table = from_message(message)
+                    self.dispatcher.update(table)
                     self.first_table.set()
-                    stub.AckEpoch(controller_pb2.AckRequest(frontend_id=self.frontend_id,
-                                                            epoch=self.dispatcher.table.epoch), timeout=5)
+                    ack = _acknowledge(stub, self.frontend_id, self.dispatcher.table.epoch)
+                    if self.gate is None:
+                        ack()
+                    else:
+                        self.gate.on_table(table.paused, ack)
             except grpc.RpcError as err:
                 if not self.stopped.is_set():
                     log.debug("controller watch broke (%s); retrying", err.code().name)
@@ -58,3 +65,12 @@ class TableWatcher(threading.Thread):
         self.stopped.set()
         if self._call is not None:
             self._call.cancel()
+
+
+def _acknowledge(stub: controller_pb2_grpc.ControllerStub, frontend_id: str, epoch: int):
+    def ack() -> None:
+        try:
+            stub.AckEpoch(controller_pb2.AckRequest(frontend_id=frontend_id, epoch=epoch), timeout=5)
+        except grpc.RpcError as err:  # the watch reconnects and acknowledges again
+            log.debug("ack of epoch %d failed (%s)", epoch, err.code().name)
+    return ack

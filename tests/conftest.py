@@ -61,6 +61,29 @@ def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]
 
 
 @pytest.fixture
+def local_clusters(tmp_path, monkeypatch):
+    """up(name, model path, workers, replicas, **LocalCluster.up kwargs) -> a running LocalCluster (real
+    processes under a private MOECLUSTER_HOME), each brought down at the end of the test."""
+    from moecluster.backends.local import ClusterError, LocalCluster
+
+    monkeypatch.setenv("MOECLUSTER_HOME", str(tmp_path / "home"))
+    made = []
+
+    def up(name, path, workers, replicas, **kwargs):
+        c = LocalCluster(name)
+        c.up(path, workers=workers, replicas=replicas, port=0, **kwargs)
+        made.append(c)
+        return c
+
+    yield up
+    for c in made:
+        try:
+            c.down(grace=2)
+        except ClusterError:
+            pass
+
+
+@pytest.fixture
 def seeded():
     torch.manual_seed(0)
 

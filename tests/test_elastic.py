@@ -17,19 +17,13 @@ import urllib.request
 import grpc
 import pytest
 import torch
-from moecluster.backends.local import ClusterError, LocalCluster
+from moecluster.backends.local import ClusterError
 from moecluster.backends.processes import ProcessRecord, alive
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
 from transformers import AutoModelForCausalLM
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOECLUSTER_HOME", str(tmp_path / "home"))
-    return tmp_path
 
 
 @pytest.fixture
@@ -42,21 +36,8 @@ def reference(checkpoints):
 
 
 @pytest.fixture
-def cluster(home, reference):
-    made = []
-
-    def up(name, workers, replicas=2):
-        c = LocalCluster(name)
-        c.up(reference[0], workers=workers, replicas=replicas, port=0)
-        made.append(c)
-        return c
-
-    yield up
-    for c in made:
-        try:
-            c.down(grace=2)
-        except ClusterError:
-            pass
+def cluster(local_clusters, reference):
+    return lambda name, workers, replicas=2: local_clusters(name, reference[0], workers, replicas)
 
 
 def serving(status):

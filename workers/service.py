@@ -80,11 +80,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         """Reads `keys` from the checkpoint (only their tensors) and holds them; returns bytes read."""
         return self._load(keys)[1]
 
-    def _load(self, keys: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    def _load(self, keys: list[tuple[int, int]], version: int = 0) -> tuple[list[tuple[int, int]], int]:
         """Reads the keys not yet held; returns (keys this call added, bytes read)."""
         todo = [k for k in dict.fromkeys(keys) if not self.store.holds(*k)]
         items = {k: self.checkpoint.read_expert(*k, dtype=self.store.dtype) for k in todo}
-        added = self.store.add(items)
+        added = self.store.add(items, version=version)
         self.training.forget(added)  # read from the checkpoint: untrained, whatever was here before
         return added, sum(g.numel() * g.element_size() + d.numel() * d.element_size() for g, d in items.values())
 
@@ -258,7 +258,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
             if not keys:
                 raise invalid("experts: empty list; name at least one (layer, expert)")
-            loaded, read = self._load(keys)
+            loaded, read = self._load(keys, request.version)
             self._observe_epoch(request.epoch)
             return worker_pb2.LoadExpertsResponse(loaded=[_key(k) for k in loaded], bytes_read=read)
 

@@ -1,0 +1,80 @@
+"""Snapshots of a trained pool's experts on disk: one folder per step, a manifest, files checked by digest.
+
+    DIR/step-00000012/manifest.json                 {"step": 12, "experts": [{layer, expert, file, version, digest, bytes}]}
+    DIR/step-00000012/layer-0-expert-3.safetensors  written by the worker that held the expert
+
+Workers write the files into a `.partial-*` folder; the manifest goes in last and
+the folder is renamed into place, so a snapshot either exists whole or not at all.
+A file torn or altered afterwards is caught by its digest when a worker reads it
+(and refused); the restore then falls back to the snapshot before.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from moecluster.controller.observed import ExpertKey
+from moecluster.protos import worker_pb2
+
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    step: int
+    path: Path
+    files: dict[ExpertKey, worker_pb2.SnapshotFile]
+
+
+def partial_dir(root: str | Path) -> Path:
+    """A fresh folder for workers to write a snapshot's files into."""
+    path = Path(root) / f".partial-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def seal(partial: Path, step: int, files: list[worker_pb2.SnapshotFile]) -> Snapshot:
+    """Writes the manifest and renames the folder to step-NNNNNNNN (replacing an older one of that step)."""
+    doc = {"step": step, "experts": [{"layer": f.expert.layer, "expert": f.expert.expert, "file": f.file,
+                                      "version": f.version, "digest": f.digest, "bytes": f.bytes} for f in files]}
+    (partial / "manifest.json").write_text(json.dumps(doc, indent=1))
+    final = partial.parent / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return read(final)
+
+
+def read(path: str | Path) -> Snapshot:
+    """The snapshot in `path`; ValueError when its manifest is missing or malformed."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / "manifest.json").read_text())
+        files = {(e["layer"], e["expert"]): worker_pb2.SnapshotFile(
+            expert=worker_pb2.ExpertKey(layer=e["layer"], expert=e["expert"]), file=e["file"], version=e["version"],
+            digest=e["digest"], bytes=e["bytes"]) for e in doc["experts"]}
+        return Snapshot(int(doc["step"]), path, files)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: no readable snapshot manifest ({err})") from None
+
+
+def newest_first(root: str | Path) -> list[Snapshot]:
+    """Every sealed snapshot under `root` with a readable manifest, the newest first."""
+    root = Path(root)
+    found = []
+    for path in root.iterdir() if root.is_dir() else ():
+        if _NAME.match(path.name):
+            try:
+                found.append(read(path))
+            except ValueError:
+                continue
+    return sorted(found, key=lambda s: s.step, reverse=True)
+
+
+def discard(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,230 @@
+"""Training through a running cluster: the dense model here, the experts' weights, gradients
+and optimizer state on the workers.
+
+    session = TrainingSession("127.0.0.1:50151")              # the controller's address
+    model = session.model("./tiny-qwen3").train()            # transformers' model, experts remote (RemoteMoE)
+    opt = ExpertOptimizer(model, session, lr=1e-3, weight_decay=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss
+    loss = opt.step(closure)    # redone on the survivors if a worker dies mid-step; applied exactly once
+
+A step runs from its first forward to the end of `step()`: the workers take the
+gradients of step k only at version k - 1, and the update of step k applies
+exactly once per expert (a repeat gets the stored acknowledgement). The session
+watches the routing table as a trainer: the controller copies expert state only
+between steps (it pauses, the session acknowledges at the step boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from moecluster.frontend.dense_model import load_dense_model
+from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError, StepTag
+from moecluster.frontend.remote_moe import RemoteMoE
+from moecluster.frontend.routing import RoutingTable
+from moecluster.frontend.step_gate import StepGate
+from moecluster.frontend.table_watcher import TableWatcher
+from moecluster.models.checkpoint import Checkpoint
+from moecluster.protos import worker_pb2
+from moecluster.wire import streaming
+from moecluster.wire.tensors import decode
+from torch import nn
+
+log = logging.getLogger("moecluster.training")
+
+RETRYABLE_STEP_ERRORS = (ExpertUnavailableError, grpc.RpcError, futures.TimeoutError)
+
+
+class TrainingError(RuntimeError):
+    """A step that cannot be completed (the text says what is missing); nothing was applied twice."""
+
+
+class TrainingSession:
+    def __init__(self, controller: str, *, timeout: float = 60.0, pause_timeout: float = 600.0,
+                 progress: Callable[[str], None] = log.info):
+        """`controller` is the controller's "host:port" (`moectl status -o json` shows it)."""
+        self.id = f"trainer-{uuid.uuid4().hex[:12]}"
+        self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
+        self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
+        self.gate = StepGate()
+        self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate)
+        self.watcher.start()
+        if not self.watcher.first_table.wait(timeout):
+            self.close()
+            raise TrainingError(f"no routing table from the controller at {controller} within {timeout:.0f}s")
+        self.step = self._committed_version() + 1  # the step the next update applies
+        self.attempt = 0
+        self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
+        self._calls: dict[int, int] = {}  # layer -> backward calls in this attempt
+
+    def model(self, checkpoint: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """transformers' model of `checkpoint` with its dense weights, its experts remote and
+        differentiable through this session; in train mode."""
+        self.checkpoint = Checkpoint(checkpoint)
+        return load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self).train()
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights as transformers names them: the dense ones from `model`, each
+        layer's stacked experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) read from a holder."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        table = self.dispatcher.table
+        for name, module in model.named_modules():
+            if not isinstance(module, RemoteMoE):
+                continue
+            pairs = [self._export(table, module.layer, e) for e in range(module.num_experts)]
+            state[f"{name}.gate_up_proj"] = torch.stack([g for g, _ in pairs])
+            state[f"{name}.down_proj"] = torch.stack([d for _, d in pairs])
+        return state
+
+    def save_pretrained(self, model: nn.Module, out: str | Path) -> Path:
+        """Writes the trained model (dense parts and experts gathered from the workers) as a
+        Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained(out)` loads."""
+        full = self.checkpoint.skeleton()
+        full.to_empty(device="cpu")
+        full.load_state_dict(self.state_dict(model), strict=False, assign=True)
+        full.tie_weights()
+        full.save_pretrained(out)
+        return Path(out)
+
+    def _export(self, table: RoutingTable, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        errors = []
+        for worker_id in table.holders(layer, expert):
+            try:
+                chunks = self.dispatcher.stub(worker_id).ExportExpert(worker_pb2.ExportExpertRequest(
+                    expert=worker_pb2.ExpertKey(layer=layer, expert=expert)), timeout=self.timeout)
+                state = worker_pb2.ExpertState.FromString(streaming.join(chunks, limit_bytes=1 << 36))
+                return decode(state.gate_up_proj).clone(), decode(state.down_proj).clone()
+            except grpc.RpcError as err:
+                errors.append(f"{worker_id}: {err.code().name}")
+        raise TrainingError(f"expert ({layer}, {expert}) could not be read from any holder: {errors or 'none in the table'}")
+
+    # -- the step (called by RemoteMoE and ExpertOptimizer) --------------------------
+
+    def begin_step(self) -> None:
+        self.gate.enter(self.pause_timeout, self.progress)
+
+    def contribution(self, layer: int, experts: list[int]) -> StepTag:
+        """The id of one backward call of `layer`, recorded for the experts it reaches."""
+        number = self._calls.get(layer, 0)
+        self._calls[layer] = number + 1
+        for e in experts:
+            self._contributions.setdefault((layer, e), []).append(number)
+        return StepTag(self.step, self.id, self.attempt, number)
+
+    def new_attempt(self) -> None:
+        """Gradients from now on replace what the workers kept for this step (zero_grad)."""
+        if self._calls:
+            self.attempt += 1
+        self._contributions, self._calls = {}, {}
+        self.gate.leave()
+
+    def apply_update(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
+        """Applies this step to every expert on every holder; returns {expert: acknowledgements}.
+        TrainingError when some expert has no holder that applied it."""
+        request = worker_pb2.ApplyUpdateRequest(
+            step=self.step, session=self.id, attempt=self.attempt,
+            adamw=worker_pb2.AdamW(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay))
+        acks = self.dispatcher.apply_update(request, self._contributions)
+        missing = sorted(k for k, a in acks.items() if not a)
+        if missing:
+            raise TrainingError(f"step {self.step}: no holder of experts {missing[:8]} applied the update")
+        digests = {k: {a.digest for a in a_list if a.version == self.step and a.digest} for k, a_list in acks.items()}
+        diverged = sorted(k for k, d in digests.items() if len(d) > 1)
+        if diverged:
+            log.warning("step %d: replicas of experts %s hold different weights", self.step, diverged[:8])
+        self.step += 1
+        self.attempt = 0
+        self._contributions, self._calls = {}, {}
+        return acks
+
+    def end_step(self) -> None:
+        self.gate.leave()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _committed_version(self) -> int:
+        """The version every expert is at (the steps applied so far); TrainingError when they differ."""
+        versions = self.versions()
+        found = set(versions.values())
+        if len(found) > 1:
+            behind = sorted(k for k, v in versions.items() if v < max(found))
+            raise TrainingError(f"experts are at different versions {sorted(found)} (behind: {behind[:8]}): "
+                                "an update was cut off; restore a snapshot (moectl snapshot) first")
+        return found.pop() if found else 0
+
+    def versions(self) -> dict[tuple[int, int], int]:
+        """Each expert's version, from its holders (the lowest where replicas differ)."""
+        table = self.dispatcher.table
+        out: dict[tuple[int, int], int] = {}
+        for worker_id in table.workers:
+            stats = self.dispatcher.stub(worker_id).Stats(worker_pb2.StatsRequest(), timeout=self.timeout)
+            for key, version in zip(stats.held, stats.versions):
+                k = (key.layer, key.expert)
+                if worker_id in table.holders(*k):
+                    out[k] = min(version, out.get(k, version))
+        return out
+
+    def close(self) -> None:
+        self.gate.leave()
+        self.watcher.stop()
+        self.dispatcher.close()
+
+    def __enter__(self) -> "TrainingSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ExpertOptimizer:
+    """AdamW for a model whose experts live on the workers: the dense parameters step here
+    (torch.optim.AdamW), the experts' on their workers, in one `step()` / `zero_grad()`."""
+
+    def __init__(self, model: nn.Module, session: TrainingSession, *, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 retries: int = 5):
+        self.session = session
+        self.hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **self.hyper)
+        self.retries = retries
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.session.new_attempt()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One training step. With a closure (which must call zero_grad, forward and backward, as
+        for torch.optim.LBFGS), a step interrupted by a lost worker is redone on the survivors."""
+        loss = None
+        if closure is not None:
+            loss = self._run(closure)
+        try:
+            self.session.apply_update(**self.hyper)
+            self.dense.step()
+        finally:
+            self.session.end_step()
+        return loss
+
+    def _run(self, closure: Callable[[], torch.Tensor]):
+        for attempt in range(self.retries + 1):
+            try:
+                return closure()
+            except RETRYABLE_STEP_ERRORS as err:
+                if attempt == self.retries:
+                    raise TrainingError(f"step {self.session.step} failed {attempt + 1} times; last: {err}") from err
+                self.session.progress(f"step {self.session.step}: {type(err).__name__}: {err}; redoing it")
+                self.zero_grad()  # lets a pending copy through, then the next attempt replaces the gradients
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")

@@ -4,9 +4,11 @@
     python bench/tune_kernels_gpu.py --custom E I H K ...
 
 Per token count: for each BLOCK_M candidate, a coordinate search over each kernel's
-(BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) timing the whole forward (or, for
-the backward kernels, forward+backward), then the best BLOCK_M; finally torch._grouped_mm's
-forward is timed and the entry's "backend" names the faster path.  bf16, CUDA-event medians;
+(BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), with and without TMA loads (and the
+gathered A operand), timing the whole forward (or, for the backward kernels,
+forward+backward), then the best BLOCK_M; finally torch._grouped_mm's forward is timed and the
+entry's "backend" names the faster path.  The weight gradients may go to torch._grouped_mm.
+bf16, CUDA-event medians;
 decode-sized forwards are replayed from CUDA graphs (as a server runs them, so Python's
 launch overhead stays out), the rest runs eagerly.
 """
@@ -43,12 +45,15 @@ DECODE_CANDIDATES = _gemm([(32, 64, 1, 4, 4), (64, 64, 1, 4, 4), (64, 128, 1, 4,
 PREFILL_CANDIDATES = _gemm([(64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (128, 64, 8, 4, 4), (64, 128, 8, 8, 3),
                             (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4),
                             (128, 32, 8, 4, 4)])
+# TMA descriptor loads (GATHER: gate_up's x and grad_act's dy gathered into sorted order first)
+PREFILL_CANDIDATES += [dict(c, TMA=True) for c in PREFILL_CANDIDATES[:8]] + \
+    [dict(c, TMA=True, GATHER=True) for c in _gemm([(128, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4)])]
 # (BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages): BLOCK_R rows is the reduction step of the weight gradients
 GRAD_W_CANDIDATES = [
     dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, num_warps=w, num_stages=s)
     for n, k, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
                           (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2)]
-]
+] + [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3, backend="grouped_mm")]
 
 
 def make_case(t, e, i, h, k, dtype=torch.bfloat16):

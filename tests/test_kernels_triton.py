@@ -74,6 +74,19 @@ def test_matches_per_expert_loop(t, e, k, routing, dtype):
                 assert torch.count_nonzero(g[1][x]) == 0 and torch.count_nonzero(g[2][x]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,e,k,routing", [(33, 5, 2, "neg"), (20, 7, 3, "sparse")])
+def test_tma_descriptor_loads(t, e, k, routing, dtype):
+    """Every GEMM loading through TMA descriptors (rows 16-byte aligned: H 32, I 24), x and dy
+    gathered into sorted order first or not, matches the loop."""
+    cfg = kernel_tuning.default_config(e, t, k, dtype, interpret=interpreting())
+    for kernel in ("gate_up", "down", "grad_act", "grad_x"):
+        cfg[kernel]["TMA"] = True
+    cfg["gate_up"]["GATHER"] = cfg["grad_act"]["GATHER"] = routing == "neg"
+    check(make_case(t, e, k, routing, hid=32, inter=24), dtype,
+          fn=lambda *a: triton_fused_experts(*a, config=cfg))
+
+
 def test_no_grad_and_int32_index():
     x, gate_up, down, index, weights = make_case(33, 13, 2, "neg")
     check((x, gate_up, down, index.int(), weights), torch.float32, needs_grad=False)
@@ -186,3 +199,24 @@ def test_gpu_grouped_mm_path(t, e, k):
     if not grouped_mm_supported(x, case[1].to(DEVICE, torch.bfloat16), case[2].to(DEVICE, torch.bfloat16)):
         pytest.skip("torch._grouped_mm needs bf16 on an sm90+ GPU with this PyTorch")
     check(case, torch.bfloat16, fn=grouped_mm_experts)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["neg", "one", "sparse"])
+def test_gpu_tma_and_grouped_mm_weight_grads(routing):
+    """TMA loads, gathered A operands and torch._grouped_mm weight gradients, with idle experts."""
+    from moecluster.workers.grouped_mm_experts import grouped_mm_supported
+
+    case = make_case(300, 16, 4, routing, hid=256, inter=192)
+    if not grouped_mm_supported(*[v.to(DEVICE, torch.bfloat16) for v in case[:3]]):
+        pytest.skip("torch._grouped_mm needs bf16 on an sm90+ GPU with this PyTorch")
+    cfg = kernel_tuning.default_config(16, 300, 4, torch.bfloat16, interpret=False)
+    for kernel in ("gate_up", "down", "grad_act", "grad_x"):
+        cfg[kernel].update(TMA=True, GATHER=True)
+    cfg["grad_w"]["backend"] = "grouped_mm"
+    g = check(case, torch.bfloat16, fn=lambda *a: triton_fused_experts(*a, config=cfg))
+    used = set(case[3].flatten().tolist())
+    for x in range(16):
+        if x not in used:
+            assert torch.count_nonzero(g[1][x]) == 0 and torch.count_nonzero(g[2][x]) == 0

@@ -4,8 +4,13 @@ A config is a dict:
   BLOCK_M                      rows per M-block (the routing pads each expert to it)
   gate_up, down                forward grouped GEMMs
   grad_act, grad_x             backward grouped GEMMs (dy @ down, dh @ gate_up)
-        each {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}
-  grad_w                       weight-gradient kernels {BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages}
+        each {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}, plus optionally TMA (true: the
+        weights, and rows already in sorted order, load through TMA descriptors) and, for
+        gate_up and grad_act, GATHER (true, with TMA: x or dy is first gathered into sorted-row
+        order, so its tiles load through TMA too)
+  grad_w                       weight-gradient kernels {BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages},
+                               plus optionally backend "grouped_mm": torch._grouped_mm (CUTLASS)
+                               computes them instead
   backend                      "triton" or "grouped_mm": which path `fused_experts` takes (forward)
 
 Tuned tables live in `workers/tuned/E{E}-I{I}-H{H}-{dtype}-{GPU name}.json`, one per
@@ -92,5 +97,5 @@ def pick_config(num_experts: int, inter: int, hidden: int, tokens: int, dtype: t
     if table:
         tuned = table[min(table, key=lambda m: abs(math.log(m) - math.log(max(tokens, 1))))]
         for key, value in tuned.items():
-            config[key] = dict(config.get(key, {}), **value) if isinstance(value, dict) else value
+            config[key] = dict(config.get(key) or {}, **value) if isinstance(value, dict) else value
     return config

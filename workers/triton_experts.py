@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moecluster.workers.grouped_mm_experts import grouped_mm_supported
 from moecluster.workers.kernel_tuning import device_name, pick_config
 from moecluster.workers.triton_routing import align
 
@@ -76,6 +77,34 @@ def _mainloop(acc, a_ptrs, stride_ak, b_ptrs, stride_bk, K,
 
 
 @triton.jit
+def _mainloop_tma(acc, a_ptrs, stride_ak, a_desc, a_row, b_desc, b_row, b_col, K,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr, B_NK: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """_mainloop with the weight tile (and, if A_DESC, the A tile) loaded through TMA tensor
+    descriptors over 2-D views: A rows [a_row, a_row + BM) and, for B, rows [b_row, b_row + BN)
+    of an (N, K) weight (B_NK) or rows [b_row + k, ...) and columns [b_col, b_col + BN) of a
+    (K, N) one.  Out-of-bounds boxes read zeros; a box that runs into the next expert's rows only
+    meets zero A columns (past K) or rows whose results are masked at the store."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if A_DESC:
+            a = a_desc.load([a_row, k * BLOCK_K])
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k < K - k * BLOCK_K)[None, :], other=0.0)
+        if B_NK:
+            b = b_desc.load([b_row, k * BLOCK_K]).T
+        else:
+            b = b_desc.load([b_row + k * BLOCK_K, b_col])
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
 def _block_rows(sorted_ids_ptr, block_expert_ptr, pid_m, n, topk, BLOCK_M: tl.constexpr):
     """Rows of M-block pid_m: sorted row offsets (int64), assignment ids, their tokens (token 0
     for padding rows, so loads need no row mask), row mask, expert."""
@@ -94,8 +123,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr
                     R, H, I, n, topk,
                     s_xm, s_xk, s_we, s_wn, s_wk, s_hm, s_am,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    STORE_H: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Per (M-block, N-block of I): gate and up accumulators share the x tile; SwiGLU in the epilogue."""
+                    STORE_H: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    TMA: tl.constexpr = False, A_DESC: tl.constexpr = False):
+    """Per (M-block, N-block of I): gate and up accumulators share the x tile; SwiGLU in the epilogue.
+    TMA: w_ptr is a tensor descriptor over gate_up viewed as (E * 2I, H); A_DESC: x_ptr one over
+    x already gathered into sorted-row order (R, H)."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
         return
@@ -103,28 +135,48 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, a_ptr, sorted_ids_ptr, block_expert_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok[:, None] * s_xm + offs_k[None, :] * s_xk
-    g_ptrs = w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk
-    u_ptrs = g_ptrs + I * s_wn
+    if A_DESC:
+        a_ptrs = sorted_ids_ptr  # unused
+    else:
+        a_ptrs = x_ptr + tok[:, None] * s_xm + offs_k[None, :] * s_xk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            bg = tl.load(g_ptrs)
-            bu = tl.load(u_ptrs)
-        else:
-            k_ok = offs_k < H - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
-        a_ptrs += BLOCK_K * s_xk
-        g_ptrs += BLOCK_K * s_wk
-        u_ptrs += BLOCK_K * s_wk
+    if TMA:
+        w_row = (e * 2 * I + pid_n * BLOCK_N).to(tl.int32)  # gate rows; up rows I further
+        for k in range(0, tl.cdiv(H, BLOCK_K)):
+            if A_DESC:
+                a = x_ptr.load([(pid_m * BLOCK_M).to(tl.int32), k * BLOCK_K])
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(offs_k < H - k * BLOCK_K)[None, :], other=0.0)
+            bg = w_ptr.load([w_row, k * BLOCK_K]).T
+            bu = w_ptr.load([w_row + I, k * BLOCK_K]).T
+            if UPCAST:
+                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+            a_ptrs += BLOCK_K * s_xk
+    else:
+        g_ptrs = w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk
+        u_ptrs = g_ptrs + I * s_wn
+        for k in range(0, tl.cdiv(H, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                bg = tl.load(g_ptrs)
+                bu = tl.load(u_ptrs)
+            else:
+                k_ok = offs_k < H - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+                bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+            a_ptrs += BLOCK_K * s_xk
+            g_ptrs += BLOCK_K * s_wk
+            u_ptrs += BLOCK_K * s_wk
     ok = n_ok[None, :] & (offs_m >= 0)[:, None]  # padding rows too: finite (token 0), so the down GEMM reads no garbage
     dt = a_ptr.dtype.element_ty
     if STORE_H:
@@ -140,8 +192,9 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, rw_ptr, sorted_ids_ptr, block_expert_ptr, 
                  R, H, I, n, topk,
                  s_am, s_we, s_wn, s_wk, s_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """y[id] = w[id] * (a_row @ down[e]^T) for the sorted rows of one M-block and N-block of H."""
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
+    """y[id] = w[id] * (a_row @ down[e]^T) for the sorted rows of one M-block and N-block of H.
+    TMA: a_ptr and w_ptr are tensor descriptors over act (R, I) and down viewed as (E * H, I)."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
         return
@@ -150,9 +203,13 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, rw_ptr, sorted_ids_ptr, block_expert_ptr, 
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mainloop(acc, a_ptr + offs_m[:, None] * s_am + offs_k[None, :], 1,
-                    w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, I,
-                    BLOCK_K, EVEN_K, UPCAST, PREC)
+    if TMA:
+        acc = _mainloop_tma(acc, rw_ptr, 0, a_ptr, (pid_m * BLOCK_M).to(tl.int32), w_ptr,
+                            (e * H + pid_n * BLOCK_N).to(tl.int32), 0, I, BLOCK_K, EVEN_K, True, True, UPCAST, PREC)
+    else:
+        acc = _mainloop(acc, a_ptr + offs_m[:, None] * s_am + offs_k[None, :], 1,
+                        w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, I,
+                        BLOCK_K, EVEN_K, UPCAST, PREC)
     rw = tl.load(rw_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     tl.store(y_ptr + ids[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -182,7 +239,8 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, wa_ptr, dw_ptr, sorte
                      rows_used_ptr, R, H, I, n, topk,
                      s_dym, s_we, s_wk, s_wn, s_hm, s_dhm, s_wam,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     STORE_WA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                     STORE_WA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     TMA: tl.constexpr = False, A_DESC: tl.constexpr = False):
     """p = dy[tok] @ down[e] (N over I); epilogue: dw partial <p, a> per N-block, dg and du into dh,
     and w * a into wa for the down-weight gradient (a pure GEMM then, not an activation per tile).
 
@@ -195,9 +253,16 @@ def _grad_act_kernel(dy_ptr, w_ptr, h_ptr, rw_ptr, dh_ptr, wa_ptr, dw_ptr, sorte
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    p = _mainloop(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], 1,
-                  w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, H,
-                  BLOCK_K, EVEN_K, UPCAST, PREC)
+    if A_DESC:  # dy_ptr: a descriptor over dy gathered into sorted-row order (R, H)
+        p = _mainloop_tma(acc, sorted_ids_ptr, 0, dy_ptr, (pid_m * BLOCK_M).to(tl.int32), w_ptr,
+                          (e * H).to(tl.int32), pid_n * BLOCK_N, H, BLOCK_K, EVEN_K, True, False, UPCAST, PREC)
+    elif TMA:  # w_ptr: a descriptor over down viewed as (E * H, I)
+        p = _mainloop_tma(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], 1, w_ptr, 0, w_ptr,
+                          (e * H).to(tl.int32), pid_n * BLOCK_N, H, BLOCK_K, EVEN_K, False, False, UPCAST, PREC)
+    else:
+        p = _mainloop(acc, dy_ptr + tok[:, None] * s_dym + offs_k[None, :], 1,
+                      w_ptr + e * s_we + (offs_n % I)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, H,
+                      BLOCK_K, EVEN_K, UPCAST, PREC)
     ok = row_ok[:, None] & n_ok[None, :]
     h_ptrs = h_ptr + offs_m[:, None] * s_hm + offs_n[None, :]
     g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -220,8 +285,9 @@ def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows
                    R, H, I, n, topk,
                    s_dhm, s_we, s_wk, s_wn, s_dxm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """dx[id] = dh_row @ gate_up[e] (K over 2I, N over H), per assignment; combined per token after."""
+                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
+    """dx[id] = dh_row @ gate_up[e] (K over 2I, N over H), per assignment; combined per token after.
+    TMA: dh_ptr and w_ptr are tensor descriptors over dh (R, 2I) and gate_up viewed as (E * 2I, H)."""
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
         return
@@ -230,9 +296,14 @@ def _grad_x_kernel(dh_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, rows
     n_ok = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mainloop(acc, dh_ptr + offs_m[:, None] * s_dhm + offs_k[None, :], 1,
-                    w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, 2 * I,
-                    BLOCK_K, EVEN_K, UPCAST, PREC)
+    if TMA:
+        acc = _mainloop_tma(acc, sorted_ids_ptr, 0, dh_ptr, (pid_m * BLOCK_M).to(tl.int32), w_ptr,
+                            (e * 2 * I).to(tl.int32), pid_n * BLOCK_N, 2 * I, BLOCK_K, EVEN_K, True, False,
+                            UPCAST, PREC)
+    else:
+        acc = _mainloop(acc, dh_ptr + offs_m[:, None] * s_dhm + offs_k[None, :], 1,
+                        w_ptr + e * s_we + (offs_n % H)[None, :] * s_wn + offs_k[:, None] * s_wk, s_wk, 2 * I,
+                        BLOCK_K, EVEN_K, UPCAST, PREC)
     tl.store(dx_ptr + ids[:, None] * s_dxm + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
@@ -282,9 +353,32 @@ def _modes(dtype):
     return interpreting(), "ieee" if dtype == torch.float32 or interpreting() else "tf32"
 
 
-def _gemm_meta(cfg, kernel, reduce_len):
+def _gemm_meta(cfg, kernel, reduce_len, tma=False):
     """Launch meta-parameters of one grouped GEMM: the shared BLOCK_M plus that kernel's own entry."""
-    return dict(BLOCK_M=cfg["BLOCK_M"], EVEN_K=reduce_len % cfg[kernel]["BLOCK_K"] == 0, **cfg[kernel])
+    meta = {key: v for key, v in cfg[kernel].items() if key != "GATHER"}
+    return dict(meta, BLOCK_M=cfg["BLOCK_M"], EVEN_K=reduce_len % cfg[kernel]["BLOCK_K"] == 0, TMA=tma)
+
+
+def _tma(cfg, kernel, *operands):
+    """Whether `kernel` loads its operands through TMA descriptors: its config entry asks for
+    it and each operand is contiguous, non-empty, with 16-byte aligned base and rows."""
+    return bool(cfg[kernel].get("TMA")) and all(
+        t.is_contiguous() and t.numel() and t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0
+        for t in operands)
+
+
+def _sorted_rows(t, route, k):
+    """t (T, C) gathered into the routing's sorted-row order (R, C); padding rows read token 0."""
+    ids = route.sorted_ids
+    return t.index_select(0, torch.where(ids < route.n, ids // k, 0))
+
+
+def _desc(t, block):
+    """A 2-D TMA descriptor over t viewed as (numel / last dim, last dim), box `block`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    v = t.view(-1, t.shape[-1])
+    return TensorDescriptor(v, list(v.shape), [v.stride(0), 1], list(block))
 
 
 def _grid(route, cols, cfg, kernel):
@@ -304,7 +398,8 @@ def _combine(y, top_k_index, t, hid, dtype):
 
 
 def _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h: bool):
-    """out (T, H), routing and (if keep_h) the gate/up pre-activations h (R, 2I) in sorted-row order."""
+    """out (T, H), routing, (if keep_h) the gate/up pre-activations h (R, 2I) in sorted-row order, and
+    x in sorted-row order (R, H) where the gate_up config gathered it first (GATHER), else None."""
     t, hid = x.shape
     num_e, inter = gate_up.shape[0], down.shape[2]
     k = top_k_index.shape[1]
@@ -315,19 +410,26 @@ def _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h: bool):
     act = x.new_empty(rows, inter)
     y = x.new_empty(t * k, hid)
     common = (route.sorted_ids, route.block_expert, route.rows_used, rows, hid, inter, route.n, k)
+    c = cfg["gate_up"]
+    tma = _tma(cfg, "gate_up", gate_up)
+    xs = _sorted_rows(x, route, k) if tma and c.get("GATHER") and _tma(cfg, "gate_up", x) else None
     _gate_up_kernel[_grid(route, inter, cfg, "gate_up")](
-        x, gate_up, h if keep_h else act, act, *common,
+        x if xs is None else _desc(xs, (cfg["BLOCK_M"], c["BLOCK_K"])),
+        _desc(gate_up, (c["BLOCK_N"], c["BLOCK_K"])) if tma else gate_up, h if keep_h else act, act, *common,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         h.stride(0) if keep_h else 0, act.stride(0),
-        STORE_H=keep_h, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "gate_up", hid))
+        STORE_H=keep_h, UPCAST=upcast, PREC=prec, A_DESC=xs is not None, **_gemm_meta(cfg, "gate_up", hid, tma))
+    c = cfg["down"]
+    tma = _tma(cfg, "down", act, down)
     _down_kernel[_grid(route, hid, cfg, "down")](
-        act, down, y, rw, *common,
+        _desc(act, (cfg["BLOCK_M"], c["BLOCK_K"])) if tma else act,
+        _desc(down, (c["BLOCK_N"], c["BLOCK_K"])) if tma else down, y, rw, *common,
         act.stride(0), down.stride(0), down.stride(1), down.stride(2), y.stride(0),
-        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "down", inter))
-    return _combine(y, top_k_index, t, hid, x.dtype), route, h
+        UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "down", inter, tma))
+    return _combine(y, top_k_index, t, hid, x.dtype), route, h, xs
 
 
-def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
+def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs, xs=None):
     """Gradients (dx, dgate_up, ddown, drw) for the needs mask (x, gate_up, down, rw)."""
     need_x, need_gu, need_dn, need_w = needs
     t, hid = x.shape
@@ -340,22 +442,39 @@ def _backward(dy, x, gate_up, down, top_k_index, rw, route, h, cfg, needs):
     wa = x.new_empty(rows, inter) if need_dn else dh  # dh: an unused placeholder (STORE_WA off)
     n_blocks = triton.cdiv(inter, cfg["grad_act"]["BLOCK_N"])
     dw_part = torch.empty(n_blocks, n, dtype=torch.float32, device=x.device)
+    c = cfg["grad_act"]
+    tma = _tma(cfg, "grad_act", down)
+    dys = _sorted_rows(dy, route, k) if tma and c.get("GATHER") and _tma(cfg, "grad_act", dy) else None
     _grad_act_kernel[_grid(route, inter, cfg, "grad_act")](
-        dy, down, h, rw, dh, wa, dw_part, *common,
+        dy if dys is None else _desc(dys, (cfg["BLOCK_M"], c["BLOCK_K"])),
+        _desc(down, (c["BLOCK_K"], c["BLOCK_N"])) if tma else down, h, rw, dh, wa, dw_part, *common,
         dy.stride(0), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0), wa.stride(0),
-        STORE_WA=need_dn, UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_act", hid))
+        STORE_WA=need_dn, UPCAST=upcast, PREC=prec, A_DESC=dys is not None,
+        **_gemm_meta(cfg, "grad_act", hid, tma))
     grad_x = grad_gu = grad_dn = grad_w = None
     if need_w:
         served = (top_k_index.reshape(-1) >= 0)
         grad_w = torch.where(served, dw_part.sum(0), 0.0).to(rw.dtype)
     if need_x:
         dxr = x.new_empty(t * k, hid)
+        c = cfg["grad_x"]
+        tma = _tma(cfg, "grad_x", dh, gate_up)
         _grad_x_kernel[_grid(route, hid, cfg, "grad_x")](
-            dh, gate_up, dxr, *common,
+            _desc(dh, (cfg["BLOCK_M"], c["BLOCK_K"])) if tma else dh,
+            _desc(gate_up, (c["BLOCK_K"], c["BLOCK_N"])) if tma else gate_up, dxr, *common,
             dh.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), dxr.stride(0),
-            UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_x", 2 * inter))
+            UPCAST=upcast, PREC=prec, **_gemm_meta(cfg, "grad_x", 2 * inter, tma))
         grad_x = _combine(dxr, top_k_index, t, hid, x.dtype)
     wcfg = cfg["grad_w"]
+    if wcfg.get("backend") == "grouped_mm" and cfg["BLOCK_M"] % 16 == 0 and grouped_mm_supported(x, gate_up, down):
+        # CUTLASS's grouped weight gradient (torch._grouped_mm with the groups along the
+        # reduction): each expert's rows are one group, padding rows are zero in dh and wa.
+        ends = route.pad_start + route.padded
+        if need_gu:
+            grad_gu = torch._grouped_mm(dh.t(), _sorted_rows(x, route, k) if xs is None else xs, offs=ends)
+        if need_dn:
+            grad_dn = torch._grouped_mm((_sorted_rows(dy, route, k) if dys is None else dys).t(), wa, offs=ends)
+        return grad_x, grad_gu, grad_dn, grad_w
     meta = dict(BLOCK_N=wcfg["BLOCK_N"], BLOCK_K=wcfg["BLOCK_K"], BLOCK_R=wcfg["BLOCK_R"], UPCAST=upcast, PREC=prec,
                 num_warps=wcfg["num_warps"], num_stages=wcfg["num_stages"])
     if need_gu:
@@ -378,17 +497,17 @@ class _TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up, down, top_k_index, rw, cfg):
-        out, route, h = _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h=True)
-        ctx.save_for_backward(x, gate_up, down, top_k_index, rw, h)
+        out, route, h, xs = _forward(x, gate_up, down, top_k_index, rw, cfg, keep_h=True)
+        ctx.save_for_backward(x, gate_up, down, top_k_index, rw, h, xs)
         ctx.route, ctx.cfg = route, cfg
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_up, down, top_k_index, rw, h = ctx.saved_tensors
+        x, gate_up, down, top_k_index, rw, h, xs = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[4])
         dy = grad_out.to(x.dtype).contiguous()
-        gx, ggu, gdn, gw = _backward(dy, x, gate_up, down, top_k_index, rw, ctx.route, h, ctx.cfg, needs)
+        gx, ggu, gdn, gw = _backward(dy, x, gate_up, down, top_k_index, rw, ctx.route, h, ctx.cfg, needs, xs)
         return gx, ggu, gdn, None, gw, None
 
 

@@ -6,7 +6,8 @@
 Per token count: for each BLOCK_M candidate, a coordinate search over each kernel's
 (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), with and without TMA loads (and the
 gathered A operand), timing the whole forward (or, for the backward kernels,
-forward+backward), then the best BLOCK_M; finally torch._grouped_mm's forward is timed and the
+forward+backward), then the best BLOCK_M; for decode sizes, the routing-free decode kernels
+are searched too and kept if faster; finally torch._grouped_mm's forward is timed and the
 entry's "backend" names the faster path.  The weight gradients may go to torch._grouped_mm.
 bf16, CUDA-event medians;
 decode-sized forwards are replayed from CUDA graphs (as a server runs them, so Python's
@@ -48,6 +49,10 @@ PREFILL_CANDIDATES = _gemm([(64, 64, 8, 4, 3), (128, 64, 8, 8, 3), (128, 64, 8, 
 # TMA descriptor loads (GATHER: gate_up's x and grad_act's dy gathered into sorted order first)
 PREFILL_CANDIDATES += [dict(c, TMA=True) for c in PREFILL_CANDIDATES[:8]] + \
     [dict(c, TMA=True, GATHER=True) for c in _gemm([(128, 64, 8, 8, 3), (128, 64, 16, 8, 4), (64, 64, 8, 8, 4)])]
+# the routing-free decode kernels (kernel_tuning's "decode" entry): a coordinate search from DECODE_START
+DECODE_START = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4, DOWN_BLOCK_N=4, DOWN_BLOCK_K=256, down_warps=8)
+DECODE_AXES = [("BLOCK_N", (8, 32)), ("BLOCK_K", (256, 1024)), ("num_warps", (8,)), ("DOWN_BLOCK_N", (2, 8, 16)),
+               ("DOWN_BLOCK_K", (128, 512)), ("down_warps", (4,))]
 # (BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages): BLOCK_R rows is the reduction step of the weight gradients
 GRAD_W_CANDIDATES = [
     dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, num_warps=w, num_stages=s)
@@ -108,6 +113,21 @@ def search(cfg, kernels, candidates, measure):
     return cfg, best
 
 
+def search_decode(case, cfg):
+    """Coordinate search over the decode kernels' parameters (CUDA-graph timed)."""
+    best_d = dict(DECODE_START)
+    best = forward_ms(case, dict(cfg, decode=best_d), graph=True)
+    for key, values in DECODE_AXES:
+        for value in values:
+            if time.time() > DEADLINE[0]:
+                return best_d, best
+            trial = dict(best_d, **{key: value})
+            ms = forward_ms(case, dict(cfg, decode=trial), graph=True)
+            if ms < best:
+                best, best_d = ms, trial
+    return best_d, best
+
+
 def retune_backward(e, i, h, k, t, entry):
     """Refine only the backward kernels of an existing entry, over every candidate."""
     case = make_case(t, e, i, h, k)
@@ -136,6 +156,11 @@ def tune_tokens(e, i, h, k, t, train: bool):
     entry = {key: best_cfg[key] for key in ("BLOCK_M", "gate_up", "down")}
     entry["backend"] = "triton"
     report = f"triton fwd {best_ms:.3f} ms"
+    if decode:
+        dec, dec_ms = search_decode(case, best_cfg)
+        if dec_ms < best_ms:
+            entry["decode"], best_ms = dec, dec_ms
+        report += f", decode kernels {dec_ms:.3f} ms"
     if grouped_mm_supported(*case[:3]):
         with torch.no_grad():
             gmm = timed(lambda: grouped_mm_experts(*case), graph=decode)

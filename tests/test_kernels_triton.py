@@ -87,6 +87,19 @@ def test_tma_descriptor_loads(t, e, k, routing, dtype):
           fn=lambda *a: triton_fused_experts(*a, config=cfg))
 
 
+DECODE = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, DOWN_BLOCK_N=16, DOWN_BLOCK_K=8, down_warps=4)
+
+
+@pytest.mark.parametrize("t,e,k,routing,dtype", [(1, 7, 2, "topk", torch.float32), (3, 7, 7, "neg", torch.float32),
+                                                 (5, 13, 1, "neg", torch.float16), (4, 5, 3, "one", torch.float16)])
+def test_decode_path_without_routing(t, e, k, routing, dtype):
+    """Inference on a few tokens through the two routing-free GEMV kernels (odd H and I: ragged blocks)."""
+    cfg = dict(kernel_tuning.default_config(e, t, k, dtype, interpret=interpreting()), decode=DECODE)
+    check(make_case(t, e, k, routing), dtype, fn=lambda *a: triton_fused_experts(*a, config=cfg), needs_grad=False)
+    check(make_case(t, e, k, routing, hid=32, inter=16), dtype, fn=lambda *a: triton_fused_experts(*a, config=cfg),
+          needs_grad=False)
+
+
 def test_no_grad_and_int32_index():
     x, gate_up, down, index, weights = make_case(33, 13, 2, "neg")
     check((x, gate_up, down, index.int(), weights), torch.float32, needs_grad=False)

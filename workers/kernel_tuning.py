@@ -11,6 +11,9 @@ A config is a dict:
   grad_w                       weight-gradient kernels {BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages},
                                plus optionally backend "grouped_mm": torch._grouped_mm (CUTLASS)
                                computes them instead
+  decode                       null, or {BLOCK_N, BLOCK_K, num_warps, num_stages, DOWN_BLOCK_N,
+                               DOWN_BLOCK_K, down_warps}: inference on few tokens skips the routing and
+                               runs two GEMV kernels (gate_up per assignment; down with the combine)
   backend                      "triton" or "grouped_mm": which path `fused_experts` takes (forward)
 
 Tuned tables live in `workers/tuned/E{E}-I{I}-H{H}-{dtype}-{GPU name}.json`, one per
@@ -37,6 +40,7 @@ _INTERPRETER = {
     **{k: dict(BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
        for k in ("gate_up", "down", "grad_act", "grad_x")},
     "grad_w": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1),
+    "decode": None,
     "backend": "triton",
 }
 
@@ -60,6 +64,7 @@ def default_config(num_experts: int, tokens: int, top_k: int | None, dtype: torc
         "gate_up": gate_up, "down": dict(gemm), "grad_act": dict(gemm), "grad_x": dict(gemm),
         "grad_w": dict(BLOCK_N=128 if wide else 64, BLOCK_K=128 if wide else 64, BLOCK_R=32,
                        num_warps=8 if wide else 4, num_stages=3),
+        "decode": None,
         "backend": "triton",
     }
 

@@ -27,7 +27,7 @@ def check(case, dtype, fn=triton_fused_experts, needs_grad=True):
     """Compare fn's output and the four gradients with the per-expert loop in float64."""
     x, gate_up, down, index, weights = case
     t, hid = x.shape
-    grad_out = torch.randn(t, hid, dtype=torch.float64)
+    grad_out = torch.randn(t, hid, dtype=torch.float64, generator=torch.Generator().manual_seed(t * hid))
     on = [v.to(DEVICE, dtype) if v.is_floating_point() else v.to(DEVICE) for v in case]
     ref, g_ref = grads(reference_experts, *[v.double() if v.is_floating_point() else v for v in case], grad_out)
     if not needs_grad:
@@ -41,9 +41,25 @@ def check(case, dtype, fn=triton_fused_experts, needs_grad=True):
     assert rel(out.double().cpu(), ref) <= TOL[dtype][0]
     for name, a, b in zip(("hidden", "gate_up", "down", "weights"), g, g_ref):
         assert a.shape == b.shape, name
-        assert rel(a.double().cpu(), b) <= TOL[dtype][1], name
+        if name != "weights" or index.numel() >= 64:
+            assert rel(a.double().cpu(), b) <= TOL[dtype][1], name
+    # dL/dw[t,k] = <dy[t], E_k(x[t])> can cancel to far below its terms (a few slots then fail a
+    # norm-wise bound by chance in 16-bit), so each is also held to one that cannot cancel
+    err = (g[3].double().cpu() - g_ref[3]).abs()
+    assert torch.all(err <= TOL[dtype][1] / 3 * _slot_scale(case, grad_out) + 1e-12), "weights"
     assert torch.all(g[3].cpu()[index < 0] == 0)  # unserved slots get no routing-weight gradient
     return g
+
+
+def _slot_scale(case, grad_out):
+    """|dy[t]| * |E_k(x[t])| per slot, in float64: the size of dL/dw[t,k]'s terms."""
+    x, gate_up, down, index, weights = [v.double() if v.is_floating_point() else v for v in case]
+    scale = torch.zeros(index.shape, dtype=torch.float64)
+    for k in range(index.shape[1]):
+        only = torch.full_like(index, -1)
+        only[:, k] = index[:, k]
+        scale[:, k] = reference_experts(x, gate_up, down, only, torch.ones_like(weights)).norm(dim=1)
+    return scale * grad_out.norm(dim=1, keepdim=True)
 
 
 # (T, E, K, routing, dtype): T below one block (16), odd H=19 and I=13, prime E, K = 1 and K = E,
@@ -126,12 +142,16 @@ def test_frozen_weights_only_requested_grads():
     assert rel(xr.grad.double().cpu(), ref_x.grad) <= 1e-5 and rel(wr.grad.double().cpu(), ref_w.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["kernel", "torch"])
+@pytest.mark.parametrize("method", ["kernel", "chunks", "torch"])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 @pytest.mark.parametrize("routing", ["topk", "one", "sparse", "neg"])
-def test_align_pads_each_expert_to_whole_blocks(block_m, routing, method):
+def test_align_pads_each_expert_to_whole_blocks(block_m, routing, method, monkeypatch):
     """Every served assignment is in exactly one row, in assignment order within its expert,
-    each block holds one expert's rows, and unserved or padding rows carry the sentinel n."""
+    each block holds one expert's rows, and unserved or padding rows carry the sentinel n
+    ("chunks": 7 chunks of 16 assignments, the last one ragged)."""
+    from moecluster.workers import triton_routing
+
+    monkeypatch.setattr(triton_routing, "ALIGN_CHUNK_MIN", 16)
     _, _, _, index, _ = make_case(33, 7, 3, routing)
     index = index.to(DEVICE)
     r = align(index, 7, block_m, method)

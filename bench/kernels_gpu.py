@@ -1,8 +1,11 @@
-"""GPU benchmark of the expert kernels: Triton fused_experts vs torch._grouped_mm vs a per-expert loop.
+"""GPU benchmark of the expert kernels: fused_experts vs torch._grouped_mm vs a per-expert loop.
 
     python bench/kernels_gpu.py [--only mixtral qwen3 decode] [--json PATH] [--profile]
 
-bf16, random softmax+top-k routing, every time a median of CUDA-event timings
+`fused_experts` is timed as a caller gets it (`kernels.fused_experts`, which takes the tuned
+table's backend), and each of its rows says what ran: the Triton kernels (with the table's TMA
+loads, its torch._grouped_mm weight gradients, or its routing-free decode kernels) or
+torch._grouped_mm.  bf16, random softmax+top-k routing, every time a median of CUDA-event timings
 (`triton.testing.do_bench`; decode through CUDA graphs where the path has no host sync).
 Two ceilings are measured in the same run, an 8192^3 bf16 torch.mm and a device-to-device
 copy, and the rates are reported against them and against the datasheet (989 TFLOP/s
@@ -23,7 +26,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # ben
 import torch  # noqa: E402
 import triton  # noqa: E402
 from moecluster.workers.grouped_mm_experts import grouped_mm_experts, grouped_mm_supported  # noqa: E402
-from moecluster.workers.kernels import reference_experts  # noqa: E402
+from moecluster.workers.kernel_tuning import device_name, pick_config  # noqa: E402
+from moecluster.workers.kernels import fused_experts, reference_experts  # noqa: E402
 from moecluster.workers.triton_experts import triton_fused_experts  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
@@ -60,8 +64,23 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def what_runs(case, train: bool) -> str:
+    """Which path `fused_experts` takes for this case, as its tuned table says."""
+    x, gate_up, down, idx, _ = case
+    cfg = pick_config(gate_up.shape[0], down.shape[2], x.shape[1], x.shape[0], x.dtype, device_name(x.device),
+                      top_k=idx.shape[1])
+    if cfg["backend"] == "grouped_mm" and grouped_mm_supported(x, gate_up, down):
+        return "grouped_mm"
+    if cfg.get("decode") and not train:
+        return "triton decode"
+    kernels = ("gate_up", "down") + (("grad_act", "grad_x") if train else ())
+    tma = [k + ("+gather" if cfg[k].get("GATHER") else "") for k in kernels if cfg[k].get("TMA")]
+    wgrad = train and cfg["grad_w"].get("backend") == "grouped_mm"
+    return "triton" + (f" tma:{','.join(tma)}" if tma else "") + (" wgrad:grouped_mm" if wgrad else "")
+
+
 def paths(x, gate_up, down):
-    fns = {"triton": triton_fused_experts, "loop": reference_experts}
+    fns = {"fused": fused_experts, "loop": reference_experts}
     if grouped_mm_supported(x, gate_up, down):
         fns["grouped_mm"] = grouped_mm_experts
     return fns
@@ -98,10 +117,12 @@ def bench_prefill(name, t, h, i, e, k, peak_mm, peak_sheet, rows):
         train = time_train(fn, case)
         for mode, ms, fl in (("forward", fwd, flops), ("fwd+bwd", train, 3 * flops)):
             tf = fl / ms / 1e9
-            rows.append(dict(shape=name, mode=mode, path=path, ms=ms, tflops=tf,
+            ran = what_runs(case, mode == "fwd+bwd") if path == "fused" else path
+            rows.append(dict(shape=name, mode=mode, path=path, ran=ran, ms=ms, tflops=tf,
                              pct_peak=100 * tf / peak_sheet, pct_mm=100 * tf / peak_mm))
             print(f"{name:8s} {mode:8s} {path:10s} {ms:9.3f} ms {tf:7.1f} TFLOP/s "
-                  f"{100 * tf / peak_sheet:5.1f}% of peak {100 * tf / peak_mm:5.1f}% of mm", flush=True)
+                  f"{100 * tf / peak_sheet:5.1f}% of peak {100 * tf / peak_mm:5.1f}% of mm"
+                  + (f"  [{ran}]" if path == "fused" else ""), flush=True)
         torch.cuda.empty_cache()
 
 
@@ -113,10 +134,12 @@ def bench_decode(name, h, i, e, k, bw_copy, bw_sheet, rows):
         for path, fn in paths(*case[:3]).items():
             ms = time_forward(fn, case, graph=path != "loop")
             tbs = nbytes / ms / 1e9
-            rows.append(dict(shape=f"{name}-decode", t=t, path=path, ms=ms, tbs=tbs,
+            ran = what_runs(case, False) if path == "fused" else path
+            rows.append(dict(shape=f"{name}-decode", t=t, path=path, ran=ran, ms=ms, tbs=tbs,
                              pct_hbm=100 * tbs / bw_sheet, pct_copy=100 * tbs / bw_copy))
             print(f"{name:8s} decode T={t:<3d} {path:10s} {ms * 1e3:8.1f} us {tbs:5.2f} TB/s "
-                  f"{100 * tbs / bw_sheet:5.1f}% of HBM {100 * tbs / bw_copy:5.1f}% of copy", flush=True)
+                  f"{100 * tbs / bw_sheet:5.1f}% of HBM {100 * tbs / bw_copy:5.1f}% of copy"
+                  + (f"  [{ran}]" if path == "fused" else ""), flush=True)
 
 
 def profile(name, t, h, i, e, k):
@@ -129,6 +152,7 @@ def profile(name, t, h, i, e, k):
     for _ in range(2):
         triton_fused_experts(x, gate_up, down, idx, w).backward(grad)
     torch.cuda.synchronize()
+    x.grad = gate_up.grad = down.grad = w.grad = None  # no gradient accumulation in the profiled step
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         triton_fused_experts(x, gate_up, down, idx, w).backward(grad)
         torch.cuda.synchronize()
@@ -172,7 +196,7 @@ def main(argv=None):
     for key, by_path in best.items():
         if "grouped_mm" in by_path:
             print(f"  {key[0]} {key[1] or ''}{'' if key[2] is None else f' T={key[2]}'}: "
-                  f"triton/grouped_mm time ratio {by_path['triton'] / by_path['grouped_mm']:.2f}")
+                  f"fused_experts/grouped_mm time ratio {by_path['fused'] / by_path['grouped_mm']:.2f}")
 
 
 if __name__ == "__main__":

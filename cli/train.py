@@ -49,11 +49,12 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
                 loss.backward()
                 return loss
 
-            started = time.perf_counter()
+            started, waited = time.perf_counter(), session.gate.waited_s
             loss = opt.step(closure)
             seconds = time.perf_counter() - started
             row = {"step": s, "loss": float(loss.detach()), "version": session.step - 1, "seconds": round(seconds, 4),
-                   "tokens_per_s": round(batch * seq / seconds, 1), "epoch": session.dispatcher.table.epoch}
+                   "paused_s": round(session.gate.waited_s - waited, 4), "tokens_per_s": round(batch * seq / seconds, 1),
+                   "epoch": session.dispatcher.table.epoch}
             rows.append(row)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()

@@ -11,6 +11,7 @@ boundary for no longer than the copy takes.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -20,6 +21,7 @@ class StepGate:
         self._paused = False
         self._in_step = False
         self._deferred: Callable[[], None] | None = None
+        self.waited_s = 0.0  # time steps spent waiting for a pause to lift, in all
 
     def on_table(self, paused: bool, ack: Callable[[], None]) -> None:
         """A new table arrived; `ack` acknowledges it (now, or when the step under way ends)."""
@@ -39,7 +41,10 @@ class StepGate:
                 return
             if self._paused:
                 progress("expert state is being copied: waiting to start the step")
-            if not self._cond.wait_for(lambda: not self._paused, timeout):
+            started = time.monotonic()
+            lifted = self._cond.wait_for(lambda: not self._paused, timeout)
+            self.waited_s += time.monotonic() - started
+            if not lifted:
                 raise TimeoutError(f"the routing table stayed paused for {timeout:.0f}s: is the controller stuck mid-copy?")
             self._in_step = True
 

@@ -160,8 +160,8 @@ class TrainingSession:
         found = set(versions.values())
         if len(found) > 1:
             behind = sorted(k for k, v in versions.items() if v < max(found))
-            raise TrainingError(f"experts are at different versions {sorted(found)} (behind: {behind[:8]}): "
-                                "an update was cut off; restore a snapshot (moectl snapshot) first")
+            raise TrainingError(f"experts are at different versions {sorted(found)} (behind: {behind[:8]}): an update "
+                                "was cut off mid-way (every holder of some expert was lost during it)")
         return found.pop() if found else 0
 
     def versions(self) -> dict[tuple[int, int], int]:

@@ -20,6 +20,7 @@ from conftest import running_workers
 from moecluster.controller import plan as p
 from moecluster.controller.executor import Executor
 from moecluster.controller.metrics import ControllerMetrics
+from moecluster.controller.publisher import Publisher
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.models.checkpoint import Checkpoint
@@ -271,8 +272,7 @@ def test_frontend_metrics_count_requests_failures_and_epoch(qwen3):
 
 
 def test_controller_steps_are_spans(spans):
-    table = SimpleNamespace(epoch=5, placement={})
-    publisher = SimpleNamespace(table=table, await_acks=lambda epoch, timeout: [])
+    publisher = Publisher(epoch=5)
     monitor = SimpleNamespace(snapshot=lambda: SimpleNamespace(workers={}))
     metrics = ControllerMetrics()
     spans.clear()

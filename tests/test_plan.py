@@ -37,7 +37,7 @@ class Pool:
         match step:
             case p.StartWorker(w):
                 self.workers[w] = WorkerObservation(w, f"addr-{w}", 1, WorkerState.SERVING)
-            case p.LoadExperts(w, keys):
+            case p.LoadExperts(w, keys) | p.RestoreExperts(w, keys):
                 self.set(w, held=self.workers[w].held | set(keys))
             case p.PullExpert(w, key, source):
                 assert key in self.workers[source].held, f"pull of {key} from {source}, which lacks it"
@@ -149,6 +149,21 @@ def test_expert_with_no_live_copy_is_reloaded_before_the_table_names_it():
     assert set(steps[publish].placement) == set(EXPERTS), "every expert back in the table at once"
     pool.converge(spec(2, 1))
     pool.assert_meets(spec(2, 1))
+
+
+def test_a_trained_pool_restores_lost_experts_from_a_snapshot_at_its_step():
+    pool = Pool()
+    pool.converge(spec(2, 1))
+    for w, obs in pool.observed().serving.items():
+        pool.set(w, versions=dict.fromkeys(obs.held, 7))
+    pool.kill("worker-0")
+    steps = p.reconcile(spec(2, 1), pool.observed(), pool.table)
+    restores = [s for s in steps if isinstance(s, p.RestoreExperts)]
+    assert restores and not any(isinstance(s, p.LoadExperts) for s in steps)
+    assert {s.step for s in restores} == {7}, "resumed at the pool's step, so the next update applies"
+    lost = {k for k, h in pool.table.items() if h == ("worker-0",)}
+    assert {k for s in restores for k in s.experts} == lost
+    assert steps.index(restores[-1]) < next(i for i, s in enumerate(steps) if isinstance(s, p.Publish))
 
 
 def test_copies_made_before_a_restart_are_not_made_again():

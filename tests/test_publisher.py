@@ -10,14 +10,14 @@ PLACEMENT = {(0, 0): ("w0",)}
 ADDRESSES = {"w0": "127.0.0.1:1"}
 
 
-def watcher(pub: Publisher, frontend: str, acks: bool = True):
+def watcher(pub: Publisher, frontend: str, acks: bool = True, trainer: bool = False):
     """A frontend watching on a thread; acknowledges every table it gets (if `acks`); stop() ends its stream."""
     alive = threading.Event()
     alive.set()
     got = []
 
     def run():
-        for table in pub.watch(frontend, 0, alive.is_set):
+        for table in pub.watch(frontend, 0, alive.is_set, trainer):
             got.append(table.epoch)
             if acks:
                 pub.ack(frontend, table.epoch)
@@ -94,3 +94,18 @@ def test_a_restarted_controller_waits_a_lease_for_frontends_it_never_saw():
     waiter.join(timeout=10)
     assert done == [[]] and got == [epoch]
     stop()
+
+
+def test_trainers_are_known_while_watching_and_for_a_lease_after():
+    pub = Publisher(lease_s=LEASE)
+    pub.publish(PLACEMENT, ADDRESSES)
+    _, stop_frontend = watcher(pub, "frontend-1")
+    _, stop_trainer = watcher(pub, "trainer-1", trainer=True)
+    assert pub.trainers() == ["trainer-1"]
+    paused = pub.publish(PLACEMENT, ADDRESSES, paused=True)
+    assert paused.paused and not pub.publish(PLACEMENT, ADDRESSES).paused
+    stop_trainer()
+    assert pub.trainers() == ["trainer-1"], "a broken stream is most likely a trainer reconnecting"
+    time.sleep(LEASE * 1.5)
+    assert pub.trainers() == []
+    stop_frontend()

@@ -1,0 +1,141 @@
+"""Training through the cluster vs in one process, and the pause a scale step causes, in one run.
+
+    python bench/training.py [--steps 20] [--hidden 256] [--intermediate 512] [--experts 16]
+
+The model is a qwen3_moe checkpoint sized so that experts hold most of the
+weights (defaults: 2 MoE layers x 16 experts of 256 x 512, ~95% of parameters
+in experts). The same random batches (`moectl train`'s) train:
+
+1. in one process: transformers' model, torch.optim.AdamW (the baseline);
+2. through a local cluster of 2 workers, replicas 1, and of 2 workers, replicas 2
+   (every holder computes each weight gradient): `moectl train`'s loop;
+3. through the 2-worker cluster while it scales 2 -> 3 mid-run: the steps that
+   wait at the boundary for the copy, and for how long.
+
+Figures: median step time of each and its ratio to the baseline, loss equality
+with the baseline, and the pause (longest wait of a step for a copy, its
+step's time vs the median). Bounded: a few minutes on 2 cores; every process it
+started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# bench/kernels.py would shadow the optional `kernels` package transformers probes for.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+from moecluster.backends.local import ClusterError, LocalCluster  # noqa: E402
+from moecluster.cli.train import batch_for, train  # noqa: E402
+from moecluster.models.tiny import create_checkpoint  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+BATCH, SEQ, LR, SEED = 4, 64, 1e-3, 0
+
+
+def local_baseline(path: Path, steps: int) -> tuple[list[float], list[float]]:
+    """(losses, step seconds) of plain PyTorch training in this process."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    losses, seconds = [], []
+    for s in range(steps):
+        x = batch_for(s, SEED, model.config.vocab_size, BATCH, SEQ)
+        started = time.perf_counter()
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        seconds.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    return losses, seconds
+
+
+def through_cluster(path: Path, steps: int, replicas: int, home: Path, scale_at: int | None = None) -> tuple[list[dict], list]:
+    """`moectl train`'s loop against a fresh 2-worker cluster; optionally `scale 3` at step `scale_at`."""
+    os.environ["MOECLUSTER_HOME"] = str(home)
+    cluster = LocalCluster(f"bench-r{replicas}-{scale_at}")
+    cluster.up(path, workers=2, replicas=replicas, port=0)
+    progress: list = []
+    threads: list[threading.Thread] = []
+
+    def before_step(s: int) -> None:
+        if s == scale_at:
+            thread = threading.Thread(target=lambda: progress.extend(cluster.scale(3)), daemon=True)
+            thread.start()
+            threads.append(thread)
+            time.sleep(0.3)  # the new worker starts while training goes on; the copy follows
+
+    try:
+        rows = train(cluster.info()["controller"], str(path), steps=steps, batch=BATCH, seq=SEQ, lr=LR, seed=SEED,
+                     out=home / f"run-{replicas}-{scale_at}", progress=lambda line: None, before_step=before_step,
+                     save=False)
+        for thread in threads:
+            thread.join(timeout=120)
+        return rows, progress
+    finally:
+        try:
+            cluster.down(grace=2)
+        except ClusterError:
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(1)  # as each worker: the comparison is per core
+    with tempfile.TemporaryDirectory(prefix="moe-bench-train-") as tmp:
+        root = Path(tmp)
+        path = create_checkpoint("qwen3_moe", root / "model", hidden=args.hidden, intermediate=args.intermediate,
+                                 experts=args.experts, vocab=512, seed=0)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        total = sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        del model
+        print(f"model: qwen3_moe, hidden {args.hidden}, {args.experts} experts of {args.intermediate}, "
+              f"{total / 1e6:.1f}M parameters, {100 * experts / total:.0f}% in experts; batch {BATCH}x{SEQ}, "
+              f"{args.steps} steps", flush=True)
+
+        losses, base = local_baseline(path, args.steps)
+        warm = slice(2, None)  # the first steps pay for first-call set-up on both sides
+        base_ms = statistics.median(base[warm]) * 1000
+        print(f"in one process:        {base_ms:8.1f} ms/step (median)", flush=True)
+        results = {}
+        for replicas in (1, 2):
+            rows, _ = through_cluster(path, args.steps, replicas, root / "home")
+            ms = statistics.median(r["seconds"] for r in rows[warm]) * 1000
+            worst = max(abs(r["loss"] - l) / abs(l) for r, l in zip(rows, losses))
+            results[replicas] = ms
+            print(f"cluster, 2 workers, replicas {replicas}: {ms:8.1f} ms/step = {ms / base_ms:.2f}x one process; "
+                  f"loss rel. diff <= {worst:.1e}", flush=True)
+
+        scale_at = args.steps // 2
+        rows, progress = through_cluster(path, args.steps, 1, root / "home", scale_at=scale_at)
+        median_ms = statistics.median(r["seconds"] for r in rows[warm]) * 1000
+        paused = [(r["step"], r["paused_s"], r["seconds"]) for r in rows if r["paused_s"] > 0]
+        longest = max(paused, key=lambda p: p[1], default=(None, 0.0, 0.0))
+        worst = max(abs(r["loss"] - l) / abs(l) for r, l in zip(rows, losses))
+        print(f"scale 2 -> 3 at step {scale_at}: {len(paused)} steps waited for a copy; the longest wait "
+              f"{longest[1] * 1000:.0f} ms (step {longest[0]}, {longest[2] * 1000:.0f} ms vs a median "
+              f"{median_ms:.0f} ms); loss rel. diff <= {worst:.1e}; scale ended with: {progress[-1] if progress else '?'}")
+        print("\nsummary")
+        print(f"  one process                 {base_ms:8.1f} ms/step  1.00x")
+        for replicas, ms in results.items():
+            print(f"  cluster, replicas {replicas}         {ms:8.1f} ms/step  {ms / base_ms:.2f}x")
+        print(f"  pause of a scale step       {longest[1] * 1000:8.1f} ms  (training waits at the step boundary)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,10 @@
-"""The local backend as `moectl` sees it: a named cluster in `$MOECLUSTER_HOME/clusters/NAME/`.
+"""A cluster as `moectl` sees it: a name, and its folder `$MOECLUSTER_HOME/clusters/NAME/`.
 
-`up` writes the spec and starts the controller process, which starts the
-workers and the frontend; every later verb talks to the controller over gRPC.
-`down` asks the controller to stop everything and, should it not answer,
-stops by pid whatever the cluster's records name.
+`up` writes the spec and starts the controller (a local process, or on the Ray
+backend a detached Ray actor), which starts the workers and the frontend; every
+later verb talks to the controller over gRPC. `down` asks the controller to
+stop everything and, should it not answer, stops by pid whatever the cluster's
+records name (on Ray: kills its actors by name).
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ class LocalCluster:
     def spec(self) -> ClusterSpec:
         return ClusterSpec.model_validate_json((self.dir / "spec.json").read_text())
 
+    @property
+    def backend(self) -> str:
+        return self.info().get("backend", "local")
+
+    def controller_running(self) -> bool:
+        if self.backend == "ray":
+            from moecluster.backends import ray_cluster
+
+            ray_cluster.connect(self.info()["ray_address"])
+            return ray_cluster.controller_address(self.name) is not None
+        controller = self.controller_record()
+        return controller is not None and alive(controller)
+
     def controller_record(self) -> ProcessRecord | None:
         path = self.dir / "controller.json"
         return ProcessRecord.load(path) if path.is_file() else None
@@ -78,18 +92,21 @@ class LocalCluster:
     def records(self) -> list[ProcessRecord]:
         """Every process the cluster's records name: controller, frontend, workers, the worker zygote."""
         paths = [self.dir / "controller.json", self.dir / "frontend.json", *sorted((self.dir / "workers").glob("*.json")),
-                 self.dir / "zygote.json"]
+                 self.dir / "zygote.json", self.dir / "ray-head.json"]
         return [ProcessRecord.load(p) for p in paths if p.is_file()]
 
     # -- up ------------------------------------------------------------------
 
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
-           snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None) -> dict:
-        """Writes the spec, starts the controller, and waits until the pool serves."""
+           snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
+           ray_address: str | None = None) -> dict:
+        """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
+        it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
+        if backend not in ("local", "ray"):
+            raise ClusterError(f"--backend {backend!r}: choose local or ray")
         if (self.dir / "cluster.json").is_file():
-            controller = self.controller_record()
-            if controller is not None and alive(controller):
+            if self.controller_running():
                 raise ClusterError(f"cluster {self.name!r} is already up; `moectl down --name {self.name}` first")
             if any(alive(r) for r in self.records()):
                 raise ClusterError(f"cluster {self.name!r} has processes but no controller; "
@@ -111,9 +128,11 @@ class LocalCluster:
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),
-                "controller": f"127.0.0.1:{free_port()}", "worker_threads": worker_threads}
+                "controller": f"127.0.0.1:{free_port()}", "worker_threads": worker_threads, "backend": backend}
         (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
         try:
+            if backend == "ray":
+                self._attach_ray(ray_address, timeout, progress)
             self.start_controller()
             self.wait_converged(timeout, progress)
         except BaseException:
@@ -121,10 +140,39 @@ class LocalCluster:
             raise
         return self.status()
 
-    def start_controller(self, timeout: float = 120.0) -> ProcessRecord:
-        """Starts (or restarts) the controller process; it rebuilds its view from the workers."""
+    def _attach_ray(self, address: str | None, timeout: float, progress: Progress) -> None:
+        """Records the Ray instance to run on; starts one on this machine when no address is given."""
+        try:
+            from moecluster.backends import ray_cluster
+        except ImportError:
+            raise ClusterError("the ray backend needs Ray: pip install 'moecluster[ray]'") from None
+        for sub in ("run", "logs"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        if not address:
+            progress("starting a Ray instance on this machine")
+            try:
+                head = spawn("ray-head", "moecluster.backends.ray_head", [], self.dir / "run", self.dir / "logs", timeout,
+                             record_at=self.dir / "ray-head.json")
+            except ProcessError as err:
+                raise ClusterError(str(err)) from None
+            address = head.address
+        ray_cluster.connect(address)
+        host = ray_cluster.node_host()  # the controller actor runs on this node, at the port `up` chose
+        info = self.info() | {"ray_address": address, "controller": f"{host}:{self.info()['controller'].rsplit(':', 1)[1]}"}
+        (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
+
+    def start_controller(self, timeout: float = 120.0) -> ProcessRecord | None:
+        """Starts (or restarts) the controller; it rebuilds its view from the workers."""
         for sub in ("run", "logs", "workers"):
             (self.dir / sub).mkdir(exist_ok=True)
+        if self.backend == "ray":
+            from moecluster.backends import ray_cluster
+
+            info = self.info()
+            ray_cluster.connect(info["ray_address"])
+            address = ray_cluster.start_controller(self.dir, self.name, timeout)
+            (self.dir / "cluster.json").write_text(json.dumps(info | {"controller": address}, indent=2))
+            return None
         try:
             return spawn("controller", "moecluster.backends.local_controller", ["--cluster-dir", str(self.dir)],
                          self.dir / "run", self.dir / "logs", timeout, record_at=self.dir / "controller.json")
@@ -152,6 +200,8 @@ class LocalCluster:
             if controller is not None and not alive(controller):
                 raise ClusterError(f"the controller exited; its log ({controller.log}) ends:\n"
                                    + tail(controller.log))
+            if self.backend == "ray" and status is None and not self.controller_running():
+                raise ClusterError("the controller actor is gone; see the Ray logs (ray logs cluster)")
             if time.monotonic() > deadline:
                 raise ClusterError(f"cluster {self.name!r} not serving after {timeout:.0f}s; logs in {self.dir / 'logs'}"
                                    + (f"; last error: {status['last_error']}" if status and status["last_error"] else ""))
@@ -215,9 +265,11 @@ class LocalCluster:
 
     def down(self, grace: float = 5.0) -> list[ProcessRecord]:
         """Stops every process of the cluster and forgets it; returns those that were running."""
-        self.info()
+        info = self.info()
         running = [r for r in self.records() if alive(r)]
         controller = self.controller_record()
+        if self.backend == "ray":
+            return running + self._down_ray(info, grace)
         if controller is not None and alive(controller):
             channel, stub = self._stub()
             try:
@@ -233,4 +285,24 @@ class LocalCluster:
             stop(record, grace)
         shutil.rmtree(self.dir, ignore_errors=True)
         return running
+
+    def _down_ray(self, info: dict, grace: float) -> list:
+        """Shutdown through the controller, then its actor and any left by name; the Ray instance too if
+        `up` started it. Returns the actors stopped (by name)."""
+        from moecluster.backends import ray_cluster
+        from moecluster.backends.ray_actuator import RayActuator
+
+        stopped = []
+        if "ray_address" in info:
+            ray_cluster.connect(info["ray_address"])
+            if ray_cluster.controller_address(self.name) is not None:
+                stopped.append("controller")
+            ray_cluster.stop_controller(self.name)  # first: it would replace what goes next
+            actors = RayActuator(self.spec(), "", frontend_port=0, grace=grace)
+            stopped += [h.id for h in actors.workers()]
+            actors.stop_all()
+        for record in self.records():  # the Ray instance `up` started, if any
+            stop(record, max(grace, 30))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return stopped
 

@@ -22,7 +22,6 @@ import sys
 import threading
 
 from moecluster.backends.local import ClusterError, LocalCluster, cluster_names
-from moecluster.backends.processes import alive
 
 
 def _progress(message: str) -> None:
@@ -52,7 +51,8 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
-                        progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every)
+                        progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
+                        backend=args.backend, ray_address=args.address)
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
           f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
@@ -73,9 +73,8 @@ def cmd_up(args) -> int:
 
 def cmd_resume(args) -> int:
     cluster = LocalCluster(args.name)
-    controller = cluster.controller_record()
-    if controller is not None and alive(controller):
-        raise ClusterError(f"the controller of {args.name!r} is running (pid {controller.pid})")
+    if cluster.controller_running():
+        raise ClusterError(f"the controller of {args.name!r} is running")
     cluster.start_controller()
     status = cluster.wait_converged(args.timeout, _progress)
     print(f"controller of {args.name!r} restarted; {len(status['workers'])} workers at epoch {status['epoch']}")
@@ -155,8 +154,7 @@ def cmd_list(args) -> int:
     for name in cluster_names():
         cluster = LocalCluster(name)
         info = cluster.info()
-        controller = cluster.controller_record()
-        state = "up" if controller is not None and alive(controller) else "controller down"
+        state = "up" if cluster.controller_running() else "controller down"
         print(f"{name:<16} 127.0.0.1:{info['frontend_port']:<6} {state:<16} {info['model']}")
     return 0
 
@@ -195,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
+    up.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: processes on this machine (default); ray: Ray actors on a Ray cluster")
+    up.add_argument("--address", help="with --backend ray: the Ray cluster (host:port or ray://...; default: start one "
+                    "on this machine)")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.set_defaults(func=cmd_up)

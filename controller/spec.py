@@ -20,6 +20,9 @@ class ClusterSpec(BaseModel):
     policy: Literal["balanced"] = "balanced"
     rebalance_above: float = Field(1.3, gt=1.0, description="re-place for load when max/mean worker load exceeds this")
     rebalance_min_load: float = Field(50.0, ge=0.0, description="tokens/s below which load is noise, not a reason to move")
+    worker_num_cpus: float = Field(1.0, ge=0, description="CPUs a worker asks of its scheduler (Ray, Kubernetes)")
+    worker_num_gpus: float = Field(0.0, ge=0, description="GPUs a worker asks of its scheduler")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
     snapshot_dir: str | None = Field(None, description="where training snapshots go (and are restored from)")
     snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc
+from moecluster.sdk.http_transport import HttpFrontendStub
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode
 
@@ -49,13 +50,19 @@ class ClusterStatus:
 
 class Client:
     def __init__(self, address: str, *, timeout: float = 60.0):
-        """`address` is the frontend's "host:port"; `timeout` is each call's deadline in seconds."""
+        """`address` is the frontend's "host:port" (gRPC), or an HTTP base address such as
+        "http://127.0.0.1:8000/NAME" (a Ray Serve frontend); `timeout` is each call's deadline in seconds."""
         if ":" not in address:
             raise ValueError(f"address {address!r} should be host:port, e.g. 127.0.0.1:50051")
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
-        self._stub = frontend_pb2_grpc.FrontendStub(self._channel)
+        self.http = address.startswith(("http://", "https://"))
+        if self.http:
+            self._channel = None
+            self._stub = HttpFrontendStub(address)
+        else:
+            self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+            self._stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._info: frontend_pb2.InfoResponse | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,7 @@ class Client:
         ids = _ids(input_ids)
         request = frontend_pb2.ForwardRequest(input_ids=encode(ids))
         logits_bytes = ids.numel() * self.info().vocab_size * 4
-        if streaming.needs_streaming(max(request.ByteSize(), logits_bytes)):
+        if not self.http and streaming.needs_streaming(max(request.ByteSize(), logits_bytes)):
             response = self._call(lambda: frontend_pb2.ForwardResponse.FromString(streaming.join(
                 self._stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout),
                 limit_bytes=1 << 36)))
@@ -117,13 +124,17 @@ class Client:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the frontend's channel is up, or raises MoEClusterError."""
+        if self.http:
+            self.info()
+            return
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise MoEClusterError(grpc.StatusCode.UNAVAILABLE, f"no frontend at {self.address} after {timeout}s") from None
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> "Client":
         return self

@@ -1,0 +1,106 @@
+"""The Ray backend's actors: expert workers and the controller, each running the same gRPC
+server the local backend runs as a process (the frontend is a Serve application: `ray_serve.py`).
+
+An actor is a process Ray placed (on a GPU where the spec asks for one); it
+serves on its node's address and reports that address and its pid, so the
+controller watches it exactly as it watches a local worker: health stream,
+heartbeats, kill -9 detected in well under a second. Actors are detached and
+named `NAME/worker-N` in the `moecluster` namespace, so a restarted controller
+finds them again by name (`RayActuator.workers`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import ray
+
+NAMESPACE = "moecluster"
+
+
+def node_host() -> str:
+    """The address other nodes reach this one at (127.0.0.1 on a single-machine instance)."""
+    return ray.util.get_node_ip_address()
+
+
+@ray.remote(max_restarts=0)
+class WorkerActor:
+    """One expert worker: `moecluster.workers.server.WorkerServer` on this node."""
+
+    def __init__(self, index_json: str, worker_id: str, threads: int):
+        import torch
+        from moecluster.models.checkpoint import Checkpoint
+        from moecluster.workers.server import WorkerServer
+
+        if threads:
+            torch.set_num_threads(threads)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write(index_json)  # the controller's checkpoint index: no transformers import here
+        self.server = WorkerServer(Checkpoint.from_index(f.name), [], host=node_host(), worker_id=worker_id).start()
+        os.unlink(f.name)
+
+    def info(self) -> tuple[str, int]:
+        return self.server.address, os.getpid()
+
+    def stop(self, grace: float) -> None:
+        self.server.stop(grace)
+
+
+@ray.remote(max_restarts=0)
+class ControllerActor:
+    """The controller core with a RayActuator, serving `moecluster.controller.v1` on this node.
+
+    Started pinned to the node `moectl up` ran on, so the cluster folder (spec.json) is local to it.
+    Killed and started again, it finds its workers by their actor names and carries on."""
+
+    def __init__(self, cluster_dir: str):
+        from moecluster.backends.ray_actuator import RayActuator
+        from moecluster.controller.runtime import Controller
+        from moecluster.controller.service import ControllerService
+        from moecluster.controller.spec import ClusterSpec
+        from moecluster.models.checkpoint import Checkpoint
+        from moecluster.protos import controller_pb2_grpc
+
+        directory = Path(cluster_dir)
+        spec_path = directory / "spec.json"
+        spec = ClusterSpec.model_validate_json(spec_path.read_text())
+        cluster = json.loads((directory / "cluster.json").read_text())
+        checkpoint = Checkpoint(spec.model)
+        index = directory / "index.json"
+        checkpoint.save_index(index)
+        geometry = checkpoint.geometry
+        experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
+        actuator = RayActuator(spec, index.read_text(), frontend_port=cluster["frontend_port"],
+                               worker_threads=cluster.get("worker_threads", 1))
+
+        def save_spec(new: ClusterSpec) -> None:
+            tmp = spec_path.with_suffix(".tmp")
+            tmp.write_text(new.model_dump_json(indent=2))
+            tmp.replace(spec_path)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        # The port `up` chose, on every restart: frontends reconnect to the address they know.
+        port = int(cluster["controller"].rsplit(":", 1)[1])
+        if self.server.add_insecure_port(f"{node_host()}:{port}") == 0:
+            raise OSError(f"controller: cannot listen on {node_host()}:{port}")
+        self.address = f"{node_host()}:{port}"
+        self.controller = Controller(spec, actuator, experts, address=self.address, save_spec=save_spec)
+        self.stopped = threading.Event()
+        controller_pb2_grpc.add_ControllerServicer_to_server(
+            ControllerService(self.controller, on_shutdown=lambda: (self.controller.shutdown(), self.stopped.set())),
+            self.server)
+        self.server.start()
+        self.controller.start()
+
+    def info(self) -> tuple[str, int]:
+        return self.address, os.getpid()
+
+    def stop(self) -> None:
+        self.controller.stop()  # workers and frontend keep serving
+        self.server.stop(2).wait()

@@ -1,0 +1,112 @@
+"""The frontend on Ray: a Ray Serve application, its replicas autoscaled by Serve.
+
+Each replica is a `FrontendService` (transformers' dense model, the dispatcher,
+a table watcher acknowledging the controller's epochs as any frontend does).
+HTTP ingress speaks the frontend's own messages: POST `/NAME/Forward` (and
+`/Generate`, `/Info`, `/Status`) with a serialized `moecluster.frontend.v1`
+request as the body answers with the serialized response (`Client("http://...")`
+does this); a failed call answers 400 (bad input) or 503 (no live copy of an
+expert) with the reason as text. With a gRPC port in the cluster's settings,
+Serve's gRPC proxy serves the same methods too (Ray binds it on every interface).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+from moecluster.protos import frontend_pb2
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+METHODS = {"Forward": frontend_pb2.ForwardRequest, "Generate": frontend_pb2.GenerateRequest,
+           "Info": frontend_pb2.InfoRequest, "Status": frontend_pb2.StatusRequest}
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAVAILABLE: 503}
+
+
+class CallFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _Context:
+    """What FrontendService needs of a gRPC context: abort(code, details)."""
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise CallFailed(code, details)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
+class MoEFrontend:
+    def __init__(self, model: str, controller: str, name: str):
+        from moecluster.frontend.dispatcher import Dispatcher
+        from moecluster.frontend.routing import RoutingTable
+        from moecluster.frontend.server import FrontendService
+        from moecluster.frontend.table_watcher import TableWatcher
+        from moecluster.models.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(model)
+        self.dispatcher = Dispatcher(RoutingTable(0, {}))
+        self.service = FrontendService(checkpoint, self.dispatcher, controller=controller)
+        self.watcher = TableWatcher(controller, self.dispatcher, f"serve-{name}-{uuid.uuid4().hex[:8]}")
+        self.watcher.start()
+        if not self.watcher.first_table.wait(60):
+            raise RuntimeError(f"no routing table from the controller at {controller} within 60s")
+
+    def _call(self, method: str, request):
+        return getattr(self.service, method)(request, _Context())
+
+    async def __call__(self, http: Request) -> Response:
+        method = http.url.path.rstrip("/").rsplit("/", 1)[-1]
+        if method not in METHODS or http.method != "POST":
+            return Response(f"POST one of {sorted(METHODS)} with a serialized request", status_code=404)
+        try:
+            request = METHODS[method].FromString(await http.body())
+            response = await asyncio.to_thread(self._call, method, request)
+        except CallFailed as err:
+            return Response(f"{err.code.name}: {err.details}", status_code=HTTP_STATUS.get(err.code, 500))
+        except Exception as err:  # noqa: BLE001 - a malformed body is the caller's error, said as such
+            return Response(f"INVALID_ARGUMENT: {type(err).__name__}: {err}", status_code=400)
+        return Response(response.SerializeToString(), media_type="application/x-protobuf")
+
+    # Serve's gRPC proxy calls these by the proto's method names.
+    async def Forward(self, request: frontend_pb2.ForwardRequest) -> frontend_pb2.ForwardResponse:
+        return await asyncio.to_thread(self._call, "Forward", request)
+
+    async def Generate(self, request: frontend_pb2.GenerateRequest) -> frontend_pb2.GenerateResponse:
+        return await asyncio.to_thread(self._call, "Generate", request)
+
+    async def Info(self, request: frontend_pb2.InfoRequest) -> frontend_pb2.InfoResponse:
+        return await asyncio.to_thread(self._call, "Info", request)
+
+
+def start(name: str, model: str, controller: str, *, http_port: int, min_replicas: int = 1,
+          max_replicas: int = 4) -> str:
+    """Runs the application (Serve itself started on 127.0.0.1:http_port if it is not running; one
+    Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address."""
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    from ray.serve.context import _get_global_client  # Serve's port is the first application's: ask it
+
+    http = _get_global_client().http_config
+    app = MoEFrontend.options(autoscaling_config={
+        "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4,
+    }).bind(model, controller, name)
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    return f"http://{http.host}:{http.port}/{name}"
+
+
+def stop(name: str) -> None:
+    serve.delete(name)
+
+
+def app_builder(args: dict):
+    """For `serve deploy` / `serve run` config files: `import_path: moecluster.backends.ray_serve:app_builder`,
+    `args: {model: DIR, controller: HOST:PORT, name: NAME}` (the controller `moectl up --backend ray` started)."""
+    missing = [k for k in ("model", "controller") if k not in args]
+    if missing:
+        raise ValueError(f"moecluster Serve application: args lack {missing}; give model (checkpoint folder) and "
+                         "controller (host:port, from `moectl status -o json`)")
+    return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"))

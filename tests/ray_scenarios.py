@@ -1,0 +1,175 @@
+"""The Ray backend's scenarios, run by tests/test_ray.py in a network namespace of their own.
+
+    python tests/ray_scenarios.py --out REPORT.json --qwen3 DIR --mixtral DIR
+
+One local Ray instance for all of them (started as `moectl up --backend ray`
+starts one); every cluster is a real `LocalCluster(backend="ray")`: the
+controller a detached actor, workers actors, the frontend a Serve application
+reached over HTTP. Each scenario writes what it measured into the report; the
+tests assert on it. Bounded: every load stops by itself, every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import ray
+import torch
+from moecluster.backends.local import LocalCluster
+from moecluster.backends.processes import spawn, stop
+from moecluster.sdk.client import Client
+from moecluster.sdk.load import ClosedLoopLoad
+from transformers import AutoModelForCausalLM
+
+
+def expected(path: str):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return batch, model(batch).logits
+
+
+def serving(status) -> list[dict]:
+    return [w for w in status["workers"] if w["state"] == "serving"]
+
+
+def wait_for(check, seconds: float) -> float | None:
+    """Seconds until check() held, or None after `seconds`."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
+
+
+def load(c: LocalCluster, batch, logits):
+    return ClosedLoopLoad(c.status()["endpoint"], batch, logits, clients=2, max_seconds=240)
+
+
+def summary(report) -> dict:
+    return {"ok": report.ok, "failed": report.failed, "wrong": report.wrong, "errors": [str(e) for e in report.errors[:3]]}
+
+
+def run(args) -> dict:
+    out: dict = {}
+    root = Path(tempfile.mkdtemp(prefix="moe-ray-"))
+    os.environ["MOECLUSTER_HOME"] = str(root / "home")
+    for sub in ("run", "logs"):
+        (root / sub).mkdir()
+    head = spawn("ray-head", "moecluster.backends.ray_head", ["--num-cpus", "16"], root / "run", root / "logs", 180)
+    clusters = []
+    try:
+        for family, path in (("qwen3_moe", args.qwen3), ("mixtral", args.mixtral)):
+            batch, logits = expected(path)
+            started = time.monotonic()
+            c = LocalCluster(family.replace("_", "-"))
+            c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address)
+            clusters.append(c)
+            got = Client(c.status()["endpoint"], timeout=60).forward(batch)
+            out[f"equal/{family}"] = {"max_err": float((got - logits).abs().max()), "up_s": time.monotonic() - started,
+                                      "endpoint": c.status()["endpoint"]}
+
+        c = clusters[0]
+        batch, logits = expected(args.qwen3)
+        with load(c, batch, logits) as running:
+            time.sleep(1)
+            started = time.monotonic()
+            list(c.scale(3))
+            up_s = time.monotonic() - started
+            three = len(serving(c.status()))
+            list(c.scale(2))
+            time.sleep(1)
+        out["scale"] = {**summary(running.report), "workers_at_3": three, "workers_after": len(serving(c.status())),
+                        "scale_up_s": up_s}
+
+        with load(c, batch, logits) as running:
+            time.sleep(1)
+            victim = serving(c.status())[0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            back = wait_for(lambda: len(serving(c.status())) == 2 and victim["id"] not in
+                            {w["id"] for w in serving(c.status())}, 60)
+            time.sleep(1)
+        out["kill"] = {**summary(running.report), "victim": victim["id"], "back_to_spec_s": back}
+
+        before = c.status()
+        with load(c, batch, logits) as running:
+            time.sleep(1)
+            ray.kill(ray.get_actor(f"{c.name}/controller", namespace="moecluster"))  # the controller crashes
+            time.sleep(1)
+            served_without = running.report.ok
+            c.start_controller()  # moectl resume
+            c.wait_converged(120, lambda line: None)
+            time.sleep(1)
+        after = c.status()
+        out["controller_restart"] = {
+            **summary(running.report), "served_without_controller": served_without,
+            "workers_before": sorted(w["id"] for w in serving(before)), "workers_after": sorted(w["id"] for w in serving(after)),
+            "epoch_before": before["epoch"], "epoch_after": after["epoch"]}
+
+        for c in clusters:
+            stopped = c.down()
+            out.setdefault("down", {})[c.name] = {"stopped": [str(s) for s in stopped]}
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "moecluster"]
+        out["down"]["actors_left"] = left
+        clusters = []
+    except Exception:  # noqa: BLE001 - the report says what broke; the tests fail on it
+        out["error"] = traceback.format_exc()
+    finally:
+        for c in clusters:
+            try:
+                c.down()
+            except Exception:  # noqa: BLE001
+                pass
+        ray.shutdown()  # this driver lets go of the Ray instance before it stops (else it ends this process)
+        stop(head, 30)
+    if "error" not in out:
+        try:
+            out["cli"] = cli_with_its_own_ray(args.qwen3, root)
+        except Exception:  # noqa: BLE001
+            out["error"] = traceback.format_exc()
+    return out
+
+
+def cli_with_its_own_ray(path: str, root: Path) -> dict:
+    """`moectl up --backend ray` with no --address starts Ray on this machine; `moectl down` stops it all."""
+    env = {**os.environ, "MOECLUSTER_HOME": str(root / "cli-home")}
+
+    def moectl(*argv):
+        result = subprocess.run([sys.executable, "-m", "moecluster.cli.moectl", *argv], env=env, capture_output=True,
+                                text=True, timeout=300)
+        return result.returncode, result.stdout + result.stderr
+
+    code, up = moectl("up", "--model", path, "--workers", "2", "--backend", "ray", "--port", "0", "--detach", "--name", "cli")
+    head = json.loads((root / "cli-home" / "clusters" / "cli" / "ray-head.json").read_text())["pid"] if code == 0 else 0
+    status = json.loads(moectl("status", "--name", "cli", "-o", "json")[1]) if code == 0 else {}
+    down_code, down = moectl("down", "--name", "cli")
+    time.sleep(1)
+    return {"up": code, "up_output": up[-2000:], "workers": len(serving(status)) if status else 0,
+            "endpoint": status.get("endpoint", ""), "down": down_code, "down_output": down[-500:],
+            "head_alive_after_down": head > 0 and os.path.exists(f"/proc/{head}")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--qwen3", required=True)
+    parser.add_argument("--mixtral", required=True)
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    report = run(args)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

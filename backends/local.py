@@ -100,11 +100,13 @@ class LocalCluster:
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
            snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
-           ray_address: str | None = None) -> dict:
+           ray_address: str | None = None, serve_grpc_port: int | None = None) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
+        if serve_grpc_port and backend != "ray":
+            raise ClusterError("--serve-grpc-port is for --backend ray (the local frontend serves gRPC on --port)")
         if (self.dir / "cluster.json").is_file():
             if self.controller_running():
                 raise ClusterError(f"cluster {self.name!r} is already up; `moectl down --name {self.name}` first")
@@ -124,7 +126,8 @@ class LocalCluster:
             snapshot_dir = Path(snapshot_dir).resolve()
             snapshot_dir.mkdir(parents=True, exist_ok=True)
         spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
-                           snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s)
+                           snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
+                           serve_grpc_port=serve_grpc_port)
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),

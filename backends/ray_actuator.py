@@ -31,6 +31,7 @@ class RayActuator:
         self.frontend_port = frontend_port
         self.worker_threads = worker_threads
         self.grace = grace
+        self.serve_grpc_port = spec.serve_grpc_port
         self.resources = {"num_cpus": spec.worker_num_cpus, "num_gpus": spec.worker_num_gpus,
                           "resources": dict(spec.worker_resources)}
 
@@ -88,7 +89,8 @@ class RayActuator:
 
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
         """The Serve application (idempotent: serve.run updates it in place); its HTTP address."""
-        url = ray_serve.start(self.name, self.model, controller_address, http_port=self.frontend_port)
+        url = ray_serve.start(self.name, self.model, controller_address, http_port=self.frontend_port,
+                              grpc_port=self.serve_grpc_port)
         return WorkerHandle("frontend", url, 0)
 
     def stop_all(self) -> None:

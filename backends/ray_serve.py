@@ -82,12 +82,19 @@ class MoEFrontend:
     async def Info(self, request: frontend_pb2.InfoRequest) -> frontend_pb2.InfoResponse:
         return await asyncio.to_thread(self._call, "Info", request)
 
+    async def Status(self, request: frontend_pb2.StatusRequest) -> frontend_pb2.StatusResponse:
+        return await asyncio.to_thread(self._call, "Status", request)
 
-def start(name: str, model: str, controller: str, *, http_port: int, min_replicas: int = 1,
-          max_replicas: int = 4) -> str:
+
+def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: int | None = None,
+          min_replicas: int = 1, max_replicas: int = 4) -> str:
     """Runs the application (Serve itself started on 127.0.0.1:http_port if it is not running; one
     Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address."""
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    grpc_options = None
+    if grpc_port:  # Ray binds it on every interface: only where the network allows it
+        grpc_options = {"port": grpc_port,
+                        "grpc_servicer_functions": ["moecluster.protos.frontend_pb2_grpc.add_FrontendServicer_to_server"]}
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options)
     from ray.serve.context import _get_global_client  # Serve's port is the first application's: ask it
 
     http = _get_global_client().http_config

@@ -52,7 +52,7 @@ def cmd_up(args) -> int:
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
-                        backend=args.backend, ray_address=args.address)
+                        backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port)
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
           f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local: processes on this machine (default); ray: Ray actors on a Ray cluster")
     up.add_argument("--address", help="with --backend ray: the Ray cluster (host:port or ray://...; default: start one "
                     "on this machine)")
+    up.add_argument("--serve-grpc-port", type=int, help="with --backend ray: also serve gRPC through Ray Serve's "
+                    "proxy on this port (Ray binds it on every interface)")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.set_defaults(func=cmd_up)

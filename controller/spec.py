@@ -23,6 +23,8 @@ class ClusterSpec(BaseModel):
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs a worker asks of its scheduler (Ray, Kubernetes)")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs a worker asks of its scheduler")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
+    serve_grpc_port: int | None = Field(None, ge=1, le=65535, description="Ray backend: also serve the frontend "
+                                        "through Serve's gRPC proxy on this port (Ray binds it on every interface)")
     snapshot_dir: str | None = Field(None, description="where training snapshots go (and are restored from)")
     snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
 

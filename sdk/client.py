@@ -49,9 +49,10 @@ class ClusterStatus:
 
 
 class Client:
-    def __init__(self, address: str, *, timeout: float = 60.0):
+    def __init__(self, address: str, *, timeout: float = 60.0, application: str = ""):
         """`address` is the frontend's "host:port" (gRPC), or an HTTP base address such as
-        "http://127.0.0.1:8000/NAME" (a Ray Serve frontend); `timeout` is each call's deadline in seconds."""
+        "http://127.0.0.1:8000/NAME" (a Ray Serve frontend); `timeout` is each call's deadline in seconds;
+        `application` names the cluster behind a Ray Serve gRPC proxy that serves several."""
         if ":" not in address:
             raise ValueError(f"address {address!r} should be host:port, e.g. 127.0.0.1:50051")
         self.address = address
@@ -62,7 +63,8 @@ class Client:
             self._stub = HttpFrontendStub(address)
         else:
             self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
-            self._stub = frontend_pb2_grpc.FrontendStub(self._channel)
+            channel = grpc.intercept_channel(self._channel, _Application(application)) if application else self._channel
+            self._stub = frontend_pb2_grpc.FrontendStub(channel)
         self._info: frontend_pb2.InfoResponse | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -150,6 +152,30 @@ class Client:
             if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in detail.lower():
                 detail = f"no frontend reachable at {self.address} (is the cluster up? `moectl status`): {detail}"
             raise MoEClusterError(err.code(), detail) from None
+
+
+class _Application(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Adds Ray Serve's `application` metadata to every call (its gRPC proxy routes by it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _with_name(self, details):
+        metadata = list(details.metadata or []) + [("application", self.name)]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_name(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_name(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method, self.timeout, self.metadata = details.method, details.timeout, metadata
+        self.credentials, self.wait_for_ready = details.credentials, details.wait_for_ready
+        self.compression = getattr(details, "compression", None)
 
 
 def _ids(input_ids) -> torch.Tensor:

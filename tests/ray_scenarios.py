@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 import torch
-from moecluster.backends.local import LocalCluster
+from moecluster.backends.local import LocalCluster, free_port
 from moecluster.backends.processes import spawn, stop
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
@@ -68,15 +68,19 @@ def run(args) -> dict:
         (root / sub).mkdir()
     head = spawn("ray-head", "moecluster.backends.ray_head", ["--num-cpus", "16"], root / "run", root / "logs", 180)
     clusters = []
+    grpc_port = free_port()  # Serve's gRPC proxy; the first cluster's settings start Serve
     try:
         for family, path in (("qwen3_moe", args.qwen3), ("mixtral", args.mixtral)):
             batch, logits = expected(path)
             started = time.monotonic()
             c = LocalCluster(family.replace("_", "-"))
-            c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address)
+            c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port)
             clusters.append(c)
             got = Client(c.status()["endpoint"], timeout=60).forward(batch)
+            # the same application through Serve's gRPC proxy (it serves both: the metadata picks one)
+            by_grpc = Client(f"127.0.0.1:{grpc_port}", timeout=60, application=c.name).forward(batch)
             out[f"equal/{family}"] = {"max_err": float((got - logits).abs().max()), "up_s": time.monotonic() - started,
+                                      "grpc_max_err": float((by_grpc - logits).abs().max()),
                                       "endpoint": c.status()["endpoint"]}
 
         c = clusters[0]

@@ -150,7 +150,7 @@ class Dispatcher:
                 top_k_weights=encode(weights[rows].to(hidden.dtype)), grad_output=encode(grad[rows].to(hidden.dtype)),
                 primary=encode(lead[rows]), step=tag.step, session=tag.session, attempt=tag.attempt,
                 contribution=tag.contribution, epoch=table.epoch)
-            call, cancel = self._send(table.workers[worker_id], request)
+            call, _ = self._send(table.workers[worker_id], request)
             pending.append((worker_id, rows, lead, call))
         redo = []
         for worker_id, rows, lead, call in pending:

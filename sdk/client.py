@@ -161,21 +161,13 @@ class _Application(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInter
         self.name = name
 
     def _with_name(self, details):
-        metadata = list(details.metadata or []) + [("application", self.name)]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+        return details._replace(metadata=list(details.metadata or []) + [("application", self.name)])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_name(details), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
         return continuation(self._with_name(details), request_iterator)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, details, metadata):
-        self.method, self.timeout, self.metadata = details.method, details.timeout, metadata
-        self.credentials, self.wait_for_ready = details.credentials, details.wait_for_ready
-        self.compression = getattr(details, "compression", None)
 
 
 def _ids(input_ids) -> torch.Tensor:

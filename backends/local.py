@@ -100,7 +100,7 @@ class LocalCluster:
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
            snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
-           ray_address: str | None = None, serve_grpc_port: int | None = None) -> dict:
+           ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
@@ -127,7 +127,7 @@ class LocalCluster:
             snapshot_dir.mkdir(parents=True, exist_ok=True)
         spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
-                           serve_grpc_port=serve_grpc_port)
+                           serve_grpc_port=serve_grpc_port, standby_workers=standby)
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # bench/kernels.py would shadow the optional `kernels` package transformers probes for.
@@ -31,23 +29,12 @@ import torch  # noqa: E402
 from moecluster.backends.local import LocalCluster  # noqa: E402
 from moecluster.backends.processes import spawn, stop  # noqa: E402
 from moecluster.models.tiny import create_checkpoint  # noqa: E402
-from moecluster.sdk.load import ClosedLoopLoad  # noqa: E402
+from moecluster.sdk.load import time_scalings  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def measure(cluster: LocalCluster, batch, logits, scalings: int) -> dict:
-    times = []
-    with ClosedLoopLoad(cluster.status()["endpoint"], batch, logits, clients=2, max_seconds=300) as load:
-        time.sleep(1)
-        for _ in range(scalings):
-            started = time.monotonic()
-            list(cluster.scale(3))
-            times.append(time.monotonic() - started)
-            time.sleep(0.5)
-            list(cluster.scale(2))
-            time.sleep(0.5)
-    r = load.report
-    return {"scale_up_s": statistics.median(times), "all": times, "ok": r.ok, "failed": r.failed, "wrong": r.wrong}
+    return time_scalings(cluster.status()["endpoint"], batch, logits, lambda n: list(cluster.scale(n)), scalings=scalings)
 
 
 def run(scalings: int) -> None:

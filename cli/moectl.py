@@ -52,8 +52,11 @@ def cmd_up(args) -> int:
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
-                        backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port)
-    print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(status['workers'])} workers, "
+                        backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
+                        standby=args.standby)
+    pool = [w for w in status["workers"] if w["state"] != "standby"]
+    spares = f" + {args.standby} standby" if args.standby else ""
+    print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
           f"{args.replicas} cop{'y' if args.replicas == 1 else 'ies'} of each expert, epoch {status['epoch']})")
     if args.detach:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -88,7 +91,8 @@ def cmd_status(args) -> int:
         return 0
     state = "converged" if doc["converged"] else "reconciling"
     print(f"cluster {doc['name']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}  "
-          f"workers {len(doc['workers'])}/{doc['desired_workers']}  replicas >= {doc['min_replicas']}  "
+          f"workers {sum(w['state'] != 'standby' for w in doc['workers'])}/{doc['desired_workers']}  "
+          f"replicas >= {doc['min_replicas']}  "
           f"imbalance {doc['imbalance']:.2f}  {state}")
     for w in doc["workers"]:
         print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
@@ -199,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on this machine)")
     up.add_argument("--serve-grpc-port", type=int, help="with --backend ray: also serve gRPC through Ray Serve's "
                     "proxy on this port (Ray binds it on every interface)")
+    up.add_argument("--standby", type=int, default=0, help="spare workers kept started and empty: a scale-up takes "
+                    "one instead of starting a process (worth it where a start is slow: Ray actors; default 0)")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.set_defaults(func=cmd_up)

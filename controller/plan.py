@@ -26,10 +26,11 @@ Placement = dict[ExpertKey, tuple[str, ...]]
 @dataclass(frozen=True)
 class StartWorker:
     worker_id: str
+    standby: bool = False  # a spare that holds nothing until a scale-up takes it: the pool does not wait for it
 
     @property
     def key(self) -> str:
-        return f"start/{self.worker_id}"
+        return f"start/{self.worker_id}" + ("/standby" if self.standby else "")
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,11 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
     finished = observed.in_state(WorkerState.DRAINING, WorkerState.DEAD)
     if finished:  # out of the table already: stop them for good
         return [StopWorker(w) for w in sorted(finished)]
-    missing = spec.workers - len(serving) - len(starting)
-    if missing > 0:
-        return [StartWorker(w) for w in _new_ids(observed, missing)]
-    if starting:
-        return []  # the loop waits for them to serve
+    missing = spec.workers + spec.standby_workers - len(serving) - len(starting)
+    if len(serving) < spec.workers:  # the pool itself is short: start what is missing (spares too), wait for them
+        return [StartWorker(w) for w in _new_ids(observed, missing)] if missing > 0 else []
 
-    victims = {w for w in leaving if w in serving}
-    victims |= _victims({w: o for w, o in serving.items() if w not in victims}, table, spec.min_replicas,
-                        len(serving) - len(victims) - spec.workers)
-    keep = [w for w in sorted(serving) if w not in victims]
+    victims, keep = _members(spec, serving, table, leaving)
     capacity = {w: spec.capacity_for(len(observed.experts), len(keep)) for w in keep}
     load = observed.load()
     if sum(load.values()) < spec.rebalance_min_load:
@@ -181,7 +177,24 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
             steps.append(DropExperts(worker_id, stale))
     for worker_id in sorted(victims):
         steps += [DrainWorker(worker_id), StopWorker(worker_id)]
+    if not steps and missing > 0:  # spares last, once the pool is done: a scale-up never waits for one to start
+        steps = [StartWorker(w, standby=True) for w in _new_ids(observed, missing)]
     return steps
+
+
+def _members(spec: ClusterSpec, serving, table: Placement, leaving: frozenset[str]) -> tuple[set[str], list[str]]:
+    """(victims, the pool to place over): workers in the table stay unless the pool is too big (then the
+    cheapest to empty go); empty workers join while it is too small; of the rest, `standby_workers` wait
+    as spares and any more go."""
+    in_table = _holders(table) & set(serving)
+    victims = {w for w in leaving if w in serving}
+    placed = {w: serving[w] for w in in_table if w not in victims}
+    victims |= _victims(placed, table, spec.min_replicas, len(placed) - spec.workers)
+    keep = [w for w in placed if w not in victims]
+    idle = sorted((w for w in serving if w not in in_table and w not in victims), key=worker_index)
+    joining = idle[:max(0, spec.workers - len(keep))]
+    victims |= set(idle[len(joining) + spec.standby_workers:])
+    return victims, sorted(keep + joining)
 
 
 def migrate(observed: Observed, table: Placement, expert: ExpertKey, to: str, source: str | None = None) -> list[Step]:

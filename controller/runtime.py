@@ -109,20 +109,26 @@ class Controller:
         with self._plan_lock:
             observed = self.monitor.snapshot()
             steps = p.reconcile(self.spec, observed, self.publisher.table.placement, frozenset(self._leaving))
-            self.converged = not steps and len(observed.serving) == self.spec.workers and bool(
+            spares_only = all(isinstance(s, p.StartWorker) and s.standby for s in steps)  # the pool itself is done
+            self.converged = spares_only and len(self._pool(observed)) == self.spec.workers and bool(
                 self.publisher.table.placement)
-            if steps:
-                log.info("plan: %s", ", ".join(s.key for s in steps[:8]) + (" ..." if len(steps) > 8 else ""))
-                self.executor.run(steps)
-                self._leaving &= set(self.monitor.snapshot().workers)
-                self._wake.set()  # plan again right away: the next phase may be ready
-            elif self.converged:
+            if self.converged:
                 self.last_error = ""
                 self._update_gauges(observed)
                 self._snapshot_if_due(observed)
                 if self.frontend is None:
                     self.frontend = self.actuator.start_frontend(self.address, timeout=120)
+            if steps:
+                log.info("plan: %s", ", ".join(s.key for s in steps[:8]) + (" ..." if len(steps) > 8 else ""))
+                self.executor.run(steps)
+                self._leaving &= set(self.monitor.snapshot().workers)
+                self._wake.set()  # plan again right away: the next phase may be ready
             return steps
+
+    def _pool(self, observed) -> list[str]:
+        """Serving workers the routing table names (standby spares hold nothing and are not in it)."""
+        named = {w for holders in self.publisher.table.placement.values() for w in holders}
+        return sorted(w for w in observed.serving if w in named)
 
     def _snapshot_if_due(self, observed) -> None:
         """Periodic snapshots of a pool that trained since the last one."""
@@ -174,21 +180,27 @@ class Controller:
     def _update_gauges(self, observed) -> None:
         load = observed.load()
         if load:
-            self.metrics.gauge("imbalance", imbalance(self.publisher.table.placement, load, list(observed.serving)))
-        self.metrics.gauge("workers_serving", len(observed.serving))
+            self.metrics.gauge("imbalance", imbalance(self.publisher.table.placement, load, self._pool(observed)))
+        self.metrics.gauge("workers_serving", len(self._pool(observed)))
+        self.metrics.gauge("workers_standby", len(observed.serving) - len(self._pool(observed)))
 
     # -- what users ask ----------------------------------------------------------
 
     def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
         """Sets the pool size; yields progress until the new layout serves."""
-        spec = self.spec.model_copy(update={"workers": workers})
-        ClusterSpec.model_validate(spec.model_dump())  # same checks as at creation
         started = time.monotonic()
-        self.spec = spec
-        self.save_spec(spec)
+        self.update_spec(self.spec.model_copy(update={"workers": workers}))
         yield f"scaling to {workers} workers"
         yield from self._await_converged(timeout)
         self.metrics.scale_seconds(time.monotonic() - started)
+
+    def update_spec(self, spec: ClusterSpec) -> None:
+        """Takes a new desired state and returns; the loop converges to it (the Kubernetes operator's way in)."""
+        ClusterSpec.model_validate(spec.model_dump())  # same checks as at creation
+        self.spec = spec
+        self.save_spec(spec)
+        self.converged = False
+        self._wake.set()
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
         """Moves a worker's experts away and stops it; the pool shrinks by one."""
@@ -217,10 +229,12 @@ class Controller:
         last = ""
         while time.monotonic() < deadline:
             observed = self.monitor.snapshot()
-            if self.converged and len(observed.serving) == self.spec.workers:
+            pool = self._pool(observed)
+            if self.converged and len(pool) == self.spec.workers:
                 yield f"done: {self.spec.workers} workers serving at epoch {self.publisher.table.epoch}"
                 return
-            line = f"{len(observed.serving)}/{self.spec.workers} workers serving, epoch {self.publisher.table.epoch}"
+            started = min(len(observed.serving), self.spec.workers)  # spares stand in for workers still to join
+            line = f"{started}/{self.spec.workers} workers serving, epoch {self.publisher.table.epoch}"
             if line != last:
                 yield line
                 last = line
@@ -231,10 +245,12 @@ class Controller:
         observed = self.monitor.snapshot()
         table = self.publisher.table
         load = observed.load()
+        pool = self._pool(observed)
         workers = []
         for worker_id, obs in sorted(observed.workers.items()):
+            spare = obs.state == WorkerState.SERVING and worker_id not in pool
             workers.append({
-                "id": worker_id, "address": obs.address, "pid": obs.pid, "state": obs.state.value,
+                "id": worker_id, "address": obs.address, "pid": obs.pid, "state": "standby" if spare else obs.state.value,
                 "experts": sorted([list(k) for k in obs.held]),
                 "load": sum(obs.load.values()),
             })
@@ -242,7 +258,7 @@ class Controller:
             "name": self.spec.name, "endpoint": self.frontend.address if self.frontend else "", "epoch": table.epoch,
             "desired_workers": self.spec.workers, "min_replicas": self.spec.min_replicas, "workers": workers,
             "converged": self.converged, "last_error": self.last_error,
-            "imbalance": imbalance(table.placement, load, list(observed.serving)) if load and observed.serving else 1.0,
+            "imbalance": imbalance(table.placement, load, pool) if load and pool else 1.0,
             "frontends": sorted(self.publisher.frontends()),
             "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
             "step": observed.step, "rollbacks": list(self.executor.rollbacks),

@@ -15,6 +15,8 @@ class ClusterSpec(BaseModel):
     model: str = Field(description="Hugging Face checkpoint folder")
     workers: int = Field(ge=1, description="expert workers in the pool")
     min_replicas: int = Field(1, ge=1, description="copies of every expert, on distinct workers")
+    standby_workers: int = Field(0, ge=0, description="spare workers kept started and empty, so that a scale-up "
+                                 "skips starting one (where a start is slow: a new pod, a new Ray actor)")
     max_replicas: int | None = Field(None, ge=1, description="cap on copies of a hot expert (default: workers)")
     capacity: int | None = Field(None, ge=1, description="experts one worker may hold (default: 1.5x its even share)")
     policy: Literal["balanced"] = "balanced"

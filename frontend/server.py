@@ -141,18 +141,21 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = ""):
+                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = "", cluster: str = ""):
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller)
         self.health = health.HealthServicer()
-        self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}")
+        self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port} (in use?)")
-        self.address = f"{host}:{self.port}"
+        hosts = host.split(",")  # the first is where it is reached; e.g. a pod's IP, then 127.0.0.1 for port-forward
+        self.port = port
+        for one in hosts:
+            self.port = self.server.add_insecure_port(f"{one}:{self.port}")
+            if self.port == 0:
+                raise OSError(f"cannot listen on {one}:{port} (in use?)")
+        self.address = f"{hosts[0]}:{self.port}"
 
     def start(self, table_timeout: float = 60.0) -> "FrontendServer":
         """Serves once the first routing table has arrived."""
@@ -180,8 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     parser.add_argument("--controller", required=True, help="the controller's host:port (routing table source)")
+    parser.add_argument("--cluster", default="", help="NAMESPACE/NAME: the cluster to ask for, where the controller "
+                        "endpoint serves several (the Kubernetes operator's)")
     parser.add_argument("--frontend-id", default="", help="name reported to the controller (default frontend-PID)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; several comma-separated (the same "
+                        "port on each), e.g. a pod's IP and 127.0.0.1 so that `kubectl port-forward` reaches it")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each worker RPC, seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
@@ -193,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
-                                  frontend_id=args.frontend_id).start()
-        metrics = serve_metrics(frontend.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
+                                  frontend_id=args.frontend_id, cluster=args.cluster).start()
+        metrics_host = args.host.split(",")[0]
+        metrics = serve_metrics(frontend.render_metrics, args.metrics_port, metrics_host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"frontend: {err}")
     stopped = stop_signal()

@@ -19,6 +19,7 @@ from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.wire import streaming
 
 log = logging.getLogger("moecluster.frontend")
+CLUSTER_METADATA_KEY = "moecluster-cluster"  # NAMESPACE/NAME of the MoECluster, where one endpoint serves many
 
 
 def from_message(message: controller_pb2.RoutingTable) -> RoutingTable:
@@ -29,9 +30,10 @@ def from_message(message: controller_pb2.RoutingTable) -> RoutingTable:
 
 class TableWatcher(threading.Thread):
     def __init__(self, controller: str, dispatcher: Dispatcher, frontend_id: str, retry: float = 0.2,
-                 gate: StepGate | None = None):
+                 gate: StepGate | None = None, cluster: str = ""):
         super().__init__(daemon=True, name="table-watch")
         self.controller, self.dispatcher, self.frontend_id, self.retry = controller, dispatcher, frontend_id, retry
+        self.metadata = cluster_metadata(cluster)
         self.gate = gate  # a trainer's: acknowledges a paused table only between steps
         self.first_table = threading.Event()
         self.stopped = threading.Event()
@@ -43,12 +45,13 @@ class TableWatcher(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self._call = stub.WatchRoutingTable(controller_pb2.WatchRequest(
-                    frontend_id=self.frontend_id, known_epoch=self.dispatcher.table.epoch, trainer=self.gate is not None))
+                    frontend_id=self.frontend_id, known_epoch=self.dispatcher.table.epoch, trainer=self.gate is not None),
+                    metadata=self.metadata)
                 for message in self._call:
                     table = from_message(message)
                     self.dispatcher.update(table)
                     self.first_table.set()
-                    ack = _acknowledge(stub, self.frontend_id, self.dispatcher.table.epoch)
+                    ack = _acknowledge(stub, self.frontend_id, self.dispatcher.table.epoch, self.metadata)
                     if self.gate is None:
                         ack()
                     else:
@@ -67,10 +70,15 @@ class TableWatcher(threading.Thread):
             self._call.cancel()
 
 
-def _acknowledge(stub: controller_pb2_grpc.ControllerStub, frontend_id: str, epoch: int):
+def cluster_metadata(cluster: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata naming the cluster, for a controller endpoint that serves several (the Kubernetes operator's)."""
+    return ((CLUSTER_METADATA_KEY, cluster),) if cluster else ()
+
+
+def _acknowledge(stub: controller_pb2_grpc.ControllerStub, frontend_id: str, epoch: int, metadata=()):
     def ack() -> None:
         try:
-            stub.AckEpoch(controller_pb2.AckRequest(frontend_id=frontend_id, epoch=epoch), timeout=5)
+            stub.AckEpoch(controller_pb2.AckRequest(frontend_id=frontend_id, epoch=epoch), timeout=5, metadata=metadata)
         except grpc.RpcError as err:  # the watch reconnects and acknowledges again
             log.debug("ack of epoch %d failed (%s)", epoch, err.code().name)
     return ack

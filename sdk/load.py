@@ -86,3 +86,24 @@ class ClosedLoopLoad:
                             r.errors.append(message)
         finally:
             client.close()
+
+
+def time_scalings(address: str, batch: torch.Tensor, expected: torch.Tensor, scale, *, low: int = 2, high: int = 3,
+                  scalings: int = 2) -> dict:
+    """Scales `low -> high -> low` `scalings` times under a checked load; `scale(n)` returns once n workers serve.
+
+    Returns the median and each scale-up time, and the requests answered, failed and wrong (benchmarks)."""
+    import statistics
+
+    times = []
+    with ClosedLoopLoad(address, batch, expected, clients=2, max_seconds=400) as load:
+        time.sleep(1)
+        for _ in range(scalings):
+            started = time.monotonic()
+            scale(high)
+            times.append(time.monotonic() - started)
+            time.sleep(0.5)
+            scale(low)
+            time.sleep(0.5)
+    r = load.report
+    return {"scale_up_s": statistics.median(times), "all": times, "ok": r.ok, "failed": r.failed, "wrong": r.wrong}

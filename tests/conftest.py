@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import grpc
 import pytest
 import torch
+from shared import running_workers
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen
@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 @pytest.fixture(scope="session")
@@ -41,23 +40,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen3(checkpoints):
     return checkpoints["qwen3_moe"]
-
-
-@contextlib.contextmanager
-def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]]):
-    """Starts one in-process WorkerServer (real gRPC on 127.0.0.1) per worker id in `placement`."""
-    from moecluster.workers.server import WorkerServer
-
-    ids = sorted({w for holders in placement.values() for w in holders})
-    servers = {}
-    try:
-        for worker_id in ids:
-            keys = [k for k, holders in placement.items() if worker_id in holders]
-            servers[worker_id] = WorkerServer(checkpoint, keys, worker_id=worker_id).start()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop(0)
 
 
 @pytest.fixture

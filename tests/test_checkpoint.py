@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES
 from moecluster.models.checkpoint import Checkpoint, CheckpointError
 from moecluster.models.tiny import create_checkpoint
+from shared import FAMILIES
 from transformers import AutoModelForCausalLM
 
 

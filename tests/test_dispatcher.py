@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import running_workers
 from moecluster.controller.static_placement import static_placement
 from moecluster.frontend.dispatcher import Dispatcher, DispatchError, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2
 from moecluster.workers.kernels import reference_experts
+from shared import running_workers
 
 
 def stacked(index: Checkpoint, layer: int):

@@ -6,12 +6,12 @@ transformers' own with each experts module swapped for a remote one.
 
 import pytest
 import torch
-from conftest import FAMILIES, running_workers
 from moecluster.controller.static_placement import static_placement
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.models.checkpoint import Checkpoint
+from shared import FAMILIES, running_workers
 from transformers import AutoModelForCausalLM
 
 TOLERANCE = 1e-4

@@ -4,12 +4,12 @@ import os
 import threading
 import time
 
-from conftest import running_workers
 from moecluster.controller import plan as p
 from moecluster.controller.actuator import WorkerHandle
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import WorkerState
 from moecluster.controller.spec import ClusterSpec
+from shared import running_workers
 
 
 def wait_for(condition, timeout=5.0):
@@ -57,3 +57,4 @@ def test_removing_workers_under_heartbeats_kills_no_thread_and_ids_are_not_reuse
             assert p.reconcile(spec, observed, {}) == [p.StartWorker("worker-4"), p.StartWorker("worker-5")]
         finally:
             monitor.stop()
+

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import torch
-from conftest import running_workers
 from moecluster.controller import plan as p
 from moecluster.controller.executor import Executor
 from moecluster.controller.metrics import ControllerMetrics
@@ -31,6 +30,7 @@ from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import encode
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from shared import running_workers
 
 TIMEOUT_S = 30.0
 

@@ -72,7 +72,8 @@ class Pool:
 
     def assert_meets(self, spec):
         serving = self.observed().serving
-        assert len(serving) == spec.workers
+        assert len(serving) == spec.workers + spec.standby_workers
+        assert len({w for holders in self.table.values() for w in holders}) == spec.workers  # spares hold nothing
         for key in EXPERTS:
             holders = self.table.get(key, ())
             assert len(set(holders)) >= spec.min_replicas and set(holders) <= set(serving), (key, holders)
@@ -80,8 +81,8 @@ class Pool:
             assert obs.held == {k for k, h in self.table.items() if w in h}, f"{w} holds what the table does not say"
 
 
-def spec(workers, replicas=1):
-    return ClusterSpec(model="m", workers=workers, min_replicas=replicas)
+def spec(workers, replicas=1, standby=0):
+    return ClusterSpec(model="m", workers=workers, min_replicas=replicas, standby_workers=standby)
 
 
 def test_fresh_pool_starts_workers_then_loads_then_publishes():
@@ -190,6 +191,27 @@ def test_copies_made_before_a_restart_are_not_made_again():
     assert not again & {(s.expert, s.worker_id) for s in pulls[: len(pulls) // 2]}
 
 
+def test_a_standby_spare_joins_a_scale_up_which_does_not_wait_for_a_start():
+    pool = Pool()
+    pool.converge(spec(3, 2, standby=1))
+    pool.assert_meets(spec(3, 2, standby=1))
+    serving = pool.observed().serving
+    [spare] = [w for w, obs in serving.items() if not obs.held]
+    first = p.reconcile(spec(4, 2, standby=1), pool.observed(), pool.table)
+    assert not [s for s in first if isinstance(s, p.StartWorker)], first  # copies to the spare, switch; no start
+    assert {s.worker_id for s in first if isinstance(s, p.PullExpert)} == {spare}
+    for step in first:
+        pool.apply(step)
+    assert p.reconcile(spec(4, 2, standby=1), pool.observed(), pool.table) == [p.StartWorker("worker-4", standby=True)]
+    pool.converge(spec(4, 2, standby=1))
+    pool.assert_meets(spec(4, 2, standby=1))
+    pool.converge(spec(2, 2, standby=1))  # down: the pool's victims go, the spare stays
+    pool.assert_meets(spec(2, 2, standby=1))
+    assert "worker-4" in pool.observed().serving and not pool.observed().serving["worker-4"].held
+    pool.converge(spec(2, 2, standby=0))  # no spares wanted: the spare goes
+    pool.assert_meets(spec(2, 2))
+
+
 def test_drained_worker_goes_first():
     pool = Pool()
     pool.converge(spec(4, 2))
@@ -230,14 +252,14 @@ def test_spec_validation_says_what_is_wrong():
 @settings(max_examples=40, deadline=None)
 @given(events=st.lists(st.one_of(st.tuples(st.just("scale"), st.integers(2, 6)),
                                  st.tuples(st.just("kill"), st.integers(0, 20))), min_size=1, max_size=6),
-       replicas=st.integers(1, 2))
-def test_any_sequence_of_scales_and_deaths_converges_to_the_spec(events, replicas):
+       replicas=st.integers(1, 2), standby=st.integers(0, 2))
+def test_any_sequence_of_scales_and_deaths_converges_to_the_spec(events, replicas, standby):
     pool = Pool()
-    current = spec(3, replicas)
+    current = spec(3, replicas, standby)
     pool.converge(current)
     for kind, value in events:
         if kind == "scale":
-            current = spec(max(value, replicas), replicas)
+            current = spec(max(value, replicas), replicas, standby)
         else:
             serving = sorted(pool.observed().serving)
             pool.kill(serving[value % len(serving)])

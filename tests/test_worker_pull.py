@@ -13,11 +13,11 @@ from concurrent import futures
 import grpc
 import pytest
 import torch
-from conftest import running_workers
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import bulk, streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import decode, encode
+from shared import running_workers
 from worker_helpers import TIMEOUT_S, expected, export, forward, free_port, held, keys, max_err, pairs, routing, stats, stub_for
 
 # -- ExportExpert / PullExpert ---------------------------------------------------

@@ -15,12 +15,12 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import running_workers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode
 from moecluster.workers.service import SERVICE_NAME
+from shared import running_workers
 from worker_helpers import (
     TIMEOUT_S,
     expected,

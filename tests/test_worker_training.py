@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from conftest import running_workers
 from moecluster.protos import worker_pb2
 from moecluster.wire.tensors import decode, encode
 from moecluster.workers.kernels import reference_experts
+from shared import running_workers
 from worker_helpers import TIMEOUT_S, keys, routing, stats, stub_for
 
 HYPER = worker_pb2.AdamW(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)

@@ -397,6 +397,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             experts=experts,
             requests=requests,
             rejected=rejected,
+            moe_layers=self.checkpoint.geometry.moe_layers,
+            num_experts=self.checkpoint.geometry.num_experts,
         )
 
     def Drain(self, request, context):

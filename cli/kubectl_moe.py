@@ -1,0 +1,168 @@
+"""kubectl-moe: the kubectl plugin for MoECluster resources (verb, then noun).
+
+    kubectl moe status  NAME                          what the operator observes: workers, experts, conditions
+    kubectl moe scale   NAME --replicas N             the same as `kubectl scale moecluster/NAME`, then waits
+    kubectl moe drain   NAME WORKER                   move WORKER's experts away and remove it (pool shrinks by one)
+    kubectl moe migrate NAME LAYER:EXPERT --to WORKER copy one expert to WORKER, then switch traffic to it
+
+Everything goes through the API server with your kubectl (its context, its
+credentials): scale patches the scale subresource; drain and migrate set an
+annotation the operator takes once and reports in `status.lastAction`. Put
+this on PATH as `kubectl-moe` (pip installs it) and kubectl finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from moecluster.backends.k8s_resources import DRAIN_ANNOTATION, MIGRATE_ANNOTATION, parse_migrate
+
+
+class KubectlError(RuntimeError):
+    pass
+
+
+class Kubectl:
+    def __init__(self, namespace: str | None, context: str | None, kubeconfig: str | None):
+        self.base = [os.environ.get("KUBECTL", "kubectl")]
+        for flag, value in (("--namespace", namespace), ("--context", context), ("--kubeconfig", kubeconfig)):
+            if value:
+                self.base += [flag, value]
+
+    def __call__(self, *args: str) -> str:
+        try:
+            done = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise KubectlError(f"{self.base[0]}: not found; install kubectl or set KUBECTL") from None
+        if done.returncode != 0:
+            raise KubectlError(done.stderr.strip() or f"kubectl {' '.join(args)} failed")
+        return done.stdout
+
+    def get(self, name: str) -> dict:
+        return json.loads(self("get", f"moecluster/{name}", "-o", "json"))
+
+
+def format_status(obj: dict) -> str:
+    """A few lines a person reads: sizes, conditions, workers, the last drain or migrate."""
+    meta, spec, status = obj["metadata"], obj.get("spec", {}), obj.get("status", {})
+    lines = [f"{meta.get('namespace', '')}/{meta['name']}: {status.get('readyReplicas', 0)}/{spec.get('replicas')} workers "
+             f"ready, epoch {status.get('epoch', 0)}, {spec.get('minReplicasPerExpert', 1)} copies per expert",
+             f"  endpoint:  {status.get('endpoint', 'unknown')}",
+             f"  placement: {status.get('placement', 'unknown')}"]
+    for c in status.get("conditions", []):
+        detail = f" ({c['message']})" if c.get("message") else ""
+        lines.append(f"  {c['type']:<9} {c['status']:<5} {c.get('reason', '')}{detail}")
+    workers = status.get("workers", [])
+    if workers:
+        lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} EXPERTS")
+        lines += [f"  {w['id']:<12} {w.get('pod', ''):<32} {w.get('state', ''):<10} {w.get('experts', 0)}" for w in workers]
+    action = status.get("lastAction")
+    if action:
+        lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _ready(obj: dict, replicas: int) -> bool:
+    status = obj.get("status", {})
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+    return (ready.get("status") == "True" and status.get("readyReplicas") == replicas
+            and status.get("observedGeneration", 0) >= obj["metadata"].get("generation", 0))
+
+
+def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> dict:
+    deadline, last = time.monotonic() + timeout, ""
+    while True:
+        obj = kubectl.get(name)
+        if _ready(obj, replicas):
+            print(f"done: {replicas} workers serving at epoch {obj['status'].get('epoch', 0)}")
+            return obj
+        status = obj.get("status", {})
+        line = f"{status.get('readyReplicas', 0)}/{replicas} workers serving, epoch {status.get('epoch', 0)}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not reach {replicas} ready workers within {timeout:.0f}s; "
+                               f"see `kubectl moe status {name}` and `kubectl describe moecluster/{name}`")
+        time.sleep(1.0)
+
+
+def wait_action(kubectl: Kubectl, name: str, action: str, since: str, timeout: float) -> dict:
+    """Waits for status.lastAction of this action, newer than `since`, to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = kubectl.get(name).get("status", {}).get("lastAction") or {}
+        if last.get("action") == action and last.get("time", "") >= since and last.get("state") != "Running":
+            if last["state"] != "Succeeded":
+                raise RuntimeError(f"{action}: {last.get('message', 'failed')}")
+            print(f"{action}: {last.get('message', 'done')}")
+            return last
+        time.sleep(1.0)
+    raise TimeoutError(f"{action} did not finish within {timeout:.0f}s; see `kubectl moe status {name}`")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kubectl moe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--namespace")
+    parser.add_argument("--context")
+    parser.add_argument("--kubeconfig")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    status = verbs.add_parser("status", help="what the operator observes")
+    status.add_argument("name")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    scale = verbs.add_parser("scale", help="set the number of expert workers and wait until they serve")
+    scale.add_argument("name")
+    scale.add_argument("--replicas", type=int, required=True)
+    drain = verbs.add_parser("drain", help="move a worker's experts away and remove it")
+    drain.add_argument("name")
+    drain.add_argument("worker", help="worker id, e.g. worker-2 (see `kubectl moe status`)")
+    migrate = verbs.add_parser("migrate", help="copy one expert to a worker, then switch traffic to it")
+    migrate.add_argument("name")
+    migrate.add_argument("expert", help="LAYER:EXPERT, e.g. 0:3")
+    migrate.add_argument("--to", required=True, help="the worker id that receives it")
+    for sub in (scale, drain, migrate):
+        sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+        sub.add_argument("--no-wait", action="store_true", help="return once the request is made")
+    args = parser.parse_args(argv)
+    kubectl = Kubectl(args.namespace, args.context, args.kubeconfig)
+    try:
+        if args.verb == "status":
+            obj = kubectl.get(args.name)
+            print(json.dumps(obj.get("status", {}), indent=2) if args.output == "json" else format_status(obj))
+        elif args.verb == "scale":
+            if args.replicas < 1:
+                parser.error("--replicas must be at least 1")
+            kubectl("scale", f"moecluster/{args.name}", f"--replicas={args.replicas}")
+            print(f"scaling {args.name} to {args.replicas} workers", flush=True)
+            if not args.no_wait:
+                wait_ready(kubectl, args.name, args.replicas, args.timeout)
+        elif args.verb == "drain":
+            since = _now()
+            kubectl("annotate", f"moecluster/{args.name}", f"{DRAIN_ANNOTATION}={args.worker}", "--overwrite")
+            print(f"draining {args.worker}", flush=True)
+            if not args.no_wait:
+                wait_action(kubectl, args.name, f"drain {args.worker}", since, args.timeout)
+        else:
+            value = f"{args.expert}={args.to}"
+            parse_migrate(value)  # a bad argument fails here, not in the operator
+            since = _now()
+            kubectl("annotate", f"moecluster/{args.name}", f"{MIGRATE_ANNOTATION}={value}", "--overwrite")
+            print(f"moving expert {args.expert} to {args.to}", flush=True)
+            if not args.no_wait:
+                wait_action(kubectl, args.name, f"migrate {value}", since, args.timeout)
+    except (KubectlError, TimeoutError, RuntimeError, ValueError) as err:
+        sys.exit(f"kubectl moe {args.verb}: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The Helm chart, rendered by the helm built from source: lint, both RBAC modes, least privilege, restricted pods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "moecluster"
+
+
+def render(kube, *values: str) -> list[dict]:
+    args = [a for v in values for a in ("--set", v)]
+    out = kube.helm("template", "moe", str(CHART), "--namespace", "moecluster-system", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_lint_strict(kube):
+    result = kube.helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_cluster_wide_rbac_is_least_privilege(kube):
+    docs = render(kube)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+    granted = {(group, res, verb) for rule in role["rules"]
+               for group in rule["apiGroups"] for res in rule["resources"] for verb in rule["verbs"]}
+    assert ("", "pods", "create") in granted and ("moecluster.io", "moeclusters/status", "patch") in granted
+    assert not {x for x in granted if x[1] in ("secrets", "configmaps", "nodes", "pods/exec")}
+
+
+def test_namespaced_mode_has_nothing_cluster_scoped(kube):
+    docs = render(kube, "operator.watchNamespaces={a,b}")
+    assert not [d for d in docs if d["kind"].startswith("Cluster")]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-4:] == ["--namespace", "a", "--namespace", "b"]
+
+
+def test_operator_pod_meets_the_restricted_profile_and_runs_alone(kube):
+    deployment = next(d for d in render(kube) if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    container = pod["containers"][0]["securityContext"]
+    assert container["allowPrivilegeEscalation"] is False and container["capabilities"]["drop"] == ["ALL"]
+    assert container["readOnlyRootFilesystem"] is True
+
+
+def test_optional_parts_render(kube):
+    docs = render(kube, "networkPolicy.enabled=true", "serviceMonitor.enabled=true", "example.enabled=true")
+    kinds = {d["kind"] for d in docs}
+    assert {"NetworkPolicy", "MoECluster"} <= kinds and kinds & {"PodMonitor", "ServiceMonitor"}

@@ -1,0 +1,89 @@
+"""The chart in namespaced mode: Roles in the watched namespaces only, and an operator that sees nothing else.
+
+`operator.watchNamespaces={team-a}`: the operator (with that ServiceAccount's
+token, `--namespace team-a`) serves a MoECluster in team-a, leaves one in
+team-b alone, and may not even list pods there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from operator_process import Operator
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "moecluster"
+RELEASE, SYSTEM_NS, WATCHED, OTHER = "moens", "moens-system", "team-a", "team-b"
+
+
+def moecluster(namespace: str, model: Path) -> str:
+    return json.dumps({
+        "apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": "small", "namespace": namespace},
+        "spec": {"model": {"path": str(model)}, "replicas": 1, "image": "moecluster:test", "worker": {"threads": 1}},
+    })
+
+
+def status(kube, namespace: str) -> dict:
+    return json.loads(kube.kubectl("get", "moecluster", "small", "-n", namespace, "-o", "json").stdout).get("status", {})
+
+
+@pytest.fixture(scope="module")
+def namespaced(kube, tmp_path_factory):
+    from moecluster.models.tiny import create_checkpoint
+
+    root = tmp_path_factory.mktemp("namespaced")
+    model = create_checkpoint("qwen3_moe", root / "tiny-qwen3", seed=5)
+    for namespace in (WATCHED, OTHER):
+        kube.create_namespace(namespace)
+    kube.helm("install", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--create-namespace", "--set", "operator.replicas=0",
+              "--set", f"operator.watchNamespaces={{{WATCHED}}}", "--wait", "--timeout", "120s")
+    sa = kube.kubectl("get", "serviceaccount", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                      "-o", "jsonpath={.items[0].metadata.name}").stdout.strip()
+    operator = Operator(kube.token_kubeconfig(SYSTEM_NS, sa), root / "operator.log")
+    operator.start("--namespace", WATCHED)
+    try:
+        yield kube, operator, model
+    finally:
+        for namespace in (WATCHED, OTHER):
+            kube.kubectl("delete", "moecluster", "small", "-n", namespace, "--ignore-not-found", "--timeout=60s", check=False)
+        operator.stop()
+        kube.helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
+        print(f"----- operator log (tail) -----\n{operator.log.read_text()[-3000:]}")
+
+
+def test_serves_in_the_watched_namespace_only(namespaced):
+    kube, operator, model = namespaced
+    kube.kubectl("apply", "-f", "-", input=moecluster(WATCHED, model))
+    kube.kubectl("apply", "-f", "-", input=moecluster(OTHER, model))
+    deadline = time.monotonic() + 240
+    while not (status(kube, WATCHED).get("readyReplicas") == 1 and
+               {c["type"]: c["status"] for c in status(kube, WATCHED).get("conditions", [])}.get("Ready") == "True"):
+        assert time.monotonic() < deadline, f"not Ready: {status(kube, WATCHED)}\n{operator.log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    from moecluster.sdk.client import Client
+    from transformers import AutoModelForCausalLM
+
+    ip = kube.kubectl("get", "service", "small", "-n", WATCHED, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(ids).logits
+    deadline = time.monotonic() + 120
+    while kube.kubectl("get", "deployment", "small-frontend", "-n", WATCHED, "-o", "jsonpath={.status.readyReplicas}",
+                       check=False).stdout.strip() != "1":
+        assert time.monotonic() < deadline, "the frontend never became ready"
+        time.sleep(0.5)
+    with Client(f"{ip}:50051", timeout=60) as client:
+        torch.testing.assert_close(client.forward(ids), expected, rtol=0, atol=1e-4)
+    # The other namespace's cluster: untouched (no status, no pods, no finalizer), and out of the operator's reach.
+    assert status(kube, OTHER) == {}
+    other = json.loads(kube.kubectl("get", "moecluster", "small", "-n", OTHER, "-o", "json").stdout)
+    assert not other["metadata"].get("finalizers")
+    assert kube.kubectl("get", "pods", "-n", OTHER, "-o", "name").stdout.strip() == ""
+    denied = kube.kubectl("get", "pods", "-n", OTHER, kubeconfig=operator.kubeconfig, check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+    cluster_scoped = kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                  "-o", "name").stdout.strip()
+    assert cluster_scoped == ""

@@ -1,0 +1,307 @@
+"""The operator against a real API server: `helm install`, a MoECluster, `kubectl scale`, pod loss, restarts, uninstall.
+
+The chart is installed with `operator.replicas=0` and the operator runs here as
+a local process with a token of the chart's ServiceAccount, so a permission the
+chart's RBAC lacks fails these tests. Worker and frontend pods are run by the
+fake kubelet (`fake_kubelet.py`) as local processes on 127.0.0.x; requests go
+through the frontend Service's ClusterIP (the fake kube-proxy). Tests run in
+file order and share one MoECluster, as a user's session would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from operator_process import Operator
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "moecluster"
+RELEASE, SYSTEM_NS, NS, NAME = "moe", "moecluster-system", "ml", "tiny"
+READY_TIMEOUT_S = 300
+
+
+def manifest(model: Path, replicas: int) -> str:
+    return json.dumps({
+        "apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"model": {"path": str(model)}, "replicas": replicas, "minReplicasPerExpert": 2,
+                 "image": "moecluster:test", "worker": {"threads": 1}, "frontend": {"replicas": 1}},
+    })
+
+
+@pytest.fixture(scope="module")
+def moe(kube, tmp_path_factory):
+    """The chart installed, the operator running, a 2-worker MoECluster Ready; yields a handle for the tests."""
+    from moecluster.models.tiny import create_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("operator")
+    model = create_checkpoint("mixtral", root / "tiny-mixtral", seed=3)
+    batch = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(batch).logits
+
+    kube.helm("install", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--create-namespace",
+              "--set", "operator.replicas=0", "--wait", "--timeout", "120s")
+    sa = kube.kubectl("get", "serviceaccount", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                      "-o", "jsonpath={.items[0].metadata.name}").stdout.strip()
+    assert sa, "the chart created no ServiceAccount"
+    operator = Operator(kube.token_kubeconfig(SYSTEM_NS, sa), root / "operator.log")
+    operator.start()
+    kube.create_namespace(NS)
+    # Pod Security admission checks every pod the operator makes against the `restricted` profile.
+    kube.kubectl("label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted")
+    kube.kubectl("apply", "-f", "-", input=manifest(model, 2))
+    handle = Handle(kube, operator, model, batch, expected, sa)
+    try:
+        handle.wait_ready(2)
+        yield handle
+    except BaseException:
+        print(f"----- operator log -----\n{operator.log.read_text()[-6000:]}")
+        raise
+    finally:
+        operator.stop()
+        print(f"----- operator log (tail) -----\n{operator.log.read_text()[-3000:]}")
+
+
+class Handle:
+    def __init__(self, kube, operator, model, batch, expected, sa):
+        self.kube, self.operator, self.model, self.batch, self.expected, self.sa = kube, operator, model, batch, expected, sa
+
+    def get(self) -> dict:
+        return json.loads(self.kube.kubectl("get", "moecluster", NAME, "-n", NS, "-o", "json").stdout)
+
+    def wait_ready(self, replicas: int, timeout: float = READY_TIMEOUT_S, since_epoch: int = -1) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.get()
+            status = obj.get("status", {})
+            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready")
+            if (ready == "True" and status.get("readyReplicas") == replicas and obj["spec"]["replicas"] == replicas
+                    and status.get("replicas") == replicas and status.get("epoch", 0) > since_epoch
+                    and self.frontend_ready()):
+                return obj
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{NAME} not Ready with {replicas} workers after {timeout}s: {json.dumps(status)}\n"
+                                   f"operator log:\n{self.operator.log.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def frontend_ready(self) -> bool:
+        result = self.kube.kubectl("get", "deployment", f"{NAME}-frontend", "-n", NS, "-o",
+                                   "jsonpath={.status.readyReplicas}", check=False)
+        return result.returncode == 0 and result.stdout.strip() == "1"
+
+    def address(self) -> str:
+        ip = self.kube.kubectl("get", "service", NAME, "-n", NS, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+        return f"{ip}:50051"
+
+    def worker_pods(self) -> list[str]:
+        out = self.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={NAME},app.kubernetes.io/component=worker",
+                                "-o", "jsonpath={.items[*].metadata.name}").stdout
+        return sorted(out.split())
+
+    def load(self):
+        from moecluster.sdk.load import ClosedLoopLoad
+
+        return ClosedLoopLoad(self.address(), self.batch, self.expected, clients=2, max_seconds=400)
+
+
+def assert_clean(report) -> None:
+    assert report.ok > 0, "no request succeeded under load"
+    assert (report.failed, report.wrong) == (0, 0), f"failed {report.failed}, wrong {report.wrong}: {report.errors[:3]}"
+
+
+def test_status_scale_subresource_and_printer_columns(moe):
+    obj = moe.get()
+    status = obj["status"]
+    assert status["labelSelector"] == f"moecluster.io/cluster={NAME},app.kubernetes.io/component=worker"
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert status["endpoint"] == f"{NAME}.{NS}.svc:50051"
+    assert status["placement"].startswith("16 experts, 32 copies on 2 workers")  # 2 layers x 8, 2 copies each
+    path = f"/apis/moecluster.io/v1alpha1/namespaces/{NS}/moeclusters/{NAME}/scale"
+    scale = json.loads(moe.kube.kubectl("get", "--raw", path).stdout)
+    assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (2, 2)
+    assert scale["status"]["selector"] == status["labelSelector"]
+    table = moe.kube.kubectl("get", "moe", NAME, "-n", NS).stdout
+    assert table.split("\n")[0].split()[:5] == ["NAME", "REPLICAS", "READY", "EPOCH", "STATUS"]
+    assert table.split("\n")[1].split()[:3] == [NAME, "2", "2"] and "Serving" in table
+    jsonpath = "jsonpath={range .items[*]}{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name} {end}"
+    owned = moe.kube.kubectl("get", "services,deployments", "-n", NS, "-l", f"moecluster.io/cluster={NAME}",
+                             "-o", jsonpath).stdout.split()
+    owned += moe.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={NAME},app.kubernetes.io/component=worker",
+                              "-o", jsonpath).stdout.split()
+    assert len(owned) == 5 and set(owned) == {f"MoECluster/{NAME}"}, owned  # 2 services, 1 deployment, 2 worker pods
+    about = f"involvedObject.kind=MoECluster,involvedObject.name={NAME}"
+    events = moe.kube.kubectl("get", "events", "-n", NS, "--field-selector", about,
+                              "-o", "jsonpath={range .items[*]}{.reason} {end}").stdout.split()
+    assert "Ready" in events, events
+
+
+def test_serves_the_answers_of_transformers_through_the_service(moe):
+    from moecluster.sdk.client import Client
+
+    with Client(moe.address(), timeout=60) as client:
+        logits = client.forward(moe.batch)
+    torch.testing.assert_close(logits, moe.expected, rtol=0, atol=1e-4)
+
+
+def test_kubectl_scale_up_and_down_under_load(moe):
+    with moe.load() as load:
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=3")
+        moe.wait_ready(3)
+        assert len(moe.worker_pods()) == 3
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=2")
+        moe.wait_ready(2)
+    assert_clean(load.report)
+    assert len(moe.worker_pods()) == 2
+
+
+def test_kubectl_delete_worker_pod_under_load(moe):
+    before = moe.worker_pods()
+    epoch = moe.get()["status"]["epoch"]
+    with moe.load() as load:
+        time.sleep(1.0)
+        moe.kube.kubectl("delete", "pod", before[0], "-n", NS, "--wait=false")
+        moe.wait_ready(2, since_epoch=epoch)
+        time.sleep(1.0)
+    assert_clean(load.report)
+    after = moe.worker_pods()
+    assert before[0] not in after and len(after) == 2
+
+
+def test_crashed_worker_process_is_replaced_under_load(moe):
+    pod = moe.worker_pods()[-1]
+    pid = moe.kube.harness.process_pid(NS, pod)
+    assert pid, f"no process for pod {pod}"
+    epoch = moe.get()["status"]["epoch"]
+    with moe.load() as load:
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        moe.wait_ready(2, since_epoch=epoch)
+        time.sleep(1.0)
+    assert_clean(load.report)
+    assert pod not in moe.worker_pods()
+
+
+def test_operator_restart_mid_scale(moe):
+    with moe.load() as load:
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=3")
+        time.sleep(1.5)  # the new worker pod is being created or started
+        moe.operator.kill()
+        time.sleep(1.0)
+        moe.operator.start()
+        moe.wait_ready(3)
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=2")
+        moe.wait_ready(2)
+    assert_clean(load.report)
+    assert len(moe.worker_pods()) == 2
+
+
+def test_a_standby_spare_takes_a_scale_up(moe):
+    """With standbyWorkers 1 an empty worker pod waits; `kubectl scale` makes it a member instead of starting a pod."""
+    patch = lambda n: moe.kube.kubectl("patch", "moecluster", NAME, "-n", NS, "--type=merge",  # noqa: E731
+                                       "-p", json.dumps({"spec": {"standbyWorkers": n}}))
+    patch(1)
+    deadline = time.monotonic() + 120
+    while not (spares := [w["id"] for w in moe.get()["status"].get("workers", []) if w["state"] == "standby"]):
+        assert time.monotonic() < deadline, f"no spare after 120 s: {moe.get()['status']}"
+        time.sleep(0.5)
+    assert len(moe.worker_pods()) == 3 and moe.get()["status"]["replicas"] == 2  # the spare is not a replica
+    with moe.load() as load:
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=3")
+        obj = moe.wait_ready(3)
+    assert_clean(load.report)
+    assert spares[0] in {w["id"] for w in obj["status"]["workers"] if w["state"] == "serving"}
+    patch(0)
+    moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=2")
+    moe.wait_ready(2)
+    deadline = time.monotonic() + 120
+    while len(moe.worker_pods()) != 2:  # the spare started after the scale-up goes too
+        assert time.monotonic() < deadline, moe.worker_pods()
+        time.sleep(0.5)
+
+
+def kubectl_moe(moe, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBECTL": moe.kube.bins["KUBECTL"]}
+    return subprocess.run([sys.executable, "-m", "moecluster.cli.kubectl_moe", "--kubeconfig", str(moe.kube.kubeconfig),
+                           "-n", NS, *args], capture_output=True, text=True, timeout=400, env=env)
+
+
+def test_kubectl_moe_plugin(moe):
+    status = kubectl_moe(moe, "status", NAME)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"{NS}/{NAME}: 2/2 workers ready")
+    workers = [w["id"] for w in moe.get()["status"]["workers"]]
+    scaled = kubectl_moe(moe, "scale", NAME, "--replicas", "3")
+    assert scaled.returncode == 0 and "done: 3 workers serving" in scaled.stdout, scaled.stderr
+    new = sorted(set(w["id"] for w in moe.get()["status"]["workers"]) - set(workers))[0]
+    moved = kubectl_moe(moe, "migrate", NAME, "1:7", "--to", new)
+    # 1:7 may already be on the new worker (placed when it joined): then the operator says so and fails cleanly.
+    holders = {w["id"] for w in moe.get()["status"]["workers"]}
+    assert moved.returncode == 0 or "already" in moved.stderr, moved.stderr
+    assert new in holders
+    drained = kubectl_moe(moe, "drain", NAME, new)
+    assert drained.returncode == 0, drained.stderr + drained.stdout
+    obj = moe.wait_ready(2)
+    assert new not in {w["id"] for w in obj["status"]["workers"]} and obj["spec"]["replicas"] == 2
+    bad = kubectl_moe(moe, "migrate", NAME, "one:two", "--to", "worker-0")
+    assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
+
+
+def test_an_hpa_scales_the_pool_through_the_scale_subresource(moe):
+    """The real HPA controller (in kube-controller-manager) raises the pool to its minReplicas.
+
+    No metrics API runs here, so it cannot act on CPU; below minReplicas it scales before reading metrics."""
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": NAME, "namespace": NS},
+           "spec": {"scaleTargetRef": {"apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "name": NAME},
+                    "minReplicas": 3, "maxReplicas": 3,
+                    "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                                                                  "target": {"type": "Utilization", "averageUtilization": 70}}}]}}
+    with moe.load() as load:
+        moe.kube.kubectl("apply", "-f", "-", input=json.dumps(hpa))
+        try:
+            moe.wait_ready(3)
+        finally:
+            moe.kube.kubectl("delete", "hpa", NAME, "-n", NS)
+        moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=2")
+        moe.wait_ready(2)
+    assert_clean(load.report)
+
+
+def test_rbac_denies_what_the_operator_must_not_do(moe):
+    token = moe.operator.kubeconfig
+    can = lambda *a: moe.kube.kubectl("auth", "can-i", *a, kubeconfig=token, check=False).stdout.strip()  # noqa: E731
+    assert can("create", "pods", "-n", NS) == "yes" and can("patch", "moeclusters.moecluster.io/status", "-n", NS) == "yes"
+    for verb, *what in (("list", "secrets"), ("get", "configmaps"), ("create", "clusterrolebindings"), ("delete", "nodes"),
+                        ("create", "pods", "--subresource=exec"), ("delete", "customresourcedefinitions"),
+                        ("create", "serviceaccounts", "--subresource=token"),
+                        ("update", "moeclusters.moecluster.io", "--subresource=scale")):
+        assert can(verb, *what, "-n", NS) == "no", f"the operator may {verb} {' '.join(what)}"
+    denied = moe.kube.kubectl("get", "secrets", "-n", NS, kubeconfig=token, check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+
+def test_delete_and_helm_uninstall_leave_nothing_behind(moe):
+    kube = moe.kube
+    kube.kubectl("delete", "moecluster", NAME, "-n", NS, "--timeout=120s")
+    deadline = time.monotonic() + 60
+    selector = f"moecluster.io/cluster={NAME}"
+    while kube.kubectl("get", "pods,services,deployments,replicasets", "-n", NS, "-l", selector, "-o", "name").stdout.strip():
+        assert time.monotonic() < deadline, kube.kubectl("get", "all", "-n", NS).stdout
+        time.sleep(0.5)
+    moe.operator.stop()
+    kube.helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "120s")
+    kinds = "all,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,networkpolicies,configmaps,secrets"
+    left = kube.kubectl("get", kinds, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name").stdout.strip()
+    assert left == "", f"left behind by helm uninstall: {left}"
+    releases = kube.kubectl("get", "secrets", "-n", SYSTEM_NS, "-l", "owner=helm", "-o", "name").stdout.strip()
+    assert releases == ""
+    # Helm never deletes CRDs it installed from crds/ (they may hold other users' resources): documented in the chart.
+    assert kube.kubectl("get", "crd", "moeclusters.moecluster.io", check=False).returncode == 0

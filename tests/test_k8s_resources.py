@@ -1,0 +1,152 @@
+"""The Kubernetes operator's pure parts: manifests, status, annotations, and the controller router over real gRPC."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import pytest
+from moecluster.backends import k8s_resources as r
+from moecluster.cli.kubectl_moe import format_status
+from moecluster.controller.router import ControllerRouter
+from moecluster.frontend.table_watcher import cluster_metadata
+from moecluster.protos import controller_pb2, controller_pb2_grpc
+from pydantic import ValidationError
+
+SPEC = {"model": {"path": "/models/tiny", "volume": {"persistentVolumeClaim": {"claimName": "models"}}, "mountPath": "/models"},
+        "replicas": 3, "minReplicasPerExpert": 2, "worker": {"resources": {"limits": {"nvidia.com/gpu": 1}}, "dtype": "bfloat16"},
+        "frontend": {"replicas": 2}, "image": "moecluster:test"}
+
+
+def resource(**spec) -> r.Resource:
+    return r.Resource("ml", "mixtral", "uid-1", {**SPEC, **spec}, generation=4)
+
+
+def test_cluster_spec_from_the_resource():
+    spec = r.cluster_spec(resource())
+    assert (spec.workers, spec.min_replicas, spec.model, spec.worker_num_gpus) == (3, 2, "/models/tiny", 1.0)
+    with pytest.raises(ValidationError, match="min_replicas"):
+        r.cluster_spec(resource(replicas=1))
+
+
+def test_worker_pod_is_owned_restricted_and_mounts_the_model():
+    pod = r.worker_pod(resource(), "worker-7", default_image="unused")
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "mixtral-worker-7" and meta["labels"][r.WORKER_LABEL] == "worker-7"
+    assert meta["ownerReferences"][0] == {"apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "name": "mixtral",
+                                          "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}
+    container = spec["containers"][0]
+    assert container["image"] == "moecluster:test"
+    assert container["args"][container["args"].index("--host") + 1] == "$(POD_IP)"  # serves at its pod IP
+    assert container["args"][container["args"].index("--dtype") + 1] == "bfloat16"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"} and spec["securityContext"]["runAsNonRoot"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models"}} in spec["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert spec["restartPolicy"] == "Never"  # a dead worker is replaced by a new one, never restarted empty
+
+
+def test_image_falls_back_to_the_operators_and_is_required():
+    spec = {k: v for k, v in SPEC.items() if k != "image"}
+    pod = r.worker_pod(r.Resource("ml", "m", "u", spec), "worker-0", default_image="registry/moecluster:1")
+    assert pod["spec"]["containers"][0]["image"] == "registry/moecluster:1"
+    with pytest.raises(ValueError, match="default-image"):
+        r.worker_pod(r.Resource("ml", "m", "u", spec), "worker-0", default_image="")
+
+
+def test_frontend_names_its_cluster_to_the_shared_controller_endpoint():
+    deployment = r.frontend_deployment(resource(), "op.system.svc:50055", default_image="")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--controller") + 1] == "op.system.svc:50055"
+    assert args[args.index("--cluster") + 1] == "ml/mixtral"
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    service = r.frontend_service(resource(service={"type": "LoadBalancer", "port": 443}))
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["ports"][0]["port"] == 443
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def controller_status(converged=True, serving=3, dead=(), error=""):
+    workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0}
+               for i in range(serving)]
+    return {"workers": workers, "dead": list(dead), "desired_workers": 3, "converged": converged, "last_error": error,
+            "epoch": 9, "imbalance": 1.0}
+
+
+def test_status_conditions_and_transition_times():
+    res = resource()
+    ready = r.status_patch(res, controller_status(), 3, {}, "2026-01-01T00:00:00Z")
+    assert (ready["replicas"], ready["readyReplicas"], ready["epoch"], ready["observedGeneration"]) == (3, 3, 9, 4)
+    assert ready["labelSelector"] == "moecluster.io/cluster=mixtral,app.kubernetes.io/component=worker"
+    assert ready["endpoint"] == "mixtral.ml.svc:50051"
+    by_type = {c["type"]: c for c in ready["conditions"]}
+    assert (by_type["Ready"]["status"], by_type["Scaling"]["status"], by_type["Degraded"]["status"]) == ("True", "False", "False")
+    assert ready["placement"] == "6 experts, 6 copies on 3 workers, imbalance 1.00"
+    # Still ready a minute later: the transition time stays; scaling up: Ready goes False with a new time.
+    later = r.status_patch(res, controller_status(), 3, ready, "2026-01-01T00:01:00Z")
+    assert {c["type"]: c for c in later["conditions"]}["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    degraded = controller_status(converged=False, serving=2, dead=["worker-2"])
+    scaling = r.status_patch(res, degraded, 3, later, "2026-01-01T00:02:00Z")
+    by_type = {c["type"]: c for c in scaling["conditions"]}
+    assert by_type["Ready"]["status"] == "False" and by_type["Ready"]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+    assert by_type["Scaling"]["message"] == "2/3 workers serving"
+    assert by_type["Degraded"]["status"] == "True" and "worker-2" in by_type["Degraded"]["message"]
+    starting = r.status_patch(res, None, 1, {}, "2026-01-01T00:00:00Z", "ImagePullBackOff")
+    assert starting["placement"] == "starting" and "ImagePullBackOff" in starting["conditions"][0]["message"]
+
+
+def test_standby_spares_are_not_counted_as_replicas():
+    spec = r.cluster_spec(resource(standbyWorkers=1))
+    assert spec.standby_workers == 1
+    status = controller_status()
+    status["workers"].append({"id": "worker-3", "address": "", "pid": 0, "state": "standby", "experts": [], "load": 0})
+    patch = r.status_patch(resource(standbyWorkers=1), status, 4, {}, "t")
+    assert (patch["replicas"], patch["readyReplicas"]) == (3, 3)  # the scale subresource sees the pool, not the spare
+    assert {c["type"]: c["status"] for c in patch["conditions"]}["Ready"] == "True"
+
+
+def test_migrate_annotation_parsing():
+    assert r.parse_migrate("1:5=worker-3") == ((1, 5), "worker-3")
+    with pytest.raises(ValueError, match="LAYER:EXPERT=WORKER"):
+        r.parse_migrate("1-5 to worker-3")
+
+
+def test_kubectl_moe_status_text():
+    obj = {"metadata": {"namespace": "ml", "name": "mixtral"}, "spec": {"replicas": 3},
+           "status": {**r.status_patch(resource(), controller_status(), 3, {}, "t"),
+                      "lastAction": {"action": "drain worker-1", "state": "Succeeded", "message": "done"}}}
+    text = format_status(obj)
+    assert text.splitlines()[0] == "ml/mixtral: 3/3 workers ready, epoch 9, 1 copies per expert"
+    assert "mixtral-worker-2" in text and "last action: drain worker-1: Succeeded done" in text
+
+
+class NamedController(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, name):
+        self.name = name
+
+    def Status(self, request, context):
+        return controller_pb2.StatusResponse(name=self.name)
+
+
+def test_router_sends_each_call_to_the_cluster_it_names():
+    router = ControllerRouter()
+    router.register("ml/a", NamedController("a"))
+    router.register("ml/b", NamedController("b"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[router])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = controller_pb2_grpc.ControllerStub(channel)
+            for name in ("a", "b"):
+                answer = stub.Status(controller_pb2.StatusRequest(), metadata=cluster_metadata(f"ml/{name}"), timeout=5)
+                assert answer.name == name
+            router.unregister("ml/a")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Status(controller_pb2.StatusRequest(), metadata=cluster_metadata("ml/a"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert router.clusters() == ["ml/b"]
+    finally:
+        server.stop(0)

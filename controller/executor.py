@@ -122,6 +122,11 @@ class Executor:
                 self.monitor.refresh(worker_id)
             case p.Publish(placement):
                 observed = self.monitor.snapshot()
+                unheld = sorted((w, k) for k, holders in placement.items() for w in holders
+                                if w not in observed.workers or k not in observed.workers[w].held)
+                if unheld:  # copy before switch, checked at the edge: never route to a copy that is not there
+                    raise StepFailed(f"not publishing: {len(unheld)} placements name a worker without the expert, "
+                                     f"first {unheld[0]}")
                 addresses = {w: o.address for w, o in observed.workers.items()}
                 table = self.publisher.publish(placement, addresses)
                 self.metrics.epoch(table.epoch)

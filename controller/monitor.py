@@ -39,6 +39,10 @@ class _Tracked:
         self.tokens: dict[ExpertKey, int] = {}
         self.rates: dict[ExpertKey, float] = {}
         self.sampled_at = 0.0
+        # Stats calls overlap (heartbeats, refreshes after commands): an answer counts only when no call
+        # started after it has been recorded, or a heartbeat sent before a drop could undo the drop.
+        self.calls_started = 0
+        self.newest_recorded = 0
 
 
 class WorkerMonitor:
@@ -124,21 +128,25 @@ class WorkerMonitor:
             calls = [(t, self._stats_call(t)) for t in tracked]
             for t, call in calls:
                 if call is not None:
-                    self._record(t, call)
+                    self._record(t, *call)
 
     def _probe(self, tracked: _Tracked) -> None:
         call = self._stats_call(tracked)
         if call is not None:
-            self._record(tracked, call)
+            self._record(tracked, *call)
 
-    def _stats_call(self, tracked: _Tracked) -> futures.Future | None:
-        """Starts a Stats heartbeat; None when the worker was removed (its channel closed) meanwhile."""
+    def _stats_call(self, tracked: _Tracked) -> tuple[int, futures.Future] | None:
+        """Starts a Stats heartbeat -> (its sequence number, the call); None when the worker was removed
+        (its channel closed) meanwhile."""
+        with self._lock:
+            tracked.calls_started += 1
+            sequence = tracked.calls_started
         try:
-            return tracked.stub.Stats.future(worker_pb2.StatsRequest(), timeout=self.rpc_timeout)
+            return sequence, tracked.stub.Stats.future(worker_pb2.StatsRequest(), timeout=self.rpc_timeout)
         except ValueError:  # "Channel closed!": remove() won the race; nothing to observe
             return None
 
-    def _record(self, tracked: _Tracked, call: futures.Future) -> None:
+    def _record(self, tracked: _Tracked, sequence: int, call: futures.Future) -> None:
         now = time.monotonic()
         try:
             stats = call.result()
@@ -160,6 +168,9 @@ class WorkerMonitor:
         with self._lock:
             if tracked.state == WorkerState.DEAD:
                 return  # fenced: once dead, a worker that wakes up is never trusted again
+            if sequence < tracked.newest_recorded:
+                return  # overtaken: a later call already reported what the worker holds now
+            tracked.newest_recorded = sequence
             changed = state != tracked.state or held != tracked.held
             tracked.state, tracked.held, tracked.epoch, tracked.last_ok = state, held, stats.epoch, now
             tracked.versions = {(k.layer, k.expert): v for k, v in zip(stats.held, stats.versions)}

@@ -9,6 +9,7 @@ from moecluster.controller.actuator import WorkerHandle
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import WorkerState
 from moecluster.controller.spec import ClusterSpec
+from moecluster.protos import worker_pb2
 from shared import running_workers
 
 
@@ -58,3 +59,22 @@ def test_removing_workers_under_heartbeats_kills_no_thread_and_ids_are_not_reuse
         finally:
             monitor.stop()
 
+
+def test_a_heartbeat_answered_before_a_drop_does_not_undo_it(qwen3):
+    """Stats calls overlap: one sent before a DropExperts may be answered after the refresh that follows
+    it. The plan trusts `held` ("already copied, skip the pull"), so the older answer must not win."""
+    placement = {(0, e): ("worker-0",) for e in range(4)}
+    with running_workers(qwen3, placement) as servers:
+        monitor = WorkerMonitor(tuple(placement), period=3600).start()  # no background beats: we order the calls
+        try:
+            monitor.add(WorkerHandle("worker-0", servers["worker-0"].address, os.getpid()))
+            tracked = monitor._workers["worker-0"]
+            before_drop = monitor._stats_call(tracked)
+            assert before_drop[1].result().held  # answered now, recorded late
+            monitor.stub("worker-0").DropExperts(worker_pb2.DropExpertsRequest(
+                experts=[worker_pb2.ExpertKey(layer=0, expert=0)], epoch=1), timeout=5)
+            monitor.refresh("worker-0")
+            monitor._record(tracked, *before_drop)
+            assert monitor.snapshot().workers["worker-0"].held == {(0, e) for e in range(1, 4)}
+        finally:
+            monitor.stop()

@@ -81,8 +81,15 @@ class Dispatcher:
             self._table = table
             self._newer.notify_all()
             gone = [cancel for w, calls in self._inflight.items() if w not in table.workers for cancel in calls]
+            addresses = set(table.workers.values())
+            departed = [self._channels.pop(a) for a in list(self._channels) if a not in addresses]
+            for address in [a for a in self._stubs if a not in addresses]:
+                del self._stubs[address]
         for cancel in gone:
             cancel()
+        for channel in departed:  # its worker left the table: a call still holding its stub fails over (see _send)
+            _stop_connecting(channel)
+            channel.close()
         for address in table.workers.values():  # connect to new workers now, not on their first request
             self._stub(address)
 
@@ -192,7 +199,10 @@ class Dispatcher:
             message.epoch = table.epoch
             message.experts.extend(worker_pb2.ExpertUpdate(expert=worker_pb2.ExpertKey(layer=l, expert=e),
                                                            contributions=contributions.get((l, e), [])) for l, e in mine)
-            calls[worker_id] = self._stub(address).ApplyUpdate.future(message, timeout=self.timeout)
+            try:
+                calls[worker_id] = self._stub(address).ApplyUpdate.future(message, timeout=self.timeout)
+            except ValueError:  # left the table since `table` was read: its channel is closed
+                log.warning("update of step %d not sent to %s: it left the table", request.step, worker_id)
         acks: dict[tuple[int, int], list[worker_pb2.UpdateAck]] = {k: [] for k in table.replicas}
         for worker_id, call in calls.items():
             try:
@@ -283,7 +293,10 @@ class Dispatcher:
         size = request.ByteSize()
         method, response_type = _METHODS[type(request)]
         if not streaming.needs_streaming(size):
-            future = getattr(stub, method).future(request, timeout=self.timeout)
+            try:
+                future = getattr(stub, method).future(request, timeout=self.timeout)
+            except ValueError:  # "closed channel": the worker left the table under us; retried like a cancel
+                return _cancelled, lambda: None
 
             def wait():
                 response = future.result()
@@ -291,7 +304,10 @@ class Dispatcher:
                 return response
             return wait, future.cancel
 
-        chunks = getattr(stub, method + "Stream")(streaming.split(request.SerializeToString()), timeout=self.timeout)
+        try:
+            chunks = getattr(stub, method + "Stream")(streaming.split(request.SerializeToString()), timeout=self.timeout)
+        except ValueError:
+            return _cancelled, lambda: None
 
         def stream():
             payload = streaming.join(chunks, limit_bytes=1 << 34)
@@ -313,6 +329,10 @@ class Dispatcher:
                 self._channels[address] = channel
                 stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)
             return stub
+
+
+def _cancelled():
+    raise futures.CancelledError()
 
 
 _METHODS = {worker_pb2.ForwardRequest: ("Forward", worker_pb2.ForwardResponse),

@@ -108,6 +108,8 @@ class TrainingSession:
                 return decode(state.gate_up_proj).clone(), decode(state.down_proj).clone()
             except grpc.RpcError as err:
                 errors.append(f"{worker_id}: {err.code().name}")
+            except (KeyError, ValueError):  # it left the table since `table` was read
+                errors.append(f"{worker_id}: left the table")
         raise TrainingError(f"expert ({layer}, {expert}) could not be read from any holder: {errors or 'none in the table'}")
 
     # -- the step (called by RemoteMoE and ExpertOptimizer) --------------------------

@@ -91,6 +91,23 @@ def test_no_live_replica_is_a_clear_error(setup):
         dispatcher.forward(1, hidden, ids, torch.ones(2, 1))
 
 
+def test_a_departed_workers_channel_is_closed_and_a_call_racing_the_close_fails_over(setup):
+    index, placement, servers, dispatcher = setup
+    hidden, ids, weights = routed_batch(index, 48, seed=7)
+    expected = reference_experts(hidden, *stacked(index, 0), ids, weights)
+    dispatcher.forward(0, hidden, ids, weights)
+    dispatcher._channels[servers["w0"].address].close()  # as if w0 left while this request held its stub
+    out = dispatcher.forward(0, hidden, ids, weights)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert dispatcher.retries >= 1
+    departed = dispatcher.stub("w2")
+    smaller = {k: tuple(w for w in holders if w != "w2") for k, holders in placement.items()}
+    dispatcher.update(RoutingTable(2, {w: servers[w].address for w in ("w0", "w1")}, smaller))
+    assert set(dispatcher._channels) == {servers["w0"].address, servers["w1"].address}
+    with pytest.raises(ValueError, match="closed channel"):
+        departed.Stats(worker_pb2.StatsRequest(), timeout=5)
+
+
 def test_routing_table_rejects_unknown_workers():
     with pytest.raises(ValueError, match="unknown workers"):
         RoutingTable(1, {"a": "127.0.0.1:1"}, {(0, 0): ("a", "b")})

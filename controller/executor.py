@@ -66,11 +66,15 @@ class Executor:
 
     @contextlib.contextmanager
     def paused(self, needed: bool = True):
-        """Trainers at a step boundary for the block (expert state is copied only between steps);
-        nothing to wait for when no trainer watches. The plan's next Publish (or the block's end) lifts it."""
-        trainers = self.publisher.trainers() if needed else []
-        if trainers:
+        """Trainers at a step boundary for the block (expert state is copied only between steps).
+        The table is paused even when no trainer watches, so one that connects during the block starts
+        no step until it ends; those watching once it is published are waited for. The plan's next
+        Publish (or the block's end) lifts it."""
+        trainers = []
+        if needed and self.publisher.table.placement:  # before the first table no trainer can step
             table = self.publisher.publish(self.publisher.table.placement, self.publisher.table.addresses, paused=True)
+            trainers = self.publisher.trainers()
+        if trainers:
             self.progress(f"pausing trainers {trainers} at their step boundary (epoch {table.epoch})")
             started = time.perf_counter()
             lagging = [f for f in self.publisher.await_acks(table.epoch, self.pause_timeout) if f in trainers]

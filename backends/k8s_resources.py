@@ -49,8 +49,6 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
     """The controller's spec for this resource (raises pydantic's ValidationError on a bad one)."""
     spec = resource.spec
     worker = spec.get("worker") or {}
-    resources = worker.get("resources") or {}
-    requests = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
     return ClusterSpec(
         name=re.sub(r"[^A-Za-z0-9_-]", "-", resource.name),
         model=spec["model"]["path"],
@@ -58,8 +56,19 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         min_replicas=spec.get("minReplicasPerExpert", 1),
         standby_workers=spec.get("standbyWorkers", 0),
         max_replicas=spec.get("maxReplicasPerExpert"),
-        worker_num_gpus=float(requests.get("nvidia.com/gpu", 0)),
+        worker_num_gpus=_gpus(worker),
+        worker_device=worker_device(worker),
     )
+
+
+def worker_device(worker: dict) -> str:
+    """The spec's device; unset, the GPU the pod asks for, if it asks for one."""
+    return worker.get("device") or ("cuda" if _gpus(worker) > 0 else "cpu")
+
+
+def _gpus(worker: dict) -> float:
+    resources = worker.get("resources") or {}
+    return float({**(resources.get("limits") or {}), **(resources.get("requests") or {})}.get("nvidia.com/gpu", 0))
 
 
 def labels(resource: Resource, component: str) -> dict[str, str]:
@@ -171,7 +180,7 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
     args = ["--checkpoint", resource.spec["model"]["path"], "--experts", "", "--worker-id", worker_id,
             "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--bulk-port", str(BULK_PORT),
             "--metrics-port", str(METRICS_PORT), "--threads", str(worker.get("threads", 0)),
-            "--dtype", worker.get("dtype", "float32"), "--grace", "5"]
+            "--dtype", worker.get("dtype", "float32"), "--device", worker_device(worker), "--grace", "5"]
     container = _container(resource, "worker", "moecluster.workers.server", args, worker, default_image,
                            {"grpc": WORKER_PORT, "bulk": BULK_PORT, "metrics": METRICS_PORT})
     return {

@@ -22,6 +22,7 @@ from moecluster.backends.processes import ProcessError, ProcessRecord, alive, sp
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import controller_pb2, controller_pb2_grpc
+from moecluster.workers.devices import resolve_device
 
 Progress = Callable[[str], None]
 
@@ -100,7 +101,8 @@ class LocalCluster:
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
            snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
-           ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0) -> dict:
+           ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
+           worker_device: str = "cpu") -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
@@ -120,6 +122,11 @@ class LocalCluster:
             raise ClusterError(f"--replicas must be between 1 and --workers ({workers}), got {replicas}")
         if port and not port_free(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
+        if backend == "local":  # Ray workers check theirs on the node they land on
+            try:
+                resolve_device(worker_device)
+            except ValueError as err:
+                raise ClusterError(str(err).replace("--device", "--worker-device")) from None
         model = Path(model).resolve()
         Checkpoint(model)  # fails early, with a clear message, on a bad checkpoint
         if snapshot_dir is not None:
@@ -127,7 +134,7 @@ class LocalCluster:
             snapshot_dir.mkdir(parents=True, exist_ok=True)
         spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
-                           serve_grpc_port=serve_grpc_port, standby_workers=standby)
+                           serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device)
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),

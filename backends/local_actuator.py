@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class LocalActuator:
     def __init__(self, cluster_dir: Path, model: str, *, frontend_port: int, worker_threads: int = 1,
-                 grace: float = 5.0):
+                 grace: float = 5.0, worker_device: str = "cpu"):
         self.dir = Path(cluster_dir)
+        self.worker_device = worker_device
         self.model = model
         self.frontend_port = frontend_port
         self.worker_threads = worker_threads
@@ -45,7 +46,7 @@ class LocalActuator:
             stop(record, self.grace)  # half-started by a controller that died: start it afresh
         index = ["--index", str(self.dir / "index.json")] if (self.dir / "index.json").is_file() else []
         args = ["--checkpoint", self.model, *index, "--experts", "", "--worker-id", worker_id,
-                "--threads", str(self.worker_threads), "--grace", str(self.grace)]
+                "--threads", str(self.worker_threads), "--device", self.worker_device, "--grace", str(self.grace)]
         launcher = self._zygote_launcher(timeout) if os.environ.get("MOECLUSTER_ZYGOTE", "1") != "0" else None
         try:
             record = spawn(worker_id, "moecluster.workers.server", args, self.dir / "run", self.dir / "logs", timeout,

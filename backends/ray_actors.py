@@ -33,7 +33,7 @@ def node_host() -> str:
 class WorkerActor:
     """One expert worker: `moecluster.workers.server.WorkerServer` on this node."""
 
-    def __init__(self, index_json: str, worker_id: str, threads: int):
+    def __init__(self, index_json: str, worker_id: str, threads: int, device: str = "cpu"):
         import torch
         from moecluster.models.checkpoint import Checkpoint
         from moecluster.workers.server import WorkerServer
@@ -42,7 +42,8 @@ class WorkerActor:
             torch.set_num_threads(threads)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             f.write(index_json)  # the controller's checkpoint index: no transformers import here
-        self.server = WorkerServer(Checkpoint.from_index(f.name), [], host=node_host(), worker_id=worker_id).start()
+        self.server = WorkerServer(Checkpoint.from_index(f.name), [], host=node_host(), worker_id=worker_id,
+                                   device=device).start()
         os.unlink(f.name)
 
     def info(self) -> tuple[str, int]:

@@ -32,6 +32,7 @@ class RayActuator:
         self.worker_threads = worker_threads
         self.grace = grace
         self.serve_grpc_port = spec.serve_grpc_port
+        self.worker_device = spec.worker_device
         self.resources = {"num_cpus": spec.worker_num_cpus, "num_gpus": spec.worker_num_gpus,
                           "resources": dict(spec.worker_resources)}
 
@@ -59,7 +60,8 @@ class RayActuator:
         if handle is not None:
             return handle
         actor = WorkerActor.options(name=f"{self.name}/{worker_id}", namespace=NAMESPACE, lifetime="detached",
-                                    **self.resources).remote(self.index_json, worker_id, self.worker_threads)
+                                    **self.resources).remote(self.index_json, worker_id, self.worker_threads,
+                                                             self.worker_device)
         try:
             address, pid = ray.get(actor.info.remote(), timeout=timeout)
         except ACTOR_ERRORS:

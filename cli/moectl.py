@@ -53,7 +53,7 @@ def cmd_up(args) -> int:
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
-                        standby=args.standby)
+                        standby=args.standby, worker_device=args.worker_device)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--name", default="default", help="cluster name; several can run at once (default 'default')")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `moectl down`")
     up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
+    up.add_argument("--worker-device", default="cpu",
+                    help="where workers keep and compute their experts: cpu (default), cuda, cuda:N, or auto (a GPU "
+                         "where the worker sees one; with --backend ray, give workers GPUs through the spec)")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
     up.add_argument("--backend", choices=["local", "ray"], default="local",

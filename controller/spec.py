@@ -24,6 +24,9 @@ class ClusterSpec(BaseModel):
     rebalance_min_load: float = Field(50.0, ge=0.0, description="tokens/s below which load is noise, not a reason to move")
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs a worker asks of its scheduler (Ray, Kubernetes)")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs a worker asks of its scheduler")
+    worker_device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                               description="where workers keep and compute their experts: cpu, cuda, cuda:N, or auto "
+                               "(a GPU where the worker sees one)")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
     serve_grpc_port: int | None = Field(None, ge=1, le=65535, description="Ray backend: also serve the frontend "
                                         "through Serve's gRPC proxy on this port (Ray binds it on every interface)")

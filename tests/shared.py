@@ -9,8 +9,9 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 @contextlib.contextmanager
-def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]]):
-    """Starts one in-process WorkerServer (real gRPC on 127.0.0.1) per worker id in `placement`."""
+def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]], devices: dict[str, str] | None = None):
+    """Starts one in-process WorkerServer (real gRPC on 127.0.0.1) per worker id in `placement`
+    (on `devices[id]`, default the CPU)."""
     from moecluster.workers.server import WorkerServer
 
     ids = sorted({w for holders in placement.values() for w in holders})
@@ -18,7 +19,8 @@ def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]
     try:
         for worker_id in ids:
             keys = [k for k, holders in placement.items() if worker_id in holders]
-            servers[worker_id] = WorkerServer(checkpoint, keys, worker_id=worker_id).start()
+            device = (devices or {}).get(worker_id, "cpu")
+            servers[worker_id] = WorkerServer(checkpoint, keys, worker_id=worker_id, device=device).start()
         yield servers
     finally:
         for server in servers.values():

@@ -162,6 +162,8 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--workers", "0"], "--workers must be at least 1"),
     (["up", "--model", "{model}", "--port", "{busy}"], "is in use"),
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
+    (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),
+    (["up", "--model", "{model}", "--worker-device", "cuda:99"], "--worker-device cuda:99: "),  # no GPU, or too few
     (["down", "--name", "nothing"], "no cluster named 'nothing'"),
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),

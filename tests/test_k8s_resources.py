@@ -48,6 +48,18 @@ def test_worker_pod_is_owned_restricted_and_mounts_the_model():
     assert spec["restartPolicy"] == "Never"  # a dead worker is replaced by a new one, never restarted empty
 
 
+def test_a_worker_that_asks_for_a_gpu_keeps_its_experts_on_it_unless_told_otherwise():
+    def device(worker):
+        args = r.worker_pod(resource(worker=worker), "worker-0", default_image="")["spec"]["containers"][0]["args"]
+        return args[args.index("--device") + 1], r.cluster_spec(resource(worker=worker)).worker_device
+
+    assert device(SPEC["worker"]) == ("cuda", "cuda")
+    assert device({"resources": {"requests": {"cpu": "2"}}}) == ("cpu", "cpu")
+    assert device({**SPEC["worker"], "device": "cpu"}) == ("cpu", "cpu")
+    with pytest.raises(ValidationError, match="worker_device"):
+        r.cluster_spec(resource(worker={"device": "tpu"}))
+
+
 def test_image_falls_back_to_the_operators_and_is_required():
     spec = {k: v for k, v in SPEC.items() if k != "image"}
     pod = r.worker_pod(r.Resource("ml", "m", "u", spec), "worker-0", default_image="registry/moecluster:1")

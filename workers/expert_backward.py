@@ -20,12 +20,13 @@ def expert_backward(snapshot: LayerExperts, hidden_states: torch.Tensor, local_i
     """hidden_states (T, H), local_index (T, K) slots or -1, top_k_weights (T, K), grad_output (T, H),
     primary (T, K) bool -> (grad_hidden (T, H), grad_weights (T, K), {expert: (grad gate_up, grad down)})
     for every held expert with at least one slot in the request."""
-    dtype = snapshot.gate_up.dtype
-    x = hidden_states.to(dtype).detach().requires_grad_()
-    w = top_k_weights.to(dtype).detach().requires_grad_()
+    dtype, device = snapshot.gate_up.dtype, snapshot.gate_up.device  # computed where the weights live
+    x = hidden_states.to(device, dtype).detach().requires_grad_()
+    w = top_k_weights.to(device, dtype).detach().requires_grad_()
     gate_up = snapshot.gate_up.detach().requires_grad_()
     down = snapshot.down.detach().requires_grad_()
-    grad = grad_output.to(dtype)
+    grad = grad_output.to(device, dtype)
+    primary, local_index = primary.to(device), local_index.to(device)
     first = torch.where(primary, local_index, -1)
     with torch.enable_grad():
         if bool((local_index >= 0).any()):  # weight gradients over every slot, in one pass
@@ -39,4 +40,5 @@ def expert_backward(snapshot: LayerExperts, hidden_states: torch.Tensor, local_i
     for expert, slot in zip(snapshot.experts, snapshot.slots):
         if slot in used:
             grads[expert] = (gate_up.grad[slot].clone(), down.grad[slot].clone())
-    return grad_x.to(hidden_states.dtype), (grad_w * primary).to(top_k_weights.dtype), grads
+    return (grad_x.to(hidden_states.device, hidden_states.dtype),
+            (grad_w * primary).to(top_k_weights.device, top_k_weights.dtype), grads)

@@ -69,9 +69,10 @@ class Reservation:
 
 
 class ExpertStore:
-    def __init__(self, num_experts: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_experts: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.num_experts = num_experts
         self.dtype = dtype
+        self.device = torch.device(device)  # where the buffers live; slot maps stay on the CPU (index arithmetic)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a reservation ended
         self._buffers: dict[int, _Layer] = {}
@@ -243,8 +244,8 @@ class ExpertStore:
                 return buf
         old = buf.gate_up.shape[0] if buf is not None else 0
         size = max(MIN_SLOTS, old + need, old + old // 2)
-        gate_up = torch.empty((size, *shapes[0]), dtype=self.dtype)
-        down = torch.empty((size, *shapes[1]), dtype=self.dtype)
+        gate_up = torch.empty((size, *shapes[0]), dtype=self.dtype, device=self.device)
+        down = torch.empty((size, *shapes[1]), dtype=self.dtype, device=self.device)
         if buf is None:
             buf = self._buffers[layer] = _Layer(gate_up, down, {}, [], [], {})
         else:  # readers of the old buffers keep them; nothing of theirs is overwritten

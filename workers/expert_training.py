@@ -63,7 +63,7 @@ Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # exp_a
 def digest(*tensors: torch.Tensor) -> int:
     h = xxhash.xxh3_64()
     for t in tensors:
-        h.update(t.detach().contiguous().view(torch.uint8).numpy())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy())
     return h.intdigest()
 
 
@@ -171,7 +171,7 @@ class ExpertTraining:
             if moments is None:
                 self._moments.pop(key, None)
             else:
-                self._moments[key] = tuple(m.float().clone() for m in moments)
+                self._moments[key] = tuple(m.to(self.store.device, torch.float32, copy=True) for m in moments)
 
     def forget(self, keys: list[Key]) -> None:
         with self.lock:

@@ -28,6 +28,7 @@ from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
+from moecluster.workers.devices import resolve_device
 from moecluster.workers.service import ExpertWorkerService, expert_keys
 
 
@@ -36,11 +37,12 @@ class WorkerServer:
 
     def __init__(self, checkpoint: str | Path | Checkpoint, experts: list[tuple[int, int]], *, host: str = "127.0.0.1",
                  port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8,
-                 bulk_port: int = 0):
+                 bulk_port: int = 0, device: str | torch.device = "cpu"):
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint(checkpoint)
         self.bulk = BulkSender(host, bulk_port)  # started with the server: expert copies to peers
-        self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype, bulk=self.bulk)
+        self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype, device=resolve_device(device),
+                                           bulk=self.bulk)
         self.service.load_from_checkpoint(experts)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     parser.add_argument("--worker-id", default=f"worker-{os.getpid()}")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu",
+                        help="where the experts live and compute: cpu (default), cuda, cuda:N, or auto (a GPU if "
+                             "torch sees one). On CUDA the Triton kernels run; requests still travel as CPU bytes")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
@@ -94,15 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        device = resolve_device(args.device)  # before the checkpoint is read: a wrong device fails at once
         checkpoint = Checkpoint.from_index(args.index) if args.index else Checkpoint(args.checkpoint)
         worker = WorkerServer(checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
-                              worker_id=args.worker_id, dtype=DTYPES[args.dtype], bulk_port=args.bulk_port).start()
+                              worker_id=args.worker_id, dtype=DTYPES[args.dtype], bulk_port=args.bulk_port,
+                              device=device).start()
         metrics = serve_metrics(worker.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")
     stopped = stop_signal()
     announce_ready(args.ready_file, worker.address, id=args.worker_id, **({"metrics": metrics.address} if metrics else {}))
-    print(f"worker {args.worker_id} serving {len(worker.service.store.held())} experts on {worker.address}", flush=True)
+    print(f"worker {args.worker_id} serving {len(worker.service.store.held())} experts on {worker.address} "
+          f"({worker.service.store.device})", flush=True)
     stopped.wait()
     worker.stop(args.grace)
     if metrics:

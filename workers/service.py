@@ -41,12 +41,12 @@ _LOG = logging.getLogger(__name__)
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def __init__(self, checkpoint: Checkpoint, *, worker_id: str, dtype: torch.dtype = torch.float32,
-                 bulk: BulkSender | None = None):
+                 device: torch.device | str = "cpu", bulk: BulkSender | None = None):
         self.checkpoint = checkpoint
         self.bulk = bulk  # None: peers copy through the ExportExpert stream only
         self.geometry = checkpoint.geometry
         self.worker_id = worker_id
-        self.store = ExpertStore(self.geometry.num_experts, dtype)
+        self.store = ExpertStore(self.geometry.num_experts, dtype, device)
         self.training = ExpertTraining(self.store)
         self.health = health.HealthServicer()
         self.epoch = 0
@@ -69,12 +69,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def warm_up(self) -> None:
         """One expert computation on dummy weights, so that the first real request does not pay
         for the kernel path's first-call set-up (thread pool, allocator): ~10 ms on a fresh worker."""
-        g = self.geometry
+        g, like = self.geometry, {"dtype": self.store.dtype, "device": self.store.device}
         with torch.no_grad():
-            fused_experts(torch.zeros(2, g.hidden, dtype=self.store.dtype),
-                          torch.zeros(1, 2 * g.intermediate, g.hidden, dtype=self.store.dtype),
-                          torch.zeros(1, g.hidden, g.intermediate, dtype=self.store.dtype),
-                          torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=self.store.dtype))
+            fused_experts(torch.zeros(2, g.hidden, **like), torch.zeros(1, 2 * g.intermediate, g.hidden, **like),
+                          torch.zeros(1, g.hidden, g.intermediate, **like),
+                          torch.zeros(2, 1, dtype=torch.long, device=self.store.device), torch.ones(2, 1, **like))
 
     def load_from_checkpoint(self, keys: list[tuple[int, int]]) -> int:
         """Reads `keys` from the checkpoint (only their tensors) and holds them; returns bytes read."""
@@ -122,14 +121,15 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
                 output = torch.zeros_like(inputs.hidden_states)
             else:
+                device, dtype = self.store.device, self.store.dtype  # requests arrive and leave on the CPU
                 with torch.no_grad():
                     output = fused_experts(
-                        inputs.hidden_states.to(self.store.dtype),
+                        inputs.hidden_states.to(device, dtype),
                         snapshot.gate_up,
                         snapshot.down,
-                        local,
-                        inputs.top_k_weights.to(self.store.dtype),
-                    ).to(inputs.hidden_states.dtype)
+                        local.to(device),
+                        inputs.top_k_weights.to(device, dtype),
+                    ).to("cpu", inputs.hidden_states.dtype)
         self._record(inputs.layer, inputs.top_k_index, time.perf_counter() - start)
         return worker_pb2.ForwardResponse(output=encode(output), epoch=self.epoch)
 
@@ -322,6 +322,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         for channel in peers:
             channel.close()
 
+    def _receive_into(self, reservation) -> list[torch.Tensor] | None:
+        """The slot itself where the side channel can write into it (host memory); else None: the bytes
+        land in host memory and are copied onto the device."""
+        return [reservation.gate_up, reservation.down] if self.store.device.type == "cpu" else None
+
     def _held(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         try:
             gate_up, down = self.store.get(*key)
@@ -356,8 +361,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 return worker_pb2.PullExpertResponse(bytes=0, seconds=time.perf_counter() - start)
             try:
                 sent, tensors, version, size = _fetch_expert(self._peer(request.source), request.source, request.expert,
-                                                             limit, deadline,
-                                                             into=[reservation.gate_up, reservation.down])
+                                                             limit, deadline, into=self._receive_into(reservation))
                 gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
                 if gate_up.data_ptr() != reservation.gate_up.data_ptr():  # came another way (stream, other dtype)
                     reservation.gate_up.copy_(gate_up)

@@ -50,9 +50,9 @@ def file_name(layer: int, expert: int) -> str:
 
 
 def write_expert(directory: str | Path, state: ExpertState) -> FileInfo:
-    tensors = {"gate_up_proj": state.gate_up.contiguous(), "down_proj": state.down.contiguous()}
+    tensors = {"gate_up_proj": state.gate_up.to("cpu").contiguous(), "down_proj": state.down.to("cpu").contiguous()}
     if state.moments is not None:
-        tensors |= {name: m.contiguous() for name, m in zip(MOMENT_NAMES, state.moments)}
+        tensors |= {name: m.to("cpu").contiguous() for name, m in zip(MOMENT_NAMES, state.moments)}
     meta = {"layer": str(state.layer), "expert": str(state.expert), "version": str(state.version)}
     data = save_bytes(tensors, metadata=meta)
     name = file_name(state.layer, state.expert)

@@ -30,9 +30,11 @@ import kopf
 from kubernetes import config as kube_config
 from moecluster.backends import k8s_resources as r
 from moecluster.backends.k8s_actuator import KubernetesActuator
+from moecluster.controller.metrics import ControllerMetrics, Sample, exposition
 from moecluster.controller.router import ControllerRouter
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
+from moecluster.observability.prometheus import serve_metrics
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from pydantic import ValidationError
 
@@ -284,6 +286,26 @@ def _cleanup(**_) -> None:
 # -- the process ------------------------------------------------------------------------------
 
 
+def operator_metrics(clusters: dict[str, ControllerMetrics | None]) -> str:
+    """/metrics of the operator: each cluster's controller metrics labelled cluster="NAMESPACE/NAME" (None:
+    its controller has not started yet), and how many clusters it runs."""
+    def gauge(name: str, value: float, **labels: str) -> Sample:
+        return Sample(name, "gauge", name, labels, value)
+
+    samples = [gauge("moecluster_operator_clusters", len(clusters))]
+    samples += [gauge("moecluster_operator_cluster_started", int(m is not None), cluster=k) for k, m in sorted(clusters.items())]
+    for key, metrics in sorted(clusters.items()):
+        samples += metrics.samples(cluster=key) if metrics is not None else []
+    return exposition(samples)
+
+
+def _render_metrics() -> str:
+    with RUNNERS_LOCK:
+        runners = dict(RUNNERS)
+    return operator_metrics({k: r.controller.metrics if r.controller else None for k, r in runners.items()})
+
+
+
 def serve_controllers(host: str, port: int) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), handlers=[ROUTER])
     if server.add_insecure_port(f"{host}:{port}") == 0:
@@ -306,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="image of workers and frontends when a MoECluster names none (env MOECLUSTER_DEFAULT_IMAGE)")
     parser.add_argument("--liveness-port", type=int, default=8080, help="kopf's /healthz port (0: off)")
     parser.add_argument("--liveness-host", default="0.0.0.0")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="Prometheus /metrics of every cluster's controller, labelled by cluster (0: off)")
+    parser.add_argument("--metrics-host", default="0.0.0.0")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -318,11 +343,17 @@ def main(argv: list[str] | None = None) -> None:
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # outside a cluster: $KUBECONFIG or ~/.kube/config
     server = serve_controllers(args.controller_host, args.controller_port)
+    try:
+        metrics = serve_metrics(_render_metrics, args.metrics_port, args.metrics_host) if args.metrics_port else None
+    except OSError as err:
+        raise SystemExit(f"moecluster-operator: cannot serve /metrics on {args.metrics_host}:{args.metrics_port}: {err}")
     liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
     try:
         kopf.run(standalone=True, clusterwide=not args.namespace, namespaces=args.namespace, liveness_endpoint=liveness)
     finally:
         server.stop(2).wait()
+        if metrics is not None:
+            metrics.stop()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
+
+from moecluster.observability.prometheus import format_value, label_set
 
 
 class ControllerMetrics:
@@ -52,22 +55,45 @@ class ControllerMetrics:
         with self._lock:
             return dict(self._bytes)
 
+    def samples(self, **labels: str) -> list[Sample]:
+        """Every value as (family, type, sample name, labels), each with `labels` added."""
+        def row(family, kind, value, name="", **own):
+            return Sample(family, kind, name or family, {**labels, **own}, value)
+
+        with self._lock:
+            out = [row("moecluster_epoch", "gauge", self._epoch)]
+            out += [row("moecluster_bytes_moved_total", "counter", v, source=k) for k, v in sorted(self._bytes.items())]
+            for step, (count, seconds) in sorted(self._steps.items()):
+                out += [row("moecluster_step_seconds", "summary", count, "moecluster_step_seconds_count", step=step),
+                        row("moecluster_step_seconds", "summary", seconds, "moecluster_step_seconds_sum", step=step)]
+            for family, (count, seconds) in (("moecluster_migration_seconds", self._migrations),
+                                             ("moecluster_scale_seconds", self._scales)):
+                out += [row(family, "summary", count, family + "_count"), row(family, "summary", seconds, family + "_sum")]
+            out += [row(f"moecluster_{name}", "gauge", value) for name, value in sorted(self._gauges.items())]
+        return out
+
     def render(self) -> str:
         """Prometheus text exposition format."""
-        with self._lock:
-            lines = ["# TYPE moecluster_epoch gauge", f"moecluster_epoch {self._epoch}",
-                     "# TYPE moecluster_bytes_moved_total counter"]
-            lines += [f'moecluster_bytes_moved_total{{source="{k}"}} {v}' for k, v in sorted(self._bytes.items())]
-            lines += ["# TYPE moecluster_step_seconds summary"]
-            for step, (count, seconds) in sorted(self._steps.items()):
-                lines += [f'moecluster_step_seconds_count{{step="{step}"}} {count}',
-                          f'moecluster_step_seconds_sum{{step="{step}"}} {seconds:.6f}']
-            lines += ["# TYPE moecluster_migration_seconds summary",
-                      f"moecluster_migration_seconds_count {self._migrations[0]}",
-                      f"moecluster_migration_seconds_sum {self._migrations[1]:.6f}",
-                      "# TYPE moecluster_scale_seconds summary",
-                      f"moecluster_scale_seconds_count {self._scales[0]}",
-                      f"moecluster_scale_seconds_sum {self._scales[1]:.6f}"]
-            for name, value in sorted(self._gauges.items()):
-                lines += [f"# TYPE moecluster_{name} gauge", f"moecluster_{name} {value}"]
-        return "\n".join(lines) + "\n"
+        return exposition(self.samples())
+
+
+@dataclass(frozen=True)
+class Sample:
+    family: str
+    kind: str  # gauge, counter, summary
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def exposition(samples: list[Sample]) -> str:
+    """Prometheus text format: each family once, with its TYPE line, its samples together (as the
+    format requires, also where several controllers' samples are merged)."""
+    families: dict[str, list[Sample]] = {}
+    for sample in samples:
+        families.setdefault(sample.family, []).append(sample)
+    lines = []
+    for family, rows in families.items():
+        lines.append(f"# TYPE {family} {rows[0].kind}")
+        lines += [f"{r.name}{label_set(r.labels.items())} {format_value(r.value)}" for r in rows]
+    return "\n".join(lines) + "\n"

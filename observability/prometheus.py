@@ -81,7 +81,7 @@ class Metric:
         if not self.labels and not values:
             values = [((), 0)]  # an unlabelled metric is always there, 0 until it moves
         for key, value in values:
-            lines.append(f"{self.name}{_labels(zip(self.labels, key))} {format_value(value)}")
+            lines.append(f"{self.name}{label_set(zip(self.labels, key))} {format_value(value)}")
         return lines
 
 
@@ -125,7 +125,7 @@ def format_value(value: float) -> str:
     return repr(float(value))
 
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+def label_set(pairs: Iterable[tuple[str, str]]) -> str:
     body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs)
     return f"{{{body}}}" if body else ""
 

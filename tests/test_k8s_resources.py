@@ -162,3 +162,27 @@ def test_router_sends_each_call_to_the_cluster_it_names():
             assert router.clusters() == ["ml/b"]
     finally:
         server.stop(0)
+
+
+def test_operator_metrics_label_each_cluster_and_keep_every_family_together():
+    from moecluster.backends.k8s_operator import operator_metrics
+    from moecluster.controller.metrics import ControllerMetrics
+    from moecluster.observability.prometheus import parse
+
+    a, b = ControllerMetrics(), ControllerMetrics()
+    a.epoch(4)
+    b.epoch(9)
+    a.bytes_moved("peer", 100)
+    b.step_seconds("PullExpert", 0.5)
+    text = operator_metrics({"ml/a": a, "ml/b": b, "ml/starting": None})
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types)), "one TYPE line per family"
+    names = [line.split("{")[0].split()[0] for line in text.splitlines() if not line.startswith("#")]
+    families = [n.removesuffix("_count").removesuffix("_sum") for n in names]  # a summary's two series
+    runs = [f for i, f in enumerate(families) if i == 0 or f != families[i - 1]]
+    assert len(runs) == len(set(runs)), f"a family's samples are not together: {runs}"
+    samples = {(n, labels.get("cluster")): v for n, labels, v in parse(text) if "step" not in labels}
+    assert samples[("moecluster_epoch", "ml/a")] == 4 and samples[("moecluster_epoch", "ml/b")] == 9
+    assert samples[("moecluster_operator_clusters", None)] == 3
+    assert samples[("moecluster_operator_cluster_started", "ml/starting")] == 0
+    assert samples[("moecluster_bytes_moved_total", "ml/a")] == 100

@@ -21,6 +21,7 @@ class Operator:
 
     def __init__(self, kubeconfig: Path, log: Path):
         self.kubeconfig, self.log, self.port, self.proc = kubeconfig, log, free_port(), None
+        self.metrics_port = free_port()
         self.args: tuple[str, ...] = ()
 
     @property
@@ -36,6 +37,7 @@ class Operator:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moecluster.backends.k8s_operator", "--controller-host", "127.0.0.1",
                  "--controller-port", str(self.port), "--controller-address", self.address, "--liveness-port", "0",
+                 "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                  "--default-image", "moecluster:test", *self.args], env=env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 

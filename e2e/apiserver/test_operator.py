@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,14 @@ def test_kubectl_scale_up_and_down_under_load(moe):
         moe.wait_ready(2)
     assert_clean(load.report)
     assert len(moe.worker_pods()) == 2
+    from moecluster.observability.prometheus import parse
+
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{moe.operator.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {(name, labels.get("cluster", ""), labels.get("step", "")): v for name, labels, v in parse(scraped)}
+    key = f"{NS}/{NAME}"
+    assert samples[("moecluster_operator_clusters", "", "")] == 1
+    assert samples[("moecluster_epoch", key, "")] >= 3 and samples[("moecluster_scale_seconds_count", key, "")] >= 0
+    assert samples[("moecluster_step_seconds_count", key, "PullExpert")] >= 1, "the scale-up copied experts"
 
 
 def test_kubectl_delete_worker_pod_under_load(moe):

@@ -184,10 +184,11 @@ class Dispatcher:
             grad_w.index_add_(0, rows, part_w)
 
     def apply_update(self, request: worker_pb2.ApplyUpdateRequest,
-                     contributions: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], list[worker_pb2.UpdateAck]]:
+                     contributions: dict[tuple[int, int], list[int]]
+                     ) -> dict[tuple[int, int], dict[str, worker_pb2.UpdateAck | None]]:
         """Sends the step's update to every holder of every expert in the table (each gets its own
-        experts' contribution lists) -> {expert: acknowledgements of the holders that answered}. A holder
-        that is gone or refuses is left out (logged); the caller checks every expert has an answer."""
+        experts' contribution lists) -> {expert: {holder: its acknowledgement, None where it is gone or
+        refused (logged)}}; the caller checks every expert has an answer."""
         table = self._table
         calls = {}
         for worker_id, address in table.workers.items():
@@ -203,11 +204,12 @@ class Dispatcher:
                 calls[worker_id] = self._stub(address).ApplyUpdate.future(message, timeout=self.timeout)
             except ValueError:  # left the table since `table` was read: its channel is closed
                 log.warning("update of step %d not sent to %s: it left the table", request.step, worker_id)
-        acks: dict[tuple[int, int], list[worker_pb2.UpdateAck]] = {k: [] for k in table.replicas}
+        acks: dict[tuple[int, int], dict[str, worker_pb2.UpdateAck | None]] = {
+            k: dict.fromkeys(holders) for k, holders in table.replicas.items()}
         for worker_id, call in calls.items():
             try:
                 for ack in call.result().acks:
-                    acks[(ack.expert.layer, ack.expert.expert)].append(ack)
+                    acks[(ack.expert.layer, ack.expert.expert)][worker_id] = ack
             except grpc.RpcError as err:
                 log.warning("update of step %d not applied on %s: %s: %s", request.step, worker_id, err.code().name,
                             err.details())

@@ -66,6 +66,7 @@ class TrainingSession:
             raise TrainingError(f"no routing table from the controller at {controller} within {timeout:.0f}s")
         self.step = self._committed_version() + 1  # the step the next update applies
         self.attempt = 0
+        self.resynced = 0  # replicas that missed an update and copied it from a peer
         self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
         self._calls: dict[int, int] = {}  # layer -> backward calls in this attempt
 
@@ -139,17 +140,41 @@ class TrainingSession:
             step=self.step, session=self.id, attempt=self.attempt,
             adamw=worker_pb2.AdamW(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay))
         acks = self.dispatcher.apply_update(request, self._contributions)
-        missing = sorted(k for k, a in acks.items() if not a)
+        current = {k: [w for w, a in by_worker.items() if a is not None and a.version == self.step]
+                   for k, by_worker in acks.items()}
+        missing = sorted(k for k, holders in current.items() if not holders)
         if missing:
             raise TrainingError(f"step {self.step}: no holder of experts {missing[:8]} applied the update")
-        digests = {k: {a.digest for a in a_list if a.version == self.step and a.digest} for k, a_list in acks.items()}
+        digests = {k: {a.digest for a in by_worker.values() if a is not None and a.version == self.step and a.digest}
+                   for k, by_worker in acks.items()}
         diverged = sorted(k for k, d in digests.items() if len(d) > 1)
         if diverged:
             log.warning("step %d: replicas of experts %s hold different weights", self.step, diverged[:8])
+        self._resync({(k, w): current[k][0] for k, by_worker in acks.items() for w in by_worker if w not in current[k]})
         self.step += 1
         self.attempt = 0
         self._contributions, self._calls = {}, {}
         return acks
+
+    def _resync(self, behind: dict[tuple[tuple[int, int], str], str]) -> None:
+        """Replicas that did not apply the step (a lost gradient contribution, a refusal) would serve and
+        train on older weights from now on: each copies the expert's new state from a holder that applied it
+        (atomically, at this step boundary). One that cannot be reached is left to the controller."""
+        unreachable: set[str] = set()
+        for (key, worker_id), source in sorted(behind.items()):
+            if worker_id in unreachable:
+                continue
+            try:
+                request = worker_pb2.PullExpertRequest(expert=worker_pb2.ExpertKey(layer=key[0], expert=key[1]),
+                                                       source=self.dispatcher.table.workers[source], refresh=True)
+                self.dispatcher.stub(worker_id).PullExpert(request, timeout=self.timeout)
+                self.resynced += 1
+                log.warning("step %d: %s missed the update of expert %s; copied it from %s", self.step, worker_id, key,
+                            source)
+            except (grpc.RpcError, KeyError, ValueError) as err:
+                unreachable.add(worker_id)  # dead or gone: the controller replaces it; no wait per expert
+                log.warning("step %d: %s missed the update of expert %s and could not copy it from %s: %s", self.step,
+                            worker_id, key, source, err.code().name if isinstance(err, grpc.RpcError) else err)
 
     def end_step(self) -> None:
         self.gate.leave()

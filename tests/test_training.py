@@ -146,6 +146,70 @@ def test_duplicated_and_reordered_messages_change_nothing(cluster, reference, tm
     assert_matches(rows, reference, 10, tmp_path / "run" / "final")
 
 
+class LoseOneBackward(grpc.UnaryUnaryClientInterceptor):
+    """On the channels to one worker, fails its `nth` Backward call as a network blip would (never sent)."""
+
+    def __init__(self, nth: int):
+        self.nth, self.calls, self.lost = nth, 0, 0
+
+    def intercept_unary_unary(self, continuation, details, request):
+        if details.method.endswith("/Backward"):
+            self.calls += 1
+            if self.calls == self.nth:
+                self.lost += 1
+                raise _Unavailable()
+        return continuation(details, request)
+
+
+class _Unavailable(grpc.RpcError, grpc.Future):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "injected: connection reset"
+
+    def result(self, timeout=None):
+        raise self
+
+    def exception(self, timeout=None):
+        return self
+
+    def cancel(self):
+        return False
+
+    def cancelled(self):
+        return False
+
+    def running(self):
+        return False
+
+    def done(self):
+        return True
+
+    def traceback(self, timeout=None):
+        return None
+
+    def add_done_callback(self, fn):
+        fn(self)
+
+
+def test_a_replica_that_missed_a_gradient_copies_the_update_and_never_serves_stale_weights(cluster, reference, tmp_path,
+                                                                                         monkeypatch):
+    c = cluster("resync", workers=2, replicas=2)  # every expert on both workers
+    victim = serving(c.status())[1]["address"]
+    blip = LoseOneBackward(nth=5)  # step 3's first layer: that worker's gradient of it never arrives
+    plain = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda address, *a, **k: grpc.intercept_channel(
+        plain(address, *a, **k), blip) if address == victim else plain(address, *a, **k))
+    rows = train(c.status()["controller"], c.info()["model"], steps=10, batch=BATCH, seq=SEQ, lr=LR, seed=SEED,
+                 out=tmp_path / "run", progress=lambda line: None)
+    monkeypatch.undo()
+    assert blip.lost == 1
+    assert_matches(rows, reference, 10, tmp_path / "run" / "final")
+    with TrainingSession(c.status()["controller"]) as session:  # without the copy that worker stays at version 2
+        assert set(session.versions().values()) == {10}
+
+
 def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cluster, tmp_path, path):
     c = cluster("restore", workers=3, replicas=1, snapshot_dir=tmp_path / "snaps")
     with TrainingSession(c.status()["controller"]) as session:

@@ -205,3 +205,28 @@ def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
                               timeout=TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS and "refused" in err.value.details()
     assert all(torch.equal(x, y) for x, y in zip(exported(worker, 2)[:2], before))
+
+
+def test_a_replica_that_missed_an_update_is_refreshed_from_a_peer_atomically(qwen3):
+    with running_workers(qwen3, {(LAYER, e): ("a", "b") for e in EXPERTS}) as servers:
+        ca, a = stub_for(servers["a"])
+        cb, b = stub_for(servers["b"])
+        with ca, cb:
+            hidden, index, top_w, grad = batch(1)
+            backward(a, hidden, index, top_w, grad, step=1)  # b's gradient is lost on the way
+            update(a, 1, {e: [0] for e in used(index)})
+            with pytest.raises(grpc.RpcError) as refused:
+                update(b, 1, {e: [0] for e in used(index)})
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            pull = worker_pb2.PullExpertRequest(expert=keys((LAYER, 3))[0], source=servers["a"].address)
+            assert b.PullExpert(pull, timeout=TIMEOUT_S).bytes == 0 and exported(b, 3)[2].version == 0  # held: no-op
+            pull.refresh = True
+            assert b.PullExpert(pull, timeout=TIMEOUT_S).bytes > 0
+            (gate_up, down, state), (want_gate_up, want_down, want) = exported(b, 3), exported(a, 3)
+            assert state.version == want.version == 1
+            assert torch.equal(gate_up, want_gate_up) and torch.equal(down, want_down)
+            assert [m.data for m in state.optimizer_state] == [m.data for m in want.optimizer_state] != []
+            assert b.PullExpert(pull, timeout=TIMEOUT_S).bytes == 0, "as new as the source: nothing to copy"
+            back = worker_pb2.PullExpertRequest(expert=keys((LAYER, 4))[0], source=servers["b"].address, refresh=True)
+            assert a.PullExpert(back, timeout=TIMEOUT_S).bytes == 0 and exported(a, 4)[2].version == 1, \
+                "an older source never replaces a newer copy"

@@ -322,6 +322,21 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         for channel in peers:
             channel.close()
 
+    def _refresh(self, key: tuple[int, int], source: str, expert: worker_pb2.ExpertKey, limit: int,
+                 deadline: float) -> int:
+        """Replaces a held copy with the source's when the source's is newer (copy on write: readers keep
+        the old weights whole); returns the bytes copied, 0 when ours is as new."""
+        sent, tensors, version, size = _fetch_expert(self._peer(source), source, expert, limit, deadline)
+        gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
+        with self.training.lock:
+            if version <= self.store.version(*key):
+                return 0
+            self.store.replace(*key, gate_up, down, version)
+            self.training.adopt(key, moments)
+        with self._lock:
+            self.bytes_pulled += size
+        return size
+
     def _receive_into(self, reservation) -> list[torch.Tensor] | None:
         """The slot itself where the side channel can write into it (host memory); else None: the bytes
         land in host memory and are copied onto the device."""
@@ -343,14 +358,15 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             if not request.source:
                 raise invalid("source: empty; give the host:port of a worker that holds the expert")
-            if self.store.holds(*key):
-                self._observe_epoch(request.epoch)
-                return worker_pb2.PullExpertResponse(bytes=0, seconds=0.0)
             start = time.perf_counter()
             remaining = context.time_remaining()  # never outlive the caller's deadline
             deadline = PULL_DEADLINE_S if remaining is None else min(PULL_DEADLINE_S, remaining)
             g = self.geometry
             limit = g.hidden * g.intermediate * 3 * 8 * 3 + 4096  # weights and two moments, 8-byte worst case
+            if self.store.holds(*key):
+                size = self._refresh(key, request.source, request.expert, limit, deadline) if request.refresh else 0
+                self._observe_epoch(request.epoch)
+                return worker_pb2.PullExpertResponse(bytes=size, seconds=time.perf_counter() - start if size else 0.0)
             shapes = ((2 * g.intermediate, g.hidden), (g.hidden, g.intermediate))
             try:  # receive straight into a slot readers cannot see yet; a concurrent pull of it is waited for
                 reservation = self.store.reserve(*key, shapes, wait_s=deadline)

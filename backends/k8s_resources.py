@@ -284,7 +284,7 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
     return {
         **base, "readyReplicas": len(serving), "epoch": status["epoch"], "placement": placement_summary(status),
         "workers": [{"id": w["id"], "pod": worker_pod_name(resource, w["id"]), "state": w["state"],
-                     "experts": len(w["experts"])} for w in status["workers"]],
+                     "experts": len(w["experts"]), "device": w.get("device", "")} for w in status["workers"]],
         "conditions": [
             condition("Ready", ready, "Serving" if ready else "Converging",
                       f"{len(serving)} workers serving at epoch {status['epoch']}", gen, old, now),

@@ -240,8 +240,8 @@ class LocalCluster:
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],
             "workers": [{"id": w.id, "address": w.address, "pid": w.pid, "state": w.state,
-                         "experts": [[l, e] for l, e in zip(w.experts[::2], w.experts[1::2])], "load": w.load}
-                        for w in s.workers],
+                         "experts": [[l, e] for l, e in zip(w.experts[::2], w.experts[1::2])], "load": w.load,
+                         "device": w.device} for w in s.workers],
         }
 
     def _stream(self, call: str, request, timeout: float) -> Iterator[str]:

@@ -59,8 +59,9 @@ def format_status(obj: dict) -> str:
         lines.append(f"  {c['type']:<9} {c['status']:<5} {c.get('reason', '')}{detail}")
     workers = status.get("workers", [])
     if workers:
-        lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} EXPERTS")
-        lines += [f"  {w['id']:<12} {w.get('pod', ''):<32} {w.get('state', ''):<10} {w.get('experts', 0)}" for w in workers]
+        lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} {'EXPERTS':<8} DEVICE")
+        lines += [f"  {w['id']:<12} {w.get('pod', ''):<32} {w.get('state', ''):<10} {w.get('experts', 0):<8} "
+                  f"{w.get('device') or '?'}" for w in workers]
     action = status.get("lastAction")
     if action:
         lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())

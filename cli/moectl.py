@@ -96,7 +96,7 @@ def cmd_status(args) -> int:
           f"imbalance {doc['imbalance']:.2f}  {state}")
     for w in doc["workers"]:
         print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
-              f"  {w['load']:>9.1f} tokens/s")
+              f" on {w.get('device') or '?':<7} {w['load']:>9.1f} tokens/s")
     if doc["step"]:
         print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
     for r in doc["rollbacks"]:

@@ -33,6 +33,7 @@ class _Tracked:
         self.held: frozenset[ExpertKey] = frozenset()
         self.versions: dict[ExpertKey, int] = {}
         self.epoch = 0
+        self.device = ""
         self.last_ok = time.monotonic()
         self.refused_since: float | None = None  # first of an unbroken run of UNAVAILABLE answers
         self.removed = False  # set by remove(): its threads stop touching it
@@ -97,7 +98,7 @@ class WorkerMonitor:
         with self._lock:
             workers = {
                 w: WorkerObservation(w, t.handle.address, t.handle.pid, t.state, t.held, t.epoch, dict(t.rates),
-                                     dict(t.versions))
+                                     dict(t.versions), t.device)
                 for w, t in self._workers.items()
             }
         return Observed(workers, self.experts, self.next_index)
@@ -173,6 +174,7 @@ class WorkerMonitor:
             tracked.newest_recorded = sequence
             changed = state != tracked.state or held != tracked.held
             tracked.state, tracked.held, tracked.epoch, tracked.last_ok = state, held, stats.epoch, now
+            tracked.device = stats.device
             tracked.versions = {(k.layer, k.expert): v for k, v in zip(stats.held, stats.versions)}
             tracked.refused_since = None
             self._update_rates(tracked, stats, now)

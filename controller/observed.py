@@ -31,6 +31,7 @@ class WorkerObservation:
     epoch: int = 0
     load: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s per expert, recent window
     versions: dict[ExpertKey, int] = field(default_factory=dict)  # training updates applied, per held expert
+    device: str = ""  # where its experts live, as the worker says ("" before its first answer)
 
 
 def worker_index(worker_id: str) -> int:

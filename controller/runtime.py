@@ -251,7 +251,7 @@ class Controller:
             spare = obs.state == WorkerState.SERVING and worker_id not in pool
             workers.append({
                 "id": worker_id, "address": obs.address, "pid": obs.pid, "state": "standby" if spare else obs.state.value,
-                "experts": sorted([list(k) for k in obs.held]),
+                "experts": sorted([list(k) for k in obs.held]), "device": obs.device,
                 "load": sum(obs.load.values()),
             })
         return {

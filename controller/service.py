@@ -34,7 +34,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             imbalance=s["imbalance"], frontends=s["frontends"], step=s["step"], snapshot=s["snapshot"],
             rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
-                                               experts=[v for k in w["experts"] for v in k], load=w["load"])
+                                               experts=[v for k in w["experts"] for v in k], load=w["load"],
+                                               device=w["device"])
                      for w in s["workers"]])
 
     def Scale(self, request, context):

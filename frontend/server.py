@@ -101,6 +101,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                     stats = worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=2.0)
                 status.pid = stats.pid
                 status.state = "draining" if stats.draining else "serving"
+                status.device = stats.device
                 status.experts.extend(v for k in stats.held for v in (k.layer, k.expert))
             except grpc.RpcError:
                 pass

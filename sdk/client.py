@@ -33,6 +33,7 @@ class WorkerInfo:
     pid: int
     state: str
     experts: list[tuple[int, int]] = field(default_factory=list)
+    device: str = ""  # where its experts live: "cpu", "cuda:0", ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Client:
 
     def status(self) -> ClusterStatus:
         r = self._call(lambda: self._stub.Status(frontend_pb2.StatusRequest(), timeout=self.timeout))
-        workers = [WorkerInfo(w.id, w.address, w.pid, w.state, list(zip(w.experts[::2], w.experts[1::2])))
+        workers = [WorkerInfo(w.id, w.address, w.pid, w.state, list(zip(w.experts[::2], w.experts[1::2])), w.device)
                    for w in r.workers]
         return ClusterStatus(r.model, r.family, r.epoch, r.num_moe_layers, r.num_experts, r.top_k, workers,
                              r.requests, r.failed)

@@ -67,10 +67,11 @@ def test_the_issue_walkthrough(tmp_path, env):
         status = json.loads(moectl(env, "status", "-o", "json").stdout)
         assert status["endpoint"] == f"127.0.0.1:{port}" and status["epoch"] == 1
         assert [w["state"] for w in status["workers"]] == ["serving"] * 3
+        assert [w["device"] for w in status["workers"]] == ["cpu"] * 3  # moectl up's default --worker-device
         held = sorted(tuple(k) for w in status["workers"] for k in w["experts"])
         assert held == [(layer, e) for layer in (0, 1) for e in range(8)], "each expert on exactly one worker"
         text = moectl(env, "status").stdout
-        assert "worker-2" in text and "serving" in text
+        assert "worker-2" in text and "serving" in text and "experts on cpu" in text
         records = Path(env["MOECLUSTER_HOME"]) / "clusters" / "default"
         pids = [json.loads((records / f"{name}.json").read_text())["pid"] for name in ("controller", "frontend", "zygote")]
         pids += [w["pid"] for w in status["workers"]]
@@ -125,8 +126,9 @@ def test_named_clusters_side_by_side(env, checkpoints):
         for port in ports:
             with Client(f"127.0.0.1:{port}") as client:
                 assert client.forward(torch.tensor([[3, 4]])).shape == (1, 2, 128)
-        families = {Client(f"127.0.0.1:{p}").status().family for p in ports}
-        assert families == {"olmoe", "qwen2_moe"}
+        statuses = [Client(f"127.0.0.1:{p}").status() for p in ports]
+        assert {s.family for s in statuses} == {"olmoe", "qwen2_moe"}
+        assert [w.device for s in statuses for w in s.workers] == ["cpu", "cpu"]  # what the SDK reports
     finally:
         down = moectl(env, "down", "--all")
     assert down.stdout.count("stopped 4 processes") == 2  # controller, frontend, a worker, the zygote

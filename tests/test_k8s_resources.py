@@ -81,8 +81,8 @@ def test_frontend_names_its_cluster_to_the_shared_controller_endpoint():
 
 
 def controller_status(converged=True, serving=3, dead=(), error=""):
-    workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0}
-               for i in range(serving)]
+    workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0,
+                "device": "cuda:0"} for i in range(serving)]
     return {"workers": workers, "dead": list(dead), "desired_workers": 3, "converged": converged, "last_error": error,
             "epoch": 9, "imbalance": 1.0}
 
@@ -131,7 +131,8 @@ def test_kubectl_moe_status_text():
                       "lastAction": {"action": "drain worker-1", "state": "Succeeded", "message": "done"}}}
     text = format_status(obj)
     assert text.splitlines()[0] == "ml/mixtral: 3/3 workers ready, epoch 9, 1 copies per expert"
-    assert "mixtral-worker-2" in text and "last action: drain worker-1: Succeeded done" in text
+    assert "mixtral-worker-2" in text and text.splitlines()[-2].split()[-2:] == ["2", "cuda:0"]
+    assert "last action: drain worker-1: Succeeded done" in text
 
 
 class NamedController(controller_pb2_grpc.ControllerServicer):

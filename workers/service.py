@@ -419,6 +419,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             rejected=rejected,
             moe_layers=self.checkpoint.geometry.moe_layers,
             num_experts=self.checkpoint.geometry.num_experts,
+            device=str(self.store.device),
         )
 
     def Drain(self, request, context):

@@ -115,11 +115,15 @@ class Executor:
             case p.RestoreExperts(worker_id, experts, step_now):
                 self._restore(worker_id, experts, step_now, epoch)
                 self.monitor.refresh(worker_id)
-            case p.PullExpert(worker_id, expert, source):
+            case p.PullExpert(worker_id, expert, source, refresh):
                 source_address = self.monitor.handle(source).address
                 response = self.monitor.stub(worker_id).PullExpert(
-                    worker_pb2.PullExpertRequest(expert=_keys([expert])[0], source=source_address, epoch=epoch),
-                    timeout=COPY_TIMEOUT_S)
+                    worker_pb2.PullExpertRequest(expert=_keys([expert])[0], source=source_address, epoch=epoch,
+                                                 refresh=refresh), timeout=COPY_TIMEOUT_S)
+                if refresh and response.bytes:
+                    self.metrics.replica_resynced()
+                    log.warning("%s missed a training update of expert %s: copied the newer state from %s",
+                                worker_id, expert, source)
                 self.metrics.bytes_moved("peer", response.bytes)
                 if response.seconds > 0:
                     self.metrics.migration_seconds(response.seconds)

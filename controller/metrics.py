@@ -22,6 +22,7 @@ class ControllerMetrics:
         self._migrations = [0, 0.0]
         self._scales: list[float] = [0, 0.0]
         self._gauges: dict[str, float] = {}
+        self._resynced = 0  # replicas that missed a training update, caught up from a peer
 
     def epoch(self, value: int) -> None:
         with self._lock:
@@ -47,6 +48,10 @@ class ControllerMetrics:
             self._scales[0] += 1
             self._scales[1] += seconds
 
+    def replica_resynced(self) -> None:
+        with self._lock:
+            self._resynced += 1
+
     def gauge(self, name: str, value: float) -> None:
         with self._lock:
             self._gauges[name] = value
@@ -69,6 +74,7 @@ class ControllerMetrics:
             for family, (count, seconds) in (("moecluster_migration_seconds", self._migrations),
                                              ("moecluster_scale_seconds", self._scales)):
                 out += [row(family, "summary", count, family + "_count"), row(family, "summary", seconds, family + "_sum")]
+            out.append(row("moecluster_replicas_resynced_total", "counter", self._resynced))
             out += [row(f"moecluster_{name}", "gauge", value) for name, value in sorted(self._gauges.items())]
         return out
 

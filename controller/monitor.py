@@ -32,6 +32,8 @@ class _Tracked:
         self.state = WorkerState.STARTING
         self.held: frozenset[ExpertKey] = frozenset()
         self.versions: dict[ExpertKey, int] = {}
+        self.version_since: dict[ExpertKey, float] = {}  # when each held expert's version was first reported
+        self.seen_at = 0.0
         self.epoch = 0
         self.device = ""
         self.last_ok = time.monotonic()
@@ -98,7 +100,7 @@ class WorkerMonitor:
         with self._lock:
             workers = {
                 w: WorkerObservation(w, t.handle.address, t.handle.pid, t.state, t.held, t.epoch, dict(t.rates),
-                                     dict(t.versions), t.device)
+                                     dict(t.versions), t.device, t.seen_at, dict(t.version_since))
                 for w, t in self._workers.items()
             }
         return Observed(workers, self.experts, self.next_index)
@@ -175,7 +177,10 @@ class WorkerMonitor:
             changed = state != tracked.state or held != tracked.held
             tracked.state, tracked.held, tracked.epoch, tracked.last_ok = state, held, stats.epoch, now
             tracked.device = stats.device
-            tracked.versions = {(k.layer, k.expert): v for k, v in zip(stats.held, stats.versions)}
+            versions = {(k.layer, k.expert): v for k, v in zip(stats.held, stats.versions)}
+            tracked.version_since = {k: tracked.version_since[k] if tracked.versions.get(k) == v else now
+                                     for k, v in versions.items()}
+            tracked.versions, tracked.seen_at = versions, now
             tracked.refused_since = None
             self._update_rates(tracked, stats, now)
         if changed:

@@ -32,6 +32,8 @@ class WorkerObservation:
     load: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s per expert, recent window
     versions: dict[ExpertKey, int] = field(default_factory=dict)  # training updates applied, per held expert
     device: str = ""  # where its experts live, as the worker says ("" before its first answer)
+    seen_at: float = 0.0  # monotonic time of the answer these fields come from
+    version_since: dict[ExpertKey, float] = field(default_factory=dict)  # when each version was first reported
 
 
 def worker_index(worker_id: str) -> int:

@@ -61,15 +61,17 @@ class RestoreExperts:
 
 @dataclass(frozen=True)
 class PullExpert:
-    """`worker_id` copies `expert` from `source` while both serve."""
+    """`worker_id` copies `expert` from `source` while both serve; with `refresh`, a copy it holds is
+    replaced by the source's newer one (a replica that missed a training update catches up)."""
 
     worker_id: str
     expert: ExpertKey
     source: str
+    refresh: bool = False
 
     @property
     def key(self) -> str:
-        return f"pull/{self.expert[0]}/{self.expert[1]}/{self.worker_id}"
+        return f"{'refresh' if self.refresh else 'pull'}/{self.expert[0]}/{self.expert[1]}/{self.worker_id}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class StopWorker:
 Step = StartWorker | LoadExperts | RestoreExperts | PullExpert | Publish | AwaitAcks | DropExperts | DrainWorker | StopWorker
 COPIES = (LoadExperts, RestoreExperts, PullExpert)  # the steps that write expert state: trainers pause for them
 
+# A replica still below a peer's version this long after the peer reported it missed that update; it is
+# not one in flight (a trainer sends a step's update to every holder at once, and re-syncs the ones that
+# refused before its next step).
+BEHIND_AFTER_S = 1.0
+
 
 def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: frozenset[str] = frozenset()) -> list[Step]:
     """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
@@ -138,6 +145,9 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
     finished = observed.in_state(WorkerState.DRAINING, WorkerState.DEAD)
     if finished:  # out of the table already: stop them for good
         return [StopWorker(w) for w in sorted(finished)]
+    behind = _refresh_behind(observed, table)
+    if behind:  # they would answer with the weights of an older step: catch them up before anything else
+        return behind
     missing = spec.workers + spec.standby_workers - len(serving) - len(starting)
     if len(serving) < spec.workers:  # the pool itself is short: start what is missing (spares too), wait for them
         return [StartWorker(w) for w in _new_ids(observed, missing)] if missing > 0 else []
@@ -236,6 +246,23 @@ def _heal(spec: ClusterSpec, observed: Observed, table: Placement, gone: set[str
     steps.append(Publish(placement))
     dead = observed.in_state(WorkerState.DEAD)
     steps += [StopWorker(w) for w in sorted(dead)]
+    return steps
+
+
+def _refresh_behind(observed: Observed, table: Placement) -> list[Step]:
+    """A refresh for each holder in the table whose version of an expert has stayed below another
+    holder's for BEHIND_AFTER_S (a trainer that died mid-update, or could not re-sync it): it copies
+    weights, moments and version from the holder with the newest."""
+    serving = observed.serving
+    steps: list[Step] = []
+    for key, holders in sorted(table.items()):
+        live = [w for w in holders if w in serving and key in serving[w].versions]
+        if len(live) < 2:
+            continue
+        newest = max(live, key=lambda w: serving[w].versions[key])  # the first of the newest, in table order
+        top, since = serving[newest].versions[key], serving[newest].version_since.get(key, 0.0)
+        steps += [PullExpert(w, key, newest, refresh=True) for w in live
+                  if serving[w].versions[key] < top and serving[w].seen_at - since >= BEHIND_AFTER_S]
     return steps
 
 

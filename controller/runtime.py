@@ -155,9 +155,11 @@ class Controller:
                 table = self.publisher.table.placement
                 if not table:
                     raise ValueError("the pool holds no experts yet")
+                workers = self.monitor.snapshot().workers
                 by_worker: dict[str, list[ExpertKey]] = {}
-                for key, holders in sorted(table.items()):
-                    by_worker.setdefault(holders[0], []).append(key)
+                for key, holders in sorted(table.items()):  # from the newest copy (a replica may have missed an update)
+                    newest = max(holders, key=lambda w: workers[w].versions.get(key, -1) if w in workers else -1)
+                    by_worker.setdefault(newest, []).append(key)
                 files = []
                 for worker_id, keys in sorted(by_worker.items()):
                     request = worker_pb2.WriteSnapshotRequest(

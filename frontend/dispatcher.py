@@ -110,13 +110,16 @@ class Dispatcher:
         self._pool.shutdown(wait=False)
 
     def forward(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        """(T, H), (T, K) ids, (T, K) weights -> (T, H) sum of weighted expert outputs."""
+                top_k_weights: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """(T, H), (T, K) ids, (T, K) weights -> (T, H) sum of weighted expert outputs.
+
+        step > 0 (a trainer's forward): only replicas at version step - 1 answer; one that missed an
+        update refuses (ABORTED) and its share goes to another replica."""
         output = torch.zeros_like(hidden_states)
         seen = {"workers": set(), "retries": 0}  # for the span: workers called and shares sent again
         with start_span(_TRACER, "moe.dispatch", {"layer": layer, "tokens": int(hidden_states.shape[0])}) as span:
             try:
-                self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, excluded=set(), seen=seen)
+                self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, set(), seen, step)
             finally:
                 span.set_attributes({"workers": len(seen["workers"]), "retries": seen["retries"]})
         return output
@@ -217,7 +220,7 @@ class Dispatcher:
 
     # ----------------------------------------------------------------
 
-    def _dispatch(self, layer, hidden, index, weights, output, excluded: set[str], seen: dict | None = None,
+    def _dispatch(self, layer, hidden, index, weights, output, excluded: set[str], seen: dict, step: int,
                   fresh_tables: int = 2) -> None:
         table = self._table
         try:
@@ -226,18 +229,17 @@ class Dispatcher:
             # Every copy we know of failed: the controller may have moved the expert under a table we
             # have not received yet. Wait for it and start over with it, a bounded number of times.
             if fresh_tables and self.wait_newer(table.epoch, self.stale_wait):
-                self._dispatch(layer, hidden, index, weights, output, set(), seen, fresh_tables - 1)
+                self._dispatch(layer, hidden, index, weights, output, set(), seen, step, fresh_tables - 1)
                 return
             raise
-        if seen is not None:
-            seen["workers"].update(plan)
+        seen["workers"].update(plan)
         pending = []
         for worker_id, mask in plan.items():
             rows = mask.any(dim=1).nonzero().squeeze(1)
             sub_index = torch.where(mask, index, -1)[rows]
             request = worker_pb2.ForwardRequest(
                 layer=layer, hidden_states=encode(hidden[rows]), top_k_index=encode(sub_index.to(torch.int32)),
-                top_k_weights=encode(weights[rows].to(hidden.dtype)), epoch=table.epoch)
+                top_k_weights=encode(weights[rows].to(hidden.dtype)), epoch=table.epoch, step=step)
             tokens = int(rows.numel())
             call, cancel = self._send(table.workers[worker_id], request)
             with self._lock:
@@ -264,11 +266,10 @@ class Dispatcher:
                     self._inflight[worker_id].discard(cancel)
         for worker_id, rows, sub_index in failed:
             self.retries += 1
-            if seen is not None:
-                seen["retries"] += 1
+            seen["retries"] += 1
             partial = torch.zeros((rows.numel(), hidden.shape[1]), dtype=hidden.dtype)
             self._dispatch(layer, hidden[rows], sub_index, weights[rows], partial, excluded | {worker_id}, seen,
-                           fresh_tables)
+                           step, fresh_tables)
             output.index_add_(0, rows, partial)
 
     def _assign(self, table: RoutingTable, layer: int, index: torch.Tensor, excluded: set[str]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ class RemoteMoE(nn.Module):
                                    "run under torch.no_grad(), or build the model with TrainingSession.model()")
             self.session.begin_step()
             return _RemoteMoEFunction.apply(hidden_states, top_k_weights, top_k_index, self)
-        return self.dispatcher.forward(self.layer, hidden_states, top_k_index, top_k_weights)
+        step = self.session.step if self.session is not None else 0  # a trainer's evaluation reads its own step too
+        return self.dispatcher.forward(self.layer, hidden_states, top_k_index, top_k_weights, step=step)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}"
@@ -45,7 +46,8 @@ class _RemoteMoEFunction(torch.autograd.Function):
     def forward(ctx, hidden_states, top_k_weights, top_k_index, module: RemoteMoE):
         ctx.save_for_backward(hidden_states, top_k_weights, top_k_index)
         ctx.module = module
-        return module.dispatcher.forward(module.layer, hidden_states, top_k_index, top_k_weights)
+        return module.dispatcher.forward(module.layer, hidden_states, top_k_index, top_k_weights,
+                                         step=module.session.step)
 
     @staticmethod
     def backward(ctx, grad_output):

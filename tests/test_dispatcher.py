@@ -81,6 +81,25 @@ def test_stale_table_is_retried_on_another_replica(setup):
     assert dispatcher.retries >= 1, "FAILED_PRECONDITION is retried on the other replica"
 
 
+def test_a_trainers_forward_goes_around_a_replica_that_missed_an_update(setup):
+    """Layer 1 trained once (version 1) on w0 and w1; w2 missed that update and holds other weights: a forward
+    for step 2 must never be answered by w2, an inference forward (step 0) may be."""
+    index, placement, servers, dispatcher = setup
+    for worker_id, server in servers.items():
+        store = server.service.store
+        for layer, e in [k for k, holders in placement.items() if k[0] == 1 and worker_id in holders]:
+            gate_up, down = store.get(layer, e)
+            store.replace(layer, e, gate_up * (2 if worker_id == "w2" else 1), down, version=int(worker_id != "w2"))
+    batches = [routed_batch(index, 16, seed) for seed in range(8)]
+    inference = [dispatcher.forward(1, *batch) for batch in batches]
+    assert any(not torch.allclose(out, reference_experts(h, *stacked(index, 1), i, w), atol=1e-5)
+               for out, (h, i, w) in zip(inference, batches)), "step 0 reads any replica (w2 among them)"
+    for hidden, ids, weights in batches:
+        out = dispatcher.forward(1, hidden, ids, weights, step=2)
+        assert torch.allclose(out, reference_experts(hidden, *stacked(index, 1), ids, weights), atol=1e-5)
+    assert dispatcher.retries >= 1, "w2 refused (ABORTED) and its share went to the other replica"
+
+
 def test_no_live_replica_is_a_clear_error(setup):
     index, placement, servers, dispatcher = setup
     for worker_id in placement[(1, 4)]:

@@ -78,3 +78,22 @@ def test_a_heartbeat_answered_before_a_drop_does_not_undo_it(qwen3):
             assert monitor.snapshot().workers["worker-0"].held == {(0, e) for e in range(1, 4)}
         finally:
             monitor.stop()
+
+
+def test_a_version_keeps_the_time_it_was_first_reported(qwen3):
+    placement = {(0, e): ("worker-0",) for e in range(2)}
+    with running_workers(qwen3, placement) as servers:
+        monitor = WorkerMonitor(tuple(placement), period=0.05).start()
+        try:
+            monitor.add(WorkerHandle("worker-0", servers["worker-0"].address, os.getpid()))
+            assert wait_for(lambda: monitor.snapshot().workers["worker-0"].versions == {(0, 0): 0, (0, 1): 0})
+            first = monitor.snapshot().workers["worker-0"].version_since
+            store = servers["worker-0"].service.store
+            store.replace(0, 1, *store.get(0, 1), version=1)  # an update of one expert
+            assert wait_for(lambda: monitor.snapshot().workers["worker-0"].versions[(0, 1)] == 1)
+            time.sleep(0.2)  # heartbeats that report the same versions again
+            seen = monitor.snapshot().workers["worker-0"]
+            assert seen.version_since[(0, 0)] == first[(0, 0)], "unchanged: still the first report's time"
+            assert first[(0, 1)] < seen.version_since[(0, 1)] < seen.seen_at - 0.1
+        finally:
+            monitor.stop()

@@ -39,9 +39,11 @@ class Pool:
                 self.workers[w] = WorkerObservation(w, f"addr-{w}", 1, WorkerState.SERVING)
             case p.LoadExperts(w, keys) | p.RestoreExperts(w, keys):
                 self.set(w, held=self.workers[w].held | set(keys))
-            case p.PullExpert(w, key, source):
+            case p.PullExpert(w, key, source, refresh):
                 assert key in self.workers[source].held, f"pull of {key} from {source}, which lacks it"
-                self.set(w, held=self.workers[w].held | {key})
+                assert not refresh or key in self.workers[w].held, f"refresh of {key} on {w}, which lacks it"
+                versions = {**self.workers[w].versions, key: self.workers[source].versions.get(key, 0)}
+                self.set(w, held=self.workers[w].held | {key}, versions=versions)
             case p.Publish(placement):
                 for key, holders in placement.items():
                     for w in holders:
@@ -165,6 +167,32 @@ def test_a_trained_pool_restores_lost_experts_from_a_snapshot_at_its_step():
     lost = {k for k, h in pool.table.items() if h == ("worker-0",)}
     assert {k for s in restores for k in s.experts} == lost
     assert steps.index(restores[-1]) < next(i for i, s in enumerate(steps) if isinstance(s, p.Publish))
+
+
+def test_a_replica_that_stays_behind_its_peers_is_refreshed_from_the_newest():
+    pool = Pool()
+    pool.converge(spec(3, 2))
+    for w, obs in pool.observed().serving.items():
+        pool.set(w, versions=dict.fromkeys(obs.held, 5), version_since=dict.fromkeys(obs.held, 1.0), seen_at=9.0)
+    key = next(k for k, h in sorted(pool.table.items()))
+    behind, ahead = pool.table[key]
+    pool.set(behind, versions={**pool.workers[behind].versions, key: 4})
+    pool.set(ahead, versions={**pool.workers[ahead].versions, key: 6}, version_since={key: 9.5})
+    assert p.reconcile(spec(3, 2), pool.observed(), pool.table) == [], "within the grace: an update may be in flight"
+    pool.set(behind, seen_at=9.5 + p.BEHIND_AFTER_S)
+    steps = p.reconcile(spec(3, 2), pool.observed(), pool.table)
+    assert steps == [p.PullExpert(behind, key, ahead, refresh=True)] and steps[0].key.startswith("refresh/")
+    pool.apply(steps[0])
+    assert pool.workers[behind].versions[key] == 6
+    assert p.reconcile(spec(3, 2), pool.observed(), pool.table) == []
+
+
+def test_an_expert_whose_every_copy_missed_an_update_has_nothing_to_refresh_from():
+    pool = Pool()
+    pool.converge(spec(2, 2))
+    for w, obs in pool.observed().serving.items():
+        pool.set(w, versions={k: 4 if k == (0, 0) else 5 for k in obs.held}, seen_at=60.0)
+    assert p.reconcile(spec(2, 2), pool.observed(), pool.table) == []  # the trainer reports it; no copy is newer
 
 
 def test_copies_made_before_a_restart_are_not_made_again():

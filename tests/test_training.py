@@ -9,12 +9,14 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 import torch
 from moecluster.cli.train import batch_for, train
 from moecluster.controller import snapshots
+from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.training import ExpertOptimizer, TrainingSession
 from transformers import AutoModelForCausalLM
 
@@ -147,10 +149,12 @@ def test_duplicated_and_reordered_messages_change_nothing(cluster, reference, tm
 
 
 class LoseOneBackward(grpc.UnaryUnaryClientInterceptor):
-    """On the channels to one worker, fails its `nth` Backward call as a network blip would (never sent)."""
+    """On the channels to one worker, fails its `nth` Backward call as a network blip would (never sent);
+    with `refuse_resync`, also every PullExpert the trainer sends it (so the trainer cannot re-sync it)."""
 
-    def __init__(self, nth: int):
+    def __init__(self, nth: int, refuse_resync: bool = False):
         self.nth, self.calls, self.lost = nth, 0, 0
+        self.refuse_resync, self.resyncs_refused = refuse_resync, 0
 
     def intercept_unary_unary(self, continuation, details, request):
         if details.method.endswith("/Backward"):
@@ -158,6 +162,9 @@ class LoseOneBackward(grpc.UnaryUnaryClientInterceptor):
             if self.calls == self.nth:
                 self.lost += 1
                 raise _Unavailable()
+        if self.refuse_resync and details.method.endswith("/PullExpert"):
+            self.resyncs_refused += 1
+            raise _Unavailable()
         return continuation(details, request)
 
 
@@ -208,6 +215,33 @@ def test_a_replica_that_missed_a_gradient_copies_the_update_and_never_serves_sta
     assert_matches(rows, reference, 10, tmp_path / "run" / "final")
     with TrainingSession(c.status()["controller"]) as session:  # without the copy that worker stays at version 2
         assert set(session.versions().values()) == {10}
+
+
+def test_a_replica_the_trainer_cannot_resync_answers_no_trainer_and_the_controller_catches_it_up(cluster, reference,
+                                                                                               tmp_path, monkeypatch):
+    c = cluster("catchup", workers=2, replicas=2)  # every expert on both workers
+    victim = serving(c.status())[1]
+    blip = LoseOneBackward(nth=5, refuse_resync=True)  # step 3 misses a gradient there; the trainer's copy fails
+    plain = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda address, *a, **k: grpc.intercept_channel(
+        plain(address, *a, **k), blip) if address == victim["address"] else plain(address, *a, **k))
+    rows = train(c.status()["controller"], c.info()["model"], steps=10, batch=BATCH, seq=SEQ, lr=LR, seed=SEED,
+                 out=tmp_path / "run", progress=lambda line: None)
+    monkeypatch.undo()
+    assert blip.lost == 1 and blip.resyncs_refused >= 1
+    assert_matches(rows, reference, 10, tmp_path / "run" / "final")  # no forward read the stale replica
+
+    channel = grpc.insecure_channel(victim["address"])
+    stub = worker_pb2_grpc.ExpertWorkerStub(channel)
+    versions = lambda: set(stub.Stats(worker_pb2.StatsRequest(), timeout=10).versions)  # noqa: E731
+    assert eventually(lambda: versions() == {10}), f"the controller did not catch it up: versions {versions()}"
+    channel.close()
+    with TrainingSession(c.status()["controller"]) as session:
+        assert set(session.versions().values()) == {10}
+    metrics = json.loads((c.dir / "run" / "controller.ready").read_text())["metrics"]
+    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+    assert any(line.startswith("moecluster_replicas_resynced_total ") and float(line.split()[-1]) >= 1
+               for line in text.splitlines()), text
 
 
 def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cluster, tmp_path, path):

@@ -7,6 +7,7 @@ import grpc
 import pytest
 import torch
 from moecluster.protos import worker_pb2
+from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode
 from moecluster.workers.kernels import reference_experts
 from shared import running_workers
@@ -230,3 +231,45 @@ def test_a_replica_that_missed_an_update_is_refreshed_from_a_peer_atomically(qwe
             back = worker_pb2.PullExpertRequest(expert=keys((LAYER, 4))[0], source=servers["b"].address, refresh=True)
             assert a.PullExpert(back, timeout=TIMEOUT_S).bytes == 0 and exported(a, 4)[2].version == 1, \
                 "an older source never replaces a newer copy"
+
+
+def test_a_trainers_forward_is_answered_only_at_its_step_and_a_refresh_that_is_not_needed_sends_nothing(qwen3,
+                                                                                                       monkeypatch):
+    with running_workers(qwen3, {(LAYER, e): ("a", "b") for e in EXPERTS}) as servers:
+        ca, a = stub_for(servers["a"])
+        cb, b = stub_for(servers["b"])
+        with ca, cb:
+            hidden, index, top_w, grad = batch(1)
+            backward(a, hidden, index, top_w, grad, step=1)
+            update(a, 1, {e: [0] for e in used(index)})  # a is at version 1, b missed step 1 (still 0)
+            ask = worker_pb2.ForwardRequest(layer=LAYER, hidden_states=encode(hidden), top_k_index=encode(index),
+                                            top_k_weights=encode(top_w), step=2)
+            trained = decode(a.Forward(ask, timeout=TIMEOUT_S).output)
+            with pytest.raises(grpc.RpcError) as behind:
+                b.Forward(ask, timeout=TIMEOUT_S)
+            assert behind.value.code() == grpc.StatusCode.ABORTED and "version 0" in behind.value.details()
+            ask.step = 0  # inference: any version answers
+            assert not torch.equal(decode(b.Forward(ask, timeout=TIMEOUT_S).output), trained)
+            ask.step = 1
+            with pytest.raises(grpc.RpcError) as ahead:
+                a.Forward(ask, timeout=TIMEOUT_S)
+            assert ahead.value.code() == grpc.StatusCode.ABORTED and "applied already" in ahead.value.details()
+
+            expert = keys((LAYER, 3))[0]
+            offer = a.OfferExpert(worker_pb2.ExportExpertRequest(expert=expert, newer_than=1), timeout=TIMEOUT_S)
+            assert offer.version == 1 and not offer.HasField("ticket"), "not newer than asked: no bytes offered"
+            state = worker_pb2.ExpertState.FromString(streaming.join(
+                a.ExportExpert(worker_pb2.ExportExpertRequest(expert=expert, newer_than=1), timeout=TIMEOUT_S),
+                limit_bytes=1 << 24))
+            assert state.version == 1 and not state.HasField("gate_up_proj") and not state.optimizer_state
+            assert a.OfferExpert(worker_pb2.ExportExpertRequest(expert=expert, newer_than=0),
+                                 timeout=TIMEOUT_S).HasField("ticket")
+
+            for e in used(index):  # b catches up
+                pull = worker_pb2.PullExpertRequest(expert=keys((LAYER, e))[0], source=servers["a"].address, refresh=True)
+                assert b.PullExpert(pull, timeout=TIMEOUT_S).bytes > 0
+            ask.step = 2
+            assert torch.equal(decode(b.Forward(ask, timeout=TIMEOUT_S).output), trained)
+            offers, offer = [], servers["a"].service.bulk.offer
+            monkeypatch.setattr(servers["a"].service.bulk, "offer", lambda *args, **kw: offers.append(1) or offer(*args, **kw))
+            assert b.PullExpert(pull, timeout=TIMEOUT_S).bytes == 0 and offers == [], "as new: not a byte offered"

@@ -80,15 +80,21 @@ class ExpertTraining:
     def check_step(self, keys: list[Key], step: int, session: str, attempt: int) -> None:
         """TrainingRefused unless every expert in `keys` is at version step - 1 and no newer attempt of
         the step has begun there (call under `lock`, then `contribute`)."""
+        self.check_version(keys, step, "a gradient")
         for key in keys:
-            version = self.store.version(*key)
-            if version != step - 1:
-                raise TrainingRefused(f"expert {key} is at version {version}; a gradient for step {step} needs "
-                                      f"version {step - 1}" + (" (that step was applied already)" if version >= step else ""))
             pending = self._pending.get(key)
             if pending is not None and (pending.step, pending.session) == (step, session) and attempt < pending.attempt:
                 raise TrainingRefused(f"expert {key}: attempt {attempt} of step {step} was superseded by attempt "
                                       f"{pending.attempt}")
+
+    def check_version(self, keys: list[Key], step: int, what: str = "a forward") -> None:
+        """TrainingRefused unless every expert in `keys` is at version step - 1: what a trainer computes for
+        step k must use the weights after step k - 1, never a replica that missed an update (or is ahead)."""
+        for key in keys:
+            version = self.store.version(*key)
+            if version != step - 1:
+                raise TrainingRefused(f"expert {key} is at version {version}; {what} for step {step} needs "
+                                      f"version {step - 1}" + (" (that step was applied already)" if version >= step else ""))
 
     def contribute(self, key: Key, step: int, session: str, attempt: int, contribution: int,
                    grads: tuple[torch.Tensor, torch.Tensor]) -> bool:

@@ -7,6 +7,7 @@ without changing any state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -115,8 +116,14 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def _forward(self, request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
         inputs = validation.check_forward(self.geometry, request)
-        with self.store.reading(inputs.layer) as snapshot:
+        # A trainer's forward (step > 0) reads the weights of step - 1 only: the version is checked and the
+        # weights read under the training lock, so no update lands in between.
+        with self.training.lock if request.step else contextlib.nullcontext(), \
+                self.store.reading(inputs.layer) as snapshot:
             local = validation.check_held(snapshot, inputs, self.epoch)
+            if request.step:  # a replica that missed an update: ABORTED, the trainer asks another
+                used = sorted({(inputs.layer, int(e)) for e in inputs.top_k_index[inputs.top_k_index >= 0].tolist()})
+                self._refusing(lambda: self.training.check_version(used, request.step), grpc.StatusCode.ABORTED)
             start = time.perf_counter()
             if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
                 output = torch.zeros_like(inputs.hidden_states)
@@ -175,11 +182,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                                            epoch=self.epoch)
 
     @staticmethod
-    def _refusing(run: Callable):
+    def _refusing(run: Callable, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION):
         try:
             return run()
         except TrainingRefused as err:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+            raise RequestError(code, str(err)) from None
 
     def ApplyUpdate(self, request, context):
         def run():
@@ -283,6 +290,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             key = validation.check_expert_key(self.geometry, request.expert)
             with self.training.lock:
                 gate_up, down, version = self._held(key)
+                if request.HasField("newer_than") and version <= request.newer_than:
+                    return worker_pb2.ExpertState(expert=_key(key), version=version)  # nothing newer: no tensors
                 moments = self.training.moments(key) or ()
                 return worker_pb2.ExpertState(expert=_key(key), gate_up_proj=encode(gate_up), down_proj=encode(down),
                                               version=version, optimizer_state=[encode(m) for m in moments])
@@ -303,6 +312,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 except KeyError:
                     raise self._not_held(key) from None
                 version = self.store.version(*key)
+                if request.HasField("newer_than") and version <= request.newer_than:
+                    release()
+                    return worker_pb2.ExpertOffer(expert=_key(key), version=version)  # nothing newer: no ticket
                 moments = [m.clone() for m in self.training.moments(key) or ()]  # updated in place: copies
             ticket = self.bulk.offer([gate_up, down, *moments], copy=False, release=release)
             return worker_pb2.ExpertOffer(expert=_key(key), version=version, ticket=ticket)
@@ -325,8 +337,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def _refresh(self, key: tuple[int, int], source: str, expert: worker_pb2.ExpertKey, limit: int,
                  deadline: float) -> int:
         """Replaces a held copy with the source's when the source's is newer (copy on write: readers keep
-        the old weights whole); returns the bytes copied, 0 when ours is as new."""
-        sent, tensors, version, size = _fetch_expert(self._peer(source), source, expert, limit, deadline)
+        the old weights whole); returns the bytes copied, 0 when ours is as new (the source sends none then)."""
+        sent, tensors, version, size = _fetch_expert(self._peer(source), source, expert, limit, deadline,
+                                                     newer_than=self.store.version(*key))
+        if not tensors:
+            return 0
         gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
         with self.training.lock:
             if version <= self.store.version(*key):
@@ -446,21 +461,25 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
 
 
 def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
-                  timeout: float = PULL_DEADLINE_S,
-                  into: list[torch.Tensor] | None = None) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
-    """Copies an expert from a peer: (the key it sent, [gate_up, down], version, bytes).
+                  timeout: float = PULL_DEADLINE_S, into: list[torch.Tensor] | None = None,
+                  newer_than: int | None = None) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
+    """Copies an expert from a peer: (the key it sent, [gate_up, down (, 4 moments)], version, bytes);
+    no tensors (and 0 bytes) when `newer_than` is given and the peer's version is not above it.
 
     The bytes come over the peer's bulk side channel (OfferExpert's ticket), straight
     into `into` when the ticket's dtypes and shapes match it; a peer without a side
     channel, or one whose bulk port cannot be reached, is read through the
     ExportExpert stream instead.  Errors say which peer failed and how."""
+    request = worker_pb2.ExportExpertRequest(expert=key, newer_than=newer_than)
     try:
         try:
-            offer = stub.OfferExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
+            offer = stub.OfferExpert(request, timeout=timeout)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             offer = None  # a peer without the side channel
+        if offer is not None and not offer.HasField("ticket"):
+            return offer.expert, [], offer.version, 0  # not newer than ours
         if offer is not None:
             host = source.rsplit(":", 1)[0].strip("[]")
             sent = [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors]
@@ -473,9 +492,11 @@ def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: work
                 return offer.expert, tensors, offer.version, offer.ticket.nbytes
             except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
                 _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)
-        chunks = stub.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=timeout)
+        chunks = stub.ExportExpert(request, timeout=timeout)
         payload = streaming.join(chunks, limit_bytes=limit_bytes)
         state = worker_pb2.ExpertState.FromString(payload)
+        if not state.HasField("gate_up_proj"):
+            return state.expert, [], state.version, 0  # not newer than ours
         tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
         tensors += [decode(m, name="optimizer_state").clone() for m in state.optimizer_state]
         return state.expert, tensors, state.version, len(payload)

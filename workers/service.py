@@ -8,7 +8,6 @@ without changing any state.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -22,22 +21,21 @@ from grpc_health.v1 import health, health_pb2
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import bulk, streaming
+from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
-from moecluster.wire.tensors import DTYPES, NAMES, WireError, decode, encode
+from moecluster.wire.tensors import WireError, encode
 from moecluster.workers import validation
 from moecluster.workers.expert_backward import expert_backward
 from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
 from moecluster.workers.kernels import fused_experts
+from moecluster.workers.peer_copy import PULL_DEADLINE_S, checked_state, fetch_expert
 from moecluster.workers.snapshot_files import ExpertState, FileInfo, SnapshotError, read_expert, write_expert
 from moecluster.workers.validation import RequestError, invalid
 
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
-PULL_DEADLINE_S = 120.0
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
 _TRACER = tracer(__name__)
-_LOG = logging.getLogger(__name__)
 
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
@@ -338,11 +336,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                  deadline: float) -> int:
         """Replaces a held copy with the source's when the source's is newer (copy on write: readers keep
         the old weights whole); returns the bytes copied, 0 when ours is as new (the source sends none then)."""
-        sent, tensors, version, size = _fetch_expert(self._peer(source), source, expert, limit, deadline,
+        sent, tensors, version, size = fetch_expert(self._peer(source), source, expert, limit, deadline,
                                                      newer_than=self.store.version(*key))
         if not tensors:
             return 0
-        gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
+        gate_up, down, moments = checked_state(self.geometry, key, sent, tensors)
         with self.training.lock:
             if version <= self.store.version(*key):
                 return 0
@@ -391,9 +389,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                 self._observe_epoch(request.epoch)
                 return worker_pb2.PullExpertResponse(bytes=0, seconds=time.perf_counter() - start)
             try:
-                sent, tensors, version, size = _fetch_expert(self._peer(request.source), request.source, request.expert,
+                sent, tensors, version, size = fetch_expert(self._peer(request.source), request.source, request.expert,
                                                              limit, deadline, into=self._receive_into(reservation))
-                gate_up, down, moments = _checked_state(self.geometry, key, sent, tensors)
+                gate_up, down, moments = checked_state(self.geometry, key, sent, tensors)
                 if gate_up.data_ptr() != reservation.gate_up.data_ptr():  # came another way (stream, other dtype)
                     reservation.gate_up.copy_(gate_up)
                     reservation.down.copy_(down)
@@ -458,74 +456,6 @@ def _answer(context: grpc.ServicerContext, service: ExpertWorkerService, run: Ca
     except WireError as err:
         service.count_rejected()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-
-
-def _fetch_expert(stub: worker_pb2_grpc.ExpertWorkerStub, source: str, key: worker_pb2.ExpertKey, limit_bytes: int,
-                  timeout: float = PULL_DEADLINE_S, into: list[torch.Tensor] | None = None,
-                  newer_than: int | None = None) -> tuple[worker_pb2.ExpertKey, list[torch.Tensor], int, int]:
-    """Copies an expert from a peer: (the key it sent, [gate_up, down (, 4 moments)], version, bytes);
-    no tensors (and 0 bytes) when `newer_than` is given and the peer's version is not above it.
-
-    The bytes come over the peer's bulk side channel (OfferExpert's ticket), straight
-    into `into` when the ticket's dtypes and shapes match it; a peer without a side
-    channel, or one whose bulk port cannot be reached, is read through the
-    ExportExpert stream instead.  Errors say which peer failed and how."""
-    request = worker_pb2.ExportExpertRequest(expert=key, newer_than=newer_than)
-    try:
-        try:
-            offer = stub.OfferExpert(request, timeout=timeout)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            offer = None  # a peer without the side channel
-        if offer is not None and not offer.HasField("ticket"):
-            return offer.expert, [], offer.version, 0  # not newer than ours
-        if offer is not None:
-            host = source.rsplit(":", 1)[0].strip("[]")
-            sent = [(m.dtype, tuple(m.shape)) for m in offer.ticket.tensors]
-            matches = into is not None and sent[:len(into)] == [(NAMES.get(t.dtype), tuple(t.shape)) for t in into]
-            if matches:  # the moments of a trained expert come after the weights: fresh buffers
-                into = into + [torch.empty(shape, dtype=DTYPES[dtype]) for dtype, shape in sent[len(into):]]
-            try:
-                tensors = bulk.receive(host, offer.ticket, timeout=timeout, limit_bytes=limit_bytes,
-                                       into=into if matches else None)
-                return offer.expert, tensors, offer.version, offer.ticket.nbytes
-            except OSError as err:  # could not connect; a transfer that broke off is a WireError (data loss)
-                _LOG.warning("bulk side channel of %s unreachable (%s); copying through the gRPC stream", source, err)
-        chunks = stub.ExportExpert(request, timeout=timeout)
-        payload = streaming.join(chunks, limit_bytes=limit_bytes)
-        state = worker_pb2.ExpertState.FromString(payload)
-        if not state.HasField("gate_up_proj"):
-            return state.expert, [], state.version, 0  # not newer than ours
-        tensors = [decode(state.gate_up_proj, name="gate_up_proj").clone(), decode(state.down_proj, name="down_proj").clone()]
-        tensors += [decode(m, name="optimizer_state").clone() for m in state.optimizer_state]
-        return state.expert, tensors, state.version, len(payload)
-    except grpc.RpcError as err:
-        code = err.code() if err.code() != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.FAILED_PRECONDITION
-        raise RequestError(code, f"pull from {source} failed: {err.code().name}: {err.details()}") from None
-    except WireError as err:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: {err}") from None
-    except DecodeError as err:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"pull from {source}: not an ExpertState: {err}") from None
-
-
-def _checked_state(geometry, key: tuple[int, int], sent: worker_pb2.ExpertKey, tensors: list[torch.Tensor]):
-    """The pulled (gate_up, down, moments or None), if they are the expert asked for with this model's shapes."""
-    if (sent.layer, sent.expert) != key:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer sent expert {(sent.layer, sent.expert)}, asked for {key}")
-    if len(tensors) not in (2, 6):
-        raise RequestError(grpc.StatusCode.DATA_LOSS,
-                           f"peer sent {len(tensors)} tensors for expert {key}, not 2 (weights) or 6 (with moments)")
-    gate_up, down = tensors[:2]
-    moments = tuple(tensors[2:]) or None
-    if moments is not None and [m.shape for m in moments] != [gate_up.shape, down.shape] * 2:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's moments of expert {key} do not match its weights")
-    if gate_up.shape != (2 * geometry.intermediate, geometry.hidden) or down.shape != (geometry.hidden, geometry.intermediate):
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"peer's expert {key} has shapes {list(gate_up.shape)}, {list(down.shape)}")
-    if not (gate_up.is_floating_point() and down.is_floating_point()):
-        raise RequestError(grpc.StatusCode.DATA_LOSS,
-                           f"peer's expert {key} has dtypes {gate_up.dtype}, {down.dtype}; weights are float")
-    return gate_up, down, moments
 
 
 def _key(key: tuple[int, int]) -> worker_pb2.ExpertKey:

@@ -53,13 +53,10 @@ survives API errors (retries with backoff).
 
 from __future__ import annotations
 
-import base64
 import datetime
-import http.client
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -68,11 +65,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from api_client import Api, ApiError
+from container_env import container_env, expand
 from fake_proxy import ServiceListener
+from pod_run import ContainerRun, PodRun, now, pod_status
 
 NODE_NAME = "fake-node"
 HOST_IP = "127.0.0.1"
@@ -81,101 +79,8 @@ GRACE_CAP_S = 10.0
 _PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _now_micro() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: known names are replaced, unknown kept, $$ is a literal $."""
-    def sub(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        return env.get(m.group(1), m.group(0))
-    return _REF.sub(sub, text)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-
-
-class Api:
-    """A minimal JSON client for the API server: one keep-alive connection per thread."""
-
-    def __init__(self, url: str, context: ssl.SSLContext, timeout: float = 10) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 443
-        self.context, self.timeout = context, timeout
-        self._local = threading.local()
-
-    def request(self, method: str, path: str, body: object = None, content_type: str = "application/json") -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        for attempt in range(2):
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = http.client.HTTPSConnection(self.host, self.port, context=self.context,
-                                                                      timeout=self.timeout)
-            try:
-                conn.request(method, path, body=data, headers=headers)
-                response = conn.getresponse()
-                raw = response.read()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise
-                continue  # a stale keep-alive connection: once more on a fresh one
-            payload = json.loads(raw) if raw else {}
-            if response.status >= 400:
-                raise ApiError(response.status, payload.get("message", raw[:300].decode(errors="replace")))
-            return payload
-        raise AssertionError("unreachable")
-
-
-@dataclass
-class _Container:
-    spec: dict
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    started_once: bool = False
-    started_at: str = ""
-    restart_count: int = 0
-    next_start: float = 0.0
-    waiting: tuple[str, str] = ("ContainerCreating", "")
-    last_terminated: dict | None = None
-    done: bool = False  # exited and will not be restarted
-    ready: bool = False
-
-
-@dataclass
-class _PodRun:
-    uid: str
-    namespace: str
-    name: str
-    ip: str
-    pod: dict
-    dir: Path
-    start_time: str
-    containers: dict[str, _Container] = field(default_factory=dict)
-    kill_deadline: float | None = None
-    finalized: bool = False
-    ip_released: bool = False
-    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, time)
-    last_status: str = ""
-
-    @property
-    def ready(self) -> bool:
-        return (self.kill_deadline is None and bool(self.containers)
-                and all(c.ready for c in self.containers.values()))
 
 
 class FakeKubelet:
@@ -195,14 +100,14 @@ class FakeKubelet:
         handler = logging.FileHandler(self.work_dir / "fake-kubelet.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(levelname)s %(message)s"))
         self.log.addHandler(handler)
-        self._runs: dict[str, _PodRun] = {}  # by pod uid
+        self._runs: dict[str, PodRun] = {}  # by pod uid
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ips_in_use: set[str] = set()
         self._finalize_attempts: dict[str, float] = {}  # pod uid -> when we last deleted it with grace 0
         self._listeners: dict[tuple[str, int], ServiceListener] = {}
-        self._node_since = _now()
+        self._node_since = now()
         base = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
         base["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), base.get("PATH", "")])
         self._base_env = base
@@ -238,7 +143,7 @@ class FakeKubelet:
             listener.close()
         self._listeners.clear()
 
-    def _run_for(self, namespace: str, name: str) -> _PodRun | None:
+    def _run_for(self, namespace: str, name: str) -> PodRun | None:
         with self._lock:
             matches = [r for r in self._runs.values() if r.namespace == namespace and r.name == name]
         return matches[-1] if matches else None
@@ -269,9 +174,9 @@ class FakeKubelet:
     # --- node ---------------------------------------------------------------------------------------
 
     def _node_status(self) -> dict:
-        now = _now()
+        beat = now()
         conditions = [
-            {"type": t, "status": s, "reason": r, "message": f"fake kubelet: {r}", "lastHeartbeatTime": now,
+            {"type": t, "status": s, "reason": r, "message": f"fake kubelet: {r}", "lastHeartbeatTime": beat,
              "lastTransitionTime": self._node_since}
             for t, s, r in (("MemoryPressure", "False", "KubeletHasSufficientMemory"),
                             ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
@@ -387,7 +292,7 @@ class FakeKubelet:
                     return ip
         raise RuntimeError("fake kubelet: all 253 pod IPs are in use")
 
-    def _release_ip(self, run: _PodRun) -> None:
+    def _release_ip(self, run: PodRun) -> None:
         with self._lock:
             if not run.ip_released:
                 run.ip_released = True
@@ -404,11 +309,11 @@ class FakeKubelet:
                 return
             if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                 return  # ended before we knew it (a restarted harness): nothing to run
-            run = _PodRun(uid=uid, namespace=meta["namespace"], name=meta["name"], ip=self._allocate_ip(), pod=pod,
+            run = PodRun(uid=uid, namespace=meta["namespace"], name=meta["name"], ip=self._allocate_ip(), pod=pod,
                           dir=Path(tempfile.mkdtemp(prefix=f"{meta['namespace']}_{meta['name']}_", dir=self.pods_dir)),
-                          start_time=_now())
+                          start_time=now())
             for c in spec.get("containers", []):
-                run.containers[c["name"]] = _Container(
+                run.containers[c["name"]] = ContainerRun(
                     spec=c, log_path=self.pods_dir / f"{run.namespace}_{run.name}_{c['name']}.log")
             with self._lock:
                 self._runs[uid] = run
@@ -423,8 +328,8 @@ class FakeKubelet:
             self._release_ip(run)
         self._report(run)
 
-    def _step_container(self, run: _PodRun, c: _Container) -> None:
-        now = time.monotonic()
+    def _step_container(self, run: PodRun, c: ContainerRun) -> None:
+        moment = time.monotonic()
         if c.proc is not None:
             code = c.proc.poll()
             if code is None:
@@ -434,11 +339,11 @@ class FakeKubelet:
                           c.proc.pid, code)
             self._exited(run, c, code, "Completed" if code == 0 else "Error")
             return
-        if not c.done and now >= c.next_start:
+        if not c.done and moment >= c.next_start:
             self._start_container(run, c)
 
-    def _exited(self, run: _PodRun, c: _Container, code: int, reason: str, message: str = "") -> None:
-        c.last_terminated = {"exitCode": code, "reason": reason, "startedAt": c.started_at or _now(), "finishedAt": _now()}
+    def _exited(self, run: PodRun, c: ContainerRun, code: int, reason: str, message: str = "") -> None:
+        c.last_terminated = {"exitCode": code, "reason": reason, "startedAt": c.started_at or now(), "finishedAt": now()}
         if message:
             c.last_terminated["message"] = message
         c.proc, c.ready = None, False
@@ -449,10 +354,10 @@ class FakeKubelet:
         else:
             c.done = True
 
-    def _start_container(self, run: _PodRun, c: _Container) -> None:
+    def _start_container(self, run: PodRun, c: ContainerRun) -> None:
         spec = c.spec
         try:
-            env = self._container_env(run, spec)
+            env = container_env(self.api, run.pod, run.ip, spec, node_name=self.node_name, host_ip=HOST_IP, capacity=CAPACITY)
         except Exception as e:  # a missing ConfigMap/Secret key: as a kubelet, retry later
             c.waiting, c.next_start = ("CreateContainerConfigError", str(e)), time.monotonic() + 1
             return
@@ -467,7 +372,7 @@ class FakeKubelet:
         cwd = working_dir if working_dir and os.path.isdir(working_dir) else run.dir
         if c.started_once:
             c.restart_count += 1
-        c.started_once, c.started_at = True, _now()
+        c.started_once, c.started_at = True, now()
         try:
             with open(c.log_path, "ab") as log:
                 c.proc = subprocess.Popen(argv, env={**self._base_env, **env}, cwd=cwd, stdout=log,
@@ -478,64 +383,6 @@ class FakeKubelet:
             return
         c.waiting = ("", "")
         self.log.info("container %s/%s/%s started as pid %d: %s", run.namespace, run.name, spec["name"], c.proc.pid, argv)
-
-    def _field(self, run: _PodRun, path: str) -> str:
-        meta, spec = run.pod["metadata"], run.pod["spec"]
-        m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
-        if m:
-            return (meta.get(m.group(1)) or {}).get(m.group(2), "")
-        values = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
-                  "spec.nodeName": self.node_name, "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-                  "status.podIP": run.ip, "status.podIPs": run.ip, "status.hostIP": HOST_IP, "status.hostIPs": HOST_IP}
-        if path not in values:
-            raise ValueError(f"fake kubelet: unsupported fieldRef {path!r}")
-        return values[path]
-
-    def _object_data(self, kind: str, namespace: str, name: str) -> dict[str, str]:
-        obj = self.api.request("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}")
-        if kind == "secrets":
-            return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-        return dict(obj.get("data") or {})
-
-    def _container_env(self, run: _PodRun, spec: dict) -> dict[str, str]:
-        env: dict[str, str] = {}
-        ns = run.namespace
-        for source in spec.get("envFrom") or []:
-            for key, kind in (("configMapRef", "configmaps"), ("secretRef", "secrets")):
-                if key in source:
-                    try:
-                        data = self._object_data(kind, ns, source[key]["name"])
-                    except ApiError as e:
-                        if e.status == 404 and source[key].get("optional"):
-                            continue
-                        raise
-                    env.update({source.get("prefix", "") + k: v for k, v in data.items()})
-        for var in spec.get("env") or []:
-            if "valueFrom" not in var:
-                env[var["name"]] = expand(var.get("value", ""), env)
-                continue
-            source = var["valueFrom"]
-            if "fieldRef" in source:
-                env[var["name"]] = self._field(run, source["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in source:
-                what, _, resource = source["resourceFieldRef"]["resource"].partition(".")
-                resources = (spec.get("resources") or {}).get(what) or {}
-                env[var["name"]] = str(resources.get(resource, CAPACITY.get(resource, "0")))
-            else:
-                for key, kind in (("configMapKeyRef", "configmaps"), ("secretKeyRef", "secrets")):
-                    if key in source:
-                        ref = source[key]
-                        try:
-                            data = self._object_data(kind, ns, ref["name"])
-                        except ApiError as e:
-                            if e.status == 404 and ref.get("optional"):
-                                break
-                            raise
-                        if ref["key"] in data:
-                            env[var["name"]] = data[ref["key"]]
-                        elif not ref.get("optional"):
-                            raise KeyError(f"key {ref['key']!r} not in {kind} {ns}/{ref['name']}")
-        return env
 
     @staticmethod
     def _port(port: int | str, containers: list[dict]) -> int | None:
@@ -549,7 +396,7 @@ class FakeKubelet:
                     return p["containerPort"]
         return None
 
-    def _probe(self, run: _PodRun, c: _Container) -> bool:
+    def _probe(self, run: PodRun, c: ContainerRun) -> bool:
         probe = c.spec.get("readinessProbe")
         if not probe:
             return True
@@ -565,51 +412,8 @@ class FakeKubelet:
                     return False
         return True  # exec probes are not run
 
-    def _condition(self, run: _PodRun, kind: str, ok: bool, reason: str = "") -> dict:
-        status = "True" if ok else "False"
-        previous = run.transitions.get(kind)
-        if previous is None or previous[0] != status:
-            run.transitions[kind] = (status, _now())
-        condition = {"type": kind, "status": status, "lastProbeTime": None,
-                     "lastTransitionTime": run.transitions[kind][1]}
-        if reason and not ok:
-            condition["reason"] = reason
-        return condition
-
-    def _report(self, run: _PodRun) -> None:
-        statuses = []
-        for spec in run.pod["spec"].get("containers", []):
-            c = run.containers[spec["name"]]
-            if c.proc is not None:
-                state = {"running": {"startedAt": c.started_at}}
-            elif c.done and c.last_terminated:
-                state = {"terminated": c.last_terminated}
-            else:
-                state = {"waiting": {"reason": c.waiting[0] or "ContainerCreating"} | (
-                    {"message": c.waiting[1]} if c.waiting[1] else {})}
-            status = {"name": spec["name"], "image": spec.get("image", ""), "imageID": "", "ready": c.ready,
-                      "restartCount": c.restart_count, "started": c.proc is not None, "state": state}
-            if c.proc is not None:
-                status["containerID"] = f"fake://{c.proc.pid}"
-            if c.last_terminated and not c.done:
-                status["lastState"] = {"terminated": c.last_terminated}
-            statuses.append(status)
-        containers = run.containers.values()
-        if containers and all(c.done for c in containers):
-            phase = "Succeeded" if all(c.last_terminated and c.last_terminated["exitCode"] == 0 for c in containers) \
-                else "Failed"
-        elif any(c.started_once for c in containers):
-            phase = "Running"
-        else:
-            phase = "Pending"
-        ready, reason = run.ready, "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
-        status = {
-            "phase": phase, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}], "podIP": run.ip, "podIPs": [{"ip": run.ip}],
-            "startTime": run.start_time, "containerStatuses": statuses,
-            "conditions": [self._condition(run, "PodScheduled", True), self._condition(run, "Initialized", True),
-                           self._condition(run, "ContainersReady", ready, reason),
-                           self._condition(run, "Ready", ready, reason)],
-        }
+    def _report(self, run: PodRun) -> None:
+        status = pod_status(run, HOST_IP)
         encoded = json.dumps(status, sort_keys=True)
         if encoded == run.last_status:
             return
@@ -623,7 +427,7 @@ class FakeKubelet:
 
     # --- termination --------------------------------------------------------------------------------
 
-    def _signal(self, run: _PodRun, sig: int) -> None:
+    def _signal(self, run: PodRun, sig: int) -> None:
         for c in run.containers.values():
             if c.started_once and c.proc is not None:
                 try:
@@ -631,7 +435,7 @@ class FakeKubelet:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _kill(self, run: _PodRun) -> None:
+    def _kill(self, run: PodRun) -> None:
         """SIGKILL every container's process group and reap the leaders."""
         for c in run.containers.values():
             if c.proc is None:
@@ -647,7 +451,7 @@ class FakeKubelet:
             c.proc, c.ready = None, False
         self._release_ip(run)
 
-    def _terminate_step(self, run: _PodRun) -> None:
+    def _terminate_step(self, run: PodRun) -> None:
         if run.finalized:
             self._finalize(run.pod)  # still listed: the delete did not land yet (rate-limited)
             return

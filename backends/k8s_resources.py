@@ -57,13 +57,14 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         standby_workers=spec.get("standbyWorkers", 0),
         max_replicas=spec.get("maxReplicasPerExpert"),
         worker_num_gpus=_gpus(worker),
-        worker_device=worker_device(worker),
+        worker_device=pod_device(worker),
+        frontend_device=pod_device(spec.get("frontend") or {}),
     )
 
 
-def worker_device(worker: dict) -> str:
-    """The spec's device; unset, the GPU the pod asks for, if it asks for one."""
-    return worker.get("device") or ("cuda" if _gpus(worker) > 0 else "cpu")
+def pod_device(section: dict) -> str:
+    """A worker's or frontend's device: the spec's; unset, the GPU the pod asks for, if it asks for one."""
+    return section.get("device") or ("cuda" if _gpus(section) > 0 else "cpu")
 
 
 def _gpus(worker: dict) -> float:
@@ -180,7 +181,7 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
     args = ["--checkpoint", resource.spec["model"]["path"], "--experts", "", "--worker-id", worker_id,
             "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--bulk-port", str(BULK_PORT),
             "--metrics-port", str(METRICS_PORT), "--threads", str(worker.get("threads", 0)),
-            "--dtype", worker.get("dtype", "float32"), "--device", worker_device(worker), "--grace", "5"]
+            "--dtype", worker.get("dtype", "float32"), "--device", pod_device(worker), "--grace", "5"]
     container = _container(resource, "worker", "moecluster.workers.server", args, worker, default_image,
                            {"grpc": WORKER_PORT, "bulk": BULK_PORT, "metrics": METRICS_PORT})
     return {
@@ -208,7 +209,7 @@ def frontend_deployment(resource: Resource, controller_address: str, default_ima
     args = ["--checkpoint", resource.spec["model"]["path"], "--controller", controller_address,
             # 127.0.0.1 too: `kubectl port-forward` connects to the pod's loopback.
             "--cluster", resource.key, "--frontend-id", "$(POD_NAME)", "--host", "$(POD_IP),127.0.0.1",
-            "--port", str(FRONTEND_PORT), "--metrics-port", str(METRICS_PORT)]
+            "--port", str(FRONTEND_PORT), "--metrics-port", str(METRICS_PORT), "--device", pod_device(frontend)]
     container = _container(resource, "frontend", "moecluster.frontend.server", args, frontend, default_image,
                            {"grpc": FRONTEND_PORT, "metrics": METRICS_PORT})
     return {

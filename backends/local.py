@@ -21,8 +21,8 @@ import grpc
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc
-from moecluster.workers.devices import resolve_device
 
 Progress = Callable[[str], None]
 
@@ -102,7 +102,7 @@ class LocalCluster:
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
            snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
            ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
-           worker_device: str = "cpu") -> dict:
+           worker_device: str = "cpu", frontend_device: str = "cpu") -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
@@ -122,11 +122,12 @@ class LocalCluster:
             raise ClusterError(f"--replicas must be between 1 and --workers ({workers}), got {replicas}")
         if port and not port_free(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
-        if backend == "local":  # Ray workers check theirs on the node they land on
-            try:
-                resolve_device(worker_device)
-            except ValueError as err:
-                raise ClusterError(str(err).replace("--device", "--worker-device")) from None
+        if backend == "local":  # Ray actors check theirs on the node they land on
+            for flag, device in (("--worker-device", worker_device), ("--frontend-device", frontend_device)):
+                try:
+                    resolve_device(device)
+                except ValueError as err:
+                    raise ClusterError(str(err).replace("--device", flag)) from None
         model = Path(model).resolve()
         Checkpoint(model)  # fails early, with a clear message, on a bad checkpoint
         if snapshot_dir is not None:
@@ -134,7 +135,9 @@ class LocalCluster:
             snapshot_dir.mkdir(parents=True, exist_ok=True)
         spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
-                           serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device)
+                           serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device,
+                           frontend_device=frontend_device)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),
@@ -146,7 +149,7 @@ class LocalCluster:
             self.start_controller()
             self.wait_converged(timeout, progress)
         except BaseException:
-            self.down(grace=2.0)
+            self.down(grace=2.0, keep_logs=True)  # the error names them
             raise
         return self.status()
 
@@ -213,8 +216,10 @@ class LocalCluster:
             if self.backend == "ray" and status is None and not self.controller_running():
                 raise ClusterError("the controller actor is gone; see the Ray logs (ray logs cluster)")
             if time.monotonic() > deadline:
-                raise ClusterError(f"cluster {self.name!r} not serving after {timeout:.0f}s; logs in {self.dir / 'logs'}"
-                                   + (f"; last error: {status['last_error']}" if status and status["last_error"] else ""))
+                raise ClusterError(f"cluster {self.name!r} not serving after {timeout:g}s ({last or 'no status'})"
+                                   + (f"; last error: {status['last_error']}" if status and status["last_error"] else "")
+                                   + f"; logs in {self.dir / 'logs'}" + (f"; the controller's ends:\n{tail(controller.log)}"
+                                                                         if controller is not None else ""))
             time.sleep(0.2)
 
     # -- talking to the controller -------------------------------------------------
@@ -273,8 +278,9 @@ class LocalCluster:
 
     # -- down ------------------------------------------------------------------
 
-    def down(self, grace: float = 5.0) -> list[ProcessRecord]:
-        """Stops every process of the cluster and forgets it; returns those that were running."""
+    def down(self, grace: float = 5.0, keep_logs: bool = False) -> list[ProcessRecord]:
+        """Stops every process of the cluster and forgets it (but for its logs/, with keep_logs); returns those
+        that were running."""
         info = self.info()
         running = [r for r in self.records() if alive(r)]
         controller = self.controller_record()
@@ -293,7 +299,14 @@ class LocalCluster:
                 channel.close()
         for record in self.records():  # whatever the controller did not stop
             stop(record, grace)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return running
+        for path in self.dir.iterdir():  # all but the logs, which a failed start's error points to
+            if path.is_dir() and path.name != "logs":
+                shutil.rmtree(path, ignore_errors=True)
+            elif not path.is_dir():
+                path.unlink(missing_ok=True)
         return running
 
     def _down_ray(self, info: dict, grace: float) -> list:

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 class LocalActuator:
     def __init__(self, cluster_dir: Path, model: str, *, frontend_port: int, worker_threads: int = 1,
-                 grace: float = 5.0, worker_device: str = "cpu"):
+                 grace: float = 5.0, worker_device: str = "cpu", frontend_device: str = "cpu"):
         self.dir = Path(cluster_dir)
-        self.worker_device = worker_device
+        self.worker_device, self.frontend_device = worker_device, frontend_device
         self.model = model
         self.frontend_port = frontend_port
         self.worker_threads = worker_threads
@@ -100,8 +100,9 @@ class LocalActuator:
             if alive(record) and record.address:
                 return WorkerHandle("frontend", record.address, record.pid)
             stop(record, self.grace)
-        record = spawn("frontend", "moecluster.frontend.server", ["--checkpoint", self.model, "--controller",
-                                                                   controller_address, "--port", str(self.frontend_port)],
+        args = ["--checkpoint", self.model, "--controller", controller_address, "--port", str(self.frontend_port),
+                "--device", self.frontend_device]
+        record = spawn("frontend", "moecluster.frontend.server", args,
                        self.dir / "run", self.dir / "logs", timeout, record_at=path)
         return WorkerHandle("frontend", record.address, record.pid)
 

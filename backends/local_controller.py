@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     geometry = checkpoint.geometry
     experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
     actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
-                             worker_threads=cluster.get("worker_threads", 1), worker_device=spec.worker_device)
+                             worker_threads=cluster.get("worker_threads", 1), worker_device=spec.worker_device,
+                             frontend_device=spec.frontend_device)
 
     def save_spec(new: ClusterSpec) -> None:
         tmp = spec_path.with_suffix(".tmp")

@@ -32,7 +32,7 @@ class RayActuator:
         self.worker_threads = worker_threads
         self.grace = grace
         self.serve_grpc_port = spec.serve_grpc_port
-        self.worker_device = spec.worker_device
+        self.worker_device, self.frontend_device = spec.worker_device, spec.frontend_device
         self.resources = {"num_cpus": spec.worker_num_cpus, "num_gpus": spec.worker_num_gpus,
                           "resources": dict(spec.worker_resources)}
 
@@ -92,7 +92,7 @@ class RayActuator:
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
         """The Serve application (idempotent: serve.run updates it in place); its HTTP address."""
         url = ray_serve.start(self.name, self.model, controller_address, http_port=self.frontend_port,
-                              grpc_port=self.serve_grpc_port)
+                              grpc_port=self.serve_grpc_port, device=self.frontend_device)
         return WorkerHandle("frontend", url, 0)
 
     def stop_all(self) -> None:

@@ -41,7 +41,7 @@ class _Context:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class MoEFrontend:
-    def __init__(self, model: str, controller: str, name: str):
+    def __init__(self, model: str, controller: str, name: str, device: str = "cpu"):
         from moecluster.frontend.dispatcher import Dispatcher
         from moecluster.frontend.routing import RoutingTable
         from moecluster.frontend.server import FrontendService
@@ -50,7 +50,7 @@ class MoEFrontend:
 
         checkpoint = Checkpoint(model)
         self.dispatcher = Dispatcher(RoutingTable(0, {}))
-        self.service = FrontendService(checkpoint, self.dispatcher, controller=controller)
+        self.service = FrontendService(checkpoint, self.dispatcher, controller=controller, device=device)
         self.watcher = TableWatcher(controller, self.dispatcher, f"serve-{name}-{uuid.uuid4().hex[:8]}")
         self.watcher.start()
         if not self.watcher.first_table.wait(60):
@@ -87,9 +87,10 @@ class MoEFrontend:
 
 
 def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: int | None = None,
-          min_replicas: int = 1, max_replicas: int = 4) -> str:
+          min_replicas: int = 1, max_replicas: int = 4, device: str = "cpu") -> str:
     """Runs the application (Serve itself started on 127.0.0.1:http_port if it is not running; one
-    Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address."""
+    Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address.
+    A `device` cuda or cuda:N gives each replica a GPU from Ray (which makes it that replica's cuda:0)."""
     grpc_options = None
     if grpc_port:  # Ray binds it on every interface: only where the network allows it
         grpc_options = {"port": grpc_port,
@@ -98,9 +99,11 @@ def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: 
     from ray.serve.context import _get_global_client  # Serve's port is the first application's: ask it
 
     http = _get_global_client().http_config
+    on_gpu = device.startswith("cuda")
     app = MoEFrontend.options(autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4,
-    }).bind(model, controller, name)
+    }, ray_actor_options={"num_cpus": 0, "num_gpus": 1 if on_gpu else 0}).bind(
+        model, controller, name, "cuda" if on_gpu else device)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     return f"http://{http.host}:{http.port}/{name}"
 
@@ -111,9 +114,10 @@ def stop(name: str) -> None:
 
 def app_builder(args: dict):
     """For `serve deploy` / `serve run` config files: `import_path: moecluster.backends.ray_serve:app_builder`,
-    `args: {model: DIR, controller: HOST:PORT, name: NAME}` (the controller `moectl up --backend ray` started)."""
+    `args: {model: DIR, controller: HOST:PORT, name: NAME, device: cpu|cuda|auto}` (the controller `moectl up
+    --backend ray` started; with device cuda give the deployment `ray_actor_options: {num_gpus: 1}`)."""
     missing = [k for k in ("model", "controller") if k not in args]
     if missing:
         raise ValueError(f"moecluster Serve application: args lack {missing}; give model (checkpoint folder) and "
                          "controller (host:port, from `moectl status -o json`)")
-    return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"))
+    return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"), args.get("device", "cpu"))

@@ -53,7 +53,8 @@ def cmd_up(args) -> int:
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
-                        standby=args.standby, worker_device=args.worker_device)
+                        standby=args.standby, worker_device=args.worker_device,
+                        frontend_device=args.frontend_device)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -141,7 +142,7 @@ def cmd_train(args) -> int:
     info = cluster.info()
     cluster.status()  # a clear error if the controller is down
     train(info["controller"], info["model"], steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-          seed=args.seed, out=args.out, progress=_progress)
+          seed=args.seed, out=args.out, progress=_progress, device=args.device)
     print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
 
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-device", default="cpu",
                     help="where workers keep and compute their experts: cpu (default), cuda, cuda:N, or auto (a GPU "
                          "where the worker sees one; with --backend ray, give workers GPUs through the spec)")
+    up.add_argument("--frontend-device", default="cpu",
+                    help="where the frontend runs the dense model (embeddings, attention, router): cpu (default), cuda, "
+                         "cuda:N, or auto")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
     up.add_argument("--backend", choices=["local", "ray"], default="local",
@@ -241,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3; weight decay 0)")
     train.add_argument("--seed", type=int, default=0, help="step s trains on a batch drawn with seed SEED + s (default 0)")
     train.add_argument("--out", required=True, help="folder for metrics.jsonl and the trained model (final/)")
+    train.add_argument("--device", default="cpu", help="where the dense model trains: cpu (default), cuda, cuda:N "
+                       "or auto; the experts train on their workers")
     train.set_defaults(func=cmd_train)
 
     snapshot = sub.add_parser("snapshot", help="write every expert's training state (weights, AdamW moments, version)")

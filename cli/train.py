@@ -24,9 +24,10 @@ def batch_for(step: int, seed: int, vocab: int, batch: int, seq: int) -> torch.T
 
 def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int, lr: float, seed: int, out: str | Path,
           progress: Callable[[str], None] = print, before_step: Callable[[int], None] = lambda step: None,
-          mid_step: Callable[[int], None] = lambda step: None, save: bool = True) -> list[dict]:
-    """Runs `steps` steps; writes OUT/metrics.jsonl as it goes and OUT/final/ at the end; returns the metrics.
-    `before_step(s)` and `mid_step(s)` (after the forward, before the backward) are hooks for tests."""
+          mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu") -> list[dict]:
+    """Runs `steps` steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes and OUT/final/ at
+    the end; returns the metrics. `before_step(s)` and `mid_step(s)` (after the forward, before the backward)
+    are hooks for tests."""
     if steps < 1 or batch < 1 or seq < 2 or lr <= 0:
         raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens) and lr > 0; got "
                          f"steps {steps}, batch {batch}, seq {seq}, lr {lr}")
@@ -34,12 +35,13 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with TrainingSession(controller, progress=progress) as session, open(out / "metrics.jsonl", "w") as metrics:
-        model = session.model(model_path)
+        model = session.model(model_path, device=device)
+        device = next(model.parameters()).device
         vocab = model.config.vocab_size
         opt = ExpertOptimizer(model, session, lr=lr, weight_decay=0.0)
         first = session.step
         for s in range(steps):
-            x = batch_for(s, seed, vocab, batch, seq)
+            x = batch_for(s, seed, vocab, batch, seq).to(device)
             before_step(s)
 
             def closure():

@@ -27,6 +27,9 @@ class ClusterSpec(BaseModel):
     worker_device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                                description="where workers keep and compute their experts: cpu, cuda, cuda:N, or auto "
                                "(a GPU where the worker sees one)")
+    frontend_device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                                 description="where frontends run the dense model (embeddings, attention, router): "
+                                 "cpu, cuda, cuda:N, or auto")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
     serve_grpc_port: int | None = Field(None, ge=1, le=65535, description="Ray backend: also serve the frontend "
                                         "through Serve's gRPC proxy on this port (Ray binds it on every interface)")

@@ -15,12 +15,13 @@ from torch import nn
 
 
 def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torch.dtype = torch.float32,
-                     session=None) -> nn.Module:
-    """In eval mode; `session` (a TrainingSession) makes the remote experts differentiable."""
+                     session=None, device: torch.device | str = "cpu") -> nn.Module:
+    """In eval mode, on `device` (the experts' inputs and outputs cross to the CPU at each MoE layer:
+    they travel as host bytes); `session` (a TrainingSession) makes the remote experts differentiable."""
     model = checkpoint.skeleton()
     geometry = checkpoint.geometry
     swap_experts(model, geometry.moe_layers, geometry.num_experts, dispatcher, session)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     # Non-persistent buffers (rotary frequencies) are computed, not stored: rebuild them.
     model.apply(model._init_weights)
     state = checkpoint.read_dense(dtype)

@@ -32,7 +32,8 @@ class RemoteMoE(nn.Module):
             self.session.begin_step()
             return _RemoteMoEFunction.apply(hidden_states, top_k_weights, top_k_index, self)
         step = self.session.step if self.session is not None else 0  # a trainer's evaluation reads its own step too
-        return self.dispatcher.forward(self.layer, hidden_states, top_k_index, top_k_weights, step=step)
+        out = self.dispatcher.forward(self.layer, hidden_states.cpu(), top_k_index.cpu(), top_k_weights.cpu(), step=step)
+        return out.to(hidden_states.device)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}"
@@ -40,14 +41,16 @@ class RemoteMoE(nn.Module):
 
 class _RemoteMoEFunction(torch.autograd.Function):
     """Forward: one replica per expert. Backward: the output gradient to every holder of the
-    experts used, which keep their weight gradients for the step and send input gradients back."""
+    experts used, which keep their weight gradients for the step and send input gradients back.
+    Tensors cross to the CPU here (the wire carries host bytes) and back to the model's device."""
 
     @staticmethod
     def forward(ctx, hidden_states, top_k_weights, top_k_index, module: RemoteMoE):
-        ctx.save_for_backward(hidden_states, top_k_weights, top_k_index)
-        ctx.module = module
-        return module.dispatcher.forward(module.layer, hidden_states, top_k_index, top_k_weights,
-                                         step=module.session.step)
+        hidden, weights, index = hidden_states.cpu(), top_k_weights.cpu(), top_k_index.cpu()
+        ctx.save_for_backward(hidden, weights, index)
+        ctx.module, ctx.device = module, hidden_states.device
+        out = module.dispatcher.forward(module.layer, hidden, index, weights, step=module.session.step)
+        return out.to(ctx.device)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -56,8 +59,8 @@ class _RemoteMoEFunction(torch.autograd.Function):
         experts = torch.unique(top_k_index[top_k_index >= 0]).tolist()
         tag = module.session.contribution(module.layer, experts)
         grad_x, grad_w = module.dispatcher.backward(module.layer, hidden_states, top_k_index, top_k_weights,
-                                                    grad_output.contiguous(), tag)
-        return grad_x, grad_w.to(top_k_weights.dtype), None, None
+                                                    grad_output.cpu().contiguous(), tag)
+        return grad_x.to(ctx.device), grad_w.to(ctx.device, top_k_weights.dtype), None, None
 
 
 def swap_experts(model: nn.Module, moe_layers: tuple[int, ...], num_experts: int, dispatcher: Dispatcher,

@@ -26,6 +26,7 @@ from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import frontend_metrics, serve_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -38,10 +39,13 @@ MAX_NEW_TOKENS = 4096
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
-    def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = ""):
+    def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = "",
+                 device: torch.device | str = "cpu"):
+        """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here)."""
         self.checkpoint = checkpoint
         self.dispatcher = dispatcher
-        self.model = load_dense_model(checkpoint, dispatcher)
+        self.device = resolve_device(device)
+        self.model = load_dense_model(checkpoint, dispatcher, device=self.device)
         self.vocab = self.model.config.vocab_size
         self.model_name = model_name or str(checkpoint.path)
         self.controller = controller
@@ -63,14 +67,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         yield from streaming.split(response.SerializeToString())
 
     def _forward(self, request):
-        ids = self._input_ids(request.input_ids)
+        ids = self._input_ids(request.input_ids).to(self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=ids).logits.float()
+            logits = self.model(input_ids=ids).logits.float().cpu()
         return frontend_pb2.ForwardResponse(logits=encode(logits))
 
     def Generate(self, request, context):
         def run():
-            ids = self._input_ids(request.input_ids)
+            ids = self._input_ids(request.input_ids).to(self.device)
             if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
                 raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
             kwargs = {"do_sample": bool(request.do_sample)}
@@ -79,7 +83,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new_tokens,
                                           min_new_tokens=request.max_new_tokens, pad_token_id=0, **kwargs)
-            return frontend_pb2.GenerateResponse(sequences=encode(out))
+            return frontend_pb2.GenerateResponse(sequences=encode(out.cpu()))
 
         return self._guard(context, run)
 
@@ -88,7 +92,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return frontend_pb2.InfoResponse(
             model=self.model_name, family=self.checkpoint.config.model_type, vocab_size=self.vocab,
             num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
-            controller=self.controller)
+            controller=self.controller, device=str(self.device))
 
     def Status(self, request, context):
         table = self.dispatcher.table
@@ -111,7 +115,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return frontend_pb2.StatusResponse(
             model=self.model_name, family=self.checkpoint.config.model_type, num_moe_layers=len(g.moe_layers),
             num_experts=g.num_experts, top_k=g.top_k, epoch=table.epoch, workers=workers,
-            requests=requests, failed=failed)
+            requests=requests, failed=failed, device=str(self.device))
 
     # -- helpers -----------------------------------------------------------
 
@@ -142,9 +146,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = "", cluster: str = ""):
+                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = "", cluster: str = "",
+                 device: str = "cpu"):
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
-        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller)
+        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=streaming.GRPC_OPTIONS)
@@ -192,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each worker RPC, seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where the dense model (embeddings, attention, router) runs: "
+                        "cpu, cuda, cuda:N, or auto (a GPU where this process sees one); expert inputs and outputs "
+                        "cross to the CPU at each MoE layer")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
     args = parser.parse_args(argv)
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
-                                  frontend_id=args.frontend_id, cluster=args.cluster).start()
+                                  frontend_id=args.frontend_id, cluster=args.cluster, device=args.device).start()
         metrics_host = args.host.split(",")[0]
         metrics = serve_metrics(frontend.render_metrics, args.metrics_port, metrics_host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:

@@ -47,6 +47,7 @@ class ClusterStatus:
     workers: list[WorkerInfo]
     requests: int
     failed: int
+    frontend_device: str = ""  # where the answering frontend runs the dense model
 
 
 class Client:
@@ -100,7 +101,7 @@ class Client:
         workers = [WorkerInfo(w.id, w.address, w.pid, w.state, list(zip(w.experts[::2], w.experts[1::2])), w.device)
                    for w in r.workers]
         return ClusterStatus(r.model, r.family, r.epoch, r.num_moe_layers, r.num_experts, r.top_k, workers,
-                             r.requests, r.failed)
+                             r.requests, r.failed, r.device)
 
     def scale(self, workers: int, *, progress=None, timeout: float = 600.0) -> int:
         """Asks the cluster's controller for `workers` expert workers; returns the epoch once the new layout serves.

@@ -37,6 +37,7 @@ from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.models.devices import resolve_device
 from moecluster.protos import worker_pb2
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode
@@ -70,16 +71,17 @@ class TrainingSession:
         self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
         self._calls: dict[int, int] = {}  # layer -> backward calls in this attempt
 
-    def model(self, checkpoint: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """transformers' model of `checkpoint` with its dense weights, its experts remote and
-        differentiable through this session; in train mode."""
+    def model(self, checkpoint: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+        """transformers' model of `checkpoint` with its dense weights on `device` (cpu, cuda, cuda:N or
+        auto), its experts remote and differentiable through this session; in train mode."""
         self.checkpoint = Checkpoint(checkpoint)
-        return load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self).train()
+        return load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self,
+                                device=resolve_device(device)).train()
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's weights as transformers names them: the dense ones from `model`, each
-        layer's stacked experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) read from a holder."""
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """The whole model's weights as transformers names them, on the CPU: the dense ones from `model`,
+        each layer's stacked experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) read from a holder."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         table = self.dispatcher.table
         for name, module in model.named_modules():
             if not isinstance(module, RemoteMoE):

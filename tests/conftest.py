@@ -53,6 +53,7 @@ def local_clusters(tmp_path, monkeypatch):
 
     def up(name, path, workers, replicas, **kwargs):
         c = LocalCluster(name)
+        kwargs.setdefault("timeout", 180)  # before pytest's 300 s: a stuck start fails with the controller's log
         c.up(path, workers=workers, replicas=replicas, port=0, **kwargs)
         made.append(c)
         return c

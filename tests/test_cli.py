@@ -68,6 +68,10 @@ def test_the_issue_walkthrough(tmp_path, env):
         assert status["endpoint"] == f"127.0.0.1:{port}" and status["epoch"] == 1
         assert [w["state"] for w in status["workers"]] == ["serving"] * 3
         assert [w["device"] for w in status["workers"]] == ["cpu"] * 3  # moectl up's default --worker-device
+        device = subprocess.run([sys.executable, "-c", "from moecluster import Client; "
+                                 f"print(Client('127.0.0.1:{port}').status().frontend_device)"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert device.stdout.strip() == "cpu", device.stderr  # and --frontend-device's
         held = sorted(tuple(k) for w in status["workers"] for k in w["experts"])
         assert held == [(layer, e) for layer in (0, 1) for e in range(8)], "each expert on exactly one worker"
         text = moectl(env, "status").stdout
@@ -166,6 +170,8 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
     (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),
     (["up", "--model", "{model}", "--worker-device", "cuda:99"], "--worker-device cuda:99: "),  # no GPU, or too few
+    (["up", "--model", "{model}", "--frontend-device", "gpu"], "--frontend-device 'gpu': not a device"),
+    (["up", "--model", "{model}", "--frontend-device", "cuda:99"], "--frontend-device cuda:99: "),
     (["down", "--name", "nothing"], "no cluster named 'nothing'"),
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),
@@ -184,6 +190,22 @@ def test_errors_say_what_to_do(tmp_path, env, checkpoints, args, fragment):
     assert result.returncode != 0
     assert fragment in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_up_that_fails_keeps_the_logs_it_names_and_the_name_can_be_used_again(tmp_path, env, checkpoints):
+    model = str(checkpoints["olmoe"])
+    failed = moectl(env, "up", "--model", model, "--workers", "2", "--port", "0", "--timeout", "0.5", "--detach",
+                    check=False)
+    assert failed.returncode != 0 and "not serving after 0.5s" in failed.stderr and "Traceback" not in failed.stderr
+    logs = Path(failed.stderr.split("logs in ", 1)[1].split(";")[0].strip())
+    assert (logs / "controller.log").is_file(), failed.stderr
+    assert not (logs.parent / "cluster.json").exists(), "a failed cluster is not listed"
+    assert moectl(env, "list").stdout.strip() in ("", "no clusters")
+    moectl(env, "up", "--model", model, "--workers", "1", "--port", "0", "--detach")
+    try:
+        assert json.loads(moectl(env, "status", "-o", "json").stdout)["converged"]
+    finally:
+        moectl(env, "down")
 
 
 def test_train_and_snapshot_from_the_command_line(tmp_path, env):

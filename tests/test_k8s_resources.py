@@ -60,6 +60,20 @@ def test_a_worker_that_asks_for_a_gpu_keeps_its_experts_on_it_unless_told_otherw
         r.cluster_spec(resource(worker={"device": "tpu"}))
 
 
+def test_a_frontend_that_asks_for_a_gpu_runs_the_dense_model_on_it_unless_told_otherwise():
+    def device(frontend):
+        deployment = r.frontend_deployment(resource(frontend=frontend), "op:50151", default_image="img")
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return args[args.index("--device") + 1], r.cluster_spec(resource(frontend=frontend)).frontend_device
+
+    gpu = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
+    assert device(gpu) == ("cuda", "cuda")
+    assert device({}) == ("cpu", "cpu")
+    assert device({**gpu, "device": "cpu"}) == ("cpu", "cpu")
+    with pytest.raises(ValidationError, match="frontend_device"):
+        r.cluster_spec(resource(frontend={"device": "tpu"}))
+
+
 def test_image_falls_back_to_the_operators_and_is_required():
     spec = {k: v for k, v in SPEC.items() if k != "image"}
     pod = r.worker_pod(r.Resource("ml", "m", "u", spec), "worker-0", default_image="registry/moecluster:1")

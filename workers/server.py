@@ -21,6 +21,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2_grpc
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import serve_metrics, worker_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
@@ -28,7 +29,6 @@ from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
-from moecluster.workers.devices import resolve_device
 from moecluster.workers.service import ExpertWorkerService, expert_keys
 
 

@@ -1,4 +1,5 @@
-"""Which device a worker keeps its experts on, checked before anything is loaded."""
+"""Which device a process computes on (a worker its experts, a frontend or trainer the dense model),
+checked before anything is loaded."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except RuntimeError:
         raise ValueError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: experts live on cpu or cuda")
+        raise ValueError(f"--device {name!r}: models run on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, "

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moecluster.frontend.routing import RoutingTable
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
@@ -30,6 +30,7 @@ from moecluster.wire.tensors import decode, encode
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 SUSPECT_SECONDS = 2.0  # a worker that failed is tried last for this long
+CONNECT_TIMEOUT_S = 10.0
 _TRACER = tracer(__name__)
 log = logging.getLogger("moecluster.frontend")
 
@@ -88,7 +89,6 @@ class Dispatcher:
         for cancel in gone:
             cancel()
         for channel in departed:  # its worker left the table: a call still holding its stub fails over (see _send)
-            _stop_connecting(channel)
             channel.close()
         for address in table.workers.values():  # connect to new workers now, not on their first request
             self._stub(address)
@@ -105,7 +105,6 @@ class Dispatcher:
 
     def close(self) -> None:
         for channel in self._channels.values():
-            _stop_connecting(channel)
             channel.close()
         self._pool.shutdown(wait=False)
 
@@ -340,24 +339,9 @@ def _cancelled():
 
 _METHODS = {worker_pb2.ForwardRequest: ("Forward", worker_pb2.ForwardResponse),
             worker_pb2.BackwardRequest: ("Backward", worker_pb2.BackwardResponse)}
-_WATCHERS: dict[int, Callable] = {}  # id(channel) -> its connectivity callback, while one is subscribed
 
 
 def _connect_in_background(channel: grpc.Channel) -> None:
-    """Starts connecting now, not on the first request; gRPC's watcher thread ends once the
-    attempt settles (connected or failed), so no thread outlives the attempt."""
-    settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-               grpc.ChannelConnectivity.SHUTDOWN)
-
-    def on_state(state: grpc.ChannelConnectivity) -> None:
-        if state in settled:
-            _stop_connecting(channel)
-
-    _WATCHERS[id(channel)] = on_state
-    channel.subscribe(on_state, try_to_connect=True)
-
-
-def _stop_connecting(channel: grpc.Channel) -> None:
-    callback = _WATCHERS.pop(id(channel), None)
-    if callback is not None:
-        channel.unsubscribe(callback)
+    """Starts connecting now, not on the first request: a health check nobody waits for. (A connectivity
+    subscription would leave gRPC's polling thread watching the channel, which races its close.)"""
+    health_pb2_grpc.HealthStub(channel).Check.future(health_pb2.HealthCheckRequest(), timeout=CONNECT_TIMEOUT_S)

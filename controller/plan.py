@@ -260,7 +260,7 @@ def _refresh_behind(observed: Observed, table: Placement) -> list[Step]:
         if len(live) < 2:
             continue
         newest = max(live, key=lambda w: serving[w].versions[key])  # the first of the newest, in table order
-        top, since = serving[newest].versions[key], serving[newest].version_since.get(key, 0.0)
+        top, since = serving[newest].versions[key], serving[newest].version_since.get(key, serving[newest].seen_at)
         steps += [PullExpert(w, key, newest, refresh=True) for w in live
                   if serving[w].versions[key] < top and serving[w].seen_at - since >= BEHIND_AFTER_S]
     return steps

@@ -303,9 +303,11 @@ class LocalCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
             return running
         for path in self.dir.iterdir():  # all but the logs, which a failed start's error points to
-            if path.is_dir() and path.name != "logs":
+            if path.name == "logs":
+                continue
+            if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-            elif not path.is_dir():
+            else:
                 path.unlink(missing_ok=True)
         return running
 

@@ -153,7 +153,8 @@ def test_pull_never_outlives_the_callers_deadline(qwen3):
             assert time.monotonic() - start < 5
             assert peer.ended.wait(timeout=5)  # the worker gave up on the peer too
             assert time.monotonic() - start < 6
-            assert len(peer.remaining) == 1 and peer.remaining[0] <= 1.5
+            # the caller's 1.5 s, not the worker's own 120 s (gRPC rounds the timeout header up: 1.509 was seen)
+            assert len(peer.remaining) == 1 and peer.remaining[0] <= 1.6
             now = stats(b)
             assert pairs(now.held) == [(0, 0)] and now.epoch == 0 and now.rejected == 0
 

@@ -241,7 +241,7 @@ class LocalCluster:
             "name": s.name, "endpoint": s.endpoint, "epoch": s.epoch, "desired_workers": s.desired_workers,
             "min_replicas": s.min_replicas, "converged": s.converged, "last_error": s.last_error,
             "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends), "controller": self.info()["controller"],
-            "step": s.step, "snapshot": s.snapshot,
+            "step": s.step, "snapshot": s.snapshot, "restored": s.restored,
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],
             "workers": [{"id": w.id, "address": w.address, "pid": w.pid, "state": w.state,
@@ -271,6 +271,12 @@ class LocalCluster:
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
         return self._stream("Snapshot", controller_pb2.SnapshotRequest(directory=directory), timeout)
+
+    def restore(self, snapshot: str | Path | None = None, timeout: float = 600.0) -> Iterator[str]:
+        """Rolls every expert back to SNAPSHOT (a step-NNNNNNNN folder, or the newest good one in a folder of
+        them; default: the cluster's snapshot directory). Refused while a trainer is connected."""
+        request = controller_pb2.RestoreRequest(snapshot=str(Path(snapshot).resolve()) if snapshot else "")
+        return self._stream("Restore", request, timeout)
 
     def migrate(self, layer: int, expert: int, to: str, source: str = "", timeout: float = 600.0) -> Iterator[str]:
         request = controller_pb2.MigrateRequest(layer=layer, expert=expert, to_worker=to, from_worker=source)

@@ -8,6 +8,9 @@
   moectl drain worker-1
   moectl train --steps 30 --out ./run      # train the model through the cluster
   moectl snapshot --dir ./snapshots        # experts' training state, at a step boundary
+  moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
+  moectl train --steps 20 --out ./run --resume ./snapshots/step-00000010   # from there on, as if never stopped
+  moectl restore ./snapshots               # every expert back to the newest good snapshot
   moectl down
   moectl demo            # the whole tour on a tiny model, in one command
 """
@@ -100,6 +103,8 @@ def cmd_status(args) -> int:
               f" on {w.get('device') or '?':<7} {w['load']:>9.1f} tokens/s")
     if doc["step"]:
         print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
+    if doc["restored"]:
+        print(f"  restored: {doc['restored']}")
     for r in doc["rollbacks"]:
         print(f"  rollback: expert ({r['layer']}, {r['expert']}) restored to step {r['snapshot_step']} from {r['source']} "
               f"at step {r['step']}: {r['step'] - r['snapshot_step']} updates lost")
@@ -135,14 +140,22 @@ def cmd_snapshot(args) -> int:
     return _follow(LocalCluster(args.name).snapshot(args.dir, timeout=args.timeout))
 
 
+def cmd_restore(args) -> int:
+    return _follow(LocalCluster(args.name).restore(args.snapshot, timeout=args.timeout))
+
+
 def cmd_train(args) -> int:
     from moecluster.cli.train import train
 
     cluster = LocalCluster(args.name)
     info = cluster.info()
     cluster.status()  # a clear error if the controller is down
+    if args.save_every and not (args.save_dir or cluster.spec().snapshot_dir):
+        raise ClusterError(f"--save-every needs --save-dir, or a cluster started with --snapshot-dir "
+                           f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
     train(info["controller"], info["model"], steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-          seed=args.seed, out=args.out, progress=_progress, device=args.device)
+          seed=args.seed, out=args.out, progress=_progress, device=args.device, save_every=args.save_every,
+          save_dir=args.save_dir or "", resume=args.resume)
     print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
 
@@ -247,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder for metrics.jsonl and the trained model (final/)")
     train.add_argument("--device", default="cpu", help="where the dense model trains: cpu (default), cuda, cuda:N "
                        "or auto; the experts train on their workers")
+    train.add_argument("--save-every", type=int, default=0, metavar="N",
+                       help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
+                       "the dense model's and optimizer's (trainer.pt, beside them); default: never")
+    train.add_argument("--save-dir", help="where --save-every snapshots go (default: the cluster's --snapshot-dir)")
+    train.add_argument("--resume", metavar="SNAPSHOT",
+                       help="roll every expert back to SNAPSHOT (a step-NNNNNNNN folder, or a folder of them: the "
+                       "newest with a trainer.pt) and continue from its dense state; refused while another "
+                       "trainer is connected")
     train.set_defaults(func=cmd_train)
 
     snapshot = sub.add_parser("snapshot", help="write every expert's training state (weights, AdamW moments, version)")
@@ -254,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--dir", help="snapshots go to DIR/step-NNNNNNNN/ (default: the cluster's --snapshot-dir)")
     snapshot.add_argument("--timeout", type=float, default=600)
     snapshot.set_defaults(func=cmd_snapshot)
+
+    restore = sub.add_parser("restore", help="roll every expert (weights, AdamW moments, version) back to a snapshot; "
+                             "refused while a trainer is connected")
+    restore.add_argument("snapshot", nargs="?", help="a step-NNNNNNNN folder, or a folder of them: the newest whose "
+                         "files pass their digests (default: the cluster's --snapshot-dir)")
+    restore.add_argument("--name", default="default")
+    restore.add_argument("--timeout", type=float, default=600)
+    restore.set_defaults(func=cmd_restore)
 
     resume = sub.add_parser("resume", help="restart a cluster's controller (it rebuilds its state from the workers)")
     resume.add_argument("--name", default="default")

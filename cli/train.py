@@ -1,10 +1,12 @@
 """`moectl train`: the reference training loop against a running cluster.
 
-Random token batches, the batch of step s being
+Random token batches, the batch of the pool's step s (counted from 0: the update it makes
+is version s + 1) being
 `torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed + s))`,
 loss `model(input_ids=x, labels=x).loss`, AdamW (weight_decay 0) on every parameter:
 the dense ones here, the experts' on their workers. The same loop on a plain
-`transformers` model is what the tests compare it with.
+`transformers` model is what the tests compare it with. Since the batch follows the
+pool's step, a run resumed from a snapshot continues exactly where that snapshot was taken.
 """
 
 from __future__ import annotations
@@ -24,44 +26,61 @@ def batch_for(step: int, seed: int, vocab: int, batch: int, seq: int) -> torch.T
 
 def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int, lr: float, seed: int, out: str | Path,
           progress: Callable[[str], None] = print, before_step: Callable[[int], None] = lambda step: None,
-          mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu") -> list[dict]:
-    """Runs `steps` steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes and OUT/final/ at
-    the end; returns the metrics. `before_step(s)` and `mid_step(s)` (after the forward, before the backward)
-    are hooks for tests."""
-    if steps < 1 or batch < 1 or seq < 2 or lr <= 0:
-        raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens) and lr > 0; got "
-                         f"steps {steps}, batch {batch}, seq {seq}, lr {lr}")
+          mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu",
+          save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None) -> list[dict]:
+    """Runs `steps` more steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending
+    when resumed) and OUT/final/ at the end; returns the metrics. Every `save_every` steps the whole training
+    state is saved (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume`
+    starts from such a snapshot. `before_step(s)` and `mid_step(s)` (after the forward, before the backward;
+    s is the pool's step) are hooks for tests."""
+    if steps < 1 or batch < 1 or seq < 2 or lr <= 0 or save_every < 0:
+        raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0 and save_every "
+                         f">= 0; got steps {steps}, batch {batch}, seq {seq}, lr {lr}, save_every {save_every}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with TrainingSession(controller, progress=progress) as session, open(out / "metrics.jsonl", "w") as metrics:
+    with TrainingSession(controller, progress=progress, resume_from=resume) as session:
         model = session.model(model_path, device=device)
         device = next(model.parameters()).device
         vocab = model.config.vocab_size
         opt = ExpertOptimizer(model, session, lr=lr, weight_decay=0.0)
         first = session.step
-        for s in range(steps):
-            x = batch_for(s, seed, vocab, batch, seq).to(device)
-            before_step(s)
+        with _metrics_file(out / "metrics.jsonl", keep_before=first - 1 if resume else 0) as metrics:
+            for s in range(first - 1, first - 1 + steps):
+                x = batch_for(s, seed, vocab, batch, seq).to(device)
+                before_step(s)
 
-            def closure():
-                opt.zero_grad()
-                loss = model(input_ids=x, labels=x).loss
-                mid_step(s)
-                loss.backward()
-                return loss
+                def closure():
+                    opt.zero_grad()
+                    loss = model(input_ids=x, labels=x).loss
+                    mid_step(s)
+                    loss.backward()
+                    return loss
 
-            started, waited = time.perf_counter(), session.gate.waited_s
-            loss = opt.step(closure)
-            seconds = time.perf_counter() - started
-            row = {"step": s, "loss": float(loss.detach()), "version": session.step - 1, "seconds": round(seconds, 4),
-                   "paused_s": round(session.gate.waited_s - waited, 4), "tokens_per_s": round(batch * seq / seconds, 1),
-                   "epoch": session.dispatcher.table.epoch}
-            rows.append(row)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            progress(f"step {s + 1}/{steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
+                started, waited = time.perf_counter(), session.gate.waited_s
+                loss = opt.step(closure)
+                seconds = time.perf_counter() - started
+                row = {"step": s, "loss": float(loss.detach()), "version": session.step - 1, "seconds": round(seconds, 4),
+                       "paused_s": round(session.gate.waited_s - waited, 4), "tokens_per_s": round(batch * seq / seconds, 1),
+                       "epoch": session.dispatcher.table.epoch}
+                rows.append(row)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
+                if save_every and (s + 1) % save_every == 0:
+                    session.save(model, opt, save_dir)
         if save:
             session.save_pretrained(model, out / "final")
             progress(f"trained steps {first}..{session.step - 1}; model written to {out / 'final'}")
     return rows
+
+
+def _metrics_file(path: Path, keep_before: int):
+    """metrics.jsonl opened for writing, keeping the rows of steps before `keep_before` (a resumed run
+    replaces the steps its snapshot undid)."""
+    kept = []
+    if keep_before and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < keep_before]
+    metrics = open(path, "w")
+    metrics.writelines(line + "\n" for line in kept)
+    return metrics

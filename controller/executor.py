@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 from moecluster.controller import plan as p
@@ -184,6 +184,43 @@ class Executor:
                                     timeout=COPY_TIMEOUT_S)
         self.metrics.bytes_moved("checkpoint", response.bytes_read)
         self._rolled_back(experts, 0, step_now, "checkpoint" + (f" (snapshots refused: {refused})" if refused else ""))
+
+    def restore_pool(self, candidates: list[snapshots.Snapshot]) -> Iterator[str | snapshots.Snapshot]:
+        """Every holder of every expert back to the first of `candidates` that has every expert and passes
+        its digests (inside `paused()`); yields progress, then the snapshot used. StepFailed when none does."""
+        placement = self.publisher.table.placement
+        if not placement:
+            raise ValueError("the pool holds no experts yet")
+        by_worker: dict[str, list[tuple[int, int]]] = {}
+        for key, holders in sorted(placement.items()):
+            for worker_id in holders:
+                by_worker.setdefault(worker_id, []).append(key)
+        refused, touched = [], False
+        for snap in candidates:
+            missing = sorted(set(placement) - set(snap.files))
+            if missing:
+                refused.append(f"{snap.path} lacks experts {missing[:4]}")
+                continue
+            try:
+                for worker_id, keys in sorted(by_worker.items()):  # each worker checks all its files before any change
+                    response = self.monitor.stub(worker_id).RestoreExperts(worker_pb2.RestoreExpertsRequest(
+                        directory=str(snap.path), files=[snap.files[k] for k in keys], resume_version=snap.step,
+                        epoch=self.publisher.table.epoch), timeout=COPY_TIMEOUT_S)
+                    touched = True
+                    self.metrics.bytes_moved("snapshot", response.bytes_read)
+                    self.monitor.refresh(worker_id)
+                    yield f"{worker_id}: {len(keys)} experts back at step {snap.step}"
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.DATA_LOSS:
+                    raise StepFailed(f"restore: {worker_id}: {err.code().name}: {err.details()}") from None
+                log.error("snapshot %s refused: %s", snap.path, err.details())
+                refused.append(f"{snap.path}: {err.details()}")
+                continue
+            yield snap
+            return
+        raise StepFailed(f"no snapshot could be restored: {refused}" + (
+            "; the pool is partly restored (experts at different steps): restore again from a good snapshot"
+            if touched else ""))
 
     def _rolled_back(self, experts: tuple, snapshot_step: int, step_now: int, source: str) -> None:
         for layer, expert in experts:

@@ -23,11 +23,15 @@ from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
 from moecluster.controller.placement import imbalance
-from moecluster.controller.publisher import Publisher
+from moecluster.controller.publisher import LEASE_S, Publisher
 from moecluster.controller.spec import ClusterSpec
 from moecluster.protos import worker_pb2
 
 log = logging.getLogger("moecluster.controller")
+
+
+class Refused(RuntimeError):
+    """A request that cannot be carried out in the cluster's present state (the text says what to do)."""
 
 
 class Controller:
@@ -45,6 +49,7 @@ class Controller:
         self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout,
                                  snapshot_dir=spec.snapshot_dir)
         self.last_snapshot: snapshots.Snapshot | None = None
+        self.last_restore = ""  # "step N from PATH at step M"
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
         self._leaving: set[str] = set()
@@ -138,17 +143,19 @@ class Controller:
         if observed.step == 0 or (self.last_snapshot is not None and self.last_snapshot.step >= observed.step):
             return
         for line in self._take_snapshot(root):
-            log.info("%s", line)
+            if isinstance(line, str):
+                log.info("%s", line)
 
-    def snapshot(self, directory: str = "") -> Iterator[str]:
-        """Writes every expert's state at a step boundary into DIRECTORY/step-NNNNNNNN/; yields progress."""
+    def snapshot(self, directory: str = "") -> Iterator[str | snapshots.Snapshot]:
+        """Writes every expert's state at a step boundary into DIRECTORY/step-NNNNNNNN/; yields progress,
+        then the snapshot."""
         root = directory or self.spec.snapshot_dir
         if not root:
             raise ValueError("no snapshot directory: give one, or start the cluster with a snapshot_dir")
         with self._plan_lock:
             yield from self._take_snapshot(root)
 
-    def _take_snapshot(self, root: str) -> Iterator[str]:
+    def _take_snapshot(self, root: str) -> Iterator[str | snapshots.Snapshot]:
         partial = snapshots.partial_dir(root)
         try:
             with self.executor.paused():
@@ -178,6 +185,44 @@ class Controller:
             raise
         self.last_snapshot, self._last_snapshot_at = snap, time.monotonic()
         yield f"snapshot of step {snap.step}: {len(files)} experts in {snap.path}"
+        yield snap
+
+    def restore(self, source: str = "", session: str = "") -> Iterator[str | snapshots.Snapshot]:
+        """Rolls every expert back to a snapshot (SOURCE's own, or the newest good one under SOURCE or the
+        snapshot directory), at a step boundary; yields progress, then the snapshot restored. Refused while
+        a trainer other than `session` is connected: its dense model would no longer match the experts."""
+        source = source or self.spec.snapshot_dir
+        if not source:
+            raise ValueError("no snapshot given, and the cluster has no snapshot directory")
+        candidates = snapshots.candidates(source)
+        with self._plan_lock:
+            yield from self._await_no_trainer(session)
+            step_before = self.monitor.snapshot().step
+            with self.executor.paused():
+                for item in self.executor.restore_pool(candidates):
+                    if isinstance(item, str):
+                        yield item
+                    else:
+                        snap = item
+        self.last_restore = f"step {snap.step} from {snap.path} at step {step_before}"
+        log.warning("pool restored to %s", self.last_restore)
+        yield f"every expert back at step {snap.step} ({step_before - snap.step} updates undone) from {snap.path}"
+        yield snap
+
+    def _await_no_trainer(self, session: str) -> Iterator[str]:
+        """Returns once no trainer but `session` is connected. One that just stopped may still look connected
+        (its stream closes a moment later) or be within its lease (it may come back): waits that long, then
+        refuses."""
+        deadline = time.monotonic() + LEASE_S + 1.0
+        waited = False
+        while others := [t for t in self.publisher.trainers() if t != session]:
+            if time.monotonic() > deadline:
+                raise Refused(f"trainers {others} are connected: stop them before a restore (their dense weights "
+                              "would no longer match the experts)")
+            if not waited:
+                yield f"waiting up to {LEASE_S + 1:.0f}s for trainers {others} to disconnect"
+                waited = True
+            time.sleep(0.2)
 
     def _update_gauges(self, observed) -> None:
         load = observed.load()
@@ -264,5 +309,5 @@ class Controller:
             "frontends": sorted(self.publisher.frontends()),
             "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
             "step": observed.step, "rollbacks": list(self.executor.rollbacks),
-            "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "",
+            "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "", "restored": self.last_restore,
         }

@@ -6,7 +6,8 @@ import threading
 
 import grpc
 from moecluster.controller.publisher import Table
-from moecluster.controller.runtime import Controller
+from moecluster.controller.runtime import Controller, Refused
+from moecluster.controller.snapshots import Snapshot
 from moecluster.protos import controller_pb2, controller_pb2_grpc
 from pydantic import ValidationError
 
@@ -32,6 +33,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             name=s["name"], endpoint=s["endpoint"], epoch=s["epoch"], desired_workers=s["desired_workers"],
             min_replicas=s["min_replicas"], converged=s["converged"], last_error=s["last_error"],
             imbalance=s["imbalance"], frontends=s["frontends"], step=s["step"], snapshot=s["snapshot"],
+            restored=s["restored"],
             rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
                                                experts=[v for k in w["experts"] for v in k], load=w["load"],
@@ -50,6 +52,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
 
     def Snapshot(self, request, context):
         yield from self._progress(context, lambda: self.controller.snapshot(request.directory))
+
+    def Restore(self, request, context):
+        yield from self._progress(context, lambda: self.controller.restore(request.snapshot, request.session))
 
     def WatchRoutingTable(self, request, context):
         if not request.frontend_id:
@@ -71,12 +76,20 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.ShutdownResponse()
 
     def _progress(self, context, run):
+        """Streams a runtime generator's lines; a Snapshot it ends with names the last message's path."""
+        path = ""
         try:
-            for message in run():
-                yield controller_pb2.Progress(message=message, epoch=self.controller.publisher.table.epoch)
-            yield controller_pb2.Progress(message="done", done=True, epoch=self.controller.publisher.table.epoch)
+            for item in run():
+                if isinstance(item, Snapshot):
+                    path = str(item.path)
+                    continue
+                yield controller_pb2.Progress(message=item, epoch=self.controller.publisher.table.epoch)
+            yield controller_pb2.Progress(message="done", done=True, epoch=self.controller.publisher.table.epoch,
+                                          path=path)
         except (ValueError, ValidationError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _one_line(err))
+        except Refused as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except TimeoutError as err:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
         except RuntimeError as err:  # a step that failed (a worker died mid-snapshot, trainers never paused)

@@ -5,6 +5,7 @@
 
 Workers write the files into a `.partial-*` folder; the manifest goes in last and
 the folder is renamed into place, so a snapshot either exists whole or not at all.
+A trainer may add its own state beside the experts' (`sdk/trainer_state.py`).
 A file torn or altered afterwards is caught by its digest when a worker reads it
 (and refused); the restore then falls back to the snapshot before.
 """
@@ -45,9 +46,25 @@ def seal(partial: Path, step: int, files: list[worker_pb2.SnapshotFile]) -> Snap
     (partial / "manifest.json").write_text(json.dumps(doc, indent=1))
     final = partial.parent / f"step-{step:08d}"
     if final.exists():
+        _keep_companions(final, partial, files)
         shutil.rmtree(final)
     partial.rename(final)
     return read(final)
+
+
+def _keep_companions(old: Path, new: Path, files: list[worker_pb2.SnapshotFile]) -> None:
+    """Files beside the experts' (the trainer's state) move into the replacing snapshot when its experts'
+    state is the very same (every file's digest equal); a snapshot of another history drops them."""
+    try:
+        before = {k: f.digest for k, f in read(old).files.items()}
+    except ValueError:
+        return
+    if before != {(f.expert.layer, f.expert.expert): f.digest for f in files}:
+        return
+    named = {f.file for f in files} | {"manifest.json"}
+    for path in old.iterdir():
+        if path.is_file() and path.name not in named:
+            path.rename(new / path.name)
 
 
 def read(path: str | Path) -> Snapshot:
@@ -74,6 +91,18 @@ def newest_first(root: str | Path) -> list[Snapshot]:
             except ValueError:
                 continue
     return sorted(found, key=lambda s: s.step, reverse=True)
+
+
+def candidates(path: str | Path) -> list[Snapshot]:
+    """What a restore from `path` may use: the snapshot in it, or else every one under it (the newest
+    first, so one torn can fall back to the one before). ValueError when there is none."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return [read(path)]
+    found = newest_first(path)
+    if not found:
+        raise ValueError(f"{path}: no snapshot there (a step-NNNNNNNN folder with a manifest.json, or a folder of them)")
+    return found
 
 
 def discard(partial: Path) -> None:

@@ -59,6 +59,11 @@ class ControllerStub:
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_stream(
+                '/moecluster.controller.v1.Controller/Restore',
+                request_serializer=moecluster_dot_protos_dot_controller__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
+                _registered_method=True)
         self.WatchRoutingTable = channel.unary_stream(
                 '/moecluster.controller.v1.Controller/WatchRoutingTable',
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.WatchRequest.SerializeToString,
@@ -110,6 +115,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restore(self, request, context):
+        """Rolls the whole pool back to a snapshot, at a step boundary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRoutingTable(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -155,6 +167,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'Snapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.Snapshot,
                     request_deserializer=moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_controller__pb2.Progress.SerializeToString,
+            ),
+            'Restore': grpc.unary_stream_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=moecluster_dot_protos_dot_controller__pb2.RestoreRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_controller__pb2.Progress.SerializeToString,
             ),
             'WatchRoutingTable': grpc.unary_stream_rpc_method_handler(
@@ -307,6 +324,33 @@ class Controller:
             target,
             '/moecluster.controller.v1.Controller/Snapshot',
             moecluster_dot_protos_dot_controller__pb2.SnapshotRequest.SerializeToString,
+            moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moecluster.controller.v1.Controller/Restore',
+            moecluster_dot_protos_dot_controller__pb2.RestoreRequest.SerializeToString,
             moecluster_dot_protos_dot_controller__pb2.Progress.FromString,
             options,
             channel_credentials,

@@ -11,6 +11,9 @@ and optimizer state on the workers.
         loss.backward()
         return loss
     loss = opt.step(closure)    # redone on the survivors if a worker dies mid-step; applied exactly once
+    session.save(model, opt)    # the whole training state, at this step boundary
+
+    session = TrainingSession("127.0.0.1:50151", resume_from="./snaps")   # every expert back to the save
 
 A step runs from its first forward to the end of `step()`: the workers take the
 gradients of step k only at version k - 1, and the update of step k applies
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from moecluster.controller import snapshots
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError, StepTag
 from moecluster.frontend.remote_moe import RemoteMoE
@@ -38,7 +42,8 @@ from moecluster.frontend.step_gate import StepGate
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
-from moecluster.protos import worker_pb2
+from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
+from moecluster.sdk import trainer_state
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode
 from torch import nn
@@ -54,18 +59,39 @@ class TrainingError(RuntimeError):
 
 class TrainingSession:
     def __init__(self, controller: str, *, timeout: float = 60.0, pause_timeout: float = 600.0,
-                 progress: Callable[[str], None] = log.info):
-        """`controller` is the controller's "host:port" (`moectl status -o json` shows it)."""
+                 progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None):
+        """`controller` is the controller's "host:port" (`moectl status -o json` shows it). With `resume_from`
+        (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state), every
+        expert is rolled back to that snapshot first, and `model` and `ExpertOptimizer` start from its dense
+        weights and optimizer state: training continues as if nothing after it had happened."""
         self.id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
+        self.resumed: trainer_state.TrainerState | None = None
+        if resume_from is not None:
+            try:
+                self.resumed = trainer_state.read(resume_from)  # before anything changes
+            except ValueError as err:
+                raise TrainingError(f"cannot resume: {err}") from None
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.gate = StepGate()
         self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate)
         self.watcher.start()
+        self._channel = grpc.insecure_channel(controller)
+        self._controller = controller_pb2_grpc.ControllerStub(self._channel)
         if not self.watcher.first_table.wait(timeout):
             self.close()
             raise TrainingError(f"no routing table from the controller at {controller} within {timeout:.0f}s")
-        self.step = self._committed_version() + 1  # the step the next update applies
+        try:
+            if self.resumed is not None:
+                self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path.resolve()),
+                                                                               session=self.id))
+            self.step = self._committed_version() + 1  # the step the next update applies
+        except TrainingError:
+            self.close()
+            raise
+        if self.resumed is not None and self.step != self.resumed.step + 1:
+            self.close()
+            raise TrainingError(f"resumed from step {self.resumed.step}, but the experts are at {self.step - 1}")
         self.attempt = 0
         self.resynced = 0  # replicas that missed an update and copied it from a peer
         self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
@@ -73,10 +99,47 @@ class TrainingSession:
 
     def model(self, checkpoint: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
         """transformers' model of `checkpoint` with its dense weights on `device` (cpu, cuda, cuda:N or
-        auto), its experts remote and differentiable through this session; in train mode."""
+        auto), its experts remote and differentiable through this session; in train mode. A resumed
+        session's dense weights are the snapshot's."""
         self.checkpoint = Checkpoint(checkpoint)
-        return load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self,
-                                device=resolve_device(device)).train()
+        model = load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self, device=resolve_device(device))
+        if self.resumed is not None:
+            try:
+                model.load_state_dict(self.resumed.model)
+            except RuntimeError as err:
+                raise TrainingError(f"{self.resumed.path}: its dense weights do not fit {checkpoint}: {err}") from None
+        return model.train()
+
+    def save(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path = "") -> Path:
+        """Snapshots the whole training state at this step boundary: every expert's weights, AdamW moments
+        and version (written by the workers, into DIRECTORY/step-NNNNNNNN/, default the cluster's snapshot
+        directory) and, beside them, the dense model's weights and optimizer state (`trainer.pt`, written
+        here: this process must see that folder). Returns the folder; `resume_from` takes it."""
+        if self.gate.in_step:
+            raise TrainingError("save() between steps: after ExpertOptimizer.step(), before the next forward")
+        request = controller_pb2.SnapshotRequest(directory=str(Path(directory).resolve()) if directory else "")
+        folder = Path(self._call_controller("Snapshot", request))
+        if not folder.is_dir():
+            raise TrainingError(f"the snapshot {folder} is not visible here: the trainer writes its dense state beside "
+                                "the experts', so it needs the snapshot directory (shared storage)")
+        step = snapshots.read(folder).step
+        if step != self.step - 1:
+            raise TrainingError(f"the snapshot is of step {step}, this trainer is after step {self.step - 1}: "
+                                "another trainer is stepping the pool")
+        trainer_state.write(folder, step, model, optimizer.dense)
+        self.progress(f"saved step {step} in {folder}")
+        return folder
+
+    def _call_controller(self, method: str, request) -> str:
+        """Runs a streaming controller request to its end; returns the path its last message names."""
+        try:
+            for progress in getattr(self._controller, method)(request, timeout=self.pause_timeout):
+                if progress.done:
+                    return progress.path
+                self.progress(progress.message)
+        except grpc.RpcError as err:
+            raise TrainingError(f"{method.lower()}: {err.details() or err.code().name}") from None
+        raise TrainingError(f"{method.lower()}: the controller's answer ended early")
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's weights as transformers names them, on the CPU: the dense ones from `model`,
@@ -190,7 +253,9 @@ class TrainingSession:
         if len(found) > 1:
             behind = sorted(k for k, v in versions.items() if v < max(found))
             raise TrainingError(f"experts are at different versions {sorted(found)} (behind: {behind[:8]}): an update "
-                                "was cut off mid-way (every holder of some expert was lost during it)")
+                                "was cut off mid-way (the trainer stopped during it, or every holder of some expert "
+                                "was lost): resume from a snapshot (TrainingSession(resume_from=...), `moectl train "
+                                "--resume`) or roll the experts back with `moectl restore`")
         return found.pop() if found else 0
 
     def versions(self) -> dict[tuple[int, int], int]:
@@ -209,6 +274,7 @@ class TrainingSession:
         self.gate.leave()
         self.watcher.stop()
         self.dispatcher.close()
+        self._channel.close()
 
     def __enter__(self) -> "TrainingSession":
         return self
@@ -227,6 +293,10 @@ class ExpertOptimizer:
         self.session = session
         self.hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **self.hyper)
+        if session.resumed is not None:
+            self.dense.load_state_dict(session.resumed.optimizer)
+            for group in self.dense.param_groups:  # the hyperparameters given here win over the saved ones
+                group.update(self.hyper)
         self.retries = retries
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -176,6 +176,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),
     (["snapshot", "--name", "nothing"], "no cluster named 'nothing'"),
+    (["restore", "--name", "nothing"], "no cluster named 'nothing'"),
     (["model", "create", "--family", "gpt2", "--out", "{tmp}/x"], "unknown family 'gpt2'"),
     (["model", "create", "--family", "mixtral", "--out", "{tmp}/y", "--experts", "2", "--top-k", "3"], "top_k"),
 ])
@@ -222,6 +223,20 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
         snap = moectl(env, "snapshot")
         assert "snapshot of step 4: 16 experts" in snap.stderr, snap.stderr
         assert "training: step 4, last snapshot" in moectl(env, "status").stdout
+        # save the whole training state, roll the pool back, resume from the save
+        more = moectl(env, "train", "--steps", "2", "--batch", "2", "--seq", "8", "--save-every", "2",
+                      "--out", str(tmp_path / "more"))
+        assert "step 6/6" in more.stderr and (tmp_path / "snaps" / "step-00000006" / "trainer.pt").is_file()
+        missing = moectl(env, "restore", str(tmp_path / "nowhere"), check=False)
+        assert missing.returncode != 0 and "no snapshot there" in missing.stderr and "Traceback" not in missing.stderr
+        back = moectl(env, "restore", str(tmp_path / "snaps" / "step-00000004"))
+        assert "every expert back at step 4 (2 updates undone)" in back.stderr, back.stderr
+        assert "restored: step 4 from" in moectl(env, "status").stdout
+        resumed = moectl(env, "train", "--steps", "1", "--batch", "2", "--seq", "8", "--resume", str(tmp_path / "snaps"),
+                         "--out", str(tmp_path / "more"))
+        assert "step 7/7" in resumed.stderr, resumed.stderr  # from the newest save (step 6), not step 4
+        assert [json.loads(line)["step"] for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()] \
+            == [4, 5, 6]
     finally:
         moectl(env, "down")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -264,7 +279,7 @@ def _train_in_process(path, fused: bool):
 
 def test_help_explains_every_command(env):
     out = moectl(env, "--help").stdout
-    for command in ["model", "up", "status", "down", "list", "demo", "train", "snapshot"]:
+    for command in ["model", "up", "status", "down", "list", "demo", "train", "snapshot", "restore"]:
         assert command in out
     assert "--replicas" in moectl(env, "up", "--help").stdout
 

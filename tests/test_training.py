@@ -1,6 +1,7 @@
 """Training through a real local cluster equals plain PyTorch training of the same checkpoint:
 undisturbed, with a worker killed mid-step and the pool scaled mid-training, with duplicated and
-reordered update messages, and with every copy of some experts lost (restored from a snapshot)."""
+reordered update messages, resumed from a save after the trainer stopped mid-update, and with
+every copy of some experts lost (restored from a snapshot)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import urllib.request
 import grpc
 import pytest
 import torch
+from moecluster.backends.local import ClusterError
 from moecluster.cli.train import batch_for, train
 from moecluster.controller import snapshots
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.sdk.training import ExpertOptimizer, TrainingSession
+from moecluster.sdk.training import ExpertOptimizer, TrainingError, TrainingSession
 from transformers import AutoModelForCausalLM
 
 STEPS, BATCH, SEQ, LR, SEED = 30, 2, 8, 1e-3, 0
@@ -242,6 +244,60 @@ def test_a_replica_the_trainer_cannot_resync_answers_no_trainer_and_the_controll
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
     assert any(line.startswith("moecluster_replicas_resynced_total ") and float(line.split()[-1]) >= 1
                for line in text.splitlines()), text
+
+
+class CutUpdates(grpc.UnaryUnaryClientInterceptor):
+    """On the channels to one worker: its `nth` ApplyUpdate and every later one never arrive, as when the
+    trainer stops after sending the step's update to some workers and before the others."""
+
+    def __init__(self, nth: int):
+        self.nth, self.calls = nth, 0
+
+    def intercept_unary_unary(self, continuation, details, request):
+        if details.method.endswith("/ApplyUpdate"):
+            self.calls += 1
+            if self.calls >= self.nth:
+                return _Unavailable()
+        return continuation(details, request)
+
+
+def test_a_trainer_stopped_mid_update_resumes_from_its_last_save_as_if_it_never_stopped(cluster, reference, tmp_path,
+                                                                                      monkeypatch):
+    c = cluster("resume", workers=2, replicas=1, snapshot_dir=tmp_path / "snaps")
+    controller, model = c.status()["controller"], c.info()["model"]
+    victim = serving(c.status())[1]["address"]
+    cut = CutUpdates(nth=5)  # step 5 reaches the other worker only
+    plain = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda address, *a, **k: grpc.intercept_channel(
+        plain(address, *a, **k), cut) if address == victim else plain(address, *a, **k))
+    with pytest.raises(TrainingError, match="step 5: no holder"):
+        train(controller, model, steps=10, batch=BATCH, seq=SEQ, lr=LR, seed=SEED, out=tmp_path / "run",
+              progress=lambda line: None, save_every=3)
+    monkeypatch.undo()
+    saved = snapshots.newest_first(tmp_path / "snaps")
+    assert [s.step for s in saved] == [3] and (saved[0].path / "trainer.pt").is_file()
+    with pytest.raises(TrainingError, match="different versions .*moectl restore"):  # half the pool is at step 5
+        TrainingSession(controller)
+
+    rows = train(controller, model, steps=7, batch=BATCH, seq=SEQ, lr=LR, seed=SEED, out=tmp_path / "run",
+                 progress=lambda line: None, resume=tmp_path / "snaps")
+    assert [r["step"] for r in rows] == list(range(3, 10)) and rows[0]["version"] == 4
+    losses, states = reference
+    for row in rows:  # the dense weights, both optimizers' moments and the batches all continue from step 3
+        assert abs(row["loss"] - losses[row["step"]]) <= 1e-4 * abs(losses[row["step"]]), row
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", dtype=torch.float32).state_dict()
+    assert max((trained[k] - states[10][k]).abs().max().item() for k in states[10]) <= 1e-4
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(10))  # the undone step 4 is not kept
+    assert "step 3 from" in c.status()["restored"]
+
+    with TrainingSession(controller) as session:  # a pool restore is refused while a trainer is connected
+        with pytest.raises(ClusterError, match="trainers .* are connected"):
+            list(c.restore(saved[0].path))
+    restored = list(c.restore(saved[0].path))  # waits out the lease of the trainer that just stopped
+    assert any("every expert back at step 3 (7 updates undone)" in line for line in restored), restored
+    with TrainingSession(controller) as session:
+        assert set(session.versions().values()) == {3}
 
 
 def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cluster, tmp_path, path):

@@ -208,6 +208,26 @@ def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(exported(worker, 2)[:2], before))
 
 
+def test_a_rollback_to_an_older_step_lets_that_step_be_trained_again_alike(worker, tmp_path):
+    hidden, index, top_w, grad = batch(5)
+    backward(worker, hidden, index, top_w, grad, step=1)
+    update(worker, 1, {e: [0] for e in used(index)})
+    files = worker.WriteSnapshot(worker_pb2.WriteSnapshotRequest(
+        directory=str(tmp_path), experts=keys(*[(LAYER, e) for e in EXPERTS])), timeout=TIMEOUT_S).files
+    hidden, index, top_w, grad = batch(6)
+    backward(worker, hidden, index, top_w, grad, step=2)
+    first = update(worker, 2, {e: [0] for e in used(index)})
+    assert {a.version for a in first.values()} == {2}
+    # the pool goes back to step 1: held experts are replaced (version down, stored acknowledgements gone)
+    worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files, resume_version=1),
+                          timeout=TIMEOUT_S)
+    assert set(stats(worker).versions) == {1}
+    backward(worker, hidden, index, top_w, grad, step=2)
+    again = update(worker, 2, {e: [0] for e in used(index)})
+    assert not any(a.duplicate for a in again.values())  # applied anew, not answered from before the rollback
+    assert {e: a.digest for e, a in again.items()} == {e: a.digest for e, a in first.items()}
+
+
 def test_a_replica_that_missed_an_update_is_refreshed_from_a_peer_atomically(qwen3):
     with running_workers(qwen3, {(LAYER, e): ("a", "b") for e in EXPERTS}) as servers:
         ca, a = stub_for(servers["a"])

@@ -249,8 +249,10 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             with self.training.lock:
                 for state in states:  # all files checked before anything changes
                     key = (state.layer, state.expert)
-                    self.store.drop([key])
-                    self.store.add({key: (state.gate_up, state.down)}, version=request.resume_version)
+                    if self.store.holds(*key):  # a pool rolled back: copy on write, a reader mid-Forward keeps the old
+                        self.store.replace(*key, state.gate_up, state.down, version=request.resume_version)
+                    else:
+                        self.store.add({key: (state.gate_up, state.down)}, version=request.resume_version)
                     self.training.adopt(key, state.moments)
                     restored.append(_key(key))
             self._observe_epoch(request.epoch)

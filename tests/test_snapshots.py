@@ -1,0 +1,68 @@
+"""Snapshot folders on disk: which ones a restore may use, and the trainer's state beside the experts'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moecluster.controller import snapshots
+from moecluster.protos import worker_pb2
+from moecluster.sdk import trainer_state
+
+
+def files(step: int, digest: int = 1) -> list[worker_pb2.SnapshotFile]:
+    return [worker_pb2.SnapshotFile(expert=worker_pb2.ExpertKey(layer=0, expert=e), file=f"layer-0-expert-{e}.safetensors",
+                                    version=step, digest=digest + e, bytes=10) for e in range(2)]
+
+
+def sealed(root, step: int, digest: int = 1) -> snapshots.Snapshot:
+    partial = snapshots.partial_dir(root)
+    for f in files(step, digest):
+        (partial / f.file).write_bytes(b"x" * 10)
+    return snapshots.seal(partial, step, files(step, digest))
+
+
+def test_a_restore_uses_the_snapshot_named_or_else_the_newest_first(tmp_path):
+    with pytest.raises(ValueError, match="no snapshot there"):
+        snapshots.candidates(tmp_path)
+    two, _ = sealed(tmp_path, 2), sealed(tmp_path, 5)
+    (tmp_path / "step-00000009").mkdir()  # no manifest: not a snapshot (a torn seal)
+    assert [s.step for s in snapshots.candidates(tmp_path)] == [5, 2]
+    assert [s.path for s in snapshots.candidates(two.path)] == [two.path]
+
+
+def test_the_trainers_state_survives_a_resnapshot_of_the_same_state_only(tmp_path):
+    model, opt = _model_and_optimizer()
+    first = sealed(tmp_path, 3)
+    trainer_state.write(first.path, 3, model, opt)
+    sealed(tmp_path, 3)  # the same experts' state again (a `moectl snapshot` at the same step boundary)
+    assert trainer_state.read(first.path).step == 3
+    sealed(tmp_path, 3, digest=7)  # step 3 of another history (trained again after a rollback)
+    with pytest.raises(ValueError, match="has no trainer.pt"):
+        trainer_state.read(first.path)
+
+
+def test_trainer_state_reads_the_newest_with_one_and_refuses_a_mismatch(tmp_path):
+    model, opt = _model_and_optimizer()
+    with pytest.raises(ValueError, match="no snapshot with a trainer.pt"):
+        trainer_state.read(tmp_path)
+    four = sealed(tmp_path, 4)
+    trainer_state.write(four.path, 4, model, opt)
+    sealed(tmp_path, 6)  # the experts only
+    state = trainer_state.read(tmp_path)
+    assert state.step == 4 and torch.equal(state.model["weight"], model.weight.detach())
+    assert state.optimizer["state"][0]["exp_avg"].shape == (3, 2)
+    trainer_state.write(sealed(tmp_path, 8).path, 7, model, opt)  # named after another step
+    with pytest.raises(ValueError, match="is of step 7, its snapshot of step 8"):
+        trainer_state.read(tmp_path / "step-00000008")
+    torn = four.path / trainer_state.FILE
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    with pytest.raises(ValueError, match="unreadable"):
+        trainer_state.read(four.path)
+
+
+def _model_and_optimizer():
+    model = torch.nn.Linear(2, 3, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    return model, opt

@@ -37,6 +37,10 @@ class Replan(RuntimeError):
     """The world changed under the plan (a worker in the table died): plan again."""
 
 
+def partly(touched: bool) -> str:
+    return "; the pool is partly restored (experts at different steps): restore again" if touched else ""
+
+
 def _keys(experts) -> list[worker_pb2.ExpertKey]:
     return [worker_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in experts]
 
@@ -191,6 +195,12 @@ class Executor:
         placement = self.publisher.table.placement
         if not placement:
             raise ValueError("the pool holds no experts yet")
+        observed = self.monitor.snapshot().workers
+        down = sorted({w for holders in placement.values() for w in holders
+                       if w not in observed or observed[w].state != WorkerState.SERVING})
+        if down:
+            raise StepFailed(f"restore: workers {down} in the routing table are not serving; the controller replaces "
+                             "them first: retry when `moectl status` shows the pool converged")
         by_worker: dict[str, list[tuple[int, int]]] = {}
         for key, holders in sorted(placement.items()):
             for worker_id in holders:
@@ -212,15 +222,13 @@ class Executor:
                     yield f"{worker_id}: {len(keys)} experts back at step {snap.step}"
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.DATA_LOSS:
-                    raise StepFailed(f"restore: {worker_id}: {err.code().name}: {err.details()}") from None
+                    raise StepFailed(f"restore: {worker_id}: {err.code().name}: {err.details()}" + partly(touched)) from None
                 log.error("snapshot %s refused: %s", snap.path, err.details())
                 refused.append(f"{snap.path}: {err.details()}")
                 continue
             yield snap
             return
-        raise StepFailed(f"no snapshot could be restored: {refused}" + (
-            "; the pool is partly restored (experts at different steps): restore again from a good snapshot"
-            if touched else ""))
+        raise StepFailed(f"no snapshot could be restored: {refused}" + partly(touched))
 
     def _rolled_back(self, experts: tuple, snapshot_step: int, step_now: int, source: str) -> None:
         for layer, expert in experts:

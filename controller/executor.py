@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from moecluster.controller import plan as p
-from moecluster.controller import snapshots
+from moecluster.controller import remote_snapshots
 from moecluster.controller.actuator import Actuator
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
@@ -22,6 +22,7 @@ from moecluster.controller.observed import WorkerState
 from moecluster.controller.publisher import Publisher
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2
+from moecluster.workers.snapshot_folders import Snapshot
 
 log = logging.getLogger("moecluster.controller")
 _TRACER = tracer(__name__)
@@ -168,7 +169,11 @@ class Executor:
         (step 0) when none does. Either way the rollback is recorded and logged."""
         stub = self.monitor.stub(worker_id)
         refused = []
-        for snap in snapshots.newest_first(self.snapshot_dir) if self.snapshot_dir else []:
+        try:
+            found = remote_snapshots.candidates(stub, self.snapshot_dir) if self.snapshot_dir else []
+        except ValueError:  # none yet
+            found = []
+        for snap in found:
             if not all(k in snap.files for k in experts):
                 continue
             request = worker_pb2.RestoreExpertsRequest(directory=str(snap.path), files=[snap.files[k] for k in experts],
@@ -189,7 +194,7 @@ class Executor:
         self.metrics.bytes_moved("checkpoint", response.bytes_read)
         self._rolled_back(experts, 0, step_now, "checkpoint" + (f" (snapshots refused: {refused})" if refused else ""))
 
-    def restore_pool(self, candidates: list[snapshots.Snapshot]) -> Iterator[str | snapshots.Snapshot]:
+    def restore_pool(self, candidates: list[Snapshot]) -> Iterator[str | Snapshot]:
         """Every holder of every expert back to the first of `candidates` that has every expert and passes
         its digests (inside `paused()`); yields progress, then the snapshot used. StepFailed when none does."""
         placement = self.publisher.table.placement

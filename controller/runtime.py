@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from moecluster.controller import plan as p
-from moecluster.controller import snapshots
+from moecluster.controller import remote_snapshots
 from moecluster.controller.actuator import Actuator, WorkerHandle
 from moecluster.controller.executor import Executor, Replan, StepFailed
 from moecluster.controller.metrics import ControllerMetrics
@@ -26,6 +26,7 @@ from moecluster.controller.placement import imbalance
 from moecluster.controller.publisher import LEASE_S, Publisher
 from moecluster.controller.spec import ClusterSpec
 from moecluster.protos import worker_pb2
+from moecluster.workers.snapshot_folders import Snapshot, partial_name
 
 log = logging.getLogger("moecluster.controller")
 
@@ -48,7 +49,7 @@ class Controller:
         self.monitor = WorkerMonitor(experts, period=heartbeat, dead_after=dead_after, on_change=self._wake.set)
         self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout,
                                  snapshot_dir=spec.snapshot_dir)
-        self.last_snapshot: snapshots.Snapshot | None = None
+        self.last_snapshot: Snapshot | None = None
         self.last_restore = ""  # "step N from PATH at step M"
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
@@ -146,7 +147,7 @@ class Controller:
             if isinstance(line, str):
                 log.info("%s", line)
 
-    def snapshot(self, directory: str = "") -> Iterator[str | snapshots.Snapshot]:
+    def snapshot(self, directory: str = "") -> Iterator[str | Snapshot]:
         """Writes every expert's state at a step boundary into DIRECTORY/step-NNNNNNNN/; yields progress,
         then the snapshot."""
         root = directory or self.spec.snapshot_dir
@@ -155,8 +156,9 @@ class Controller:
         with self._plan_lock:
             yield from self._take_snapshot(root)
 
-    def _take_snapshot(self, root: str) -> Iterator[str | snapshots.Snapshot]:
-        partial = snapshots.partial_dir(root)
+    def _take_snapshot(self, root: str) -> Iterator[str | Snapshot]:
+        partial = partial_name(root)  # made by the first worker that writes into it
+        writer = None
         try:
             with self.executor.paused():
                 table = self.publisher.table.placement
@@ -170,32 +172,43 @@ class Controller:
                 files = []
                 for worker_id, keys in sorted(by_worker.items()):
                     request = worker_pb2.WriteSnapshotRequest(
-                        directory=str(partial), experts=[worker_pb2.ExpertKey(layer=l, expert=e) for l, e in keys])
+                        directory=partial, experts=[worker_pb2.ExpertKey(layer=l, expert=e) for l, e in keys])
                     try:
                         files += self.monitor.stub(worker_id).WriteSnapshot(request, timeout=300).files
                     except grpc.RpcError as err:
                         raise StepFailed(f"snapshot: {worker_id} could not write: {err.code().name}: {err.details()}") from None
+                    writer = writer or worker_id
                     yield f"{worker_id}: wrote {len(keys)} experts"
             steps = {f.version for f in files}
             if len(steps) != 1:
                 raise ValueError(f"experts are at different versions {sorted(steps)}: not a step boundary")
-            snap = snapshots.seal(partial, steps.pop(), files)
+            try:
+                snap = remote_snapshots.seal(self.monitor.stub(writer), partial, steps.pop(), files)
+            except grpc.RpcError as err:
+                raise StepFailed(f"snapshot: {writer} could not seal it: {err.code().name}: {err.details()}") from None
         except BaseException:
-            snapshots.discard(partial)
+            if writer is not None:
+                remote_snapshots.discard(self.monitor.stub(writer), partial)
             raise
         self.last_snapshot, self._last_snapshot_at = snap, time.monotonic()
         yield f"snapshot of step {snap.step}: {len(files)} experts in {snap.path}"
         yield snap
 
-    def restore(self, source: str = "", session: str = "") -> Iterator[str | snapshots.Snapshot]:
+    def restore(self, source: str = "", session: str = "") -> Iterator[str | Snapshot]:
         """Rolls every expert back to a snapshot (SOURCE's own, or the newest good one under SOURCE or the
         snapshot directory), at a step boundary; yields progress, then the snapshot restored. Refused while
         a trainer other than `session` is connected: its dense model would no longer match the experts."""
         source = source or self.spec.snapshot_dir
         if not source:
             raise ValueError("no snapshot given, and the cluster has no snapshot directory")
-        candidates = snapshots.candidates(source)
         with self._plan_lock:
+            reader = next(iter(self._pool(self.monitor.snapshot())), None)
+            if reader is None:
+                raise Refused("no worker is serving yet")
+            try:
+                candidates = remote_snapshots.candidates(self.monitor.stub(reader), source)
+            except grpc.RpcError as err:
+                raise StepFailed(f"restore: {reader} could not list {source}: {err.details() or err.code().name}") from None
             yield from self._await_no_trainer(session)
             step_before = self.monitor.snapshot().step
             with self.executor.paused():

@@ -7,8 +7,8 @@ import threading
 import grpc
 from moecluster.controller.publisher import Table
 from moecluster.controller.runtime import Controller, Refused
-from moecluster.controller.snapshots import Snapshot
 from moecluster.protos import controller_pb2, controller_pb2_grpc
+from moecluster.workers.snapshot_folders import Snapshot
 from pydantic import ValidationError
 
 

@@ -100,6 +100,21 @@ class ExpertWorkerStub:
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.FromString,
                 _registered_method=True)
+        self.SealSnapshot = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/SealSnapshot',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.SealSnapshotRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.SealSnapshotResponse.FromString,
+                _registered_method=True)
+        self.DiscardSnapshot = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/DiscardSnapshot',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/moecluster.worker.v1.ExpertWorker/ListSnapshots',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/moecluster.worker.v1.ExpertWorker/Drain',
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.DrainRequest.SerializeToString,
@@ -195,6 +210,24 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SealSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """Health turns NOT_SERVING; requests already routed here are still answered.
         """
@@ -269,6 +302,21 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.RestoreExperts,
                     request_deserializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.SerializeToString,
+            ),
+            'SealSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.SealSnapshot,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.SealSnapshotRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.SealSnapshotResponse.SerializeToString,
+            ),
+            'DiscardSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardSnapshot,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -627,6 +675,87 @@ class ExpertWorker:
             '/moecluster.worker.v1.ExpertWorker/RestoreExperts',
             moecluster_dot_protos_dot_worker__pb2.RestoreExpertsRequest.SerializeToString,
             moecluster_dot_protos_dot_worker__pb2.RestoreExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SealSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/SealSnapshot',
+            moecluster_dot_protos_dot_worker__pb2.SealSnapshotRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.SealSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/DiscardSnapshot',
+            moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.DiscardSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/ListSnapshots',
+            moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

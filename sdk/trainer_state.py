@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from moecluster.controller import snapshots
+from moecluster.workers import snapshot_folders
 
 FILE = "trainer.pt"
 
@@ -42,12 +42,12 @@ def read(folder: str | Path) -> TrainerState:
     ValueError when there is none, or it does not match its snapshot's step."""
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
-        with_state = [s.path for s in snapshots.newest_first(folder) if (s.path / FILE).exists()]
+        with_state = [s.path for s in snapshot_folders.newest_first(folder) if (s.path / FILE).exists()]
         if not with_state:
             raise ValueError(f"{folder}: no snapshot with a {FILE} (TrainingSession.save or `moectl train "
                              "--save-every` write one; `moectl snapshot` saves the experts only)")
         folder = with_state[0]
-    step = snapshots.read(folder).step
+    step = snapshot_folders.read(folder).step
     try:
         doc = torch.load(folder / FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError:

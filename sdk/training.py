@@ -33,7 +33,6 @@ from pathlib import Path
 
 import grpc
 import torch
-from moecluster.controller import snapshots
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError, StepTag
 from moecluster.frontend.remote_moe import RemoteMoE
@@ -46,6 +45,7 @@ from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
 from moecluster.sdk import trainer_state
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode
+from moecluster.workers import snapshot_folders
 from torch import nn
 
 log = logging.getLogger("moecluster.training")
@@ -122,7 +122,7 @@ class TrainingSession:
         if not folder.is_dir():
             raise TrainingError(f"the snapshot {folder} is not visible here: the trainer writes its dense state beside "
                                 "the experts', so it needs the snapshot directory (shared storage)")
-        step = snapshots.read(folder).step
+        step = snapshot_folders.read(folder).step
         if step != self.step - 1:
             raise TrainingError(f"the snapshot is of step {step}, this trainer is after step {self.step - 1}: "
                                 "another trainer is stepping the pool")

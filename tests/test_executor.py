@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 from moecluster.controller import plan as p
-from moecluster.controller import snapshots
 from moecluster.controller.actuator import WorkerHandle
 from moecluster.controller.executor import Executor, StepFailed
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.publisher import Publisher
 from moecluster.protos import worker_pb2
+from moecluster.workers import snapshot_folders
 from shared import running_workers
 from worker_helpers import keys, stats, stub_for
 
@@ -59,24 +59,24 @@ def test_a_pool_restore_falls_back_past_a_torn_snapshot_and_refuses_a_table_with
             for w in servers:
                 monitor.add(WorkerHandle(w, servers[w].address, os.getpid()))
             for step in (3, 5):  # the same weights, sealed as two steps
-                partial = snapshots.partial_dir(tmp_path)
+                partial = snapshot_folders.partial_dir(tmp_path)
                 files = [f for w, (_, stub) in sorted(channels.items()) for f in stub.WriteSnapshot(
                     worker_pb2.WriteSnapshotRequest(directory=str(partial), experts=keys(
                         *[k for k, h in placement.items() if h == (w,)])), timeout=30).files]
-                newest = snapshots.seal(partial, step, files)
+                newest = snapshot_folders.seal(partial, step, files)
             torn = newest.path / newest.files[(0, 6)].file  # worker-1's, so worker-0 restores step 5 before it is seen
             torn.write_bytes(torn.read_bytes()[:-8])
             publisher = Publisher()
             publisher.publish(placement, {w: s.address for w, s in servers.items()})
             executor = Executor(None, monitor, publisher, ControllerMetrics(), progress=lambda _: None)
-            out = list(executor.restore_pool(snapshots.candidates(tmp_path)))
+            out = list(executor.restore_pool(snapshot_folders.candidates(tmp_path)))
             assert out[-1].step == 3 and "worker-0: 4 experts back at step 5" in out
             assert {w: set(stats(stub).versions) for w, (_, stub) in channels.items()} == {"worker-0": {3}, "worker-1": {3}}
 
             publisher.publish({**placement, (0, 0): ("worker-0", "worker-9")},
                               {**{w: s.address for w, s in servers.items()}, "worker-9": "127.0.0.1:1"})
             with pytest.raises(StepFailed, match=r"workers \['worker-9'\] in the routing table are not serving"):
-                list(executor.restore_pool(snapshots.candidates(tmp_path)))
+                list(executor.restore_pool(snapshot_folders.candidates(tmp_path)))
         finally:
             for channel, _ in channels.values():
                 channel.close()

@@ -1,12 +1,19 @@
-"""Snapshot folders on disk: which ones a restore may use, and the trainer's state beside the experts'."""
+"""Snapshot folders on disk: which ones a restore may use, the trainer's state beside the experts', and a
+real worker sealing, listing and discarding them for the controller (which need not see the directory)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import grpc
 import pytest
 import torch
-from moecluster.controller import snapshots
+from moecluster.controller import remote_snapshots
 from moecluster.protos import worker_pb2
 from moecluster.sdk import trainer_state
+from moecluster.workers import snapshot_folders
+from shared import running_workers
+from worker_helpers import keys, stub_for
 
 
 def files(step: int, digest: int = 1) -> list[worker_pb2.SnapshotFile]:
@@ -14,20 +21,20 @@ def files(step: int, digest: int = 1) -> list[worker_pb2.SnapshotFile]:
                                     version=step, digest=digest + e, bytes=10) for e in range(2)]
 
 
-def sealed(root, step: int, digest: int = 1) -> snapshots.Snapshot:
-    partial = snapshots.partial_dir(root)
+def sealed(root, step: int, digest: int = 1) -> snapshot_folders.Snapshot:
+    partial = snapshot_folders.partial_dir(root)
     for f in files(step, digest):
         (partial / f.file).write_bytes(b"x" * 10)
-    return snapshots.seal(partial, step, files(step, digest))
+    return snapshot_folders.seal(partial, step, files(step, digest))
 
 
 def test_a_restore_uses_the_snapshot_named_or_else_the_newest_first(tmp_path):
     with pytest.raises(ValueError, match="no snapshot there"):
-        snapshots.candidates(tmp_path)
+        snapshot_folders.candidates(tmp_path)
     two, _ = sealed(tmp_path, 2), sealed(tmp_path, 5)
     (tmp_path / "step-00000009").mkdir()  # no manifest: not a snapshot (a torn seal)
-    assert [s.step for s in snapshots.candidates(tmp_path)] == [5, 2]
-    assert [s.path for s in snapshots.candidates(two.path)] == [two.path]
+    assert [s.step for s in snapshot_folders.candidates(tmp_path)] == [5, 2]
+    assert [s.path for s in snapshot_folders.candidates(two.path)] == [two.path]
 
 
 def test_the_trainers_state_survives_a_resnapshot_of_the_same_state_only(tmp_path):
@@ -66,3 +73,31 @@ def _model_and_optimizer():
     model(torch.ones(1, 2)).sum().backward()
     opt.step()
     return model, opt
+
+
+def test_a_worker_seals_lists_and_discards_snapshot_folders_for_the_controller(qwen3, tmp_path):
+    with running_workers(qwen3, {(0, e): ("w",) for e in range(2)}) as servers:
+        channel, stub = stub_for(servers["w"])
+        with channel:
+            def write(directory):
+                return list(stub.WriteSnapshot(worker_pb2.WriteSnapshotRequest(
+                    directory=directory, experts=keys((0, 0), (0, 1))), timeout=30).files)
+
+            partial = snapshot_folders.partial_name(tmp_path)
+            files = write(partial)  # the worker makes the folder
+            with pytest.raises(grpc.RpcError) as err:  # only a folder made for a snapshot is renamed
+                stub.SealSnapshot(worker_pb2.SealSnapshotRequest(directory=str(tmp_path), step=0, files=files))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and ".partial-" in err.value.details()
+            snap = remote_snapshots.seal(stub, partial, 0, files)
+            assert snap.path == tmp_path / "step-00000000" and (snap.path / "manifest.json").is_file()
+            assert [(s.step, s.path, sorted(s.files)) for s in remote_snapshots.candidates(stub, str(tmp_path))] == \
+                [(0, snap.path, [(0, 0), (0, 1)])]
+            with pytest.raises(ValueError, match="no snapshot there"):
+                remote_snapshots.candidates(stub, str(tmp_path / "nowhere"))
+            other = snapshot_folders.partial_name(tmp_path)
+            write(other)
+            remote_snapshots.discard(stub, other)
+            assert not Path(other).exists() and snap.path.is_dir()
+            with pytest.raises(grpc.RpcError) as err:
+                write(str(tmp_path / "no" / "such" / "parent"))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -17,9 +17,9 @@ import pytest
 import torch
 from moecluster.backends.local import ClusterError
 from moecluster.cli.train import batch_for, train
-from moecluster.controller import snapshots
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.training import ExpertOptimizer, TrainingError, TrainingSession
+from moecluster.workers import snapshot_folders
 from transformers import AutoModelForCausalLM
 
 STEPS, BATCH, SEQ, LR, SEED = 30, 2, 8, 1e-3, 0
@@ -86,7 +86,7 @@ def test_thirty_steps_through_three_workers_equal_pytorch(cluster, reference, tm
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(STEPS))
     assert eventually(lambda: c.status()["step"] == STEPS)  # the controller learns versions from heartbeats
-    taken = snapshots.newest_first(tmp_path / "snaps")  # periodic snapshots, taken while training
+    taken = snapshot_folders.newest_first(tmp_path / "snaps")  # periodic snapshots, taken while training
     assert taken and 1 <= taken[0].step <= STEPS and len(taken[0].files) == 16
 
 
@@ -274,7 +274,7 @@ def test_a_trainer_stopped_mid_update_resumes_from_its_last_save_as_if_it_never_
         train(controller, model, steps=10, batch=BATCH, seq=SEQ, lr=LR, seed=SEED, out=tmp_path / "run",
               progress=lambda line: None, save_every=3)
     monkeypatch.undo()
-    saved = snapshots.newest_first(tmp_path / "snaps")
+    saved = snapshot_folders.newest_first(tmp_path / "snaps")
     assert [s.step for s in saved] == [3] and (saved[0].path / "trainer.pt").is_file()
     with pytest.raises(TrainingError, match="different versions .*moectl restore"):  # half the pool is at step 5
         TrainingSession(controller)
@@ -328,7 +328,7 @@ def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cl
         elsewhere = {tuple(k) for w in workers[1:] for k in w["experts"]}  # hot experts may have extra copies
         lost = [tuple(k) for k in victim["experts"] if tuple(k) not in elsewhere]
         assert lost
-        newest = snapshots.newest_first(tmp_path / "snaps")[0]
+        newest = snapshot_folders.newest_first(tmp_path / "snaps")[0]
         assert newest.step == 4
         torn = newest.path / newest.files[lost[0]].file
         data = bytearray(torn.read_bytes())

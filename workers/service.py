@@ -24,7 +24,7 @@ from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import WireError, encode
-from moecluster.workers import validation
+from moecluster.workers import snapshot_folders, validation
 from moecluster.workers.expert_backward import expert_backward
 from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
@@ -213,8 +213,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def WriteSnapshot(self, request, context):
         def run():
             keys = [validation.check_expert_key(self.geometry, k) for k in request.experts]
-            if not request.directory or not os.path.isdir(request.directory):
-                raise invalid(f"directory: {request.directory!r} is not a directory on this worker")
+            if not request.directory or not os.path.isdir(os.path.dirname(os.path.abspath(request.directory))):
+                raise invalid(f"directory: {request.directory!r} is not in a directory on this worker")
+            os.makedirs(request.directory, exist_ok=True)
             files = []
             for key in keys:
                 with self.training.lock:  # weights, moments and version of one committed step
@@ -259,6 +260,15 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             return worker_pb2.RestoreExpertsResponse(restored=restored, bytes_read=read)
 
         return _answer(context, self, run)
+
+    def SealSnapshot(self, request, context):
+        return _answer(context, self, lambda: snapshot_folders.seal_request(request))
+
+    def DiscardSnapshot(self, request, context):
+        return _answer(context, self, lambda: snapshot_folders.discard_request(request))
+
+    def ListSnapshots(self, request, context):
+        return _answer(context, self, lambda: snapshot_folders.list_request(request))
 
     def LoadExperts(self, request, context):
         def run():

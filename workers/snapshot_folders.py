@@ -1,5 +1,9 @@
 """Snapshots of a trained pool's experts on disk: one folder per step, a manifest, files checked by digest.
 
+The snapshot directory is the workers' storage (shared by all of them: a volume on Kubernetes):
+workers write and read the files, and one of them seals, discards and lists folders for the
+controller, which may run where the directory is not mounted (the `*_request` answers below).
+
     DIR/step-00000012/manifest.json                 {"step": 12, "experts": [{layer, expert, file, version, digest, bytes}]}
     DIR/step-00000012/layer-0-expert-3.safetensors  written by the worker that held the expert
 
@@ -19,10 +23,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from moecluster.controller.observed import ExpertKey
+import grpc
 from moecluster.protos import worker_pb2
+from moecluster.workers.validation import RequestError, invalid
 
 _NAME = re.compile(r"^step-(\d{8,})$")
+PARTIAL_PREFIX = ".partial-"
+ExpertKey = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,14 @@ class Snapshot:
 
 def partial_dir(root: str | Path) -> Path:
     """A fresh folder for workers to write a snapshot's files into."""
-    path = Path(root) / f".partial-{uuid.uuid4().hex[:8]}"
+    path = Path(partial_name(root))
     path.mkdir(parents=True)
     return path
+
+
+def partial_name(root: str | Path) -> str:
+    """A fresh name for a folder to write a snapshot's files into (WriteSnapshot makes it)."""
+    return str(Path(root) / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}")
 
 
 def seal(partial: Path, step: int, files: list[worker_pb2.SnapshotFile]) -> Snapshot:
@@ -107,3 +119,43 @@ def candidates(path: str | Path) -> list[Snapshot]:
 
 def discard(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def manifest_message(snap: Snapshot) -> worker_pb2.SnapshotManifest:
+    return worker_pb2.SnapshotManifest(step=snap.step, path=str(snap.path), files=list(snap.files.values()))
+
+
+def from_message(m: worker_pb2.SnapshotManifest) -> Snapshot:
+    return Snapshot(m.step, Path(m.path), {(f.expert.layer, f.expert.expert): f for f in m.files})
+
+
+# -- what a worker answers ---------------------------------------------------------------
+
+def seal_request(request: worker_pb2.SealSnapshotRequest) -> worker_pb2.SealSnapshotResponse:
+    try:
+        return worker_pb2.SealSnapshotResponse(path=str(seal(_partial(request.directory), request.step,
+                                                             list(request.files)).path))
+    except OSError as err:
+        raise RequestError(grpc.StatusCode.INTERNAL, f"sealing {request.directory}: {err}") from None
+
+
+def discard_request(request: worker_pb2.DiscardSnapshotRequest) -> worker_pb2.DiscardSnapshotResponse:
+    discard(_partial(request.directory))
+    return worker_pb2.DiscardSnapshotResponse()
+
+
+def list_request(request: worker_pb2.ListSnapshotsRequest) -> worker_pb2.ListSnapshotsResponse:
+    """What a restore from `path` may use (`candidates`), none when there is no snapshot there."""
+    try:
+        found = candidates(request.path)
+    except ValueError:
+        found = []
+    return worker_pb2.ListSnapshotsResponse(snapshots=[manifest_message(s) for s in found])
+
+
+def _partial(directory: str) -> Path:
+    """Only a folder made for a snapshot may be sealed (renamed) or discarded (deleted)."""
+    path = Path(directory)
+    if not path.name.startswith(PARTIAL_PREFIX) or not path.is_dir():
+        raise invalid(f"directory: {directory!r} is not a {PARTIAL_PREFIX}* snapshot folder on this worker")
+    return path

@@ -76,7 +76,7 @@ class ClusterRunner:
         self.actuator = KubernetesActuator(resource, default_image=SETTINGS.default_image)
         self.controller: Controller | None = None
         self.error = ""
-        self.action: dict = {}  # the last drain or migrate asked through an annotation, for status.lastAction
+        self.action: dict = {}  # the last request made through an annotation, for status.lastAction
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._boot, name=f"boot-{resource.key}", daemon=True)
 
@@ -121,14 +121,16 @@ class ClusterRunner:
             self.controller.frontend = self.actuator.start_frontend(SETTINGS.controller_address, timeout=60)
 
     def run_action(self, what: str, steps) -> None:
-        """Runs a drain or migrate in the background; its outcome goes to status.lastAction."""
+        """Runs a request (drain, migrate, snapshot, restore) in the background; its outcome goes to status.lastAction."""
         self.action = {"action": what, "state": "Running", "message": "", "time": _now()}
 
         def go():
             try:
                 last = ""
-                for last in steps():
-                    log.info("%s: %s: %s", self.resource.key, what, last)
+                for line in steps():
+                    if isinstance(line, str):  # a snapshot or restore ends with the Snapshot itself
+                        last = line
+                        log.info("%s: %s: %s", self.resource.key, what, line)
                 self.action = {**self.action, "state": "Succeeded", "message": last, "time": _now()}
             except Exception as err:  # noqa: BLE001 - reported in status and as an Event, not raised in a thread
                 self.action = {**self.action, "state": "Failed", "message": f"{type(err).__name__}: {err}", "time": _now()}
@@ -223,7 +225,8 @@ def _tick(body, status, patch, **_) -> None:
 
 
 def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> None:
-    """Drain and migrate, asked through annotations (`kubectl moe drain|migrate`); each is taken once, then removed."""
+    """Drain, migrate, snapshot and restore, asked through annotations (`kubectl moe VERB`); each is taken once,
+    then removed."""
     controller = runner.controller
     if controller is None:
         return
@@ -253,6 +256,15 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
             return
         kopf.info(body, reason="Migrating", message=f"moving expert {expert} to {to}")
         runner.run_action(f"migrate {migrate}", lambda: controller.migrate(expert, to))
+    if resource.annotations.get(r.SNAPSHOT_ANNOTATION):
+        patch.metadata.annotations[r.SNAPSHOT_ANNOTATION] = None
+        kopf.info(body, reason="Snapshotting", message="writing every expert's training state at a step boundary")
+        runner.run_action("snapshot", controller.snapshot)
+    restore = resource.annotations.get(r.RESTORE_ANNOTATION)
+    if restore:
+        patch.metadata.annotations[r.RESTORE_ANNOTATION] = None
+        kopf.info(body, reason="Restoring", message=f"rolling every expert back to {restore}")
+        runner.run_action(f"restore {restore}", lambda: controller.restore("" if restore == "latest" else restore))
 
 
 def _post_events(body, before: dict, after: dict) -> None:

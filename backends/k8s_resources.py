@@ -20,6 +20,8 @@ WORKER_PORT, BULK_PORT, FRONTEND_PORT, METRICS_PORT = 50061, 50062, 50051, 9090
 CLUSTER_LABEL, WORKER_LABEL = "moecluster.io/cluster", "moecluster.io/worker-id"
 DRAIN_ANNOTATION = "moecluster.io/drain"  # value: a worker id; `kubectl moe drain` sets it
 MIGRATE_ANNOTATION = "moecluster.io/migrate"  # value: LAYER:EXPERT=WORKER; `kubectl moe migrate` sets it
+SNAPSHOT_ANNOTATION = "moecluster.io/snapshot"  # value: when it was asked; `kubectl moe snapshot` sets it
+RESTORE_ANNOTATION = "moecluster.io/restore"  # value: a snapshot folder, or "latest"; `kubectl moe restore` sets it
 RUN_AS_USER = 10001  # the image's non-root user
 
 
@@ -59,7 +61,15 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         worker_num_gpus=_gpus(worker),
         worker_device=pod_device(worker),
         frontend_device=pod_device(spec.get("frontend") or {}),
+        snapshot_dir=snapshot_dir(resource),
+        snapshot_every_s=(spec.get("snapshots") or {}).get("everySeconds"),
     )
+
+
+def snapshot_dir(resource: Resource) -> str | None:
+    """Where worker pods mount the snapshot volume (None: the cluster keeps no snapshots)."""
+    snapshots = resource.spec.get("snapshots")
+    return snapshots.get("mountPath", "/snapshots") if snapshots else None
 
 
 def pod_device(section: dict) -> str:
@@ -120,13 +130,17 @@ def _env() -> list[dict]:
     ]
 
 
-def _volumes(resource: Resource) -> tuple[list[dict], list[dict]]:
-    """(volumes, mounts): a writable /tmp, and the model's volume when it is not in the image."""
+def _volumes(resource: Resource, worker: bool) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts): a writable /tmp, the model's volume when it is not in the image, and on workers
+    the snapshot volume (read-write: workers write and read the snapshots)."""
     volumes, mounts = [{"name": "tmp", "emptyDir": {}}], [{"name": "tmp", "mountPath": "/tmp"}]
     model = resource.spec["model"]
     if model.get("volume"):
         volumes.append({"name": "model", **model["volume"]})
         mounts.append({"name": "model", "mountPath": model.get("mountPath", "/models"), "readOnly": True})
+    if worker and resource.spec.get("snapshots"):
+        volumes.append({"name": "snapshots", **resource.spec["snapshots"]["volume"]})
+        mounts.append({"name": "snapshots", "mountPath": snapshot_dir(resource)})
     return volumes, mounts
 
 
@@ -137,8 +151,8 @@ def _image(resource: Resource, default_image: str) -> str:
     return image
 
 
-def _pod_common(resource: Resource, part: dict) -> dict:
-    volumes, _ = _volumes(resource)
+def _pod_common(resource: Resource, part: dict, worker: bool) -> dict:
+    volumes, _ = _volumes(resource, worker)
     common = {"securityContext": _pod_security(), "volumes": volumes, "enableServiceLinks": False,
               "automountServiceAccountToken": False}
     if resource.spec.get("imagePullSecrets"):
@@ -156,7 +170,7 @@ def _selector(resource: Resource, component: str) -> dict[str, str]:
 def _container(resource: Resource, name: str, module: str, args: list[str], part: dict, default_image: str,
                ports: dict[str, int]) -> dict:
     """A worker's or frontend's container: the image's Python running `module`, ready once its gRPC health says so."""
-    _, mounts = _volumes(resource)
+    _, mounts = _volumes(resource, name == "worker")
     return {
         "name": name,
         "image": _image(resource, default_image),
@@ -187,7 +201,7 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _meta(resource, worker_pod_name(resource, worker_id), "worker", {WORKER_LABEL: worker_id}),
-        "spec": {**_pod_common(resource, worker), "containers": [container], "restartPolicy": "Never",
+        "spec": {**_pod_common(resource, worker, worker=True), "containers": [container], "restartPolicy": "Never",
                  "terminationGracePeriodSeconds": 30},
     }
 
@@ -222,7 +236,8 @@ def frontend_deployment(resource: Resource, controller_address: str, default_ima
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels(resource, "frontend")},
-                "spec": {**_pod_common(resource, frontend), "containers": [container], "terminationGracePeriodSeconds": 30},
+                "spec": {**_pod_common(resource, frontend, worker=False), "containers": [container],
+                         "terminationGracePeriodSeconds": 30},
             },
         },
     }
@@ -286,6 +301,8 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
         **base, "readyReplicas": len(serving), "epoch": status["epoch"], "placement": placement_summary(status),
         "workers": [{"id": w["id"], "pod": worker_pod_name(resource, w["id"]), "state": w["state"],
                      "experts": len(w["experts"]), "device": w.get("device", "")} for w in status["workers"]],
+        "training": {"step": status["step"], "lastSnapshot": status["snapshot"], "restored": status["restored"],
+                     "rollbacks": status["rollbacks"]},
         "conditions": [
             condition("Ready", ready, "Serving" if ready else "Converging",
                       f"{len(serving)} workers serving at epoch {status['epoch']}", gen, old, now),

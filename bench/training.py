@@ -10,7 +10,11 @@ in experts). The same random batches (`moectl train`'s) train:
 2. through a local cluster of 2 workers, replicas 1, and of 2 workers, replicas 2
    (every holder computes each weight gradient): `moectl train`'s loop;
 3. through the 2-worker cluster while it scales 2 -> 3 mid-run: the steps that
-   wait at the boundary for the copy, and for how long.
+   wait at the boundary for the copy, and for how long;
+4. saving the whole training state (`TrainingSession.save`: the workers write the
+   experts', the trainer the dense model's and AdamW's) and resuming from it (every
+   expert rolled back, the dense state read), against `torch.save` / `torch.load` of
+   the same model's and AdamW's state in one process.
 
 Figures: median step time of each and its ratio to the baseline, loss equality
 with the baseline, and the pause (longest wait of a step for a copy, its
@@ -36,6 +40,7 @@ import torch  # noqa: E402
 from moecluster.backends.local import ClusterError, LocalCluster  # noqa: E402
 from moecluster.cli.train import batch_for, train  # noqa: E402
 from moecluster.models.tiny import create_checkpoint  # noqa: E402
+from moecluster.sdk.training import ExpertOptimizer, TrainingSession  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 BATCH, SEQ, LR, SEED = 4, 64, 1e-3, 0
@@ -87,6 +92,57 @@ def through_cluster(path: Path, steps: int, replicas: int, home: Path, scale_at:
             pass
 
 
+def save_and_resume_baseline(path: Path, folder: Path) -> tuple[float, float, int]:
+    """(save s, load s, bytes) of torch.save / torch.load of the model's and AdamW's state after one step."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    x = batch_for(0, SEED, model.config.vocab_size, BATCH, SEQ)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, folder / "state.pt")
+    os.sync()
+    saved = time.perf_counter() - started
+    started = time.perf_counter()
+    torch.load(folder / "state.pt", weights_only=True)
+    return saved, time.perf_counter() - started, (folder / "state.pt").stat().st_size
+
+
+def save_and_resume_through_cluster(path: Path, home: Path) -> tuple[float, float, int]:
+    """(save s, resume s, bytes) of the whole training state of a 2-worker cluster after one step."""
+    os.environ["MOECLUSTER_HOME"] = str(home)
+    cluster = LocalCluster("bench-save")
+    cluster.up(path, workers=2, replicas=1, port=0, snapshot_dir=home / "snaps")
+    try:
+        controller = cluster.info()["controller"]
+        with TrainingSession(controller) as session:
+            model = session.model(str(path))
+            opt = ExpertOptimizer(model, session, lr=LR, weight_decay=0.0)
+            x = batch_for(0, SEED, model.config.vocab_size, BATCH, SEQ)
+
+            def closure():
+                opt.zero_grad()
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                return loss
+            opt.step(closure)
+            started = time.perf_counter()
+            folder = session.save(model, opt)
+            os.sync()
+            saved = time.perf_counter() - started
+        time.sleep(4)  # the closed session's lease: a resume waits for it otherwise
+        started = time.perf_counter()
+        TrainingSession(controller, resume_from=folder).close()
+        resumed = time.perf_counter() - started
+        return saved, resumed, sum(f.stat().st_size for f in folder.iterdir())
+    finally:
+        try:
+            cluster.down(grace=2)
+        except ClusterError:
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -130,11 +186,19 @@ def main() -> None:
         print(f"scale 2 -> 3 at step {scale_at}: {len(paused)} steps waited for a copy; the longest wait "
               f"{longest[1] * 1000:.0f} ms (step {longest[0]}, {longest[2] * 1000:.0f} ms vs a median "
               f"{median_ms:.0f} ms); loss rel. diff <= {worst:.1e}; scale ended with: {progress[-1] if progress else '?'}")
+        base_save, base_load, base_bytes = save_and_resume_baseline(path, root / "baseline")
+        save, resume, size = save_and_resume_through_cluster(path, root / "home")
+        print(f"save the training state:   {save * 1000:8.1f} ms ({size / 1e6:.1f} MB) = {save / base_save:.2f}x torch.save "
+              f"in one process ({base_save * 1000:.1f} ms, {base_bytes / 1e6:.1f} MB)", flush=True)
+        print(f"resume from it:            {resume * 1000:8.1f} ms = {resume / base_load:.2f}x torch.load "
+              f"({base_load * 1000:.1f} ms); includes the session's connect and rolling back every expert", flush=True)
         print("\nsummary")
         print(f"  one process                 {base_ms:8.1f} ms/step  1.00x")
         for replicas, ms in results.items():
             print(f"  cluster, replicas {replicas}         {ms:8.1f} ms/step  {ms / base_ms:.2f}x")
         print(f"  pause of a scale step       {longest[1] * 1000:8.1f} ms  (training waits at the step boundary)")
+        print(f"  save the training state     {save * 1000:8.1f} ms  {save / base_save:.2f}x torch.save")
+        print(f"  resume from it              {resume * 1000:8.1f} ms  {resume / base_load:.2f}x torch.load")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@
     kubectl moe scale   NAME --replicas N             the same as `kubectl scale moecluster/NAME`, then waits
     kubectl moe drain   NAME WORKER                   move WORKER's experts away and remove it (pool shrinks by one)
     kubectl moe migrate NAME LAYER:EXPERT --to WORKER copy one expert to WORKER, then switch traffic to it
+    kubectl moe snapshot NAME                     every expert's training state, at a step boundary (spec.snapshots)
+    kubectl moe restore NAME [SNAPSHOT]           roll every expert back to SNAPSHOT (default: the newest good one)
 
 Everything goes through the API server with your kubectl (its context, its
-credentials): scale patches the scale subresource; drain and migrate set an
-annotation the operator takes once and reports in `status.lastAction`. Put
+credentials): scale patches the scale subresource; drain, migrate, snapshot and
+restore set an annotation the operator takes once and reports in `status.lastAction`. Put
 this on PATH as `kubectl-moe` (pip installs it) and kubectl finds it.
 """
 
@@ -20,7 +22,13 @@ import subprocess
 import sys
 import time
 
-from moecluster.backends.k8s_resources import DRAIN_ANNOTATION, MIGRATE_ANNOTATION, parse_migrate
+from moecluster.backends.k8s_resources import (
+    DRAIN_ANNOTATION,
+    MIGRATE_ANNOTATION,
+    RESTORE_ANNOTATION,
+    SNAPSHOT_ANNOTATION,
+    parse_migrate,
+)
 
 
 class KubectlError(RuntimeError):
@@ -62,6 +70,11 @@ def format_status(obj: dict) -> str:
         lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} {'EXPERTS':<8} DEVICE")
         lines += [f"  {w['id']:<12} {w.get('pod', ''):<32} {w.get('state', ''):<10} {w.get('experts', 0):<8} "
                   f"{w.get('device') or '?'}" for w in workers]
+    training = status.get("training") or {}
+    if training.get("step") or training.get("lastSnapshot"):
+        lines.append(f"  training:  step {training.get('step', 0)}"
+                     + (f", last snapshot {training['lastSnapshot']}" if training.get("lastSnapshot") else "")
+                     + (f", restored {training['restored']}" if training.get("restored") else ""))
     action = status.get("lastAction")
     if action:
         lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())
@@ -131,7 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     migrate.add_argument("name")
     migrate.add_argument("expert", help="LAYER:EXPERT, e.g. 0:3")
     migrate.add_argument("--to", required=True, help="the worker id that receives it")
-    for sub in (scale, drain, migrate):
+    snapshot = verbs.add_parser("snapshot", help="write every expert's training state to the cluster's snapshot volume")
+    snapshot.add_argument("name")
+    restore = verbs.add_parser("restore", help="roll every expert back to a snapshot (refused while a trainer is connected)")
+    restore.add_argument("name")
+    restore.add_argument("snapshot", nargs="?", default="latest",
+                         help="a step-NNNNNNNN folder as the workers see it (default: the newest good one)")
+    for sub in (scale, drain, migrate, snapshot, restore):
         sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
         sub.add_argument("--no-wait", action="store_true", help="return once the request is made")
     args = parser.parse_args(argv)
@@ -153,6 +172,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"draining {args.worker}", flush=True)
             if not args.no_wait:
                 wait_action(kubectl, args.name, f"drain {args.worker}", since, args.timeout)
+        elif args.verb in ("snapshot", "restore"):
+            annotation, action = ((SNAPSHOT_ANNOTATION, "snapshot") if args.verb == "snapshot"
+                                  else (RESTORE_ANNOTATION, f"restore {args.snapshot}"))
+            since = _now()
+            kubectl("annotate", f"moecluster/{args.name}", f"{annotation}={args.snapshot if args.verb == 'restore' else since}",
+                    "--overwrite")
+            print(f"{action}: asked", flush=True)
+            if not args.no_wait:
+                wait_action(kubectl, args.name, action, since, args.timeout)
         else:
             value = f"{args.expert}={args.to}"
             parse_migrate(value)  # a bad argument fails here, not in the operator

@@ -11,6 +11,7 @@
   moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
   moectl train --steps 20 --out ./run --resume ./snapshots/step-00000010   # from there on, as if never stopped
   moectl restore ./snapshots               # every expert back to the newest good snapshot
+  moectl train --controller OPERATOR:50055 --cluster ml/mixtral --model /models/x --out /snapshots/run  # on Kubernetes
   moectl down
   moectl demo            # the whole tour on a tiny model, in one command
 """
@@ -147,15 +148,21 @@ def cmd_restore(args) -> int:
 def cmd_train(args) -> int:
     from moecluster.cli.train import train
 
-    cluster = LocalCluster(args.name)
-    info = cluster.info()
-    cluster.status()  # a clear error if the controller is down
-    if args.save_every and not (args.save_dir or cluster.spec().snapshot_dir):
-        raise ClusterError(f"--save-every needs --save-dir, or a cluster started with --snapshot-dir "
-                           f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
-    train(info["controller"], info["model"], steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-          seed=args.seed, out=args.out, progress=_progress, device=args.device, save_every=args.save_every,
-          save_dir=args.save_dir or "", resume=args.resume)
+    if args.controller:  # a cluster moectl did not start: the operator's on Kubernetes, or a Ray head's
+        if not args.model:
+            raise ClusterError("--controller needs --model: the checkpoint folder as this process sees it")
+        controller, model = args.controller, args.model
+    else:
+        cluster = LocalCluster(args.name)
+        info = cluster.info()
+        cluster.status()  # a clear error if the controller is down
+        if args.save_every and not (args.save_dir or cluster.spec().snapshot_dir):
+            raise ClusterError(f"--save-every needs --save-dir, or a cluster started with --snapshot-dir "
+                               f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
+        controller, model = info["controller"], args.model or info["model"]
+    train(controller, model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+          out=args.out, progress=_progress, device=args.device, save_every=args.save_every,
+          save_dir=args.save_dir or "", resume=args.resume, cluster=args.cluster or "")
     print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
 
@@ -260,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder for metrics.jsonl and the trained model (final/)")
     train.add_argument("--device", default="cpu", help="where the dense model trains: cpu (default), cuda, cuda:N "
                        "or auto; the experts train on their workers")
+    train.add_argument("--controller", metavar="HOST:PORT",
+                       help="train through this controller instead of a local cluster's (on Kubernetes: the "
+                       "operator's controller Service, with --cluster)")
+    train.add_argument("--cluster", metavar="NAMESPACE/NAME", help="the MoECluster, where one endpoint serves several")
+    train.add_argument("--model", help="the checkpoint folder (default: the local cluster's)")
     train.add_argument("--save-every", type=int, default=0, metavar="N",
                        help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
                        "the dense model's and optimizer's (trainer.pt, beside them); default: never")

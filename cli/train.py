@@ -27,11 +27,12 @@ def batch_for(step: int, seed: int, vocab: int, batch: int, seq: int) -> torch.T
 def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int, lr: float, seed: int, out: str | Path,
           progress: Callable[[str], None] = print, before_step: Callable[[int], None] = lambda step: None,
           mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu",
-          save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None) -> list[dict]:
+          save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None, cluster: str = "") -> list[dict]:
     """Runs `steps` more steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending
     when resumed) and OUT/final/ at the end; returns the metrics. Every `save_every` steps the whole training
     state is saved (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume`
-    starts from such a snapshot. `before_step(s)` and `mid_step(s)` (after the forward, before the backward;
+    starts from such a snapshot. `cluster` names the MoECluster behind a shared controller endpoint
+    (Kubernetes). `before_step(s)` and `mid_step(s)` (after the forward, before the backward;
     s is the pool's step) are hooks for tests."""
     if steps < 1 or batch < 1 or seq < 2 or lr <= 0 or save_every < 0:
         raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0 and save_every "
@@ -39,7 +40,7 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with TrainingSession(controller, progress=progress, resume_from=resume) as session:
+    with TrainingSession(controller, progress=progress, resume_from=resume, cluster=cluster) as session:
         model = session.model(model_path, device=device)
         device = next(model.parameters()).device
         vocab = model.config.vocab_size

@@ -258,6 +258,7 @@ class Controller:
         """Takes a new desired state and returns; the loop converges to it (the Kubernetes operator's way in)."""
         ClusterSpec.model_validate(spec.model_dump())  # same checks as at creation
         self.spec = spec
+        self.executor.snapshot_dir = spec.snapshot_dir
         self.save_spec(spec)
         self.converged = False
         self._wake.set()

@@ -38,7 +38,7 @@ from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError, S
 from moecluster.frontend.remote_moe import RemoteMoE
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
-from moecluster.frontend.table_watcher import TableWatcher
+from moecluster.frontend.table_watcher import TableWatcher, cluster_metadata
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
@@ -59,8 +59,9 @@ class TrainingError(RuntimeError):
 
 class TrainingSession:
     def __init__(self, controller: str, *, timeout: float = 60.0, pause_timeout: float = 600.0,
-                 progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None):
-        """`controller` is the controller's "host:port" (`moectl status -o json` shows it). With `resume_from`
+                 progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None, cluster: str = ""):
+        """`controller` is the controller's "host:port" (`moectl status -o json` shows it; on Kubernetes the
+        operator's controller Service, with `cluster` = "NAMESPACE/NAME" of the MoECluster). With `resume_from`
         (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state), every
         expert is rolled back to that snapshot first, and `model` and `ExpertOptimizer` start from its dense
         weights and optimizer state: training continues as if nothing after it had happened."""
@@ -74,7 +75,8 @@ class TrainingSession:
                 raise TrainingError(f"cannot resume: {err}") from None
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.gate = StepGate()
-        self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate)
+        self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate, cluster=cluster)
+        self._metadata = cluster_metadata(cluster)
         self.watcher.start()
         self._channel = grpc.insecure_channel(controller)
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
@@ -133,7 +135,8 @@ class TrainingSession:
     def _call_controller(self, method: str, request) -> str:
         """Runs a streaming controller request to its end; returns the path its last message names."""
         try:
-            for progress in getattr(self._controller, method)(request, timeout=self.pause_timeout):
+            for progress in getattr(self._controller, method)(request, timeout=self.pause_timeout,
+                                                                metadata=self._metadata):
                 if progress.done:
                     return progress.path
                 self.progress(progress.message)

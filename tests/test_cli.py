@@ -175,6 +175,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["down", "--name", "nothing"], "no cluster named 'nothing'"),
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),
+    (["train", "--controller", "127.0.0.1:1", "--out", "{tmp}/t"], "--controller needs --model"),
     (["snapshot", "--name", "nothing"], "no cluster named 'nothing'"),
     (["restore", "--name", "nothing"], "no cluster named 'nothing'"),
     (["model", "create", "--family", "gpt2", "--out", "{tmp}/x"], "unknown family 'gpt2'"),

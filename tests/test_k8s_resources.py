@@ -48,6 +48,22 @@ def test_worker_pod_is_owned_restricted_and_mounts_the_model():
     assert spec["restartPolicy"] == "Never"  # a dead worker is replaced by a new one, never restarted empty
 
 
+def test_snapshots_live_on_a_volume_every_worker_mounts_read_write_and_no_frontend_does():
+    assert r.cluster_spec(resource()).snapshot_dir is None
+    res = resource(snapshots={"volume": {"persistentVolumeClaim": {"claimName": "moe-snaps"}}, "everySeconds": 600})
+    spec = r.cluster_spec(res)
+    assert (spec.snapshot_dir, spec.snapshot_every_s) == ("/snapshots", 600)
+    pod = r.worker_pod(res, "worker-0", default_image="unused")["spec"]
+    assert {"name": "snapshots", "persistentVolumeClaim": {"claimName": "moe-snaps"}} in pod["volumes"]
+    assert {"name": "snapshots", "mountPath": "/snapshots"} in pod["containers"][0]["volumeMounts"]  # not read-only
+    frontend = r.frontend_deployment(res, "127.0.0.1:1", default_image="unused")["spec"]["template"]["spec"]
+    assert all(v["name"] != "snapshots" for v in frontend["volumes"])
+    moved = resource(snapshots={"volume": {"emptyDir": {}}, "mountPath": "/data/snaps"})
+    assert r.cluster_spec(moved).snapshot_dir == "/data/snaps"
+    with pytest.raises(ValidationError, match="snapshot_every_s"):
+        r.cluster_spec(resource(snapshots={"volume": {"emptyDir": {}}, "everySeconds": 0}))
+
+
 def test_a_worker_that_asks_for_a_gpu_keeps_its_experts_on_it_unless_told_otherwise():
     def device(worker):
         args = r.worker_pod(resource(worker=worker), "worker-0", default_image="")["spec"]["containers"][0]["args"]
@@ -98,7 +114,8 @@ def controller_status(converged=True, serving=3, dead=(), error=""):
     workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0,
                 "device": "cuda:0"} for i in range(serving)]
     return {"workers": workers, "dead": list(dead), "desired_workers": 3, "converged": converged, "last_error": error,
-            "epoch": 9, "imbalance": 1.0}
+            "epoch": 9, "imbalance": 1.0, "step": 12, "snapshot": "/snapshots/step-00000010", "restored": "",
+            "rollbacks": []}
 
 
 def test_status_conditions_and_transition_times():
@@ -145,8 +162,9 @@ def test_kubectl_moe_status_text():
                       "lastAction": {"action": "drain worker-1", "state": "Succeeded", "message": "done"}}}
     text = format_status(obj)
     assert text.splitlines()[0] == "ml/mixtral: 3/3 workers ready, epoch 9, 1 copies per expert"
-    assert "mixtral-worker-2" in text and text.splitlines()[-2].split()[-2:] == ["2", "cuda:0"]
+    assert "mixtral-worker-2" in text and text.splitlines()[-3].split()[-2:] == ["2", "cuda:0"]
     assert "last action: drain worker-1: Succeeded done" in text
+    assert "training:  step 12, last snapshot /snapshots/step-00000010" in text
 
 
 class NamedController(controller_pb2_grpc.ControllerServicer):

@@ -264,6 +264,16 @@ def test_kubectl_moe_plugin(moe):
     assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
 
 
+def test_the_examples_pass_the_api_servers_validation(moe):
+    """Every manifest in examples/ against the real API server (the MoECluster CRD's schema, strict field
+    validation), as a dry run."""
+    result = moe.kube.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f",
+                              str(REPO / "examples"))
+    for made in ("moecluster.moecluster.io/tiny", "moecluster.moecluster.io/mixtral", "moecluster.moecluster.io/mixtral-train",
+                 "job.batch/mixtral-train", "persistentvolumeclaim/moe-snapshots", "horizontalpodautoscaler.autoscaling/"):
+        assert made in result.stdout, result.stdout + result.stderr
+
+
 def test_an_hpa_scales_the_pool_through_the_scale_subresource(moe):
     """The real HPA controller (in kube-controller-manager) raises the pool to its minReplicas.
 
@@ -282,6 +292,81 @@ def test_an_hpa_scales_the_pool_through_the_scale_subresource(moe):
         moe.kube.kubectl("scale", f"moecluster/{NAME}", "-n", NS, "--replicas=2")
         moe.wait_ready(2)
     assert_clean(load.report)
+
+
+def test_training_snapshots_a_lost_expert_and_a_restore_on_the_workers_volume(moe, tmp_path):
+    """DESIGN rule 6 on Kubernetes. Snapshots live on a volume only the worker pods mount (the operator never
+    does): a trainer saves through the operator's controller endpoint, the only copy of some experts comes back
+    from the snapshot when its pod is deleted (the rollback reported in status), `kubectl moe restore` rolls the
+    pool back, and the trainer resumes from its save exactly."""
+    from moecluster.cli.train import batch_for
+    from moecluster.sdk.training import ExpertOptimizer, TrainingSession
+
+    snaps, name = tmp_path / "snaps", "trainee"
+    snaps.mkdir()
+    body = {"apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": name, "namespace": NS},
+            "spec": {"model": {"path": str(moe.model)}, "replicas": 2, "image": "moecluster:test",
+                     "worker": {"threads": 1}, "frontend": {"replicas": 1},
+                     "snapshots": {"volume": {"persistentVolumeClaim": {"claimName": "trainee-snapshots"}},
+                                   "mountPath": str(snaps)}}}
+    moe.kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    get = lambda: json.loads(moe.kube.kubectl("get", "moecluster", name, "-n", NS, "-o", "json").stdout)  # noqa: E731
+
+    def status_when(check, what: str, timeout: float = READY_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while not check(status := get().get("status", {})):
+            assert time.monotonic() < deadline, f"{name}: not {what} after {timeout}s: {json.dumps(status)}"
+            time.sleep(0.5)
+        return status
+
+    def ready(status) -> bool:
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return conditions.get("Ready") == "True" and status.get("readyReplicas") == 2
+
+    def train(session, model, opt, steps) -> list[float]:
+        losses = []
+        for _ in range(steps):
+            x = batch_for(session.step - 1, 0, model.config.vocab_size, 2, 8)
+
+            def closure():
+                opt.zero_grad()
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure).item())
+        return losses
+
+    try:
+        status_when(ready, "Ready")
+        with TrainingSession(moe.operator.address, cluster=f"{NS}/{name}") as session:
+            model = session.model(str(moe.model))
+            opt = ExpertOptimizer(model, session, lr=1e-3, weight_decay=0.0)
+            first = train(session, model, opt, 3)
+            saved = session.save(model, opt)
+            first += train(session, model, opt, 2)
+        assert saved == snaps / "step-00000003" and (saved / "trainer.pt").is_file()
+
+        pod = sorted(moe.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={name},app.kubernetes.io/"
+                                      "component=worker", "-o", "jsonpath={.items[*].metadata.name}").stdout.split())[0]
+        moe.kube.kubectl("delete", "pod", pod, "-n", NS, "--wait=false")
+        status = status_when(lambda s: ready(s) and (s.get("training") or {}).get("rollbacks"), "healed from the snapshot")
+        rollbacks = status["training"]["rollbacks"]
+        assert {(r["snapshot_step"], r["step"]) for r in rollbacks} == {(3, 5)} and str(saved) in rollbacks[0]["source"]
+
+        restored = kubectl_moe(moe, "restore", name)  # the pool is at step 5 but for what the lost experts missed
+        assert restored.returncode == 0 and "every expert back at step 3 (2 updates undone)" in restored.stdout, \
+            restored.stdout + restored.stderr
+        status_when(lambda s: (s.get("training") or {}).get("step") == 3 and "step 3 from" in s["training"]["restored"],
+                    "at step 3", timeout=30)
+        with TrainingSession(moe.operator.address, cluster=f"{NS}/{name}", resume_from=saved) as session:
+            model = session.model(str(moe.model))
+            again = train(session, model, ExpertOptimizer(model, session, lr=1e-3, weight_decay=0.0), 2)
+        assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(again, first[3:], strict=True)), (again, first)
+        snapshot = kubectl_moe(moe, "snapshot", name)  # the pool is at step 5 again
+        assert snapshot.returncode == 0 and "snapshot of step 5" in snapshot.stdout, snapshot.stdout + snapshot.stderr
+        assert (snaps / "step-00000005" / "manifest.json").is_file()
+    finally:
+        moe.kube.kubectl("delete", "moecluster", name, "-n", NS, "--wait=true", "--timeout=120s", check=False)
 
 
 def test_rbac_denies_what_the_operator_must_not_do(moe):

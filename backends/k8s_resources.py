@@ -301,8 +301,8 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
         **base, "readyReplicas": len(serving), "epoch": status["epoch"], "placement": placement_summary(status),
         "workers": [{"id": w["id"], "pod": worker_pod_name(resource, w["id"]), "state": w["state"],
                      "experts": len(w["experts"]), "device": w.get("device", "")} for w in status["workers"]],
-        "training": {"step": status["step"], "lastSnapshot": status["snapshot"], "restored": status["restored"],
-                     "rollbacks": status["rollbacks"]},
+        "training": {"step": status["step"], "lowestStep": status["lowest_step"], "trainers": len(status["trainers"]),
+                     "lastSnapshot": status["snapshot"], "restored": status["restored"], "rollbacks": status["rollbacks"]},
         "conditions": [
             condition("Ready", ready, "Serving" if ready else "Converging",
                       f"{len(serving)} workers serving at epoch {status['epoch']}", gen, old, now),

@@ -75,6 +75,9 @@ def format_status(obj: dict) -> str:
         lines.append(f"  training:  step {training.get('step', 0)}"
                      + (f", last snapshot {training['lastSnapshot']}" if training.get("lastSnapshot") else "")
                      + (f", restored {training['restored']}" if training.get("restored") else ""))
+    if training.get("lowestStep", training.get("step", 0)) < training.get("step", 0) and not training.get("trainers"):
+        lines.append(f"  experts at steps {training['lowestStep']}..{training['step']}: an update was cut off (its "
+                     f"trainer stopped mid-way); resume the trainer from a snapshot, or `kubectl moe restore`")
     action = status.get("lastAction")
     if action:
         lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())

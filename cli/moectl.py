@@ -106,6 +106,9 @@ def cmd_status(args) -> int:
         print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
     if doc["restored"]:
         print(f"  restored: {doc['restored']}")
+    if doc["lowest_step"] < doc["step"] and not doc["trainers"]:
+        print(f"  experts at steps {doc['lowest_step']}..{doc['step']}: an update was cut off (its trainer stopped "
+              "mid-way); `moectl train --resume SNAPSHOT` or `moectl restore` brings them back together")
     for r in doc["rollbacks"]:
         print(f"  rollback: expert ({r['layer']}, {r['expert']}) restored to step {r['snapshot_step']} from {r['source']} "
               f"at step {r['step']}: {r['step'] - r['snapshot_step']} updates lost")

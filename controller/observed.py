@@ -68,5 +68,15 @@ class Observed:
         """Training steps the pool has applied: the highest version a serving worker holds (0: never trained)."""
         return max((v for o in self.serving.values() for v in o.versions.values()), default=0)
 
+    @property
+    def lowest_step(self) -> int:
+        """The step of the expert whose newest copy is the oldest: below `step` while an update is being
+        applied, and for good when its trainer stopped mid-way (the pool then needs a restore)."""
+        newest: dict[ExpertKey, int] = {}
+        for obs in self.serving.values():
+            for key, version in obs.versions.items():
+                newest[key] = max(version, newest.get(key, version))
+        return min(newest.values(), default=0)
+
     def max_epoch(self) -> int:
         return max((o.epoch for o in self.workers.values()), default=0)

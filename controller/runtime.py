@@ -322,6 +322,7 @@ class Controller:
             "imbalance": imbalance(table.placement, load, pool) if load and pool else 1.0,
             "frontends": sorted(self.publisher.frontends()),
             "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
-            "step": observed.step, "rollbacks": list(self.executor.rollbacks),
+            "step": observed.step, "lowest_step": observed.lowest_step, "trainers": self.publisher.trainers(),
+            "rollbacks": list(self.executor.rollbacks),
             "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "", "restored": self.last_restore,
         }

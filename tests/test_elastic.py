@@ -110,6 +110,21 @@ def test_scale_up_and_down_under_load_fails_nothing(cluster, reference):
     assert_bit_identical(c.status(), reference[0])
 
 
+def test_a_pool_restore_under_load_fails_nothing(local_clusters, reference, tmp_path):
+    """Every expert on every worker replaced from a snapshot, three times, while requests flow: none fails.
+    The snapshot is of the untrained pool, so every answer must stay the checkpoint's."""
+    c = local_clusters("restore-load", reference[0], 2, 1, snapshot_dir=tmp_path / "snaps")
+    assert any("snapshot of step 0: 16 experts" in line for line in c.snapshot())
+    with load_for(c, reference) as load:
+        time.sleep(1)
+        for _ in range(3):
+            lines = list(c.restore())
+            assert any("every expert back at step 0" in line for line in lines), lines
+            time.sleep(0.3)
+    check(load.report)
+    assert_bit_identical(c.status(), reference[0])
+
+
 def test_kill_minus_nine_loop_under_load(cluster, reference):
     c = cluster("kills", workers=3)
     rng = random.Random(0)

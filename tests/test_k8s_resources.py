@@ -114,8 +114,8 @@ def controller_status(converged=True, serving=3, dead=(), error=""):
     workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0,
                 "device": "cuda:0"} for i in range(serving)]
     return {"workers": workers, "dead": list(dead), "desired_workers": 3, "converged": converged, "last_error": error,
-            "epoch": 9, "imbalance": 1.0, "step": 12, "snapshot": "/snapshots/step-00000010", "restored": "",
-            "rollbacks": []}
+            "epoch": 9, "imbalance": 1.0, "step": 12, "lowest_step": 12, "trainers": [],
+            "snapshot": "/snapshots/step-00000010", "restored": "", "rollbacks": []}
 
 
 def test_status_conditions_and_transition_times():
@@ -164,7 +164,9 @@ def test_kubectl_moe_status_text():
     assert text.splitlines()[0] == "ml/mixtral: 3/3 workers ready, epoch 9, 1 copies per expert"
     assert "mixtral-worker-2" in text and text.splitlines()[-3].split()[-2:] == ["2", "cuda:0"]
     assert "last action: drain worker-1: Succeeded done" in text
-    assert "training:  step 12, last snapshot /snapshots/step-00000010" in text
+    assert "training:  step 12, last snapshot /snapshots/step-00000010" in text and "cut off" not in text
+    obj["status"]["training"]["lowestStep"] = 11
+    assert "experts at steps 11..12: an update was cut off" in format_status(obj)
 
 
 class NamedController(controller_pb2_grpc.ControllerServicer):

@@ -193,6 +193,10 @@ def test_an_expert_whose_every_copy_missed_an_update_has_nothing_to_refresh_from
     for w, obs in pool.observed().serving.items():
         pool.set(w, versions={k: 4 if k == (0, 0) else 5 for k in obs.held}, seen_at=60.0)
     assert p.reconcile(spec(2, 2), pool.observed(), pool.table) == []  # the trainer reports it; no copy is newer
+    observed = pool.observed()
+    assert (observed.lowest_step, observed.step) == (4, 5)  # what `moectl status` shows as cut off
+    pool.set(sorted(observed.serving)[0], versions={k: 3 for k in observed.serving[sorted(observed.serving)[0]].held})
+    assert pool.observed().lowest_step == 4, "an expert's newest copy counts, not a replica still behind"
 
 
 def test_copies_made_before_a_restart_are_not_made_again():

@@ -274,6 +274,8 @@ def test_a_trainer_stopped_mid_update_resumes_from_its_last_save_as_if_it_never_
         train(controller, model, steps=10, batch=BATCH, seq=SEQ, lr=LR, seed=SEED, out=tmp_path / "run",
               progress=lambda line: None, save_every=3)
     monkeypatch.undo()
+    cut_off = lambda: (lambda s: (s["lowest_step"], s["step"], s["trainers"]))(c.status())  # noqa: E731
+    assert eventually(lambda: cut_off() == (4, 5, [])), cut_off()  # half the pool at step 5, no trainer: reported
     saved = snapshot_folders.newest_first(tmp_path / "snaps")
     assert [s.step for s in saved] == [3] and (saved[0].path / "trainer.pt").is_file()
     with pytest.raises(TrainingError, match="different versions .*moectl restore"):  # half the pool is at step 5

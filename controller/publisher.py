@@ -5,7 +5,8 @@ by it; `await_acks` is what lets the controller drop an expert's old copy only
 when no frontend can still send new requests there (copy, switch, then drop).
 
 A frontend whose watch stream broke is still waited for during a lease (it is
-most likely reconnecting, with an older table), and a controller that restarts
+most likely reconnecting, with an older table), unless it said it was leaving;
+and a controller that restarts
 over a serving pool waits one lease before any drop, so that frontends it has
 never heard of can reconnect and acknowledge first.
 """
@@ -41,6 +42,7 @@ class Publisher:
         self._watching: dict[str, int] = {}  # frontend id -> open watch streams
         self._gone: dict[str, float] = {}  # frontend id -> when its last watch stream closed
         self._trainers: set[str] = set()  # frontends that train (they hold paused acks until a step ends)
+        self._left: set[str] = set()  # said they are closing while their watch stream is still open
         self._lease_s = lease_s
         self._warm_until = 0.0
         self._closed = False
@@ -78,11 +80,20 @@ class Publisher:
         with self._cond:
             now = time.monotonic()
             recent = {f for f, t in self._gone.items() if now - t < self._lease_s}
-            return sorted(f for f in self._trainers if f in self._watching or f in recent)
+            return sorted(f for f in self._trainers if (f in self._watching or f in recent) and f not in self._left)
 
     def frontends(self) -> dict[str, int]:
         with self._cond:
-            return {f: self._acks.get(f, 0) for f in self._watching}
+            return {f: self._acks.get(f, 0) for f in self._watching if f not in self._left}
+
+    def leave(self, frontend_id: str) -> None:
+        """A frontend or trainer that closes says so: from now on it is not waited for, nor given a lease,
+        unless it watches again."""
+        with self._cond:
+            self._gone.pop(frontend_id, None)
+            if frontend_id in self._watching:  # its stream ends a moment later
+                self._left.add(frontend_id)
+            self._cond.notify_all()
 
     def await_acks(self, epoch: int, timeout: float) -> list[str]:
         """Waits until every frontend that is watching, or whose stream broke less than a lease
@@ -93,7 +104,7 @@ class Publisher:
                 now = time.monotonic()
                 self._gone = {f: t for f, t in self._gone.items() if now - t < self._lease_s}  # forget the long gone
                 recent = list(self._gone)
-                lagging = sorted(f for f in {*self._watching, *recent} if self._acks.get(f, 0) < epoch)
+                lagging = sorted(f for f in {*self._watching, *recent} - self._left if self._acks.get(f, 0) < epoch)
                 remaining = deadline - now
                 if (not lagging and now >= self._warm_until) or remaining <= 0 or self._closed:
                     return lagging
@@ -108,6 +119,7 @@ class Publisher:
                 self._trainers.add(frontend_id)
             self._watching[frontend_id] = self._watching.get(frontend_id, 0) + 1
             self._gone.pop(frontend_id, None)
+            self._left.discard(frontend_id)
         try:
             sent = known_epoch
             while alive() and not self._closed:
@@ -123,7 +135,10 @@ class Publisher:
                 self._watching[frontend_id] -= 1
                 if not self._watching[frontend_id]:
                     del self._watching[frontend_id]
-                    self._gone[frontend_id] = time.monotonic()
+                    if frontend_id in self._left:
+                        self._left.discard(frontend_id)
+                    else:
+                        self._gone[frontend_id] = time.monotonic()
                 self._cond.notify_all()
 
     def close(self) -> None:

@@ -68,7 +68,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             yield table_message(table)
 
     def AckEpoch(self, request, context):
-        self.controller.publisher.ack(request.frontend_id, request.epoch)
+        if request.leaving:
+            self.controller.publisher.leave(request.frontend_id)
+        else:
+            self.controller.publisher.ack(request.frontend_id, request.epoch)
         return controller_pb2.AckResponse()
 
     def Shutdown(self, request, context):

@@ -65,9 +65,18 @@ class TableWatcher(threading.Thread):
         channel.close()
 
     def stop(self) -> None:
+        """Ends the watch and tells the controller this frontend is leaving, so that no plan waits a lease
+        for it (best effort: a controller out of reach gives it the lease)."""
         self.stopped.set()
         if self._call is not None:
             self._call.cancel()
+        if self.first_table.is_set():
+            with grpc.insecure_channel(self.controller) as channel:
+                try:
+                    controller_pb2_grpc.ControllerStub(channel).AckEpoch(controller_pb2.AckRequest(
+                        frontend_id=self.frontend_id, leaving=True), timeout=1, metadata=self.metadata)
+                except grpc.RpcError as err:
+                    log.debug("could not say we are leaving (%s)", err.code().name)
 
 
 def cluster_metadata(cluster: str) -> tuple[tuple[str, str], ...]:

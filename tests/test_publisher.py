@@ -109,3 +109,20 @@ def test_trainers_are_known_while_watching_and_for_a_lease_after():
     time.sleep(LEASE * 1.5)
     assert pub.trainers() == []
     stop_frontend()
+
+
+def test_a_frontend_or_trainer_that_says_it_leaves_is_waited_for_no_more_until_it_watches_again():
+    pub = Publisher(lease_s=5.0)
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    _, stop_frontend = watcher(pub, "f1", acks=False)
+    _, stop_trainer = watcher(pub, "t1", acks=False, trainer=True)
+    pub.leave("f1")  # before its stream ends: neither waited for now nor given a lease after
+    stop_frontend()
+    stop_trainer()
+    pub.leave("t1")  # after its stream ended: its lease is dropped
+    assert pub.trainers() == [] and pub.frontends() == {}
+    start = time.monotonic()
+    assert pub.await_acks(epoch, timeout=3) == [] and time.monotonic() - start < 1
+    got, stop = watcher(pub, "f1", acks=False)  # back: waited for again
+    assert pub.await_acks(epoch, timeout=0.3) == ["f1"] and got == [epoch]
+    stop()

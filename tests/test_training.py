@@ -296,8 +296,9 @@ def test_a_trainer_stopped_mid_update_resumes_from_its_last_save_as_if_it_never_
     with TrainingSession(controller) as session:  # a pool restore is refused while a trainer is connected
         with pytest.raises(ClusterError, match="trainers .* are connected"):
             list(c.restore(saved[0].path))
-    restored = list(c.restore(saved[0].path))  # waits out the lease of the trainer that just stopped
+    restored = list(c.restore(saved[0].path))
     assert any("every expert back at step 3 (7 updates undone)" in line for line in restored), restored
+    assert not any("waiting" in line for line in restored), "the closed session said it left: no lease to wait out"
     with TrainingSession(controller) as session:
         assert set(session.versions().values()) == {3}
 

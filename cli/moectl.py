@@ -10,6 +10,7 @@
   moectl snapshot --dir ./snapshots        # experts' training state, at a step boundary
   moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
   moectl train --steps 20 --out ./run --resume ./snapshots/step-00000010   # from there on, as if never stopped
+  moectl snapshots                         # what a restore or a resume can use, the newest first
   moectl restore ./snapshots               # every expert back to the newest good snapshot
   moectl train --controller OPERATOR:50055 --cluster ml/mixtral --model /models/x --out /snapshots/run  # on Kubernetes
   moectl down
@@ -142,6 +143,23 @@ def cmd_drain(args) -> int:
 
 def cmd_snapshot(args) -> int:
     return _follow(LocalCluster(args.name).snapshot(args.dir, timeout=args.timeout))
+
+
+def cmd_snapshots(args) -> int:
+    from moecluster.sdk.trainer_state import FILE
+    from moecluster.workers.snapshot_folders import newest_first
+
+    root = args.dir or LocalCluster(args.name).spec().snapshot_dir
+    if not root:
+        raise ClusterError(f"cluster {args.name!r} keeps no snapshots (`moectl up --snapshot-dir DIR`); or give --dir")
+    found = newest_first(root)
+    if not found:
+        print(f"no snapshots in {root}")
+    for snap in found:
+        size = sum(f.bytes for f in snap.files.values())
+        trainer = "+ trainer state" if (snap.path / FILE).is_file() else "experts only"
+        print(f"step {snap.step:<8} {len(snap.files):>5} experts {size / 1e6:>10.1f} MB  {trainer:<15} {snap.path}")
+    return 0
 
 
 def cmd_restore(args) -> int:
@@ -290,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--dir", help="snapshots go to DIR/step-NNNNNNNN/ (default: the cluster's --snapshot-dir)")
     snapshot.add_argument("--timeout", type=float, default=600)
     snapshot.set_defaults(func=cmd_snapshot)
+
+    snaps = sub.add_parser("snapshots", help="the snapshots a restore or a resume can use, the newest first")
+    snaps.add_argument("--name", default="default")
+    snaps.add_argument("--dir", help="a folder of snapshots (default: the cluster's --snapshot-dir)")
+    snaps.set_defaults(func=cmd_snapshots)
 
     restore = sub.add_parser("restore", help="roll every expert (weights, AdamW moments, version) back to a snapshot; "
                              "refused while a trainer is connected")

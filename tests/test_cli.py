@@ -228,6 +228,9 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
         more = moectl(env, "train", "--steps", "2", "--batch", "2", "--seq", "8", "--save-every", "2",
                       "--out", str(tmp_path / "more"))
         assert "step 6/6" in more.stderr and (tmp_path / "snaps" / "step-00000006" / "trainer.pt").is_file()
+        listed = moectl(env, "snapshots").stdout.splitlines()
+        assert [line.split()[:2] for line in listed] == [["step", "6"], ["step", "4"]], listed
+        assert "+ trainer state" in listed[0] and "experts only" in listed[1] and "16 experts" in listed[1]
         missing = moectl(env, "restore", str(tmp_path / "nowhere"), check=False)
         assert missing.returncode != 0 and "no snapshot there" in missing.stderr and "Traceback" not in missing.stderr
         back = moectl(env, "restore", str(tmp_path / "snaps" / "step-00000004"))
@@ -280,7 +283,7 @@ def _train_in_process(path, fused: bool):
 
 def test_help_explains_every_command(env):
     out = moectl(env, "--help").stdout
-    for command in ["model", "up", "status", "down", "list", "demo", "train", "snapshot", "restore"]:
+    for command in ["model", "up", "status", "down", "list", "demo", "train", "snapshot", "snapshots", "restore"]:
         assert command in out
     assert "--replicas" in moectl(env, "up", "--help").stdout
 

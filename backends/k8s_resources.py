@@ -63,6 +63,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         frontend_device=pod_device(spec.get("frontend") or {}),
         snapshot_dir=snapshot_dir(resource),
         snapshot_every_s=(spec.get("snapshots") or {}).get("everySeconds"),
+        snapshot_keep=(spec.get("snapshots") or {}).get("keep", 3),
     )
 
 

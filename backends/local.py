@@ -100,7 +100,8 @@ class LocalCluster:
 
     def up(self, model: str | Path, *, workers: int = 2, replicas: int = 1, port: int = 50051, worker_threads: int = 1,
            capacity: int | None = None, timeout: float = 300.0, progress: Progress = lambda _: None,
-           snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, backend: str = "local",
+           snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, snapshot_keep: int = 3,
+           backend: str = "local",
            ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
            worker_device: str = "cpu", frontend_device: str = "cpu") -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
@@ -135,6 +136,7 @@ class LocalCluster:
             snapshot_dir.mkdir(parents=True, exist_ok=True)
         spec = ClusterSpec(name=self.name, model=str(model), workers=workers, min_replicas=replicas, capacity=capacity,
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
+                           snapshot_keep=snapshot_keep,
                            serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device,
                            frontend_device=frontend_device)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept

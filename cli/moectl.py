@@ -57,6 +57,7 @@ def cmd_up(args) -> int:
     status = cluster.up(args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                         worker_threads=args.worker_threads, capacity=args.capacity, timeout=args.timeout,
                         progress=_progress, snapshot_dir=args.snapshot_dir, snapshot_every_s=args.snapshot_every,
+                        snapshot_keep=args.snapshot_keep,
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
                         standby=args.standby, worker_device=args.worker_device,
                         frontend_device=args.frontend_device)
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "one instead of starting a process (worth it where a start is slow: Ray actors; default 0)")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
+    up.add_argument("--snapshot-keep", type=int, default=3, metavar="N",
+                    help="snapshots kept: the newest N, and the newest holding a trainer's state (default 3; 0 keeps all)")
     up.set_defaults(func=cmd_up)
 
     scale = sub.add_parser("scale", help="grow or shrink the worker pool with no failed requests; waits until it serves")

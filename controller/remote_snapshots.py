@@ -18,12 +18,15 @@ log = logging.getLogger("moecluster.controller")
 TIMEOUT_S = 60.0
 
 
-def seal(worker: worker_pb2_grpc.ExpertWorkerStub, partial: str, step: int,
-         files: list[worker_pb2.SnapshotFile]) -> Snapshot:
-    """Makes the folder the experts' files were written into the snapshot of `step` (manifest, rename)."""
-    path = worker.SealSnapshot(worker_pb2.SealSnapshotRequest(directory=partial, step=step, files=files),
-                               timeout=TIMEOUT_S).path
-    return Snapshot(step, Path(path), {(f.expert.layer, f.expert.expert): f for f in files})
+def seal(worker: worker_pb2_grpc.ExpertWorkerStub, partial: str, step: int, files: list[worker_pb2.SnapshotFile],
+         keep: int = 0) -> Snapshot:
+    """Makes the folder the experts' files were written into the snapshot of `step` (manifest, rename); then,
+    with `keep`, removes all older snapshots but the newest `keep` and the newest holding a trainer's state."""
+    sealed = worker.SealSnapshot(worker_pb2.SealSnapshotRequest(directory=partial, step=step, files=files, keep=keep),
+                                 timeout=TIMEOUT_S)
+    if sealed.removed:
+        log.info("snapshots removed (keeping %d): %s", keep, list(sealed.removed))
+    return Snapshot(step, Path(sealed.path), {(f.expert.layer, f.expert.expert): f for f in files})
 
 
 def discard(worker: worker_pb2_grpc.ExpertWorkerStub, partial: str) -> None:

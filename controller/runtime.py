@@ -183,7 +183,8 @@ class Controller:
             if len(steps) != 1:
                 raise ValueError(f"experts are at different versions {sorted(steps)}: not a step boundary")
             try:
-                snap = remote_snapshots.seal(self.monitor.stub(writer), partial, steps.pop(), files)
+                snap = remote_snapshots.seal(self.monitor.stub(writer), partial, steps.pop(), files,
+                                             keep=self.spec.snapshot_keep)
             except grpc.RpcError as err:
                 raise StepFailed(f"snapshot: {writer} could not seal it: {err.code().name}: {err.details()}") from None
         except BaseException:

@@ -35,6 +35,8 @@ class ClusterSpec(BaseModel):
                                         "through Serve's gRPC proxy on this port (Ray binds it on every interface)")
     snapshot_dir: str | None = Field(None, description="where training snapshots go (and are restored from)")
     snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
+    snapshot_keep: int = Field(3, ge=0, description="snapshots kept: the newest N, and the newest holding a trainer's "
+                               "state (what a resume needs); 0 keeps all")
 
     @model_validator(mode="after")
     def _replicas_fit(self) -> "ClusterSpec":

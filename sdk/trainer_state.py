@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from moecluster.workers import snapshot_folders
 
-FILE = "trainer.pt"
+FILE = snapshot_folders.TRAINER_FILE
 
 
 @dataclass(frozen=True)

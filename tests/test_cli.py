@@ -215,7 +215,7 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
     model = tmp_path / "tiny-mixtral"
     moectl(env, "model", "create", "--family", "mixtral", "--out", str(model))
     moectl(env, "up", "--model", str(model), "--workers", "2", "--replicas", "2", "--port", "0", "--detach",
-           "--snapshot-dir", str(tmp_path / "snaps"))
+           "--snapshot-dir", str(tmp_path / "snaps"), "--snapshot-keep", "2")
     try:
         bad = moectl(env, "train", "--steps", "0", "--out", str(tmp_path / "x"), check=False)
         assert bad.returncode != 0 and "steps >= 1" in bad.stderr and "Traceback" not in bad.stderr
@@ -241,6 +241,8 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
         assert "step 7/7" in resumed.stderr, resumed.stderr  # from the newest save (step 6), not step 4
         assert [json.loads(line)["step"] for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()] \
             == [4, 5, 6]
+        moectl(env, "snapshot")  # step 7: with --snapshot-keep 2, step 4 goes (6 stays, newest and a resume's)
+        assert [line.split()[1] for line in moectl(env, "snapshots").stdout.splitlines()] == ["7", "6"]
     finally:
         moectl(env, "down")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

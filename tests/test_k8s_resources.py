@@ -52,14 +52,14 @@ def test_snapshots_live_on_a_volume_every_worker_mounts_read_write_and_no_fronte
     assert r.cluster_spec(resource()).snapshot_dir is None
     res = resource(snapshots={"volume": {"persistentVolumeClaim": {"claimName": "moe-snaps"}}, "everySeconds": 600})
     spec = r.cluster_spec(res)
-    assert (spec.snapshot_dir, spec.snapshot_every_s) == ("/snapshots", 600)
+    assert (spec.snapshot_dir, spec.snapshot_every_s, spec.snapshot_keep) == ("/snapshots", 600, 3)
     pod = r.worker_pod(res, "worker-0", default_image="unused")["spec"]
     assert {"name": "snapshots", "persistentVolumeClaim": {"claimName": "moe-snaps"}} in pod["volumes"]
     assert {"name": "snapshots", "mountPath": "/snapshots"} in pod["containers"][0]["volumeMounts"]  # not read-only
     frontend = r.frontend_deployment(res, "127.0.0.1:1", default_image="unused")["spec"]["template"]["spec"]
     assert all(v["name"] != "snapshots" for v in frontend["volumes"])
-    moved = resource(snapshots={"volume": {"emptyDir": {}}, "mountPath": "/data/snaps"})
-    assert r.cluster_spec(moved).snapshot_dir == "/data/snaps"
+    moved = resource(snapshots={"volume": {"emptyDir": {}}, "mountPath": "/data/snaps", "keep": 0})
+    assert (r.cluster_spec(moved).snapshot_dir, r.cluster_spec(moved).snapshot_keep) == ("/data/snaps", 0)
     with pytest.raises(ValidationError, match="snapshot_every_s"):
         r.cluster_spec(resource(snapshots={"volume": {"emptyDir": {}}, "everySeconds": 0}))
 

@@ -48,6 +48,18 @@ def test_the_trainers_state_survives_a_resnapshot_of_the_same_state_only(tmp_pat
         trainer_state.read(first.path)
 
 
+def test_pruning_keeps_the_newest_and_the_newest_a_resume_can_use(tmp_path):
+    model, opt = _model_and_optimizer()
+    for step in (1, 2, 3, 4, 5, 6):
+        snap = sealed(tmp_path, step)
+        if step in (2, 3):
+            trainer_state.write(snap.path, step, model, opt)
+    removed = snapshot_folders.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step-00000001", "step-00000002", "step-00000004"]
+    assert [s.step for s in snapshot_folders.newest_first(tmp_path)] == [6, 5, 3]  # 3: the newest with trainer.pt
+    assert snapshot_folders.prune(tmp_path, keep=2) == []
+
+
 def test_trainer_state_reads_the_newest_with_one_and_refuses_a_mismatch(tmp_path):
     model, opt = _model_and_optimizer()
     with pytest.raises(ValueError, match="no snapshot with a trainer.pt"):

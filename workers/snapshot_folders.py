@@ -29,6 +29,7 @@ from moecluster.workers.validation import RequestError, invalid
 
 _NAME = re.compile(r"^step-(\d{8,})$")
 PARTIAL_PREFIX = ".partial-"
+TRAINER_FILE = "trainer.pt"  # a trainer's half of a snapshot (sdk/trainer_state.py)
 ExpertKey = tuple[int, int]
 
 
@@ -62,6 +63,20 @@ def seal(partial: Path, step: int, files: list[worker_pb2.SnapshotFile]) -> Snap
         shutil.rmtree(final)
     partial.rename(final)
     return read(final)
+
+
+def prune(root: str | Path, keep: int) -> list[Path]:
+    """Removes every snapshot under `root` but the newest `keep` and the newest holding a trainer's state
+    (the one a resume needs); returns those removed."""
+    found = newest_first(root)
+    kept = {s.path for s in found[:keep]}
+    with_trainer = next((s.path for s in found if (s.path / TRAINER_FILE).is_file()), None)
+    if with_trainer is not None:
+        kept.add(with_trainer)
+    removed = [s.path for s in found if s.path not in kept]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _keep_companions(old: Path, new: Path, files: list[worker_pb2.SnapshotFile]) -> None:
@@ -133,10 +148,11 @@ def from_message(m: worker_pb2.SnapshotManifest) -> Snapshot:
 
 def seal_request(request: worker_pb2.SealSnapshotRequest) -> worker_pb2.SealSnapshotResponse:
     try:
-        return worker_pb2.SealSnapshotResponse(path=str(seal(_partial(request.directory), request.step,
-                                                             list(request.files)).path))
+        path = seal(_partial(request.directory), request.step, list(request.files)).path
     except OSError as err:
         raise RequestError(grpc.StatusCode.INTERNAL, f"sealing {request.directory}: {err}") from None
+    removed = prune(path.parent, request.keep) if request.keep else []
+    return worker_pb2.SealSnapshotResponse(path=str(path), removed=[str(p) for p in removed])
 
 
 def discard_request(request: worker_pb2.DiscardSnapshotRequest) -> worker_pb2.DiscardSnapshotResponse:

@@ -173,11 +173,11 @@ class Controller:
                 for worker_id, keys in sorted(by_worker.items()):
                     request = worker_pb2.WriteSnapshotRequest(
                         directory=partial, experts=[worker_pb2.ExpertKey(layer=l, expert=e) for l, e in keys])
+                    writer = writer or worker_id  # the first one asked made the folder: it seals or discards it
                     try:
                         files += self.monitor.stub(worker_id).WriteSnapshot(request, timeout=300).files
                     except grpc.RpcError as err:
                         raise StepFailed(f"snapshot: {worker_id} could not write: {err.code().name}: {err.details()}") from None
-                    writer = writer or worker_id
                     yield f"{worker_id}: wrote {len(keys)} experts"
             steps = {f.version for f in files}
             if len(steps) != 1:

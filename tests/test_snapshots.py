@@ -3,6 +3,8 @@ real worker sealing, listing and discarding them for the controller (which need 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import grpc
@@ -58,6 +60,10 @@ def test_pruning_keeps_the_newest_and_the_newest_a_resume_can_use(tmp_path):
     assert sorted(p.name for p in removed) == ["step-00000001", "step-00000002", "step-00000004"]
     assert [s.step for s in snapshot_folders.newest_first(tmp_path)] == [6, 5, 3]  # 3: the newest with trainer.pt
     assert snapshot_folders.prune(tmp_path, keep=2) == []
+    stale, fresh = snapshot_folders.partial_dir(tmp_path), snapshot_folders.partial_dir(tmp_path)
+    old = time.time() - snapshot_folders.PARTIAL_STALE_S - 60
+    os.utime(stale, (old, old))  # a snapshot cut off long ago; `fresh` may be one being written now
+    assert snapshot_folders.prune(tmp_path, keep=2) == [stale] and fresh.is_dir()
 
 
 def test_trainer_state_reads_the_newest_with_one_and_refuses_a_mismatch(tmp_path):

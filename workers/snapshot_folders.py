@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from moecluster.workers.validation import RequestError, invalid
 
 _NAME = re.compile(r"^step-(\d{8,})$")
 PARTIAL_PREFIX = ".partial-"
+PARTIAL_STALE_S = 3600.0  # an unsealed folder this old is a snapshot that was cut off (no snapshot takes an hour)
 TRAINER_FILE = "trainer.pt"  # a trainer's half of a snapshot (sdk/trainer_state.py)
 ExpertKey = tuple[int, int]
 
@@ -67,13 +69,16 @@ def seal(partial: Path, step: int, files: list[worker_pb2.SnapshotFile]) -> Snap
 
 def prune(root: str | Path, keep: int) -> list[Path]:
     """Removes every snapshot under `root` but the newest `keep` and the newest holding a trainer's state
-    (the one a resume needs); returns those removed."""
+    (the one a resume needs), and unsealed folders left by a snapshot cut off long ago; returns those removed."""
     found = newest_first(root)
     kept = {s.path for s in found[:keep]}
     with_trainer = next((s.path for s in found if (s.path / TRAINER_FILE).is_file()), None)
     if with_trainer is not None:
         kept.add(with_trainer)
     removed = [s.path for s in found if s.path not in kept]
+    now = time.time()
+    removed += sorted(p for p in Path(root).glob(f"{PARTIAL_PREFIX}*")
+                      if p.is_dir() and now - p.stat().st_mtime > PARTIAL_STALE_S)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

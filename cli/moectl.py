@@ -298,12 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", help="the checkpoint folder (default: the local cluster's)")
     train.add_argument("--save-every", type=int, default=0, metavar="N",
                        help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
-                       "the dense model's and optimizer's (trainer.pt, beside them); default: never")
-    train.add_argument("--save-dir", help="where --save-every snapshots go (default: the cluster's --snapshot-dir)")
+                       "the dense model's and optimizer's (trainer.pt, beside them, sent to a worker); default: never")
+    train.add_argument("--save-dir", help="where --save-every snapshots go, as the workers see it (default: the "
+                       "cluster's --snapshot-dir)")
     train.add_argument("--resume", metavar="SNAPSHOT",
                        help="roll every expert back to SNAPSHOT (a step-NNNNNNNN folder, or a folder of them: the "
-                       "newest with a trainer.pt) and continue from its dense state; refused while another "
-                       "trainer is connected")
+                       "newest with a trainer.pt; as the workers see it) and continue from its dense state; refused "
+                       "while another trainer is connected")
     train.set_defaults(func=cmd_train)
 
     snapshot = sub.add_parser("snapshot", help="write every expert's training state (weights, AdamW moments, version)")

@@ -115,6 +115,16 @@ class ExpertWorkerStub:
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.WriteTrainerState = channel.stream_unary(
+                '/moecluster.worker.v1.ExpertWorker/WriteTrainerState',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.WriteTrainerStateResponse.FromString,
+                _registered_method=True)
+        self.ReadTrainerState = channel.unary_stream(
+                '/moecluster.worker.v1.ExpertWorker/ReadTrainerState',
+                request_serializer=moecluster_dot_protos_dot_worker__pb2.ReadTrainerStateRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/moecluster.worker.v1.ExpertWorker/Drain',
                 request_serializer=moecluster_dot_protos_dot_worker__pb2.DrainRequest.SerializeToString,
@@ -228,6 +238,20 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteTrainerState(self, request_iterator, context):
+        """Parts of a TrainerStatePart stream in: the file goes into the sealed snapshot (renamed into place).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadTrainerState(self, request, context):
+        """The file back, the first part naming the snapshot it is in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """Health turns NOT_SERVING; requests already routed here are still answered.
         """
@@ -317,6 +341,16 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'WriteTrainerState': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteTrainerState,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.WriteTrainerStateResponse.SerializeToString,
+            ),
+            'ReadTrainerState': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadTrainerState,
+                    request_deserializer=moecluster_dot_protos_dot_worker__pb2.ReadTrainerStateRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -756,6 +790,60 @@ class ExpertWorker:
             '/moecluster.worker.v1.ExpertWorker/ListSnapshots',
             moecluster_dot_protos_dot_worker__pb2.ListSnapshotsRequest.SerializeToString,
             moecluster_dot_protos_dot_worker__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteTrainerState(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/WriteTrainerState',
+            moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.WriteTrainerStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTrainerState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moecluster.worker.v1.ExpertWorker/ReadTrainerState',
+            moecluster_dot_protos_dot_worker__pb2.ReadTrainerStateRequest.SerializeToString,
+            moecluster_dot_protos_dot_worker__pb2.TrainerStatePart.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,58 +3,63 @@
     DIR/step-00000012/manifest.json        the experts' half (written by the controller and workers)
     DIR/step-00000012/trainer.pt           {"step": 12, "model": dense state_dict, "optimizer": AdamW state_dict}
 
-Written after the experts' half is sealed, to a temporary name renamed into place, so a
-snapshot with a `trainer.pt` has both halves of the same step whole.
+The snapshot directory is the workers' storage: the trainer sends its file to a worker, which
+renames it into the sealed snapshot once whole (`workers/trainer_files.py`), and reads it back
+through one. So a snapshot with a `trainer.pt` has both halves of the same step whole, and the
+trainer needs no access to the directory.
 """
 
 from __future__ import annotations
 
-import os
+import io
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from moecluster.workers import snapshot_folders
+from moecluster.protos import worker_pb2, worker_pb2_grpc
+from moecluster.wire import streaming
+from moecluster.workers import trainer_files
 
-FILE = snapshot_folders.TRAINER_FILE
+FILE = trainer_files.FILE
 
 
 @dataclass(frozen=True)
 class TrainerState:
     step: int
-    path: Path  # the snapshot folder
+    path: Path  # the snapshot folder, as the workers see it
     model: dict[str, torch.Tensor]
     optimizer: dict
 
 
-def write(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    folder = Path(folder)
+def write(worker: worker_pb2_grpc.ExpertWorkerStub, folder: str | Path, step: int, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, timeout: float) -> str:
+    """Stores the trainer's state in the sealed snapshot `folder` of `step`; returns the file's path."""
     doc = {"step": step, "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
            "optimizer": optimizer.state_dict()}
-    partial = folder / f".{FILE}.partial"
-    torch.save(doc, partial)
-    os.replace(partial, folder / FILE)
-    return folder / FILE
+    buffer = io.BytesIO()
+    torch.save(doc, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    chunks = streaming.split_reader(buffer, size)
+    first = worker_pb2.TrainerStatePart(path=str(folder), step=step, chunk=next(chunks))
+    parts = itertools.chain([first], (worker_pb2.TrainerStatePart(chunk=c) for c in chunks))
+    return worker.WriteTrainerState(parts, timeout=timeout).file
 
 
-def read(folder: str | Path) -> TrainerState:
-    """The trainer state in a snapshot folder, or the newest snapshot under `folder` that has one.
-    ValueError when there is none, or it does not match its snapshot's step."""
-    folder = Path(folder)
-    if not (folder / "manifest.json").exists():
-        with_state = [s.path for s in snapshot_folders.newest_first(folder) if (s.path / FILE).exists()]
-        if not with_state:
-            raise ValueError(f"{folder}: no snapshot with a {FILE} (TrainingSession.save or `moectl train "
-                             "--save-every` write one; `moectl snapshot` saves the experts only)")
-        folder = with_state[0]
-    step = snapshot_folders.read(folder).step
+def read(worker: worker_pb2_grpc.ExpertWorkerStub, path: str | Path, timeout: float) -> TrainerState:
+    """The trainer state in a snapshot folder, or in the newest snapshot under `path` that has one.
+    grpc.RpcError when there is none (NOT_FOUND); ValueError when it is torn or of another step."""
+    parts: Iterator[worker_pb2.TrainerStatePart] = worker.ReadTrainerState(
+        worker_pb2.ReadTrainerStateRequest(path=str(path)), timeout=timeout)
+    first = next(parts)
+    folder = Path(first.path)
+    payload = streaming.join(itertools.chain([first.chunk], (p.chunk for p in parts)), limit_bytes=trainer_files.MAX_BYTES)
     try:
-        doc = torch.load(folder / FILE, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{folder}: the experts' snapshot has no {FILE}: `moectl restore` rolls the experts back; "
-                         "the dense model then starts from the checkpoint") from None
+        doc = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a torn or foreign file
         raise ValueError(f"{folder / FILE}: unreadable ({type(err).__name__}: {err})") from None
-    if doc.get("step") != step:
-        raise ValueError(f"{folder / FILE} is of step {doc.get('step')}, its snapshot of step {step}")
-    return TrainerState(step, folder, doc["model"], doc["optimizer"])
+    if doc.get("step") != first.step:
+        raise ValueError(f"{folder / FILE} is of step {doc.get('step')}, its snapshot of step {first.step}")
+    return TrainerState(first.step, folder, doc["model"], doc["optimizer"])

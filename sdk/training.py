@@ -24,6 +24,7 @@ between steps (it pauses, the session acknowledges at the step boundary).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -45,7 +46,6 @@ from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
 from moecluster.sdk import trainer_state
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode
-from moecluster.workers import snapshot_folders
 from torch import nn
 
 log = logging.getLogger("moecluster.training")
@@ -62,17 +62,13 @@ class TrainingSession:
                  progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None, cluster: str = ""):
         """`controller` is the controller's "host:port" (`moectl status -o json` shows it; on Kubernetes the
         operator's controller Service, with `cluster` = "NAMESPACE/NAME" of the MoECluster). With `resume_from`
-        (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state), every
-        expert is rolled back to that snapshot first, and `model` and `ExpertOptimizer` start from its dense
-        weights and optimizer state: training continues as if nothing after it had happened."""
+        (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state; the path
+        as the workers see it), every expert is rolled back to that snapshot first, and `model` and
+        `ExpertOptimizer` start from its dense weights and optimizer state: training continues as if nothing
+        after it had happened."""
         self.id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
         self.resumed: trainer_state.TrainerState | None = None
-        if resume_from is not None:
-            try:
-                self.resumed = trainer_state.read(resume_from)  # before anything changes
-            except ValueError as err:
-                raise TrainingError(f"cannot resume: {err}") from None
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.gate = StepGate()
         self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate, cluster=cluster)
@@ -84,8 +80,10 @@ class TrainingSession:
             self.close()
             raise TrainingError(f"no routing table from the controller at {controller} within {timeout:.0f}s")
         try:
-            if self.resumed is not None:
-                self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path.resolve()),
+            if resume_from is not None:
+                self.resumed = self._through_a_worker(  # before anything changes
+                    "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.timeout))
+                self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path),
                                                                                session=self.id))
             self.step = self._committed_version() + 1  # the step the next update applies
         except TrainingError:
@@ -106,31 +104,47 @@ class TrainingSession:
         self.checkpoint = Checkpoint(checkpoint)
         model = load_dense_model(self.checkpoint, self.dispatcher, dtype, session=self, device=resolve_device(device))
         if self.resumed is not None:
+            if not self.resumed.model:
+                raise TrainingError("a resumed session's dense weights went into its first model(); make one model")
             try:
                 model.load_state_dict(self.resumed.model)
             except RuntimeError as err:
                 raise TrainingError(f"{self.resumed.path}: its dense weights do not fit {checkpoint}: {err}") from None
+            self.resumed = dataclasses.replace(self.resumed, model={})  # in the model now: no second copy in memory
         return model.train()
 
     def save(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path = "") -> Path:
         """Snapshots the whole training state at this step boundary: every expert's weights, AdamW moments
         and version (written by the workers, into DIRECTORY/step-NNNNNNNN/, default the cluster's snapshot
-        directory) and, beside them, the dense model's weights and optimizer state (`trainer.pt`, written
-        here: this process must see that folder). Returns the folder; `resume_from` takes it."""
+        directory) and, beside them, the dense model's weights and optimizer state (`trainer.pt`, sent to a
+        worker: this process needs no access to the directory). Returns the folder, as the workers see it;
+        `resume_from` takes it."""
         if self.gate.in_step:
             raise TrainingError("save() between steps: after ExpertOptimizer.step(), before the next forward")
-        request = controller_pb2.SnapshotRequest(directory=str(Path(directory).resolve()) if directory else "")
+        request = controller_pb2.SnapshotRequest(directory=str(Path(directory).absolute()) if directory else "")
         folder = Path(self._call_controller("Snapshot", request))
-        if not folder.is_dir():
-            raise TrainingError(f"the snapshot {folder} is not visible here: the trainer writes its dense state beside "
-                                "the experts', so it needs the snapshot directory (shared storage)")
-        step = snapshot_folders.read(folder).step
-        if step != self.step - 1:
-            raise TrainingError(f"the snapshot is of step {step}, this trainer is after step {self.step - 1}: "
-                                "another trainer is stepping the pool")
-        trainer_state.write(folder, step, model, optimizer.dense)
+        step = self.step - 1
+        self._through_a_worker("save", lambda w: trainer_state.write(w, folder, step, model, optimizer.dense,
+                                                                     self.pause_timeout))
         self.progress(f"saved step {step} in {folder}")
         return folder
+
+    def _through_a_worker(self, what: str, call: Callable):
+        """`call(stub)` on the first worker of the table that answers (any worker sees the snapshot directory)."""
+        unavailable = []
+        for worker_id in sorted(self.dispatcher.table.workers):
+            try:
+                return call(self.dispatcher.stub(worker_id))
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    detail = err.details() or err.code().name
+                    if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the snapshot is of another step
+                        detail += ": another trainer is stepping the pool"
+                    raise TrainingError(f"{what}: {detail}") from None
+                unavailable.append(f"{worker_id} ({err.code().name})")
+            except ValueError as err:
+                raise TrainingError(f"{what}: {err}") from None
+        raise TrainingError(f"{what}: no worker answered: {unavailable or 'the table has none'}")
 
     def _call_controller(self, method: str, request) -> str:
         """Runs a streaming controller request to its end; returns the path its last message names."""
@@ -297,9 +311,12 @@ class ExpertOptimizer:
         self.hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **self.hyper)
         if session.resumed is not None:
+            if not session.resumed.optimizer:
+                raise TrainingError("a resumed session's optimizer state went into its first ExpertOptimizer")
             self.dense.load_state_dict(session.resumed.optimizer)
             for group in self.dense.param_groups:  # the hyperparameters given here win over the saved ones
                 group.update(self.hyper)
+            session.resumed = dataclasses.replace(session.resumed, optimizer={})  # in the optimizer now
         self.retries = retries
 
     def zero_grad(self, set_to_none: bool = True) -> None:

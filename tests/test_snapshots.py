@@ -1,5 +1,6 @@
 """Snapshot folders on disk: which ones a restore may use, the trainer's state beside the experts', and a
-real worker sealing, listing and discarding them for the controller (which need not see the directory)."""
+real worker sealing, listing and discarding them for the controller and storing a trainer's state (neither
+needs to see the directory)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from moecluster.controller import remote_snapshots
 from moecluster.protos import worker_pb2
 from moecluster.sdk import trainer_state
+from moecluster.wire import streaming
 from moecluster.workers import snapshot_folders
+from moecluster.workers.snapshot_folders import TRAINER_FILE
 from shared import running_workers
 from worker_helpers import keys, stub_for
 
@@ -40,22 +43,19 @@ def test_a_restore_uses_the_snapshot_named_or_else_the_newest_first(tmp_path):
 
 
 def test_the_trainers_state_survives_a_resnapshot_of_the_same_state_only(tmp_path):
-    model, opt = _model_and_optimizer()
     first = sealed(tmp_path, 3)
-    trainer_state.write(first.path, 3, model, opt)
+    (first.path / TRAINER_FILE).write_bytes(b"dense state")
     sealed(tmp_path, 3)  # the same experts' state again (a `moectl snapshot` at the same step boundary)
-    assert trainer_state.read(first.path).step == 3
+    assert (first.path / TRAINER_FILE).read_bytes() == b"dense state"
     sealed(tmp_path, 3, digest=7)  # step 3 of another history (trained again after a rollback)
-    with pytest.raises(ValueError, match="has no trainer.pt"):
-        trainer_state.read(first.path)
+    assert not (first.path / TRAINER_FILE).exists()
 
 
 def test_pruning_keeps_the_newest_and_the_newest_a_resume_can_use(tmp_path):
-    model, opt = _model_and_optimizer()
     for step in (1, 2, 3, 4, 5, 6):
         snap = sealed(tmp_path, step)
         if step in (2, 3):
-            trainer_state.write(snap.path, step, model, opt)
+            (snap.path / TRAINER_FILE).write_bytes(b"dense state")
     removed = snapshot_folders.prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["step-00000001", "step-00000002", "step-00000004"]
     assert [s.step for s in snapshot_folders.newest_first(tmp_path)] == [6, 5, 3]  # 3: the newest with trainer.pt
@@ -66,31 +66,54 @@ def test_pruning_keeps_the_newest_and_the_newest_a_resume_can_use(tmp_path):
     assert snapshot_folders.prune(tmp_path, keep=2) == [stale] and fresh.is_dir()
 
 
-def test_trainer_state_reads_the_newest_with_one_and_refuses_a_mismatch(tmp_path):
-    model, opt = _model_and_optimizer()
-    with pytest.raises(ValueError, match="no snapshot with a trainer.pt"):
-        trainer_state.read(tmp_path)
-    four = sealed(tmp_path, 4)
-    trainer_state.write(four.path, 4, model, opt)
-    sealed(tmp_path, 6)  # the experts only
-    state = trainer_state.read(tmp_path)
-    assert state.step == 4 and torch.equal(state.model["weight"], model.weight.detach())
-    assert state.optimizer["state"][0]["exp_avg"].shape == (3, 2)
-    trainer_state.write(sealed(tmp_path, 8).path, 7, model, opt)  # named after another step
-    with pytest.raises(ValueError, match="is of step 7, its snapshot of step 8"):
-        trainer_state.read(tmp_path / "step-00000008")
-    torn = four.path / trainer_state.FILE
-    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
-    with pytest.raises(ValueError, match="unreadable"):
-        trainer_state.read(four.path)
-
-
-def _model_and_optimizer():
-    model = torch.nn.Linear(2, 3, bias=False)
+def test_a_worker_stores_a_trainers_state_in_a_sealed_snapshot_and_reads_back_the_newest(qwen3, tmp_path):
+    """The trainer never opens the directory: its file goes to a worker in chunks (several here) and back."""
+    model = torch.nn.Linear(600, 600, bias=False)  # 1.4 MB of weights, 4.3 MB with AdamW's moments
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.ones(1, 2)).sum().backward()
+    model(torch.ones(1, 600)).sum().backward()
     opt.step()
-    return model, opt
+    with running_workers(qwen3, {(0, 0): ("w",)}) as servers:
+        channel, stub = stub_for(servers["w"])
+        with channel:
+            def refused(call) -> grpc.RpcError:
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                return err.value
+
+            err = refused(lambda: trainer_state.read(stub, tmp_path, 30))
+            assert err.code() == grpc.StatusCode.NOT_FOUND and "no snapshot with a trainer.pt" in err.details()
+            four = sealed(tmp_path, 4)
+            assert trainer_state.write(stub, four.path, 4, model, opt, 30) == str(four.path / TRAINER_FILE)
+            six = sealed(tmp_path, 6)  # the experts only
+            state = trainer_state.read(stub, tmp_path, 30)
+            assert (state.step, state.path) == (4, four.path)
+            assert torch.equal(state.model["weight"], model.weight.detach())
+            assert torch.equal(state.optimizer["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+            err = refused(lambda: trainer_state.read(stub, six.path, 30))
+            assert err.code() == grpc.StatusCode.NOT_FOUND and "has no trainer.pt" in err.details()
+
+            err = refused(lambda: trainer_state.write(stub, six.path, 5, model, opt, 30))  # another trainer's step
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "of step 6, not of step 5" in err.details()
+            err = refused(lambda: trainer_state.write(stub, tmp_path, 6, model, opt, 30))  # not a sealed snapshot
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            chunks = [worker_pb2.TrainerStatePart(chunk=c) for c in streaming.split(b"x" * (3 << 20))]
+            chunks[0].path, chunks[0].step = str(six.path), 6
+            corrupted = [chunks[0], worker_pb2.TrainerStatePart(), *chunks[2:]]
+            corrupted[1].CopyFrom(chunks[1])
+            corrupted[1].chunk.data = b"y" * len(chunks[1].chunk.data)  # changed in transit
+            for parts in (corrupted, chunks[:1]):  # and a stream cut off after its first chunk
+                err = refused(lambda: stub.WriteTrainerState(iter(parts), timeout=30))
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert sorted(p.name for p in six.path.iterdir() if not p.name.endswith(".safetensors")) == \
+                    ["manifest.json"], "nothing of a failed write is left"
+
+            torch.save({"step": 7, "model": {}, "optimizer": {}}, six.path / TRAINER_FILE)  # another step's state
+            with pytest.raises(ValueError, match="is of step 7, its snapshot of step 6"):
+                trainer_state.read(stub, six.path, 30)
+            torn = four.path / TRAINER_FILE
+            torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+            with pytest.raises(ValueError, match="unreadable"):
+                trainer_state.read(stub, four.path, 30)
 
 
 def test_a_worker_seals_lists_and_discards_snapshot_folders_for_the_controller(qwen3, tmp_path):

@@ -7,8 +7,10 @@ carries a CRC-32 of the whole payload, checked on arrival.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from moecluster.protos import tensor_pb2
 from moecluster.wire.tensors import WireError
@@ -27,25 +29,43 @@ def needs_streaming(payload_bytes: int) -> bool:
 
 def split(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.Chunk]:
     """bytes -> Chunks of at most `chunk_bytes`; always at least one chunk."""
-    view = memoryview(payload)
-    total = len(payload)
-    offsets = range(0, max(total, 1), chunk_bytes)
-    last_offset = offsets[-1]
-    for offset in offsets:
-        chunk = tensor_pb2.Chunk(data=bytes(view[offset : offset + chunk_bytes]))
-        if offset == 0:
+    return split_reader(io.BytesIO(payload), len(payload), chunk_bytes)
+
+
+def split_reader(reader: BinaryIO, total: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.Chunk]:
+    """The next `total` bytes of `reader` (a file) -> Chunks, read as they are sent (never all in memory)."""
+    crc = 0
+    sent = 0
+    while True:
+        data = reader.read(min(chunk_bytes, total - sent))
+        if sent < total and not data:
+            raise WireError(f"the source ended after {sent} of {total} bytes")
+        chunk = tensor_pb2.Chunk(data=data)
+        if sent == 0:
             chunk.total_size = total
-        if offset == last_offset:
+        sent += len(data)
+        crc = zlib.crc32(data, crc)
+        if sent >= total:
             chunk.last = True
-            chunk.crc32 = zlib.crc32(view)
+            chunk.crc32 = crc
+            yield chunk
+            return
         yield chunk
 
 
 def join(chunks: Iterable[tensor_pb2.Chunk], *, limit_bytes: int) -> bytes:
     """Chunks -> the payload, checked against the announced size, `limit_bytes` and the CRC."""
-    parts: list[bytes] = []
+    out = io.BytesIO()
+    join_into(chunks, out, limit_bytes=limit_bytes)
+    return out.getvalue()
+
+
+def join_into(chunks: Iterable[tensor_pb2.Chunk], out: BinaryIO, *, limit_bytes: int) -> int:
+    """Writes the payload of `chunks` to `out` as they arrive (a file: never all in memory), checked as
+    `join` checks it; returns its size. On a WireError, `out` holds a part: the caller discards it."""
     received = 0
     announced = None
+    crc = 0
     for chunk in chunks:
         if announced is None:
             announced = chunk.total_size
@@ -54,12 +74,12 @@ def join(chunks: Iterable[tensor_pb2.Chunk], *, limit_bytes: int) -> bytes:
         received += len(chunk.data)
         if received > announced:
             raise WireError(f"received {received} bytes, more than the {announced} announced")
-        parts.append(chunk.data)
+        out.write(chunk.data)
+        crc = zlib.crc32(chunk.data, crc)
         if chunk.last:
-            payload = b"".join(parts)
             if received != announced:
                 raise WireError(f"received {received} bytes, {announced} announced")
-            if zlib.crc32(payload) != chunk.crc32:
+            if crc != chunk.crc32:
                 raise WireError("checksum mismatch: the payload was corrupted in transit")
-            return payload
+            return received
     raise WireError("stream ended before its last chunk")

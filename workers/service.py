@@ -24,7 +24,7 @@ from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import WireError, encode
-from moecluster.workers import snapshot_folders, validation
+from moecluster.workers import snapshot_folders, trainer_files, validation
 from moecluster.workers.expert_backward import expert_backward
 from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
@@ -269,6 +269,13 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def ListSnapshots(self, request, context):
         return _answer(context, self, lambda: snapshot_folders.list_request(request))
+
+    def WriteTrainerState(self, request_iterator, context):
+        return _answer(context, self, lambda: trainer_files.write_request(request_iterator))
+
+    def ReadTrainerState(self, request, context):
+        opened = _answer(context, self, lambda: trainer_files.open_request(request))
+        yield from trainer_files.parts(*opened)
 
     def LoadExperts(self, request, context):
         def run():

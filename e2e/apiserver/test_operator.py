@@ -300,7 +300,7 @@ def test_training_snapshots_a_lost_expert_and_a_restore_on_the_workers_volume(mo
     from the snapshot when its pod is deleted (the rollback reported in status), `kubectl moe restore` rolls the
     pool back, and the trainer resumes from its save exactly."""
     from moecluster.cli.train import batch_for
-    from moecluster.sdk.training import ExpertOptimizer, TrainingSession
+    from moecluster.sdk.training import ExpertOptimizer, TrainingError, TrainingSession
 
     snaps, name = tmp_path / "snaps", "trainee"
     snaps.mkdir()
@@ -360,6 +360,8 @@ def test_training_snapshots_a_lost_expert_and_a_restore_on_the_workers_volume(mo
                     "at step 3", timeout=30)
         with TrainingSession(moe.operator.address, cluster=f"{NS}/{name}", resume_from=saved) as session:
             model = session.model(str(moe.model))
+            with pytest.raises(TrainingError, match="make one model"):  # its dense state is in the first (not kept twice)
+                session.model(str(moe.model))
             again = train(session, model, ExpertOptimizer(model, session, lr=1e-3, weight_decay=0.0), 2)
         assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(again, first[3:], strict=True)), (again, first)
         snapshot = kubectl_moe(moe, "snapshot", name)  # the pool is at step 5 again

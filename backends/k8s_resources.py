@@ -303,7 +303,9 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
         "workers": [{"id": w["id"], "pod": worker_pod_name(resource, w["id"]), "state": w["state"],
                      "experts": len(w["experts"]), "device": w.get("device", "")} for w in status["workers"]],
         "training": {"step": status["step"], "lowestStep": status["lowest_step"], "trainers": len(status["trainers"]),
-                     "lastSnapshot": status["snapshot"], "restored": status["restored"], "rollbacks": status["rollbacks"]},
+                     "lastSnapshot": status["snapshot"], "restored": status["restored"], "rollbacks": status["rollbacks"],
+                     "snapshots": [{"step": x["step"], "path": x["path"], "experts": x["experts"], "bytes": x["bytes"],
+                                    "trainerState": x["trainer_state"]} for x in status.get("snapshots", [])]},
         "conditions": [
             condition("Ready", ready, "Serving" if ready else "Converging",
                       f"{len(serving)} workers serving at epoch {status['epoch']}", gen, old, now),

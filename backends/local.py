@@ -230,10 +230,11 @@ class LocalCluster:
         channel = grpc.insecure_channel(self.info()["controller"])
         return channel, controller_pb2_grpc.ControllerStub(channel)
 
-    def status(self, rpc_timeout: float = 10.0) -> dict:
+    def status(self, rpc_timeout: float = 10.0, list_snapshots: bool = False) -> dict:
+        """The controller's view; its "snapshots" list is up to a few seconds old unless `list_snapshots`."""
         channel, stub = self._stub()
         try:
-            s = stub.Status(controller_pb2.StatusRequest(), timeout=rpc_timeout)
+            s = stub.Status(controller_pb2.StatusRequest(list_snapshots=list_snapshots), timeout=rpc_timeout)
         except grpc.RpcError as err:
             raise ClusterError(f"controller of {self.name!r} did not answer ({err.code().name}); "
                                f"`moectl resume --name {self.name}` restarts it") from None
@@ -247,6 +248,8 @@ class LocalCluster:
             "restored": s.restored,
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],
+            "snapshots": [{"step": x.step, "path": x.path, "experts": x.experts, "bytes": x.bytes,
+                           "trainer_state": x.trainer_state} for x in s.snapshots],
             "workers": [{"id": w.id, "address": w.address, "pid": w.pid, "state": w.state,
                          "experts": [[l, e] for l, e in zip(w.experts[::2], w.experts[1::2])], "load": w.load,
                          "device": w.device} for w in s.workers],

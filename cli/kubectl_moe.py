@@ -5,6 +5,7 @@
     kubectl moe drain   NAME WORKER                   move WORKER's experts away and remove it (pool shrinks by one)
     kubectl moe migrate NAME LAYER:EXPERT --to WORKER copy one expert to WORKER, then switch traffic to it
     kubectl moe snapshot NAME                     every expert's training state, at a step boundary (spec.snapshots)
+    kubectl moe snapshots NAME                    what a restore or a trainer's resume can use, the newest first
     kubectl moe restore NAME [SNAPSHOT]           roll every expert back to SNAPSHOT (default: the newest good one)
 
 Everything goes through the API server with your kubectl (its context, its
@@ -29,6 +30,7 @@ from moecluster.backends.k8s_resources import (
     SNAPSHOT_ANNOTATION,
     parse_migrate,
 )
+from moecluster.cli.snapshot_table import describe
 
 
 class KubectlError(RuntimeError):
@@ -82,6 +84,14 @@ def format_status(obj: dict) -> str:
     if action:
         lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())
     return "\n".join(lines)
+
+
+def format_snapshots(obj: dict) -> str:
+    found = (obj.get("status", {}).get("training") or {}).get("snapshots") or []
+    if not found:
+        volume = "spec.snapshots" if obj.get("spec", {}).get("snapshots") else "no spec.snapshots: no volume"
+        return f"no snapshots ({volume})"
+    return "\n".join(describe(x["step"], x["experts"], x["bytes"], x["trainerState"], x["path"]) for x in found)
 
 
 def _ready(obj: dict, replicas: int) -> bool:
@@ -149,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     migrate.add_argument("--to", required=True, help="the worker id that receives it")
     snapshot = verbs.add_parser("snapshot", help="write every expert's training state to the cluster's snapshot volume")
     snapshot.add_argument("name")
+    snapshots = verbs.add_parser("snapshots", help="the snapshots on the cluster's volume, the newest first (as a "
+                                 "worker listed them a few seconds ago)")
+    snapshots.add_argument("name")
     restore = verbs.add_parser("restore", help="roll every expert back to a snapshot (refused while a trainer is connected)")
     restore.add_argument("name")
     restore.add_argument("snapshot", nargs="?", default="latest",
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.verb == "status":
             obj = kubectl.get(args.name)
             print(json.dumps(obj.get("status", {}), indent=2) if args.output == "json" else format_status(obj))
+        elif args.verb == "snapshots":
+            print(format_snapshots(kubectl.get(args.name)))
         elif args.verb == "scale":
             if args.replicas < 1:
                 parser.error("--replicas must be at least 1")

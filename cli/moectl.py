@@ -147,19 +147,23 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_snapshots(args) -> int:
-    from moecluster.sdk.trainer_state import FILE
-    from moecluster.workers.snapshot_folders import newest_first
+    from moecluster.cli.snapshot_table import describe
+    from moecluster.controller.remote_snapshots import summary
 
-    root = args.dir or LocalCluster(args.name).spec().snapshot_dir
-    if not root:
-        raise ClusterError(f"cluster {args.name!r} keeps no snapshots (`moectl up --snapshot-dir DIR`); or give --dir")
-    found = newest_first(root)
+    cluster = LocalCluster(args.name)
+    if args.dir:  # a folder this machine sees
+        from moecluster.workers.snapshot_folders import manifest_message, newest_first
+
+        root, found = args.dir, [summary(manifest_message(s)) for s in newest_first(args.dir)]
+    else:  # as the workers see the cluster's directory (on Ray, another node's disk)
+        root = cluster.spec().snapshot_dir
+        if not root:
+            raise ClusterError(f"cluster {args.name!r} keeps no snapshots (`moectl up --snapshot-dir DIR`); or give --dir")
+        found = cluster.status(list_snapshots=True)["snapshots"]
     if not found:
         print(f"no snapshots in {root}")
     for snap in found:
-        size = sum(f.bytes for f in snap.files.values())
-        trainer = "+ trainer state" if (snap.path / FILE).is_file() else "experts only"
-        print(f"step {snap.step:<8} {len(snap.files):>5} experts {size / 1e6:>10.1f} MB  {trainer:<15} {snap.path}")
+        print(describe(snap["step"], snap["experts"], snap["bytes"], snap["trainer_state"], snap["path"]))
     return 0
 
 
@@ -315,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     snaps = sub.add_parser("snapshots", help="the snapshots a restore or a resume can use, the newest first")
     snaps.add_argument("--name", default="default")
-    snaps.add_argument("--dir", help="a folder of snapshots (default: the cluster's --snapshot-dir)")
+    snaps.add_argument("--dir", help="a folder of snapshots this machine sees (default: the cluster's --snapshot-dir, "
+                       "listed by one of its workers)")
     snaps.set_defaults(func=cmd_snapshots)
 
     restore = sub.add_parser("restore", help="roll every expert (weights, AdamW moments, version) back to a snapshot; "

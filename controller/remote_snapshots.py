@@ -8,6 +8,9 @@ a worker it names seals, discards and lists snapshot folders for it.
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -16,6 +19,8 @@ from moecluster.workers.snapshot_folders import Snapshot, from_message
 
 log = logging.getLogger("moecluster.controller")
 TIMEOUT_S = 60.0
+LIST_EVERY_S = 5.0  # how stale status's list may be (a trainer's save lands in it between two listings)
+LIST_TIMEOUT_S = 2.0  # status must not hang on a slow worker: the previous list stands meanwhile
 
 
 def seal(worker: worker_pb2_grpc.ExpertWorkerStub, partial: str, step: int, files: list[worker_pb2.SnapshotFile],
@@ -40,8 +45,45 @@ def discard(worker: worker_pb2_grpc.ExpertWorkerStub, partial: str) -> None:
 def candidates(worker: worker_pb2_grpc.ExpertWorkerStub, path: str) -> list[Snapshot]:
     """What a restore from `path` may use: the snapshot in it, or else every one under it, the newest
     first. ValueError when there is none."""
-    found = worker.ListSnapshots(worker_pb2.ListSnapshotsRequest(path=path), timeout=TIMEOUT_S).snapshots
+    found = listed(worker, path)
     if not found:
         raise ValueError(f"{path}: no snapshot there (a step-NNNNNNNN folder with a manifest.json, or a folder of "
                          "them), as the workers see it")
     return [from_message(m) for m in found]
+
+
+def listed(worker: worker_pb2_grpc.ExpertWorkerStub, path: str, timeout: float = TIMEOUT_S) -> list[worker_pb2.SnapshotManifest]:
+    """The snapshot in `path`, or else every one under it, the newest first (none: an empty list)."""
+    return list(worker.ListSnapshots(worker_pb2.ListSnapshotsRequest(path=path), timeout=timeout).snapshots)
+
+
+def summary(m: worker_pb2.SnapshotManifest) -> dict:
+    return {"step": m.step, "path": m.path, "experts": len(m.files), "bytes": sum(f.bytes for f in m.files),
+            "trainer_state": m.trainer_state}
+
+
+class Listing:
+    """The snapshot directory's contents for status: listed through a worker at most every LIST_EVERY_S
+    (status is polled, and a listing reads every manifest), the previous list kept while none answers."""
+
+    def __init__(self) -> None:
+        self._listed_at = -math.inf
+        self._found: list[dict] = []
+
+    def get(self, workers: Iterable[worker_pb2_grpc.ExpertWorkerStub], root: str, now: bool = False) -> list[dict]:
+        """[{step, path, experts, bytes, trainer_state}], the newest first; listed again when `now`."""
+        if not root or (not now and time.monotonic() - self._listed_at < LIST_EVERY_S):
+            return self._found
+        for worker in workers:
+            try:
+                found = listed(worker, root, timeout=LIST_TIMEOUT_S)
+            except grpc.RpcError:
+                continue
+            self._found = [summary(m) for m in found]
+            self._listed_at = time.monotonic()
+            break
+        return self._found
+
+    def changed(self) -> None:
+        """A snapshot was sealed (and older ones pruned) or restored: list again on the next call."""
+        self._listed_at = -math.inf

@@ -51,6 +51,7 @@ class Controller:
                                  snapshot_dir=spec.snapshot_dir)
         self.last_snapshot: Snapshot | None = None
         self.last_restore = ""  # "step N from PATH at step M"
+        self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
         self._leaving: set[str] = set()
@@ -192,6 +193,7 @@ class Controller:
                 remote_snapshots.discard(self.monitor.stub(writer), partial)
             raise
         self.last_snapshot, self._last_snapshot_at = snap, time.monotonic()
+        self.snapshots.changed()
         yield f"snapshot of step {snap.step}: {len(files)} experts in {snap.path}"
         yield snap
 
@@ -219,6 +221,7 @@ class Controller:
                     else:
                         snap = item
         self.last_restore = f"step {snap.step} from {snap.path} at step {step_before}"
+        self.snapshots.changed()
         log.warning("pool restored to %s", self.last_restore)
         yield f"every expert back at step {snap.step} ({step_before - snap.step} updates undone) from {snap.path}"
         yield snap
@@ -303,7 +306,8 @@ class Controller:
             time.sleep(0.1)
         raise TimeoutError(f"the pool did not converge within {timeout:.0f}s; last error: {self.last_error or 'none'}")
 
-    def status(self) -> dict:
+    def status(self, list_snapshots: bool = False) -> dict:
+        """The pool as observed; the snapshot directory's list is up to LIST_EVERY_S old unless `list_snapshots`."""
         observed = self.monitor.snapshot()
         table = self.publisher.table
         load = observed.load()
@@ -326,4 +330,6 @@ class Controller:
             "step": observed.step, "lowest_step": observed.lowest_step, "trainers": self.publisher.trainers(),
             "rollbacks": list(self.executor.rollbacks),
             "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "", "restored": self.last_restore,
+            "snapshots": self.snapshots.get((self.monitor.stub(w) for w in pool[:2]), self.spec.snapshot_dir,
+                                            now=list_snapshots),
         }

@@ -28,13 +28,14 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.on_shutdown = on_shutdown
 
     def Status(self, request, context):
-        s = self.controller.status()
+        s = self.controller.status(list_snapshots=request.list_snapshots)
         return controller_pb2.StatusResponse(
             name=s["name"], endpoint=s["endpoint"], epoch=s["epoch"], desired_workers=s["desired_workers"],
             min_replicas=s["min_replicas"], converged=s["converged"], last_error=s["last_error"],
             imbalance=s["imbalance"], frontends=s["frontends"], step=s["step"], snapshot=s["snapshot"],
             restored=s["restored"], lowest_step=s["lowest_step"], trainers=s["trainers"],
             rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
+            snapshots=[controller_pb2.SnapshotInfo(**snap) for snap in s["snapshots"]],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
                                                experts=[v for k in w["experts"] for v in k], load=w["load"],
                                                device=w["device"])

@@ -82,7 +82,7 @@ class TrainingSession:
         try:
             if resume_from is not None:
                 self.resumed = self._through_a_worker(  # before anything changes
-                    "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.timeout))
+                    "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.pause_timeout))
                 self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path),
                                                                                session=self.id))
             self.step = self._committed_version() + 1  # the step the next update applies

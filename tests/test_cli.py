@@ -231,6 +231,7 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
         listed = moectl(env, "snapshots").stdout.splitlines()
         assert [line.split()[:2] for line in listed] == [["step", "6"], ["step", "4"]], listed
         assert "+ trainer state" in listed[0] and "experts only" in listed[1] and "16 experts" in listed[1]
+        assert moectl(env, "snapshots", "--dir", str(tmp_path / "snaps")).stdout.splitlines() == listed  # read here
         missing = moectl(env, "restore", str(tmp_path / "nowhere"), check=False)
         assert missing.returncode != 0 and "no snapshot there" in missing.stderr and "Traceback" not in missing.stderr
         back = moectl(env, "restore", str(tmp_path / "snaps" / "step-00000004"))

@@ -7,7 +7,7 @@ from concurrent import futures
 import grpc
 import pytest
 from moecluster.backends import k8s_resources as r
-from moecluster.cli.kubectl_moe import format_status
+from moecluster.cli.kubectl_moe import format_snapshots, format_status
 from moecluster.controller.router import ControllerRouter
 from moecluster.frontend.table_watcher import cluster_metadata
 from moecluster.protos import controller_pb2, controller_pb2_grpc
@@ -115,7 +115,11 @@ def controller_status(converged=True, serving=3, dead=(), error=""):
                 "device": "cuda:0"} for i in range(serving)]
     return {"workers": workers, "dead": list(dead), "desired_workers": 3, "converged": converged, "last_error": error,
             "epoch": 9, "imbalance": 1.0, "step": 12, "lowest_step": 12, "trainers": [],
-            "snapshot": "/snapshots/step-00000010", "restored": "", "rollbacks": []}
+            "snapshot": "/snapshots/step-00000010", "restored": "", "rollbacks": [],
+            "snapshots": [{"step": 10, "path": "/snapshots/step-00000010", "experts": 6, "bytes": 3_000_000,
+                           "trainer_state": False},
+                          {"step": 8, "path": "/snapshots/step-00000008", "experts": 6, "bytes": 3_000_000,
+                           "trainer_state": True}]}
 
 
 def test_status_conditions_and_transition_times():
@@ -167,6 +171,11 @@ def test_kubectl_moe_status_text():
     assert "training:  step 12, last snapshot /snapshots/step-00000010" in text and "cut off" not in text
     obj["status"]["training"]["lowestStep"] = 11
     assert "experts at steps 11..12: an update was cut off" in format_status(obj)
+    assert [line.split()[:3] + line.split()[-3:] for line in format_snapshots(obj).splitlines()] == [
+        ["step", "10", "6", "experts", "only", "/snapshots/step-00000010"],
+        ["step", "8", "6", "trainer", "state", "/snapshots/step-00000008"]]  # the newest first; which a resume can use
+    obj["status"]["training"]["snapshots"] = []
+    assert format_snapshots(obj) == "no snapshots (no spec.snapshots: no volume)"
 
 
 class NamedController(controller_pb2_grpc.ControllerServicer):

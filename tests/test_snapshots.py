@@ -5,6 +5,7 @@ needs to see the directory)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -135,6 +136,15 @@ def test_a_worker_seals_lists_and_discards_snapshot_folders_for_the_controller(q
                 [(0, snap.path, [(0, 0), (0, 1)])]
             with pytest.raises(ValueError, match="no snapshot there"):
                 remote_snapshots.candidates(stub, str(tmp_path / "nowhere"))
+            listing = remote_snapshots.Listing()  # status's list: listed again only when stale, changed or asked
+            assert [x["step"] for x in listing.get([stub], str(tmp_path))] == [0]
+            (sealed(tmp_path, 1).path / TRAINER_FILE).write_bytes(b"dense state")
+            assert [x["step"] for x in listing.get([stub], str(tmp_path))] == [0]
+            assert [(x["step"], x["trainer_state"]) for x in listing.get([stub], str(tmp_path), now=True)] == \
+                [(1, True), (0, False)]
+            shutil.rmtree(tmp_path / "step-00000001")
+            listing.changed()
+            assert [x["step"] for x in listing.get([stub], str(tmp_path))] == [0]
             other = snapshot_folders.partial_name(tmp_path)
             write(other)
             remote_snapshots.discard(stub, other)

@@ -142,7 +142,8 @@ def discard(partial: Path) -> None:
 
 
 def manifest_message(snap: Snapshot) -> worker_pb2.SnapshotManifest:
-    return worker_pb2.SnapshotManifest(step=snap.step, path=str(snap.path), files=list(snap.files.values()))
+    return worker_pb2.SnapshotManifest(step=snap.step, path=str(snap.path), files=list(snap.files.values()),
+                                       trainer_state=(snap.path / TRAINER_FILE).is_file())
 
 
 def from_message(m: worker_pb2.SnapshotManifest) -> Snapshot:

@@ -345,6 +345,11 @@ def test_training_snapshots_a_lost_expert_and_a_restore_on_the_workers_volume(mo
             saved = session.save(model, opt)
             first += train(session, model, opt, 2)
         assert saved == snaps / "step-00000003" and (saved / "trainer.pt").is_file()
+        status_when(lambda s: [(x["step"], x["trainerState"]) for x in (s.get("training") or {}).get("snapshots", [])]
+                    == [(3, True)], "listing the save")  # as a worker lists the volume, which the operator never mounts
+        listed = kubectl_moe(moe, "snapshots", name)
+        assert listed.returncode == 0 and listed.stdout.split()[:2] == ["step", "3"], listed.stdout + listed.stderr
+        assert "+ trainer state" in listed.stdout and str(saved) in listed.stdout
 
         pod = sorted(moe.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={name},app.kubernetes.io/"
                                       "component=worker", "-o", "jsonpath={.items[*].metadata.name}").stdout.split())[0]

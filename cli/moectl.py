@@ -159,7 +159,10 @@ def cmd_snapshots(args) -> int:
         root = cluster.spec().snapshot_dir
         if not root:
             raise ClusterError(f"cluster {args.name!r} keeps no snapshots (`moectl up --snapshot-dir DIR`); or give --dir")
-        found = cluster.status(list_snapshots=True)["snapshots"]
+        doc = cluster.status(list_snapshots=True)
+        if not any(w["state"] == "serving" for w in doc["workers"]):
+            raise ClusterError(f"no worker of {args.name!r} is serving to list {root} (`--dir` reads a folder here)")
+        found = doc["snapshots"]
     if not found:
         print(f"no snapshots in {root}")
     for snap in found:

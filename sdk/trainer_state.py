@@ -33,16 +33,18 @@ class TrainerState:
     optimizer: dict
 
 
-def write(worker: worker_pb2_grpc.ExpertWorkerStub, folder: str | Path, step: int, model: torch.nn.Module,
-          optimizer: torch.optim.Optimizer, timeout: float) -> str:
-    """Stores the trainer's state in the sealed snapshot `folder` of `step`; returns the file's path."""
+def encode(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
+    """The file's bytes (made once: a write that fails over to another worker sends them again)."""
     doc = {"step": step, "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
            "optimizer": optimizer.state_dict()}
     buffer = io.BytesIO()
     torch.save(doc, buffer)
-    size = buffer.tell()
-    buffer.seek(0)
-    chunks = streaming.split_reader(buffer, size)
+    return buffer.getvalue()
+
+
+def write(worker: worker_pb2_grpc.ExpertWorkerStub, folder: str | Path, step: int, payload: bytes, timeout: float) -> str:
+    """Stores `payload` (from `encode`) in the sealed snapshot `folder` of `step`; returns the file's path."""
+    chunks = streaming.split(payload)
     first = worker_pb2.TrainerStatePart(path=str(folder), step=step, chunk=next(chunks))
     parts = itertools.chain([first], (worker_pb2.TrainerStatePart(chunk=c) for c in chunks))
     return worker.WriteTrainerState(parts, timeout=timeout).file

@@ -124,8 +124,8 @@ class TrainingSession:
         request = controller_pb2.SnapshotRequest(directory=str(Path(directory).absolute()) if directory else "")
         folder = Path(self._call_controller("Snapshot", request))
         step = self.step - 1
-        self._through_a_worker("save", lambda w: trainer_state.write(w, folder, step, model, optimizer.dense,
-                                                                     self.pause_timeout))
+        payload = trainer_state.encode(step, model, optimizer.dense)
+        self._through_a_worker("save", lambda w: trainer_state.write(w, folder, step, payload, self.pause_timeout))
         self.progress(f"saved step {step} in {folder}")
         return folder
 

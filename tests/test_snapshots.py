@@ -73,6 +73,7 @@ def test_a_worker_stores_a_trainers_state_in_a_sealed_snapshot_and_reads_back_th
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 600)).sum().backward()
     opt.step()
+    payload = lambda step: trainer_state.encode(step, model, opt)  # noqa: E731
     with running_workers(qwen3, {(0, 0): ("w",)}) as servers:
         channel, stub = stub_for(servers["w"])
         with channel:
@@ -84,7 +85,7 @@ def test_a_worker_stores_a_trainers_state_in_a_sealed_snapshot_and_reads_back_th
             err = refused(lambda: trainer_state.read(stub, tmp_path, 30))
             assert err.code() == grpc.StatusCode.NOT_FOUND and "no snapshot with a trainer.pt" in err.details()
             four = sealed(tmp_path, 4)
-            assert trainer_state.write(stub, four.path, 4, model, opt, 30) == str(four.path / TRAINER_FILE)
+            assert trainer_state.write(stub, four.path, 4, payload(4), 30) == str(four.path / TRAINER_FILE)
             six = sealed(tmp_path, 6)  # the experts only
             state = trainer_state.read(stub, tmp_path, 30)
             assert (state.step, state.path) == (4, four.path)
@@ -93,9 +94,9 @@ def test_a_worker_stores_a_trainers_state_in_a_sealed_snapshot_and_reads_back_th
             err = refused(lambda: trainer_state.read(stub, six.path, 30))
             assert err.code() == grpc.StatusCode.NOT_FOUND and "has no trainer.pt" in err.details()
 
-            err = refused(lambda: trainer_state.write(stub, six.path, 5, model, opt, 30))  # another trainer's step
+            err = refused(lambda: trainer_state.write(stub, six.path, 5, payload(5), 30))  # another trainer's step
             assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "of step 6, not of step 5" in err.details()
-            err = refused(lambda: trainer_state.write(stub, tmp_path, 6, model, opt, 30))  # not a sealed snapshot
+            err = refused(lambda: trainer_state.write(stub, tmp_path, 6, payload(6), 30))  # not a sealed snapshot
             assert err.code() == grpc.StatusCode.NOT_FOUND
             chunks = [worker_pb2.TrainerStatePart(chunk=c) for c in streaming.split(b"x" * (3 << 20))]
             chunks[0].path, chunks[0].step = str(six.path), 6

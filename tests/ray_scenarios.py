@@ -26,6 +26,7 @@ import ray
 import torch
 from moecluster.backends.local import LocalCluster, free_port
 from moecluster.backends.processes import spawn, stop
+from moecluster.cli.train import train
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
 from transformers import AutoModelForCausalLM
@@ -74,7 +75,8 @@ def run(args) -> dict:
             batch, logits = expected(path)
             started = time.monotonic()
             c = LocalCluster(family.replace("_", "-"))
-            c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port)
+            c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port,
+                 snapshot_dir=root / "snaps" if family == "qwen3_moe" else None)
             clusters.append(c)
             got = Client(c.status()["endpoint"], timeout=60).forward(batch)
             # the same application through Serve's gRPC proxy (it serves both: the metadata picks one)
@@ -119,6 +121,16 @@ def run(args) -> dict:
             **summary(running.report), "served_without_controller": served_without,
             "workers_before": sorted(w["id"] for w in serving(before)), "workers_after": sorted(w["id"] for w in serving(after)),
             "epoch_before": before["epoch"], "epoch_after": after["epoch"]}
+
+        c = clusters[0]  # last, as it changes the experts: train, save through the worker actors, resume from a save
+        controller = c.status()["controller"]
+        first = train(controller, args.qwen3, steps=4, batch=2, seq=8, lr=1e-3, seed=0, out=root / "run", save=False,
+                      progress=lambda line: None, save_every=2)
+        again = train(controller, args.qwen3, steps=2, batch=2, seq=8, lr=1e-3, seed=0, out=root / "run", save=False,
+                      progress=lambda line: None, resume=root / "snaps" / "step-00000002")
+        out["training"] = {"first": {r["step"]: r["loss"] for r in first}, "again": {r["step"]: r["loss"] for r in again},
+                           "snapshots": [(x["step"], x["trainer_state"]) for x in c.status(list_snapshots=True)["snapshots"]],
+                           "restored": c.status()["restored"]}
 
         for c in clusters:
             stopped = c.down()

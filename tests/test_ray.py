@@ -1,7 +1,7 @@
 """The Ray backend on a real local Ray instance: answers equal to transformers for two families (through
 Serve's HTTP ingress and its gRPC proxy), scale
 2 -> 3 -> 2 under load, kill -9 of a worker actor's process under load, the controller actor killed and
-restarted, `down` leaving no actor behind.
+restarted, training saved through the worker actors and resumed exactly, `down` leaving no actor behind.
 
 Ray's own servers (GCS, raylet, workers, agents) listen on every interface of their network namespace,
 so the scenarios (tests/ray_scenarios.py) run in a namespace of their own that has only loopback: nothing
@@ -74,6 +74,15 @@ def test_a_restarted_controller_actor_rebuilds_its_state_from_the_workers(report
     assert result["failed"] == 0 and result["wrong"] == 0 and result["served_without_controller"] > 0, result
     assert result["workers_after"] == result["workers_before"], "the same workers, found by their actor names"
     assert result["epoch_after"] >= result["epoch_before"], "epochs never go back"
+
+
+def test_training_saves_through_worker_actors_and_resumes_exactly(report):
+    result = report["training"]
+    first, again = ({int(k): v for k, v in result[key].items()} for key in ("first", "again"))
+    assert sorted(first) == [0, 1, 2, 3] and sorted(again) == [2, 3], result
+    assert all(abs(again[s] - first[s]) <= 1e-5 * abs(first[s]) for s in again), result  # steps 2, 3 redone exactly
+    assert [tuple(x) for x in result["snapshots"]] == [(4, True), (2, True)], result  # listed by a worker actor
+    assert result["restored"].startswith("step 2 from"), result
 
 
 def test_down_leaves_no_actor_behind(report):

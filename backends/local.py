@@ -148,7 +148,7 @@ class LocalCluster:
         try:
             if backend == "ray":
                 self._attach_ray(ray_address, timeout, progress)
-            self.start_controller()
+            self.start_controller(new_port_if_taken=True)  # nothing knows its address yet
             self.wait_converged(timeout, progress)
         except BaseException:
             self.down(grace=2.0, keep_logs=True)  # the error names them
@@ -176,8 +176,9 @@ class LocalCluster:
         info = self.info() | {"ray_address": address, "controller": f"{host}:{self.info()['controller'].rsplit(':', 1)[1]}"}
         (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
 
-    def start_controller(self, timeout: float = 120.0) -> ProcessRecord | None:
-        """Starts (or restarts) the controller; it rebuilds its view from the workers."""
+    def start_controller(self, timeout: float = 120.0, new_port_if_taken: bool = False) -> ProcessRecord | None:
+        """Starts (or restarts) the controller; it rebuilds its view from the workers. A restarted one keeps its
+        address (frontends reconnect to it); a new one (`new_port_if_taken`) moves to another port if its is taken."""
         for sub in ("run", "logs", "workers"):
             (self.dir / sub).mkdir(exist_ok=True)
         if self.backend == "ray":
@@ -185,7 +186,16 @@ class LocalCluster:
 
             info = self.info()
             ray_cluster.connect(info["ray_address"])
-            address = ray_cluster.start_controller(self.dir, self.name, timeout)
+            attempts = 3 if new_port_if_taken else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    address = ray_cluster.start_controller(self.dir, self.name, timeout)
+                    break
+                except ray_cluster.PortTaken as err:
+                    if attempt == attempts:
+                        raise ClusterError(f"the controller could not listen: {err}") from None
+                    info = info | {"controller": f"{info['controller'].rsplit(':', 1)[0]}:{free_port()}"}
+                    (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
             (self.dir / "cluster.json").write_text(json.dumps(info | {"controller": address}, indent=2))
             return None
         try:

@@ -22,6 +22,7 @@ import grpc
 import ray
 
 NAMESPACE = "moecluster"
+PORT_TAKEN = "controller: cannot listen on"  # how a controller actor says its port is taken (ray_cluster reads it)
 
 
 def node_host() -> str:
@@ -88,8 +89,12 @@ class ControllerActor:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         # The port `up` chose, on every restart: frontends reconnect to the address they know.
         port = int(cluster["controller"].rsplit(":", 1)[1])
-        if self.server.add_insecure_port(f"{node_host()}:{port}") == 0:
-            raise OSError(f"controller: cannot listen on {node_host()}:{port}")
+        try:
+            bound = self.server.add_insecure_port(f"{node_host()}:{port}")
+        except RuntimeError:  # newer gRPC raises where older returned 0
+            bound = 0
+        if bound == 0:
+            raise OSError(f"{PORT_TAKEN} {node_host()}:{port}")
         self.address = f"{node_host()}:{port}"
         self.controller = Controller(spec, actuator, experts, address=self.address, save_spec=save_spec)
         self.stopped = threading.Event()

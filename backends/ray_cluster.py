@@ -11,11 +11,15 @@ import time
 from pathlib import Path
 
 import ray
-from moecluster.backends.ray_actors import NAMESPACE, ControllerActor, node_host
-
-__all__ = ["connect", "controller_address", "node_host", "start_controller", "stop_controller"]
+from moecluster.backends.ray_actors import NAMESPACE, PORT_TAKEN, ControllerActor, node_host
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+__all__ = ["PortTaken", "connect", "controller_address", "node_host", "start_controller", "stop_controller"]
+
+
+class PortTaken(RuntimeError):
+    """The controller actor's port was bound by another process first (Ray's own processes pick ports too)."""
 
 
 def connect(address: str) -> None:
@@ -58,8 +62,10 @@ def start_controller(cluster_dir: Path, name: str, timeout: float) -> str:
             time.sleep(0.2)
     try:
         return ray.get(actor.info.remote(), timeout=timeout)[0]
-    except (RayActorError, GetTimeoutError):
+    except (RayActorError, GetTimeoutError) as err:
         ray.kill(actor)
+        if PORT_TAKEN in str(err):
+            raise PortTaken(str(err).splitlines()[-1]) from None
         raise
 
 

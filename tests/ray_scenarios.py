@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,8 @@ def run(args) -> dict:
                            "snapshots": [(x["step"], x["trainer_state"]) for x in c.status(list_snapshots=True)["snapshots"]],
                            "restored": c.status()["restored"]}
 
+        out["port_taken"] = controller_port_taken(args.qwen3, head.address)
+
         for c in clusters:
             stopped = c.down()
             out.setdefault("down", {})[c.name] = {"stopped": [str(s) for s in stopped]}
@@ -154,6 +157,28 @@ def run(args) -> dict:
         except Exception:  # noqa: BLE001
             out["error"] = traceback.format_exc()
     return out
+
+
+def controller_port_taken(path: str, ray_address: str) -> dict:
+    """`up` picks the controller's port before the actor binds it; another process may bind it first (Ray's own
+    do, picking ports as they start). Here one has: `up` must move the new controller to another port."""
+    from moecluster.backends import local
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = iter([taken.getsockname()[1]])  # the controller's pick (the frontend's port is given)
+    real = local.free_port
+    local.free_port = lambda: next(picks, None) or real()
+    c = LocalCluster("taken")
+    try:
+        c.up(path, workers=1, port=real(), backend="ray", ray_address=ray_address)
+        return {"taken": taken.getsockname()[1], "controller": c.status()["controller"],
+                "workers": len(serving(c.status()))}
+    finally:
+        local.free_port = real
+        taken.close()
+        c.down()
 
 
 def cli_with_its_own_ray(path: str, root: Path) -> dict:

@@ -85,6 +85,11 @@ def test_training_saves_through_worker_actors_and_resumes_exactly(report):
     assert result["restored"].startswith("step 2 from"), result
 
 
+def test_a_new_controller_whose_port_was_taken_moves_to_another(report):
+    result = report["port_taken"]
+    assert result["workers"] == 1 and not result["controller"].endswith(f":{result['taken']}"), result
+
+
 def test_down_leaves_no_actor_behind(report):
     assert report["down"]["actors_left"] == [], report["down"]
     assert "controller" in report["down"]["qwen3-moe"]["stopped"], report["down"]

@@ -305,7 +305,7 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
         "training": {"step": status["step"], "lowestStep": status["lowest_step"], "trainers": len(status["trainers"]),
                      "lastSnapshot": status["snapshot"], "restored": status["restored"], "rollbacks": status["rollbacks"],
                      "snapshots": [{"step": x["step"], "path": x["path"], "experts": x["experts"], "bytes": x["bytes"],
-                                    "trainerState": x["trainer_state"]} for x in status.get("snapshots", [])]},
+                                    "trainerState": x["trainer_state"]} for x in status["snapshots"]]},
         "conditions": [
             condition("Ready", ready, "Serving" if ready else "Converging",
                       f"{len(serving)} workers serving at epoch {status['epoch']}", gen, old, now),

@@ -22,7 +22,7 @@ from moecluster.controller.observed import WorkerState
 from moecluster.controller.publisher import Publisher
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2
-from moecluster.workers.snapshot_folders import Snapshot
+from moecluster.workers.snapshot_folders import Snapshot, from_message
 
 log = logging.getLogger("moecluster.controller")
 _TRACER = tracer(__name__)
@@ -169,11 +169,8 @@ class Executor:
         (step 0) when none does. Either way the rollback is recorded and logged."""
         stub = self.monitor.stub(worker_id)
         refused = []
-        try:
-            found = remote_snapshots.candidates(stub, self.snapshot_dir) if self.snapshot_dir else []
-        except ValueError:  # none yet
-            found = []
-        for snap in found:
+        found = remote_snapshots.listed(stub, self.snapshot_dir) if self.snapshot_dir else []
+        for snap in map(from_message, found):
             if not all(k in snap.files for k in experts):
                 continue
             request = worker_pb2.RestoreExpertsRequest(directory=str(snap.path), files=[snap.files[k] for k in experts],

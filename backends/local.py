@@ -9,7 +9,6 @@ records name (on Ray: kills its actors by name).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from moecluster.backends import cluster_record
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
@@ -37,7 +37,7 @@ def home() -> Path:
 
 def cluster_names() -> list[str]:
     root = home() / "clusters"
-    return sorted(p.name for p in root.iterdir() if (p / "cluster.json").is_file()) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if (p / cluster_record.FILE).is_file()) if root.is_dir() else []
 
 
 def free_port() -> int:
@@ -65,10 +65,9 @@ class LocalCluster:
     # -- records -------------------------------------------------------------
 
     def info(self) -> dict:
-        path = self.dir / "cluster.json"
-        if not path.is_file():
+        if not (self.dir / cluster_record.FILE).is_file():
             raise ClusterError(f"no cluster named {self.name!r} is up (start one with `moectl up --name {self.name} ...`)")
-        return json.loads(path.read_text())
+        return cluster_record.read(self.dir)
 
     def spec(self) -> ClusterSpec:
         return ClusterSpec.model_validate_json((self.dir / "spec.json").read_text())
@@ -110,7 +109,7 @@ class LocalCluster:
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
         if serve_grpc_port and backend != "ray":
             raise ClusterError("--serve-grpc-port is for --backend ray (the local frontend serves gRPC on --port)")
-        if (self.dir / "cluster.json").is_file():
+        if (self.dir / cluster_record.FILE).is_file():
             if self.controller_running():
                 raise ClusterError(f"cluster {self.name!r} is already up; `moectl down --name {self.name}` first")
             if any(alive(r) for r in self.records()):
@@ -142,9 +141,9 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
-        info = {"name": self.name, "model": str(model), "frontend_port": port or free_port(),
+        info = {"name": self.name, "model": str(model), "frontend_port": port or (free_port() if backend == "ray" else 0),
                 "controller": f"127.0.0.1:{free_port()}", "worker_threads": worker_threads, "backend": backend}
-        (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
+        cluster_record.write(self.dir, info)
         try:
             if backend == "ray":
                 self._attach_ray(ray_address, timeout, progress)
@@ -174,7 +173,7 @@ class LocalCluster:
         ray_cluster.connect(address)
         host = ray_cluster.node_host()  # the controller actor runs on this node, at the port `up` chose
         info = self.info() | {"ray_address": address, "controller": f"{host}:{self.info()['controller'].rsplit(':', 1)[1]}"}
-        (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
+        cluster_record.write(self.dir, info)
 
     def start_controller(self, timeout: float = 120.0, new_port_if_taken: bool = False) -> ProcessRecord | None:
         """Starts (or restarts) the controller; it rebuilds its view from the workers. A restarted one keeps its
@@ -195,11 +194,12 @@ class LocalCluster:
                     if attempt == attempts:
                         raise ClusterError(f"the controller could not listen: {err}") from None
                     info = info | {"controller": f"{info['controller'].rsplit(':', 1)[0]}:{free_port()}"}
-                    (self.dir / "cluster.json").write_text(json.dumps(info, indent=2))
-            (self.dir / "cluster.json").write_text(json.dumps(info | {"controller": address}, indent=2))
+                    cluster_record.write(self.dir, info)
+            cluster_record.write(self.dir, info | {"controller": address})
             return None
         try:
-            return spawn("controller", "moecluster.backends.local_controller", ["--cluster-dir", str(self.dir)],
+            args = ["--cluster-dir", str(self.dir)] + (["--move-if-port-taken"] if new_port_if_taken else [])
+            return spawn("controller", "moecluster.backends.local_controller", args,
                          self.dir / "run", self.dir / "logs", timeout, record_at=self.dir / "controller.json")
         except ProcessError as err:
             raise ClusterError(str(err)) from None

@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from moecluster.backends import zygote
+from moecluster.backends import cluster_record, zygote
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop
 from moecluster.controller.actuator import WorkerHandle
 
@@ -104,7 +104,14 @@ class LocalActuator:
                 "--device", self.frontend_device]
         record = spawn("frontend", "moecluster.frontend.server", args,
                        self.dir / "run", self.dir / "logs", timeout, record_at=path)
+        if not self.frontend_port:  # `up --port 0`: the first frontend took a free port; later ones keep it
+            self.frontend_port = int(record.address.rsplit(":", 1)[1])
+            cluster_record.update(self.dir, frontend_port=self.frontend_port)
         return WorkerHandle("frontend", record.address, record.pid)
+
+    def frontend_alive(self) -> bool:
+        path = self.dir / "frontend.json"
+        return path.is_file() and alive(ProcessRecord.load(path))
 
     def stop_all(self) -> None:
         path = self.dir / "frontend.json"
@@ -117,3 +124,4 @@ class LocalActuator:
         if path.is_file():
             stop(ProcessRecord.load(path), self.grace)
             path.unlink(missing_ok=True)
+        zygote.socket_path(self.dir).unlink(missing_ok=True)  # left behind by a zygote killed -9

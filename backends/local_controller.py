@@ -5,19 +5,21 @@
 Reads DIR/spec.json and DIR/cluster.json, serves `moecluster.controller.v1`
 on the cluster's controller address, Prometheus metrics on /metrics, and runs
 workers and the frontend as local processes. Killed and started again, it
-finds its workers through their records in DIR and carries on.
+finds its workers through their records in DIR and carries on, at the same
+address. A new one (--move-if-port-taken) whose port another process bound
+first listens on another and writes that into DIR/cluster.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+from moecluster.backends import cluster_record
 from moecluster.backends.local_actuator import LocalActuator
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
@@ -35,13 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: cluster.json's "
                         "metrics_port, else any free; -1: off)")
+    parser.add_argument("--move-if-port-taken", action="store_true",
+                        help="listen on any free port if the one in cluster.json is taken (nothing knows it yet)")
     args = parser.parse_args(argv)
     configure_tracing("moecluster-controller")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
-    cluster = json.loads((args.cluster_dir / "cluster.json").read_text())
+    cluster = cluster_record.read(args.cluster_dir)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    address = listen(server, cluster["controller"], args.move_if_port_taken)
+    if address != cluster["controller"]:
+        cluster = cluster_record.update(args.cluster_dir, controller=address)
     checkpoint = Checkpoint(spec.model)
     checkpoint.save_index(args.cluster_dir / "index.json")  # workers start from it without importing transformers
     geometry = checkpoint.geometry
@@ -57,11 +65,8 @@ def main(argv: list[str] | None = None) -> None:
 
     controller = Controller(spec, actuator, experts, address=cluster["controller"], save_spec=save_spec)
     stopped = stop_signal()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(controller, on_shutdown=lambda: (controller.shutdown(), stopped.set())), server)
-    if server.add_insecure_port(cluster["controller"]) == 0:
-        sys.exit(f"controller: cannot listen on {cluster['controller']}")
     server.start()
     metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
     metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
@@ -72,6 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     if metrics:
         metrics.stop()
     server.stop(2).wait()
+
+
+def listen(server: grpc.Server, address: str, move_if_taken: bool) -> str:
+    """Binds `address`, or any free port on its host when it is taken and `move_if_taken`; returns the bound one."""
+    try:
+        if server.add_insecure_port(address) != 0:
+            return address
+    except RuntimeError:  # some gRPC versions raise instead of returning 0
+        pass
+    host = address.rsplit(":", 1)[0]
+    if move_if_taken:
+        port = server.add_insecure_port(f"{host}:0")
+        if port:
+            logging.getLogger(__name__).warning("%s was taken; listening on %s:%d", address, host, port)
+            return f"{host}:{port}"
+    sys.exit(f"controller: cannot listen on {address}")
 
 
 if __name__ == "__main__":

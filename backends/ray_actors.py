@@ -11,7 +11,6 @@ finds them again by name (`RayActuator.workers`).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -62,6 +61,7 @@ class ControllerActor:
     Killed and started again, it finds its workers by their actor names and carries on."""
 
     def __init__(self, cluster_dir: str):
+        from moecluster.backends import cluster_record
         from moecluster.backends.ray_actuator import RayActuator
         from moecluster.controller.runtime import Controller
         from moecluster.controller.service import ControllerService
@@ -72,7 +72,7 @@ class ControllerActor:
         directory = Path(cluster_dir)
         spec_path = directory / "spec.json"
         spec = ClusterSpec.model_validate_json(spec_path.read_text())
-        cluster = json.loads((directory / "cluster.json").read_text())
+        cluster = cluster_record.read(directory)
         checkpoint = Checkpoint(spec.model)
         index = directory / "index.json"
         checkpoint.save_index(index)

@@ -95,6 +95,9 @@ class RayActuator:
                               grpc_port=self.serve_grpc_port, device=self.frontend_device)
         return WorkerHandle("frontend", url, 0)
 
+    def frontend_alive(self) -> bool:
+        return True  # Serve restarts a replica that died
+
     def stop_all(self) -> None:
         try:
             ray_serve.stop(self.name)

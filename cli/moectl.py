@@ -209,7 +209,8 @@ def cmd_list(args) -> int:
         cluster = LocalCluster(name)
         info = cluster.info()
         state = "up" if cluster.controller_running() else "controller down"
-        print(f"{name:<16} 127.0.0.1:{info['frontend_port']:<6} {state:<16} {info['model']}")
+        frontend = f"127.0.0.1:{info['frontend_port']}" if info["frontend_port"] else "(starting)"
+        print(f"{name:<16} {frontend:<16} {state:<16} {info['model']}")
     return 0
 
 

@@ -31,5 +31,8 @@ class Actuator(Protocol):
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
         """Starts the frontend, routing by this controller's table; idempotent."""
 
+    def frontend_alive(self) -> bool:
+        """False once the frontend it started is gone and nothing else restarts it (the controller then does)."""
+
     def stop_all(self) -> None:
         """Stops the frontend and every worker."""

@@ -125,6 +125,9 @@ class Controller:
                 self._snapshot_if_due(observed)
                 if self.frontend is None:
                     self.frontend = self.actuator.start_frontend(self.address, timeout=120)
+            if self.frontend is not None and not self.actuator.frontend_alive():
+                log.warning("the frontend at %s is gone; starting it again", self.frontend.address)
+                self.frontend = self.actuator.start_frontend(self.address, timeout=120)
             if steps:
                 log.info("plan: %s", ", ".join(s.key for s in steps[:8]) + (" ..." if len(steps) > 8 else ""))
                 self.executor.run(steps)

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -64,7 +63,7 @@ def summary(report) -> dict:
 
 def run(args) -> dict:
     out: dict = {}
-    root = Path(tempfile.mkdtemp(prefix="moe-ray-"))
+    root = args.out.parent  # the test's own temporary folder: pytest keeps the last few runs' logs, no more
     os.environ["MOECLUSTER_HOME"] = str(root / "home")
     for sub in ("run", "logs"):
         (root / sub).mkdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -304,6 +305,44 @@ def test_nothing_is_orphaned_when_the_controller_dies_while_a_worker_starts(clus
     while alive(starting) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(starting), "the worker that was starting when the controller died is not left running"
+
+
+def test_a_new_controller_whose_port_was_taken_moves_to_another(cluster, reference, monkeypatch):
+    """`up` picks the controller's port before the controller binds it; another process may bind it first."""
+    from moecluster.backends import local
+
+    real = local.free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])  # the controller's (the frontend takes any free port itself)
+        monkeypatch.setattr(local, "free_port", lambda: next(picks, None) or real())
+        c = cluster("taken", workers=1, replicas=1)
+        moved = c.status()["controller"]
+        assert moved != f"127.0.0.1:{taken.getsockname()[1]}"
+    os.kill(c.controller_record().pid, signal.SIGKILL)
+    c.start_controller()  # a restarted controller keeps the address frontends know
+    status = c.wait_converged(60, lambda _: None)
+    assert status["controller"] == moved and len(serving(status)) == 1
+    with Client(status["endpoint"]) as client:
+        assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
+
+
+def test_a_killed_frontend_is_started_again_on_the_port_it_took(cluster, reference):
+    c = cluster("frontend", workers=1, replicas=1)
+    endpoint = c.status()["endpoint"]
+    assert c.info()["frontend_port"] == int(endpoint.rsplit(":", 1)[1])  # `up --port 0`: recorded once taken
+    killed = ProcessRecord.load(c.dir / "frontend.json")
+    os.kill(killed.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = ProcessRecord.load(c.dir / "frontend.json") if (c.dir / "frontend.json").is_file() else None
+        if record and record.pid != killed.pid and record.address and alive(record):
+            break
+        time.sleep(0.2)
+    assert record and record.pid != killed.pid and record.address == endpoint, record
+    with Client(endpoint) as client:
+        assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
 
 
 def _scale_errors(c, workers):

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -104,13 +103,13 @@ def _build() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def kube():
+def kube(tmp_path_factory):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     started = time.monotonic()
     bins = _build()
-    log_dir = Path(tempfile.mkdtemp(prefix="moecluster-apiserver-"))
+    log_dir = tmp_path_factory.mktemp("apiserver")  # pytest keeps the last few runs' logs, no more
     plane = ControlPlane(bins, log_dir)
     harness = None
     try:

@@ -89,6 +89,20 @@ class LocalCluster:
         path = self.dir / "controller.json"
         return ProcessRecord.load(path) if path.is_file() else None
 
+    def frontend_record(self) -> ProcessRecord | None:
+        path = self.dir / "frontend.json"
+        return ProcessRecord.load(path) if path.is_file() else None
+
+    def wait_new_frontend(self, killed_pid: int, timeout: float = 60.0) -> ProcessRecord | None:
+        """The frontend the controller started in place of `killed_pid`, once it serves; None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.frontend_record()
+            if record is not None and record.pid != killed_pid and record.address and alive(record):
+                return record
+            time.sleep(0.1)
+        return None
+
     def records(self) -> list[ProcessRecord]:
         """Every process the cluster's records name: controller, frontend, workers, the worker zygote."""
         paths = [self.dir / "controller.json", self.dir / "frontend.json", *sorted((self.dir / "workers").glob("*.json")),

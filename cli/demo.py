@@ -2,9 +2,10 @@
 
 Makes a tiny checkpoint, starts a local cluster, checks its answers against
 `transformers`' own forward on the same checkpoint, generates, then under a
-steady closed-loop load scales the pool up, kills a worker with SIGKILL, and
-scales down, counting failed requests and wrong answers all along. It stops
-everything it started.
+steady closed-loop load scales the pool up, kills a worker with SIGKILL, then
+the frontend (the controller starts it again; clients retry), and scales down,
+counting failed requests and wrong answers all along. It stops everything it
+started.
 """
 
 from __future__ import annotations
@@ -69,13 +70,20 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
                 cluster.wait_converged(120, progress)
                 say(f"6. under load: kill -9 {victim['id']} (pid {victim['pid']}); pool back to "
                     f"{workers + 2} workers in {time.monotonic() - t:.1f}s")
+                frontend = cluster.frontend_record()
+                os.kill(frontend.pid, signal.SIGKILL)
+                t = time.monotonic()
+                back = cluster.wait_new_frontend(frontend.pid)
+                say(f"7. under load: kill -9 the frontend (pid {frontend.pid}); "
+                    + (f"serving again on {back.address} in {time.monotonic() - t:.1f}s (clients retried)"
+                       if back else "NOT restarted within 60s"))
                 t = time.monotonic()
                 for line in cluster.scale(2):
                     progress(line)
-                say(f"7. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
+                say(f"8. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
                 time.sleep(1)
             report = load.report
-            say(f"8. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
+            say(f"9. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
                 f"{report.wrong} wrong answers (worst error {report.worst_error:.2e})")
             for message in report.errors[:3]:
                 say(f"   failure: {message}")
@@ -83,9 +91,10 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
             for w in final["workers"]:
                 say(f"   {w['id']:<9} {w['address']:<20} {w['state']:<9} {len(w['experts'])} experts")
             client.close()
-            ok = error <= 1e-4 and same and report.failed == 0 and report.wrong == 0
+            ok = error <= 1e-4 and same and back is not None and report.failed == 0 and report.wrong == 0
         finally:
             stopped = cluster.down()
-            say(f"9. stopped {len(stopped)} processes; nothing left running")
+            say(f"10. stopped {len(stopped)} processes; nothing left running")
     say("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
+

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
     up.add_argument("--workers", type=int, default=2, help="expert worker processes (default 2)")
     up.add_argument("--replicas", type=int, default=1, help="copies of every expert, on distinct workers (default 1)")
-    up.add_argument("--port", type=int, default=50051, help="frontend port on 127.0.0.1 (default 50051)")
+    up.add_argument("--port", type=int, default=50051,
+                    help="frontend port on 127.0.0.1 (default 50051; 0: any free port, kept when the frontend restarts)")
     up.add_argument("--name", default="default", help="cluster name; several can run at once (default 'default')")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `moectl down`")
     up.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")

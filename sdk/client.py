@@ -4,10 +4,15 @@
     client = Client("127.0.0.1:50051")
     logits = client.forward(torch.tensor([[1, 2, 3]]))       # (B, T, V) float32
     tokens = client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8)
+
+Reads (forward, generate, info, status) are idempotent: once a client has reached its frontend, it
+retries them on UNAVAILABLE until their deadline, so a frontend that restarts (or a pod of several
+that dies) costs latency, not failed requests. A client that never reached one fails at once.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,13 +22,19 @@ from moecluster.sdk.http_transport import HttpFrontendStub
 from moecluster.wire import streaming
 from moecluster.wire.tensors import decode, encode
 
+RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.05, 1.0
+# gRPC waits 1 s, then up to 120 s, between attempts to reconnect to a frontend that went away; a client
+# retrying a read would wait on that schedule, not on the frontend's restart.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
 
 class MoEClusterError(RuntimeError):
     """A request the cluster did not answer; `code` is the gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(f"{code.name}: {message}")
-        self.code = code
+        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,11 @@ class Client:
             self._channel = None
             self._stub = HttpFrontendStub(address)
         else:
-            self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS + RECONNECT_OPTIONS)
             channel = grpc.intercept_channel(self._channel, _Application(application)) if application else self._channel
             self._stub = frontend_pb2_grpc.FrontendStub(channel)
         self._info: frontend_pb2.InfoResponse | None = None
+        self._reached = False  # a frontend answered here once: UNAVAILABLE from now on is a restart, not a typo
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """LongTensor (B, T) -> logits FloatTensor (B, T, V)."""
@@ -75,11 +87,11 @@ class Client:
         request = frontend_pb2.ForwardRequest(input_ids=encode(ids))
         logits_bytes = ids.numel() * self.info().vocab_size * 4
         if not self.http and streaming.needs_streaming(max(request.ByteSize(), logits_bytes)):
-            response = self._call(lambda: frontend_pb2.ForwardResponse.FromString(streaming.join(
-                self._stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=self.timeout),
+            response = self._read(lambda t: frontend_pb2.ForwardResponse.FromString(streaming.join(
+                self._stub.ForwardStream(streaming.split(request.SerializeToString()), timeout=t),
                 limit_bytes=1 << 36)))
         else:
-            response = self._call(lambda: self._stub.Forward(request, timeout=self.timeout))
+            response = self._read(lambda t: self._stub.Forward(request, timeout=t))
         return decode(response.logits).clone()
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
@@ -87,17 +99,17 @@ class Client:
         """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`."""
         request = frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
                                                do_sample=do_sample, seed=seed)
-        response = self._call(lambda: self._stub.Generate(request, timeout=self.timeout))
+        response = self._read(lambda t: self._stub.Generate(request, timeout=t))
         return decode(response.sequences).clone()
 
     def info(self) -> frontend_pb2.InfoResponse:
         """The served model: family, vocab_size, num_moe_layers, num_experts, top_k, hidden_size (cached)."""
         if self._info is None:
-            self._info = self._call(lambda: self._stub.Info(frontend_pb2.InfoRequest(), timeout=self.timeout))
+            self._info = self._read(lambda t: self._stub.Info(frontend_pb2.InfoRequest(), timeout=t))
         return self._info
 
     def status(self) -> ClusterStatus:
-        r = self._call(lambda: self._stub.Status(frontend_pb2.StatusRequest(), timeout=self.timeout))
+        r = self._read(lambda t: self._stub.Status(frontend_pb2.StatusRequest(), timeout=t))
         workers = [WorkerInfo(w.id, w.address, w.pid, w.state, list(zip(w.experts[::2], w.experts[1::2])), w.device)
                    for w in r.workers]
         return ClusterStatus(r.model, r.family, r.epoch, r.num_moe_layers, r.num_experts, r.top_k, workers,
@@ -145,6 +157,28 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _read(self, call):
+        """`call(timeout)` of an idempotent method, retried on UNAVAILABLE within one deadline once this
+        client has reached its frontend."""
+        started = time.monotonic()
+        deadline = started + self.timeout
+        pause, retried = RETRY_FIRST_PAUSE_S, False
+        while True:
+            try:
+                result = self._call(lambda: call(max(deadline - time.monotonic(), 0.001)))
+            except MoEClusterError as err:
+                retry = self._reached and err.code == grpc.StatusCode.UNAVAILABLE
+                if not (retry and time.monotonic() + pause < deadline):
+                    if retried:
+                        waited = time.monotonic() - started
+                        raise MoEClusterError(err.code, f"{err.message} (retried for {waited:.0f}s)") from None
+                    raise
+                time.sleep(pause)
+                pause, retried = min(pause * 2, RETRY_MAX_PAUSE_S), True
+                continue
+            self._reached = True
+            return result
 
     def _call(self, fn):
         try:

@@ -308,8 +308,13 @@ def test_client_errors_are_clear(checkpoints, env):
             with pytest.raises(MoEClusterError, match="max_new_tokens"):
                 client.generate(torch.tensor([[1]]), max_new_tokens=0)
             assert client.forward(torch.tensor([[1, 2]])).shape == (1, 2, 128), "still serving after bad requests"
+        reached = Client(f"127.0.0.1:{port}", timeout=3)
+        reached.forward(torch.tensor([[1, 2]]))
     finally:
         moectl(env, "down", "--name", "errs")
+    with pytest.raises(MoEClusterError, match=r"UNAVAILABLE: .*\(retried for \d+s\)"):
+        reached.forward(torch.tensor([[1, 2]]))  # its frontend is gone for good: retried within its timeout
+    reached.close()
 
 
 def test_large_logits_stream_back_in_chunks(env, tmp_path):

@@ -53,7 +53,7 @@ class WorkerActor:
         self.server.stop(grace)
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=-1)  # a crashed controller is started again by Ray, at the same address, from the workers
 class ControllerActor:
     """The controller core with a RayActuator, serving `moecluster.controller.v1` on this node.
 

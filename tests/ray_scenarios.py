@@ -122,6 +122,17 @@ def run(args) -> dict:
             "workers_before": sorted(w["id"] for w in serving(before)), "workers_after": sorted(w["id"] for w in serving(after)),
             "epoch_before": before["epoch"], "epoch_after": after["epoch"]}
 
+        with load(c, batch, logits) as running:
+            time.sleep(1)
+            crashed = controller_pid(c.name)
+            os.kill(crashed, signal.SIGKILL)  # the controller's process dies: Ray starts the actor again by itself
+            restarted = wait_for(lambda: controller_pid(c.name) not in (None, crashed), 120)
+            c.wait_converged(120, lambda line: None)
+            time.sleep(1)
+        after = c.status()
+        out["controller_crash"] = {**summary(running.report), "restarted_s": restarted, "controller": after["controller"],
+                                   "controller_before": before["controller"], "workers": sorted(w["id"] for w in serving(after))}
+
         c = clusters[0]  # last, as it changes the experts: train, save through the worker actors, resume from a save
         controller = c.status()["controller"]
         first = train(controller, args.qwen3, steps=4, batch=2, seq=8, lr=1e-3, seed=0, out=root / "run", save=False,
@@ -156,6 +167,13 @@ def run(args) -> dict:
         except Exception:  # noqa: BLE001
             out["error"] = traceback.format_exc()
     return out
+
+
+def controller_pid(name: str) -> int | None:
+    try:
+        return ray.get(ray.get_actor(f"{name}/controller", namespace="moecluster").info.remote(), timeout=5)[1]
+    except Exception:  # noqa: BLE001 - gone, restarting, or not answering yet
+        return None
 
 
 def controller_port_taken(path: str, ray_address: str) -> dict:

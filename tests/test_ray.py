@@ -76,6 +76,14 @@ def test_a_restarted_controller_actor_rebuilds_its_state_from_the_workers(report
     assert result["epoch_after"] >= result["epoch_before"], "epochs never go back"
 
 
+def test_a_crashed_controller_actor_is_started_again_by_ray_at_its_address(report):
+    result = report["controller_crash"]
+    assert result["restarted_s"] is not None, f"no controller actor came back by itself: {result}"
+    assert result["failed"] == 0 and result["wrong"] == 0 and result["ok"] > 0, result
+    assert result["controller"] == result["controller_before"], "frontends reconnect to the address they know"
+    assert len(result["workers"]) == 2, result
+
+
 def test_training_saves_through_worker_actors_and_resumes_exactly(report):
     result = report["training"]
     first, again = ({int(k): v for k, v in result[key].items()} for key in ("first", "again"))

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import ray
+from moecluster.wire import servers
 
 NAMESPACE = "moecluster"
 PORT_TAKEN = "controller: cannot listen on"  # how a controller actor says its port is taken (ray_cluster reads it)
@@ -86,7 +85,7 @@ class ControllerActor:
             tmp.write_text(new.model_dump_json(indent=2))
             tmp.replace(spec_path)
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = servers.server(16)
         # The port `up` chose, on every restart: frontends reconnect to the address they know.
         port = int(cluster["controller"].rsplit(":", 1)[1])
         try:

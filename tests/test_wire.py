@@ -1,5 +1,7 @@
 """Tensor codec and chunked streams."""
 
+from concurrent import futures
+
 import pytest
 import torch
 from moecluster.protos import tensor_pb2
@@ -75,3 +77,21 @@ def test_join_detects_corruption_truncation_and_oversize():
 def test_streaming_threshold_is_about_one_mebibyte():
     assert not streaming.needs_streaming(1 << 20)
     assert streaming.needs_streaming((1 << 20) + 1)
+
+
+def test_a_port_another_grpc_server_holds_is_refused_not_shared(checkpoints):
+    """gRPC's default SO_REUSEPORT would let two servers split one port's connections; ours bind or fail."""
+    import grpc
+    from moecluster.wire import servers
+    from moecluster.workers.server import WorkerServer
+
+    holder = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults: SO_REUSEPORT on
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            servers.server(1).add_insecure_port(f"127.0.0.1:{port}")
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            WorkerServer(checkpoints["qwen3_moe"], [], port=port)
+    finally:
+        holder.stop(0)

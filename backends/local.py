@@ -89,6 +89,15 @@ class LocalCluster:
         path = self.dir / "controller.json"
         return ProcessRecord.load(path) if path.is_file() else None
 
+    def supervisor_record(self) -> ProcessRecord | None:
+        """The process that starts the controller again when it dies (`local_supervisor.py`)."""
+        path = self.dir / "supervisor.json"
+        return ProcessRecord.load(path) if path.is_file() else None
+
+    def supervised(self) -> bool:
+        supervisor = self.supervisor_record()
+        return supervisor is not None and alive(supervisor)
+
     def frontend_record(self) -> ProcessRecord | None:
         path = self.dir / "frontend.json"
         return ProcessRecord.load(path) if path.is_file() else None
@@ -104,9 +113,10 @@ class LocalCluster:
         return None
 
     def records(self) -> list[ProcessRecord]:
-        """Every process the cluster's records name: controller, frontend, workers, the worker zygote."""
-        paths = [self.dir / "controller.json", self.dir / "frontend.json", *sorted((self.dir / "workers").glob("*.json")),
-                 self.dir / "zygote.json", self.dir / "ray-head.json"]
+        """Every process the cluster's records name: the controller's supervisor (first: it would restart the
+        controller), the controller, frontend, workers, the worker zygote."""
+        paths = [self.dir / "supervisor.json", self.dir / "controller.json", self.dir / "frontend.json",
+                 *sorted((self.dir / "workers").glob("*.json")), self.dir / "zygote.json", self.dir / "ray-head.json"]
         return [ProcessRecord.load(p) for p in paths if p.is_file()]
 
     # -- up ------------------------------------------------------------------
@@ -191,7 +201,9 @@ class LocalCluster:
 
     def start_controller(self, timeout: float = 120.0, new_port_if_taken: bool = False) -> ProcessRecord | None:
         """Starts (or restarts) the controller; it rebuilds its view from the workers. A restarted one keeps its
-        address (frontends reconnect to it); a new one (`new_port_if_taken`) moves to another port if its is taken."""
+        address (frontends reconnect to it); a new one (`new_port_if_taken`) moves to another port if its is taken.
+        Locally it runs under a supervisor that starts it again when it dies; a supervisor started while the
+        controller runs adopts it. Ray restarts its controller actor itself."""
         for sub in ("run", "logs", "workers"):
             (self.dir / sub).mkdir(exist_ok=True)
         if self.backend == "ray":
@@ -211,12 +223,19 @@ class LocalCluster:
                     cluster_record.write(self.dir, info)
             cluster_record.write(self.dir, info | {"controller": address})
             return None
-        try:
-            args = ["--cluster-dir", str(self.dir)] + (["--move-if-port-taken"] if new_port_if_taken else [])
-            return spawn("controller", "moecluster.backends.local_controller", args,
-                         self.dir / "run", self.dir / "logs", timeout, record_at=self.dir / "controller.json")
+        if self.supervised():
+            return self.controller_record()  # it starts the controller again itself
+        args = ["--cluster-dir", str(self.dir)] + (["--move-if-port-taken"] if new_port_if_taken else [])
+        try:  # ready once the controller serves (or adopts a running one)
+            spawn("supervisor", "moecluster.backends.local_supervisor", args, self.dir / "run", self.dir / "logs",
+                  timeout, record_at=self.dir / "supervisor.json")
         except ProcessError as err:
+            controller = self.controller_record()
+            if controller is not None and not alive(controller):  # what the supervisor failed on: name it
+                raise ClusterError(f"the controller exited while starting; its log ({controller.log}) ends:\n"
+                                   + tail(controller.log)) from None
             raise ClusterError(str(err)) from None
+        return self.controller_record()
 
     def wait_converged(self, timeout: float, progress: Progress) -> dict:
         deadline = time.monotonic() + timeout
@@ -236,7 +255,7 @@ class LocalCluster:
                     progress(f"frontend serving on {status['endpoint']}")
                     return status
             controller = self.controller_record()
-            if controller is not None and not alive(controller):
+            if controller is not None and not alive(controller) and not self.supervised():
                 raise ClusterError(f"the controller exited; its log ({controller.log}) ends:\n"
                                    + tail(controller.log))
             if self.backend == "ray" and status is None and not self.controller_running():
@@ -322,6 +341,9 @@ class LocalCluster:
         controller = self.controller_record()
         if self.backend == "ray":
             return running + self._down_ray(info, grace)
+        supervisor = self.supervisor_record()
+        if supervisor is not None:
+            stop(supervisor, grace)  # first: it would start the controller again
         if controller is not None and alive(controller):
             channel, stub = self._stub()
             try:

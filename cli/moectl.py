@@ -83,9 +83,9 @@ def cmd_up(args) -> int:
 
 def cmd_resume(args) -> int:
     cluster = LocalCluster(args.name)
-    if cluster.controller_running():
+    if cluster.controller_running() and (cluster.backend == "ray" or cluster.supervised()):
         raise ClusterError(f"the controller of {args.name!r} is running")
-    cluster.start_controller()
+    cluster.start_controller()  # locally, also a supervisor for a controller that runs without one
     status = cluster.wait_converged(args.timeout, _progress)
     print(f"controller of {args.name!r} restarted; {len(status['workers'])} workers at epoch {status['epoch']}")
     return 0
@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--timeout", type=float, default=600)
     restore.set_defaults(func=cmd_restore)
 
-    resume = sub.add_parser("resume", help="restart a cluster's controller (it rebuilds its state from the workers)")
+    resume = sub.add_parser("resume", help="restart a cluster's controller (it rebuilds its state from the workers) "
+                            "and its supervisor, which restarts a controller that dies: for when both are gone")
     resume.add_argument("--name", default="default")
     resume.add_argument("--timeout", type=float, default=300)
     resume.set_defaults(func=cmd_resume)

@@ -4,6 +4,7 @@ so `from conftest import X` would find e2e/apiserver's when both folders are col
 from __future__ import annotations
 
 import contextlib
+import time
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
@@ -25,3 +26,13 @@ def running_workers(checkpoint, placement: dict[tuple[int, int], tuple[str, ...]
     finally:
         for server in servers.values():
             server.stop(0)
+
+
+def wait_for(condition, timeout: float = 5.0, every: float = 0.02) -> bool:
+    """True once `condition()` holds; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False

@@ -77,12 +77,13 @@ def test_the_issue_walkthrough(tmp_path, env):
         text = moectl(env, "status").stdout
         assert "worker-2" in text and "serving" in text and "experts on cpu" in text
         records = Path(env["MOECLUSTER_HOME"]) / "clusters" / "default"
-        pids = [json.loads((records / f"{name}.json").read_text())["pid"] for name in ("controller", "frontend", "zygote")]
+        pids = [json.loads((records / f"{name}.json").read_text())["pid"]
+                for name in ("supervisor", "controller", "frontend", "zygote")]
         pids += [w["pid"] for w in status["workers"]]
         assert all(alive(p) for p in pids)
     finally:
         down = moectl(env, "down")
-    assert "stopped 6 processes" in down.stdout, "controller, frontend, 3 workers and the worker zygote"
+    assert "stopped 7 processes" in down.stdout, "supervisor, controller, frontend, 3 workers and the worker zygote"
     assert wait_gone(pids) == [], "moectl down must leave no process behind"
     assert not (Path(env["MOECLUSTER_HOME"]) / "clusters" / "default").exists()
 
@@ -135,7 +136,7 @@ def test_named_clusters_side_by_side(env, checkpoints):
         assert [w.device for s in statuses for w in s.workers] == ["cpu", "cpu"]  # what the SDK reports
     finally:
         down = moectl(env, "down", "--all")
-    assert down.stdout.count("stopped 4 processes") == 2  # controller, frontend, a worker, the zygote
+    assert down.stdout.count("stopped 5 processes") == 2  # supervisor, controller, frontend, a worker, the zygote
     assert moectl(env, "list").stdout.strip() == ""
 
 
@@ -152,13 +153,13 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
             if "Ctrl-C to stop" in line:
                 break
         assert (folder / "frontend.json").is_file(), "".join(lines) + (proc.stderr.read() if proc.poll() else "")
-        pids = [json.loads(p.read_text())["pid"] for p in [folder / "controller.json", folder / "frontend.json",
-                                                              folder / "zygote.json", *(folder / "workers").glob("*.json")]]
+        records = [folder / f"{name}.json" for name in ("supervisor", "controller", "frontend", "zygote")]
+        pids = [json.loads(p.read_text())["pid"] for p in [*records, *(folder / "workers").glob("*.json")]]
         assert Client(f"127.0.0.1:{port}").forward(torch.tensor([[1]])).shape == (1, 1, 128)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "stopped 5 processes" in out, (proc.returncode, out)
+    assert proc.returncode == 0 and "stopped 6 processes" in out, (proc.returncode, out)
     assert wait_gone(pids) == []
 
 

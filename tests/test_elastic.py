@@ -24,6 +24,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
+from shared import wait_for
 from transformers import AutoModelForCausalLM
 
 
@@ -175,7 +176,7 @@ def test_hung_worker_is_detected_removed_and_fenced(cluster, reference):
     assert not alive(record), "a worker declared dead is fenced: it never serves again"
 
 
-def test_controller_killed_during_a_scale_converges_after_restart(cluster, reference):
+def test_controller_killed_during_a_scale_is_restarted_by_its_supervisor_and_converges(cluster, reference):
     c = cluster("restart", workers=3)
     errors = []
 
@@ -194,9 +195,8 @@ def test_controller_killed_during_a_scale_converges_after_restart(cluster, refer
         controller = c.controller_record()
         os.kill(controller.pid, signal.SIGKILL)  # in the middle of the scale: workers started, experts moving
         thread.join(timeout=60)
-        time.sleep(1)  # the data path keeps serving without a controller
-        c.start_controller()
-        status = c.wait_converged(120, lambda _: None)
+        status = c.wait_converged(120, lambda _: None)  # nobody restarts it but its supervisor
+        assert c.controller_record().pid != controller.pid
     check(load.report)
     assert errors, "the scale call saw its controller die"
     assert status["desired_workers"] == 5
@@ -234,6 +234,7 @@ def test_migrate_drain_and_metrics(cluster, reference):
 
 def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
     """Load drawn Zipf(1.2) over layer 0's experts: the controller copies the hot ones and imbalance falls."""
+    from moecluster.controller.placement import imbalance
     from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
     from moecluster.frontend.routing import RoutingTable
     from moecluster.frontend.table_watcher import TableWatcher
@@ -250,6 +251,12 @@ def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
     probabilities = torch.empty(8)
     probabilities[ranks] = zipf / zipf.sum()
     hottest = int(ranks[0])
+    before = {}
+    for w in serving(c.status()):
+        for layer, expert in w["experts"]:
+            before.setdefault((layer, expert), []).append(w["id"])
+    skew = imbalance(before, {key: float(probabilities[key[1]]) if key[0] == 0 else 0.0 for key in before},
+                     [w["id"] for w in serving(c.status())])
     imbalances = []
     deadline = time.monotonic() + 60
     try:
@@ -268,7 +275,8 @@ def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
         watcher.stop()
         dispatcher.close()
     assert copies >= 2, f"the hottest expert has {copies} copies"
-    assert max(imbalances) > 1.3, "the skewed load should have been visible as imbalance first"
+    # the controller may copy the hot expert before a status poll sees the imbalance: judge the load itself
+    assert skew > 1.3, f"this load on the first layout is skewed (imbalance {skew:.2f}), or the test proves nothing"
     assert imbalances[-1] <= 1.3, imbalances[-10:]
     assert_bit_identical(c.status(), reference[0])
 
@@ -297,7 +305,6 @@ def test_nothing_is_orphaned_when_the_controller_dies_while_a_worker_starts(clus
     starting = ProcessRecord.load(sorted(folder.glob("*.json"))[-1])
     os.kill(c.controller_record().pid, signal.SIGKILL)  # the new worker's process exists; it may not serve yet
     thread.join(timeout=60)
-    c.start_controller()
     status = c.wait_converged(120, lambda _: None)
     assert len(serving(status)) == 2
     c.down(grace=2)
@@ -320,9 +327,10 @@ def test_a_new_controller_whose_port_was_taken_moves_to_another(cluster, referen
         c = cluster("taken", workers=1, replicas=1)
         moved = c.status()["controller"]
         assert moved != f"127.0.0.1:{taken.getsockname()[1]}"
-    os.kill(c.controller_record().pid, signal.SIGKILL)
-    c.start_controller()  # a restarted controller keeps the address frontends know
-    status = c.wait_converged(60, lambda _: None)
+    killed = c.controller_record().pid
+    os.kill(killed, signal.SIGKILL)
+    assert wait_for(lambda: c.controller_record().pid != killed and c.controller_running(), 60)
+    status = c.wait_converged(60, lambda _: None)  # a restarted controller keeps the address frontends know
     assert status["controller"] == moved and len(serving(status)) == 1
     with Client(status["endpoint"]) as client:
         assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
@@ -344,6 +352,28 @@ def test_a_killed_frontend_is_started_again_on_its_port_and_clients_fail_nothing
             time.sleep(0.1)
         assert load.report.ok > answered + 10, "the load goes on through the new frontend"
     check(load.report)
+
+
+def test_resume_restarts_a_controller_whose_supervisor_is_gone_and_adopts_a_running_one(cluster, reference):
+    c = cluster("resume", workers=1, replicas=1)
+    os.kill(c.supervisor_record().pid, signal.SIGKILL)
+    os.kill(c.controller_record().pid, signal.SIGKILL)
+    time.sleep(1)
+    with pytest.raises(ClusterError, match="moectl resume"):
+        c.status(rpc_timeout=2)
+    c.start_controller()  # moectl resume
+    c.wait_converged(60, lambda _: None)
+
+    os.kill(c.supervisor_record().pid, signal.SIGKILL)  # the controller runs on without one
+    controller = c.controller_record()
+    c.start_controller()
+    assert c.controller_record().pid == controller.pid, "adopted, not a second controller"
+    os.kill(controller.pid, signal.SIGKILL)  # not the new supervisor's child: it restarts it all the same
+    assert wait_for(lambda: c.controller_record().pid != controller.pid and c.controller_running(), 60)
+    status = c.wait_converged(60, lambda _: None)
+    assert len(serving(status)) == 1
+    with Client(status["endpoint"]) as client:
+        assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
 
 
 def _scale_errors(c, workers):

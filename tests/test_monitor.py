@@ -10,16 +10,7 @@ from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import WorkerState
 from moecluster.controller.spec import ClusterSpec
 from moecluster.protos import worker_pb2
-from shared import running_workers
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+from shared import running_workers, wait_for
 
 
 def test_sees_what_workers_hold_and_a_stopped_one_dies_fast(qwen3):

@@ -3,7 +3,8 @@
 Makes a tiny checkpoint, starts a local cluster, checks its answers against
 `transformers`' own forward on the same checkpoint, generates, then under a
 steady closed-loop load scales the pool up, kills a worker with SIGKILL, then
-the frontend (the controller starts it again; clients retry), and scales down,
+the frontend (the controller starts it again; clients retry), then the controller
+(its supervisor starts it again), and scales down,
 counting failed requests and wrong answers all along. It stops everything it
 started.
 """
@@ -77,13 +78,21 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
                 say(f"7. under load: kill -9 the frontend (pid {frontend.pid}); "
                     + (f"serving again on {back.address} in {time.monotonic() - t:.1f}s (clients retried)"
                        if back else "NOT restarted within 60s"))
+                controller = cluster.controller_record()
+                os.kill(controller.pid, signal.SIGKILL)
+                t = time.monotonic()
+                while cluster.controller_record().pid == controller.pid and time.monotonic() - t < 60:
+                    time.sleep(0.1)
+                cluster.wait_converged(120, progress)
+                say(f"8. under load: kill -9 the controller (pid {controller.pid}); started again by its supervisor, "
+                    f"state rebuilt from the workers in {time.monotonic() - t:.1f}s")
                 t = time.monotonic()
                 for line in cluster.scale(2):
                     progress(line)
-                say(f"8. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
+                say(f"9. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
                 time.sleep(1)
             report = load.report
-            say(f"9. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
+            say(f"10. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
                 f"{report.wrong} wrong answers (worst error {report.worst_error:.2e})")
             for message in report.errors[:3]:
                 say(f"   failure: {message}")
@@ -94,7 +103,7 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
             ok = error <= 1e-4 and same and back is not None and report.failed == 0 and report.wrong == 0
         finally:
             stopped = cluster.down()
-            say(f"10. stopped {len(stopped)} processes; nothing left running")
+            say(f"11. stopped {len(stopped)} processes; nothing left running")
     say("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

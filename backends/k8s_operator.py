@@ -35,7 +35,7 @@ from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
 from moecluster.observability.prometheus import serve_metrics
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import servers
+from moecluster.wire import endpoints
 from pydantic import ValidationError
 
 log = logging.getLogger("moecluster.operator")
@@ -319,7 +319,7 @@ def _render_metrics() -> str:
 
 
 def serve_controllers(host: str, port: int) -> grpc.Server:
-    server = servers.server(32, handlers=[ROUTER])
+    server = endpoints.server(32, handlers=[ROUTER])
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise SystemExit(f"moecluster-operator: cannot listen on {host}:{port}")
     server.start()

@@ -27,7 +27,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.prometheus import serve_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import controller_pb2_grpc
-from moecluster.wire import servers
+from moecluster.wire import endpoints
 from moecluster.wire.ready import announce_ready, stop_signal
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
     cluster = cluster_record.read(args.cluster_dir)
-    server = servers.server(16)
+    server = endpoints.server(16)
     address = listen(server, cluster["controller"], args.move_if_port_taken)
     if address != cluster["controller"]:
         cluster = cluster_record.update(args.cluster_dir, controller=address)

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import ray
-from moecluster.wire import servers
+from moecluster.wire import endpoints
 
 NAMESPACE = "moecluster"
 PORT_TAKEN = "controller: cannot listen on"  # how a controller actor says its port is taken (ray_cluster reads it)
@@ -85,7 +85,7 @@ class ControllerActor:
             tmp.write_text(new.model_dump_json(indent=2))
             tmp.replace(spec_path)
 
-        self.server = servers.server(16)
+        self.server = endpoints.server(16)
         # The port `up` chose, on every restart: frontends reconnect to the address they know.
         port = int(cluster["controller"].rsplit(":", 1)[1])
         try:

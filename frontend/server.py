@@ -29,7 +29,7 @@ from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import frontend_metrics, serve_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
-from moecluster.wire import servers, streaming
+from moecluster.wire import endpoints, streaming
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import WireError, decode, encode
 
@@ -151,7 +151,7 @@ class FrontendServer:
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
-        self.server = servers.server(max_workers, options=streaming.GRPC_OPTIONS)
+        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         hosts = host.split(",")  # the first is where it is reached; e.g. a pod's IP, then 127.0.0.1 for port-forward

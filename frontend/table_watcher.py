@@ -16,7 +16,7 @@ from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
 from moecluster.protos import controller_pb2, controller_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, streaming
 
 log = logging.getLogger("moecluster.frontend")
 CLUSTER_METADATA_KEY = "moecluster-cluster"  # NAMESPACE/NAME of the MoECluster, where one endpoint serves many
@@ -40,7 +40,7 @@ class TableWatcher(threading.Thread):
         self._call = None
 
     def run(self) -> None:
-        channel = grpc.insecure_channel(self.controller, options=streaming.GRPC_OPTIONS)
+        channel = endpoints.channel(self.controller, options=streaming.GRPC_OPTIONS)  # finds a restarted controller fast
         stub = controller_pb2_grpc.ControllerStub(channel)
         while not self.stopped.is_set():
             try:

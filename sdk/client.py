@@ -19,14 +19,10 @@ import grpc
 import torch
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc
 from moecluster.sdk.http_transport import HttpFrontendStub
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, streaming
 from moecluster.wire.tensors import decode, encode
 
-RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.05, 1.0
-# gRPC waits 1 s, then up to 120 s, between attempts to reconnect to a frontend that went away; a client
-# retrying a read would wait on that schedule, not on the frontend's restart.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                     ("grpc.max_reconnect_backoff_ms", 1000)]
+RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.05, 1.0  # between tries of a read while the frontend is away
 
 
 class MoEClusterError(RuntimeError):
@@ -75,7 +71,7 @@ class Client:
             self._channel = None
             self._stub = HttpFrontendStub(address)
         else:
-            self._channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS + RECONNECT_OPTIONS)
+            self._channel = endpoints.channel(address, options=streaming.GRPC_OPTIONS)  # finds a restarted frontend fast
             channel = grpc.intercept_channel(self._channel, _Application(application)) if application else self._channel
             self._stub = frontend_pb2_grpc.FrontendStub(channel)
         self._info: frontend_pb2.InfoResponse | None = None

@@ -82,7 +82,7 @@ def test_streaming_threshold_is_about_one_mebibyte():
 def test_a_port_another_grpc_server_holds_is_refused_not_shared(checkpoints):
     """gRPC's default SO_REUSEPORT would let two servers split one port's connections; ours bind or fail."""
     import grpc
-    from moecluster.wire import servers
+    from moecluster.wire import endpoints
     from moecluster.workers.server import WorkerServer
 
     holder = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults: SO_REUSEPORT on
@@ -90,7 +90,7 @@ def test_a_port_another_grpc_server_holds_is_refused_not_shared(checkpoints):
     holder.start()
     try:
         with pytest.raises(RuntimeError, match="Failed to bind"):
-            servers.server(1).add_insecure_port(f"127.0.0.1:{port}")
+            endpoints.server(1).add_insecure_port(f"127.0.0.1:{port}")
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             WorkerServer(checkpoints["qwen3_moe"], [], port=port)
     finally:

@@ -23,7 +23,7 @@ from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import serve_metrics, worker_metrics
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import servers, streaming
+from moecluster.wire import endpoints, streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
@@ -42,7 +42,7 @@ class WorkerServer:
         self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype, device=resolve_device(device),
                                            bulk=self.bulk)
         self.service.load_from_checkpoint(experts)
-        self.server = servers.server(max_workers, options=streaming.GRPC_OPTIONS)
+        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.service.health, self.server)
         try:

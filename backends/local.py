@@ -289,6 +289,7 @@ class LocalCluster:
             "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends), "controller": self.info()["controller"],
             "step": s.step, "lowest_step": s.lowest_step, "trainers": list(s.trainers), "snapshot": s.snapshot,
             "restored": s.restored,
+            "supervised": self.backend == "ray" or self.supervised(),  # a controller that dies is started again
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],
             "snapshots": [{"step": x.step, "path": x.path, "experts": x.experts, "bytes": x.bytes,

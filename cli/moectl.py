@@ -114,6 +114,9 @@ def cmd_status(args) -> int:
     for r in doc["rollbacks"]:
         print(f"  rollback: expert ({r['layer']}, {r['expert']}) restored to step {r['snapshot_step']} from {r['source']} "
               f"at step {r['step']}: {r['step'] - r['snapshot_step']} updates lost")
+    if not doc["supervised"]:
+        print(f"  the controller's supervisor is gone: a controller that dies stays down; "
+              f"`moectl resume --name {args.name}` starts one (it adopts this controller)")
     if doc["last_error"]:
         print(f"  last error: {doc['last_error']}")
     return 0

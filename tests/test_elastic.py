@@ -364,10 +364,13 @@ def test_resume_restarts_a_controller_whose_supervisor_is_gone_and_adopts_a_runn
     c.start_controller()  # moectl resume
     c.wait_converged(60, lambda _: None)
 
+    assert c.status()["supervised"]
     os.kill(c.supervisor_record().pid, signal.SIGKILL)  # the controller runs on without one
+    assert wait_for(lambda: not c.status()["supervised"], 10), "status says a dead controller would stay down"
     controller = c.controller_record()
     c.start_controller()
     assert c.controller_record().pid == controller.pid, "adopted, not a second controller"
+    assert c.status()["supervised"]
     os.kill(controller.pid, signal.SIGKILL)  # not the new supervisor's child: it restarts it all the same
     assert wait_for(lambda: c.controller_record().pid != controller.pid and c.controller_running(), 60)
     status = c.wait_converged(60, lambda _: None)

@@ -153,7 +153,7 @@ class LocalCluster:
                 except ValueError as err:
                     raise ClusterError(str(err).replace("--device", flag)) from None
         model = Path(model).resolve()
-        Checkpoint(model)  # fails early, with a clear message, on a bad checkpoint
+        checkpoint = Checkpoint(model)  # fails early, with a clear message, on a bad checkpoint
         if snapshot_dir is not None:
             snapshot_dir = Path(snapshot_dir).resolve()
             snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,7 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        checkpoint.save_index(self.dir / "index.json")  # the controller starts from it, without transformers
         info = {"name": self.name, "model": str(model), "frontend_port": port or (free_port() if backend == "ray" else 0),
                 "controller": f"127.0.0.1:{free_port()}", "worker_threads": worker_threads, "backend": backend}
         cluster_record.write(self.dir, info)

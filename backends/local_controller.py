@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     address = listen(server, cluster["controller"], args.move_if_port_taken)
     if address != cluster["controller"]:
         cluster = cluster_record.update(args.cluster_dir, controller=address)
-    checkpoint = Checkpoint(spec.model)
-    checkpoint.save_index(args.cluster_dir / "index.json")  # workers start from it without importing transformers
-    geometry = checkpoint.geometry
+    # Workers start from the index without importing transformers; so does a restarted controller.
+    geometry = Checkpoint.indexed(spec.model, args.cluster_dir / "index.json").geometry
     experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
     actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
                              worker_threads=cluster.get("worker_threads", 1), worker_device=spec.worker_device,

@@ -72,10 +72,8 @@ class ControllerActor:
         spec_path = directory / "spec.json"
         spec = ClusterSpec.model_validate_json(spec_path.read_text())
         cluster = cluster_record.read(directory)
-        checkpoint = Checkpoint(spec.model)
         index = directory / "index.json"
-        checkpoint.save_index(index)
-        geometry = checkpoint.geometry
+        geometry = Checkpoint.indexed(spec.model, index).geometry  # a restarted actor reads it back, without transformers
         experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
         actuator = RayActuator(spec, index.read_text(), frontend_port=cluster["frontend_port"],
                                worker_threads=cluster.get("worker_threads", 1))

@@ -6,6 +6,9 @@ only its own experts and the frontend only the dense part. The names come from
 `transformers`' own checkpoint conversion mapping (the rules it uses to stack
 per-expert tensors into `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`),
 so every family it knows is read the way it reads it.
+
+Indexing needs transformers and torch (seconds to import); the index written by
+`save_index` does not, so workers and a restarted controller start from it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from moecluster.models.families import family
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    import torch
 
 _EXPERT_PARAM = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\..*experts)\.(?P<param>gate_up_proj|down_proj)$")
 _EXPERT_NUMBER = re.compile(r"experts\.(\d+)\.")
@@ -68,11 +74,26 @@ class Checkpoint:
         self._index(self._tensor_files())
         self.geometry = self._geometry()
 
+    @classmethod
+    def indexed(cls, path: str | Path, index_file: str | Path) -> "Checkpoint":
+        """The checkpoint's expert index (`from_index`): read from `index_file` when it was written for these very
+        files, else indexed anew and written there. A restarted controller so starts without transformers or torch."""
+        path, index_file = Path(path).resolve(), Path(index_file)
+        try:
+            data = json.loads(index_file.read_text())
+            if data.get("path") == str(path) and data.get("files") == _fingerprint(path):
+                return cls.from_index(index_file)
+        except (OSError, ValueError):  # missing or torn: index again
+            pass
+        cls(path).save_index(index_file)
+        return cls.from_index(index_file)
+
     def save_index(self, file: str | Path) -> None:
         """Writes what `from_index` needs: a worker started from it never imports transformers (seconds saved)."""
         refs = lambda rs: [[r.file, r.key, r.row] for r in rs]  # noqa: E731
         data = {
-            "path": str(self.path),
+            "path": str(self.path.resolve()),
+            "files": _fingerprint(self.path),
             "geometry": {**self.geometry.__dict__, "moe_layers": list(self.geometry.moe_layers)},
             "experts": [[layer, expert, refs(r.gate_up), refs(r.down)] for (layer, expert), r in sorted(self.experts.items())],
         }
@@ -96,6 +117,7 @@ class Checkpoint:
 
     def skeleton(self) -> torch.nn.Module:
         """The model on the meta device: structure without memory."""
+        import torch
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
@@ -173,8 +195,11 @@ class Checkpoint:
         g = self.geometry
         return 3 * g.hidden * g.intermediate * 4
 
-    def read_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reads one expert's tensors only: gate_up (2I, H) and down (H, I) in `dtype`."""
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads one expert's tensors only: gate_up (2I, H) and down (H, I) in `dtype` (fp32 by default)."""
+        import torch
+
+        dtype = dtype or torch.float32
         refs = self.experts.get((layer, expert))
         if refs is None:
             raise CheckpointError(f"{self.path}: no expert {expert} in layer {layer}")
@@ -188,12 +213,14 @@ class Checkpoint:
             )
         return gate_up.contiguous(), down.contiguous()
 
-    def read_dense(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Every non-expert tensor, keyed by the model's parameter names."""
+    def read_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor, keyed by the model's parameter names (floats in `dtype`, fp32 by default)."""
+        import torch
+
         out = {}
         for name, ref in self.dense.items():
             tensor = self._read(ref)
-            out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            out[name] = tensor.to(dtype or torch.float32) if tensor.is_floating_point() else tensor
         return out
 
     def _read(self, ref: TensorRef) -> torch.Tensor:
@@ -202,3 +229,9 @@ class Checkpoint:
                 return handle.get_tensor(ref.key)
             return handle.get_slice(ref.key)[ref.row]
 
+
+
+def _fingerprint(path: Path) -> dict[str, list[int]]:
+    """Size and modification time of each file an index is built from: an index outlives no change to them."""
+    files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.safetensors.index.json"))]
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}

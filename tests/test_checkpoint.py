@@ -109,3 +109,27 @@ def test_saved_index_reads_the_same_experts_without_transformers(tmp_path, check
                             f"Checkpoint.from_index({str(tmp_path / 'index.json')!r}).read_expert(0, 1); "
                             "print('transformers' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_indexed_reuses_an_index_of_the_same_files_without_torch_and_indexes_a_changed_checkpoint_again(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = create_checkpoint("qwen3_moe", tmp_path / "model", layers=2, experts=4, top_k=2)
+    index = tmp_path / "index.json"
+    assert Checkpoint.indexed(model, index).geometry.num_experts == 4
+    # What a restarted controller does: no transformers, no torch (seconds of its restart).
+    probe = subprocess.run([sys.executable, "-c", "import sys; from moecluster.models.checkpoint import Checkpoint; "
+                            f"g = Checkpoint.indexed({str(model)!r}, {str(index)!r}).geometry; "
+                            "print(g.num_experts, 'transformers' in sys.modules, 'torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["4", "False", "False"], probe.stderr
+    # The checkpoint replaced in place (more experts, new files): the old index must not be trusted.
+    create_checkpoint("qwen3_moe", model, layers=2, experts=6, top_k=2)
+    config = model / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # even within one mtime tick
+    assert Checkpoint.indexed(model, index).geometry.num_experts == 6
+    index.write_text("{torn")
+    assert Checkpoint.indexed(model, index).geometry.num_experts == 6
+    assert json.loads(index.read_text())["path"] == str(model.resolve())

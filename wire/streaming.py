@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from moecluster.protos import tensor_pb2
-from moecluster.wire.tensors import WireError
+from moecluster.wire.wire_error import WireError
 
 CHUNK_BYTES = 1 << 20  # payloads above this are streamed
 MAX_MESSAGE_BYTES = 8 << 20  # gRPC limit; a chunk plus headers stays far below it

@@ -11,6 +11,7 @@ import sys
 
 import torch
 from moecluster.protos import tensor_pb2
+from moecluster.wire.wire_error import WireError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -25,10 +26,6 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
     raise ImportError("moecluster's wire format is little-endian; this host is big-endian")
-
-
-class WireError(ValueError):
-    """A tensor message that cannot be decoded; the text says what was wrong."""
 
 
 def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:

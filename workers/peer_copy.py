@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import bulk, streaming
 from moecluster.wire.tensors import DTYPES, NAMES, WireError, decode
-from moecluster.workers.validation import RequestError
+from moecluster.workers.request_error import RequestError
 
 PULL_DEADLINE_S = 120.0
 _LOG = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
 from moecluster.workers.kernels import fused_experts
 from moecluster.workers.peer_copy import PULL_DEADLINE_S, checked_state, fetch_expert
+from moecluster.workers.request_error import RequestError, invalid
 from moecluster.workers.snapshot_files import ExpertState, FileInfo, SnapshotError, read_expert, write_expert
-from moecluster.workers.validation import RequestError, invalid
 
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 from moecluster.protos import worker_pb2
-from moecluster.workers.validation import RequestError, invalid
+from moecluster.workers.request_error import RequestError, invalid
 
 _NAME = re.compile(r"^step-(\d{8,})$")
 PARTIAL_PREFIX = ".partial-"

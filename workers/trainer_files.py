@@ -23,7 +23,7 @@ import grpc
 from moecluster.protos import worker_pb2
 from moecluster.wire import streaming
 from moecluster.workers import snapshot_folders
-from moecluster.workers.validation import RequestError, invalid
+from moecluster.workers.request_error import RequestError, invalid
 
 FILE = snapshot_folders.TRAINER_FILE
 MAX_BYTES = 1 << 40

@@ -17,21 +17,11 @@ from moecluster.models.checkpoint import Geometry
 from moecluster.protos import worker_pb2
 from moecluster.wire.tensors import WireError, decode
 from moecluster.workers.expert_store import LayerExperts
+from moecluster.workers.request_error import RequestError, invalid
 
 MAX_TOKENS = 65536  # per Forward; larger batches are split by the caller
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 @dataclass(frozen=True)

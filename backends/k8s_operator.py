@@ -97,8 +97,8 @@ class ClusterRunner:
                 if self._stopped.is_set():  # deleted while its first worker started
                     return
                 controller = Controller(spec, self.actuator, experts, address=SETTINGS.controller_address)
+                self.controller = controller.start()  # state rebuilt from the workers before any request is taken
                 ROUTER.register(self.resource.key, ControllerService(controller))
-                self.controller = controller.start()
                 self.error = ""
                 log.info("%s: controller started with %d workers, %d experts", self.resource.key, len(handles), len(experts))
                 return

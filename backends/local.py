@@ -23,6 +23,7 @@ from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc
+from moecluster.wire import endpoints, retry
 
 Progress = Callable[[str], None]
 
@@ -300,19 +301,26 @@ class LocalCluster:
                          "device": w.device} for w in s.workers],
         }
 
-    def _stream(self, call: str, request, timeout: float) -> Iterator[str]:
-        channel, stub = self._stub()
+    def _stream(self, call: str, request, timeout: float, *, again_if_restarted: bool = False) -> Iterator[str]:
+        """The controller's progress lines for `call`. With `again_if_restarted` (a call safe to repeat), a
+        controller that dies mid-call and is started again (by its supervisor, or Ray) is asked again."""
+        channel = endpoints.channel(self.info()["controller"])
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        restarts = again_if_restarted and (self.backend == "ray" or self.supervised())
         try:
-            for progress in getattr(stub, call)(request, timeout=timeout):
-                if not progress.done:
-                    yield progress.message
+            for line in retry.stream_again_on_unavailable(
+                    lambda left: (p.message for p in getattr(stub, call)(request, timeout=left) if not p.done),
+                    timeout=timeout, window_s=retry.CONTROLLER_BACK_S if restarts else 0.0,
+                    on_retry=lambda err: f"the controller stopped answering ({err.code().name}); asking again "
+                                         f"once it is back (up to {retry.CONTROLLER_BACK_S:.0f}s)"):
+                yield line
         except grpc.RpcError as err:
             raise ClusterError(f"{call.lower()} failed: {err.details() or err.code().name}") from None
         finally:
             channel.close()
 
     def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
-        return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout)
+        return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout, again_if_restarted=True)
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
         return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout)
@@ -327,7 +335,7 @@ class LocalCluster:
         """Rolls every expert back to SNAPSHOT (a step-NNNNNNNN folder, or the newest good one in a folder of
         them; default: the cluster's snapshot directory). Refused while a trainer is connected."""
         request = controller_pb2.RestoreRequest(snapshot=str(Path(snapshot).resolve()) if snapshot else "")
-        return self._stream("Restore", request, timeout)
+        return self._stream("Restore", request, timeout, again_if_restarted=True)  # again = finished
 
     def migrate(self, layer: int, expert: int, to: str, source: str = "", timeout: float = 600.0) -> Iterator[str]:
         request = controller_pb2.MigrateRequest(layer=layer, expert=expert, to_worker=to, from_worker=source)

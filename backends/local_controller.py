@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     stopped = stop_signal()
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(controller, on_shutdown=lambda: (controller.shutdown(), stopped.set())), server)
+    controller.start()  # state rebuilt from the workers before any request is taken (a restore would find none)
     server.start()
     metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
     metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
-    controller.start()
     announce_ready(args.ready_file, cluster["controller"], **({"metrics": metrics.address} if metrics else {}))
     stopped.wait()
     controller.stop()  # workers and frontend keep serving unless Shutdown stopped them

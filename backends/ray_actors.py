@@ -98,8 +98,8 @@ class ControllerActor:
         controller_pb2_grpc.add_ControllerServicer_to_server(
             ControllerService(self.controller, on_shutdown=lambda: (self.controller.shutdown(), self.stopped.set())),
             self.server)
+        self.controller.start()  # state rebuilt from the workers before any request is taken
         self.server.start()
-        self.controller.start()
 
     def info(self) -> tuple[str, int]:
         return self.address, os.getpid()

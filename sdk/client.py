@@ -19,7 +19,7 @@ import grpc
 import torch
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc
 from moecluster.sdk.http_transport import HttpFrontendStub
-from moecluster.wire import endpoints, streaming
+from moecluster.wire import endpoints, retry, streaming
 from moecluster.wire.tensors import decode, encode
 
 RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.05, 1.0  # between tries of a read while the frontend is away
@@ -121,18 +121,24 @@ class Client:
         address = self.info().controller
         if not address:
             raise MoEClusterError(grpc.StatusCode.FAILED_PRECONDITION, "this frontend has no controller to scale")
-        with grpc.insecure_channel(address) as channel:
+        with endpoints.channel(address) as channel:
             stub = controller_pb2_grpc.ControllerStub(channel)
-
-            def run() -> int:
-                epoch = 0
-                for update in stub.Scale(controller_pb2.ScaleRequest(workers=workers), timeout=timeout):
+            say = progress or (lambda line: None)
+            epoch = 0
+            try:  # Scale sets a target: a controller restarted mid-way (by its supervisor) is asked again
+                for update in retry.stream_again_on_unavailable(
+                        lambda left: stub.Scale(controller_pb2.ScaleRequest(workers=workers), timeout=left),
+                        timeout=timeout, on_retry=lambda err: say(f"the controller stopped answering "
+                                                                  f"({err.code().name}); asking again once it is back")):
                     epoch = update.epoch
-                    if progress is not None and not update.done:
-                        progress(update.message)
-                return epoch
-
-            return self._call(run)
+                    if not update.done:
+                        say(update.message)
+            except grpc.RpcError as err:
+                detail = err.details() or err.code().name
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    detail = f"the controller at {address} did not answer within {retry.CONTROLLER_BACK_S:.0f}s: {detail}"
+                raise MoEClusterError(err.code(), detail) from None
+            return epoch
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the frontend's channel is up, or raises MoEClusterError."""

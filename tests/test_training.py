@@ -303,21 +303,27 @@ def test_a_trainer_stopped_mid_update_resumes_from_its_last_save_as_if_it_never_
         assert set(session.versions().values()) == {3}
 
 
+def stepper(session, path):
+    """One training step at a time through `session` (the SDK's way): step(s) -> its loss."""
+    model = session.model(path)
+    opt = ExpertOptimizer(model, session, lr=LR, weight_decay=0.0)
+
+    def step(s):
+        x = batch_for(s, SEED, 128, BATCH, SEQ)
+
+        def closure():
+            opt.zero_grad()
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            return loss
+        return opt.step(closure).item()
+    return step
+
+
 def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cluster, tmp_path, path):
     c = cluster("restore", workers=3, replicas=1, snapshot_dir=tmp_path / "snaps")
     with TrainingSession(c.status()["controller"]) as session:
-        model = session.model(path)
-        opt = ExpertOptimizer(model, session, lr=LR, weight_decay=0.0)
-
-        def step(s):
-            x = batch_for(s, SEED, 128, BATCH, SEQ)
-
-            def closure():
-                opt.zero_grad()
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                return loss
-            return opt.step(closure).item()
+        step = stepper(session, path)
 
         for s in range(2):
             step(s)
@@ -347,3 +353,35 @@ def test_every_copy_lost_is_restored_from_the_last_good_snapshot_and_reported(cl
     # the torn file's expert came back from the snapshot before; the others from the newest, or that one
     assert rolled[lost[0]]["snapshot_step"] == 2 and "step-00000002" in rolled[lost[0]]["source"]
     assert {r["snapshot_step"] for r in rolled.values()} <= {2, 4}
+
+
+def test_a_restore_cut_off_by_a_controller_crash_is_asked_again_and_finished(cluster, tmp_path, path):
+    """The controller dies after one worker's experts are back at the snapshot's step and before the other's:
+    `restore` waits for its supervisor to start it again and asks again, so the pool ends whole at that step."""
+    c = cluster("restore-crash", workers=2, replicas=1, snapshot_dir=tmp_path / "snaps")
+    assert any("snapshot of step 0" in line for line in c.snapshot())
+    with TrainingSession(c.status()["controller"]) as session:
+        step = stepper(session, path)
+        for s in range(2):
+            step(s)
+        assert set(session.versions().values()) == {2}
+    first, last = sorted(serving(c.status()), key=lambda w: w["id"])  # restored in this order
+    controller = c.controller_record()
+    lines = []
+    os.kill(last["pid"], signal.SIGSTOP)  # holds the restore between the two workers
+    try:
+        for line in c.restore():
+            lines.append(line)
+            if line.startswith(f"{first['id']}: ") and not any("stopped answering" in seen for seen in lines):
+                os.kill(controller.pid, signal.SIGKILL)
+                os.kill(last["pid"], signal.SIGCONT)
+    finally:
+        os.kill(last["pid"], signal.SIGCONT)
+    assert c.controller_record().pid != controller.pid
+    assert any("the controller stopped answering" in line for line in lines), lines
+    assert any("every expert back at step 0" in line for line in lines), lines
+    status = c.status()
+    assert (status["lowest_step"], status["step"]) == (0, 0), status
+    with TrainingSession(c.status()["controller"]) as session:
+        assert set(session.versions().values()) == {0}
+        assert len(session.versions()) == 16

@@ -95,3 +95,63 @@ def test_a_port_another_grpc_server_holds_is_refused_not_shared(checkpoints):
             WorkerServer(checkpoints["qwen3_moe"], [], port=port)
     finally:
         holder.stop(0)
+
+
+def test_a_stream_is_asked_again_while_its_server_is_away_and_only_then():
+    """`stream_again_on_unavailable` against real gRPC: nobody listening (UNAVAILABLE) is tried again until
+    the window ends, or until a server comes up at that port; any other status is raised at once."""
+    import socket
+    import threading
+
+    import grpc
+    from moecluster.wire import endpoints, retry
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    answers = {"Count": lambda request, context: iter([b"1", b"2"]),
+               "Refuse": lambda request, context: context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no")}
+    handler = grpc.method_handlers_generic_handler("t.T", {
+        name: grpc.unary_stream_rpc_method_handler(fn) for name, fn in answers.items()})
+
+    def serve():
+        server = endpoints.server(2, handlers=[handler])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        return server
+
+    with endpoints.channel(f"127.0.0.1:{port}") as channel:
+        opened, notes = [], []
+
+        def call(name):
+            def open_stream(left):
+                opened.append(left)
+                return channel.unary_stream(f"/t.T/{name}")(b"", timeout=left)
+            return open_stream
+
+        with pytest.raises(grpc.RpcError) as away:  # nobody there, no window: one try
+            list(retry.stream_again_on_unavailable(call("Count"), timeout=5, window_s=0, on_retry=notes.append))
+        assert away.value.code() == grpc.StatusCode.UNAVAILABLE and len(opened) == 1 and notes == []
+
+        opened.clear()
+        with pytest.raises(grpc.RpcError):  # nobody there for the whole window: tried again, said once
+            list(retry.stream_again_on_unavailable(call("Count"), timeout=5, window_s=0.5,
+                                                   on_retry=lambda err: f"away: {err.code().name}"))
+        assert len(opened) >= 3
+
+        opened.clear()
+        later = threading.Timer(0.3, lambda: servers.append(serve()))  # the server (re)starts mid-outage
+        servers = []
+        later.start()
+        try:
+            got = list(retry.stream_again_on_unavailable(call("Count"), timeout=10, window_s=10,
+                                                         on_retry=lambda err: f"away: {err.code().name}"))
+            assert got == ["away: UNAVAILABLE", b"1", b"2"] and len(opened) >= 2
+            opened.clear()
+            with pytest.raises(grpc.RpcError) as refused:  # an answer, not an outage: never asked again
+                list(retry.stream_again_on_unavailable(call("Refuse"), timeout=5, window_s=5))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(opened) == 1
+        finally:
+            later.join()
+            for server in servers:
+                server.stop(0)

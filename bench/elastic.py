@@ -13,10 +13,8 @@
    workers and every expert still has a live copy among them (goal <= 1 s),
    (b) the pool is back to spec (goal <= 10 s); 0 failed requests.
 4. expert migration bandwidth: PullExpert (bulk side channel) between two worker
-   processes on loopback vs a plain TCP copy of as many distinct bytes (one
-   expert's worth per transfer) between two processes (goal >= 50 %), and the
-   ExportExpert gRPC stream alone for contrast.  After a warm-up pull, the target
-   worker's layer buffers exist, as they do on a worker that rebalances.
+   processes on loopback vs a plain TCP copy of as many distinct bytes between two
+   processes (goal >= 50 %); see bench/migration_bandwidth.py.
 
 Every figure is printed with its goal, then a table of all of them. The run is
 bounded (about 6 minutes, `--quick` about 3) and stops every process it started.
@@ -25,14 +23,11 @@ bounded (about 6 minutes, `--quick` about 3) and stops every process it started.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,97 +40,17 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from moecluster.backends.local import ClusterError, LocalCluster  # noqa: E402
+from moecluster.bench.migration_bandwidth import migration_bandwidth  # noqa: E402
+from moecluster.bench.report import Results, log, median, p99, spread, within  # noqa: E402
 from moecluster.models.checkpoint import Checkpoint  # noqa: E402
 from moecluster.models.tiny import create_checkpoint  # noqa: E402
-from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from moecluster.protos import controller_pb2, controller_pb2_grpc  # noqa: E402
 from moecluster.sdk.load import ClosedLoopLoad  # noqa: E402
-from moecluster.wire import streaming  # noqa: E402
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root is the package
 FAMILY = "qwen3_moe"
 REPLICAS = 2
 POLL_S = 0.02
-MB = 1e6
-
-# A plain TCP sender: listens on 127.0.0.1, prints its port; per connection reads an 8-byte
-# length N and sends N bytes. Bounded: it exits after LIFETIME seconds or when stdin closes.
-TCP_SENDER = r"""
-import os, socket, struct, sys, threading, time
-LIFETIME, SIZE = float(sys.argv[1]), int(sys.argv[2])
-threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
-srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(4); srv.settimeout(1.0)
-# one expert's worth of distinct bytes, like the weights a pull sends (not a cache-hot block sent over and over)
-block = memoryview(os.urandom(SIZE))
-print(srv.getsockname()[1], flush=True)
-deadline = time.monotonic() + LIFETIME
-while time.monotonic() < deadline:
-    try:
-        conn, _ = srv.accept()
-    except socket.timeout:
-        continue
-    with conn:
-        conn.settimeout(60)
-        head = b""
-        while len(head) < 8:
-            part = conn.recv(8 - len(head))
-            if not part:
-                break
-            head += part
-        if len(head) < 8:
-            continue
-        left = struct.unpack("!Q", head)[0]
-        while left:
-            n = min(left, len(block))
-            conn.sendall(block[:n])
-            left -= n  # a request for more than SIZE sends the block again
-"""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-class Results:
-    def __init__(self):
-        self.rows: list[tuple[str, str, str, bool | None]] = []
-
-    def add(self, name: str, value: str, goal: str = "-", met: bool | None = None) -> None:
-        self.rows.append((name, value, goal, met))
-        verdict = "" if met is None else ("  [met]" if met else "  [NOT met]")
-        log(f"   {name}: {value}" + (f"  (goal {goal})" if goal != "-" else "") + verdict)
-
-    def table(self) -> str:
-        head = ("figure", "value", "goal", "")
-        rows = [head] + [(n, v, g, "-" if m is None else ("met" if m else "NOT met")) for n, v, g, m in self.rows]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])
-
-
-def p99(values: list[float]) -> float:
-    """Nearest-rank 99th percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float], unit: str = "s", digits: int = 2) -> str:
-    """'median unit (median of n: v1, v2, ...)'; math.inf (never happened within the wait) prints as 'never'."""
-    show = lambda v: "never" if math.isinf(v) else f"{v:.{digits}f}"  # noqa: E731
-    med = median(values)
-    if len(values) == 1:
-        return f"{show(med)} {unit}" if not math.isinf(med) else "never"
-    return f"{show(med)} {unit} (median of {len(values)}: " + ", ".join(show(v) for v in values) + ")"
-
-
-def within(values: list[float], goal: float) -> bool:
-    """Every repeat happened, and their median meets the goal."""
-    return bool(values) and all(math.isfinite(v) for v in values) and median(values) <= goal
 
 
 class StatusPoller:
@@ -233,100 +148,6 @@ def kill_and_watch(poller: StatusPoller, victim, experts: int, workers: int,
 
 
 # -- 4. migration bandwidth -----------------------------------------------------------------------------------
-
-
-def start_worker(path: Path, index: Path, experts: str, worker_id: str, run_dir: Path, procs: list) -> str:
-    ready = run_dir / f"{worker_id}.ready"
-    logfile = open(run_dir / f"{worker_id}.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moecluster.workers.server", "--checkpoint", str(path), "--index", str(index),
-         "--experts", experts, "--worker-id", worker_id, "--threads", "1", "--grace", "1",
-         "--ready-file", str(ready)],
-        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    logfile.close()
-    procs.append(proc)
-    deadline = time.monotonic() + 120
-    while not ready.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{worker_id} did not start; see {run_dir / (worker_id + '.log')}")
-        time.sleep(0.05)
-    return json.loads(ready.read_text())["address"]
-
-
-def tcp_copy(port: int, nbytes: int) -> float:
-    """Receives `nbytes` from the sender process; returns seconds from connect to the last byte."""
-    buffer = bytearray(nbytes)
-    view = memoryview(buffer)
-    start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(nbytes.to_bytes(8, "big"))
-        got = 0
-        while got < nbytes:
-            n = sock.recv_into(view[got:], min(nbytes - got, 4 << 20))
-            if n == 0:
-                raise RuntimeError(f"sender closed after {got} of {nbytes} bytes")
-            got += n
-    return time.perf_counter() - start
-
-
-def migration_bandwidth(tmp: Path, results: Results, reps: int, procs: list) -> None:
-    log("4. expert migration: PullExpert between two worker processes vs a plain TCP copy")
-    path = create_checkpoint(FAMILY, tmp / "big", layers=1, hidden=1024, intermediate=2048, experts=4, top_k=2,
-                             vocab=64)
-    checkpoint = Checkpoint(path)
-    index = tmp / "big-index.json"
-    checkpoint.save_index(index)
-    layer = checkpoint.geometry.moe_layers[0]
-    n = checkpoint.geometry.num_experts
-    run_dir = tmp / "run-migration"
-    run_dir.mkdir()
-    a = start_worker(path, index, f"{layer}:0-{n - 1}", "bench-a", run_dir, procs)
-    b = start_worker(path, index, "", "bench-b", run_dir, procs)
-    sender = subprocess.Popen([sys.executable, "-c", TCP_SENDER, "240", str(checkpoint.expert_bytes)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    procs.append(sender)
-    port = int(sender.stdout.readline())
-    keys = [worker_pb2.ExpertKey(layer=layer, expert=e) for e in range(n)]
-    channel = grpc.insecure_channel(b, options=streaming.GRPC_OPTIONS)
-    stub = worker_pb2_grpc.ExpertWorkerStub(channel)
-    source_channel = grpc.insecure_channel(a, options=streaming.GRPC_OPTIONS)
-    source = worker_pb2_grpc.ExpertWorkerStub(source_channel)
-    pull_rates, tcp_rates, export_rates, total = [], [], [], 0
-    try:
-        # Warm-up: one pull and one TCP copy not counted (first-touch page faults, channel set-up).
-        stub.PullExpert(worker_pb2.PullExpertRequest(expert=keys[0], source=a, epoch=1), timeout=60)
-        stub.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
-        tcp_copy(port, checkpoint.expert_bytes)
-        for rep in range(reps):  # interleaved, so drift hits both sides alike
-            moved, start = 0, time.perf_counter()
-            for key in keys:
-                response = stub.PullExpert(worker_pb2.PullExpertRequest(expert=key, source=a, epoch=1), timeout=60)
-                if response.bytes == 0:
-                    raise RuntimeError(f"worker B already held {key}: DropExperts did not drop it")
-                moved += response.bytes
-            pull_rates.append(moved / (time.perf_counter() - start) / MB)
-            held = stub.Stats(worker_pb2.StatsRequest(), timeout=10).held
-            if len(held) != n:
-                raise RuntimeError(f"worker B holds {len(held)} experts after pulling {n}")
-            stub.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
-            seconds = sum(tcp_copy(port, moved // n) for _ in range(n))  # same bytes, same number of transfers
-            tcp_rates.append(moved / seconds / MB)
-            start = time.perf_counter()  # where the time goes: A's ExportExpert stream alone, into this process
-            for key in keys:
-                streaming.join(source.ExportExpert(worker_pb2.ExportExpertRequest(expert=key), timeout=60),
-                               limit_bytes=1 << 30)
-            export_rates.append(moved / (time.perf_counter() - start) / MB)
-            total = moved
-    finally:
-        channel.close()
-        source_channel.close()
-    per_expert = total / n / 2**20
-    pull, tcp = median(pull_rates), median(tcp_rates)
-    results.add("migration: PullExpert", f"{pull:.0f} MB/s ({n} experts x {per_expert:.1f} MiB, median of {reps})")
-    results.add("migration: ExportExpert stream alone", f"{median(export_rates):.0f} MB/s (A -> this process, joined)")
-    results.add("migration: plain TCP copy", f"{tcp:.0f} MB/s (same bytes, process to process)")
-    results.add("migration: PullExpert / TCP", f"{pull / tcp:.0%}", ">= 50%", pull / tcp >= 0.5)
 
 
 # -- main -------------------------------------------------------------------------------------------------------

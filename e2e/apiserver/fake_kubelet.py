@@ -69,8 +69,8 @@ from pathlib import Path
 
 from api_client import Api, ApiError
 from container_env import container_env, expand
-from fake_proxy import ServiceListener
-from pod_run import ContainerRun, PodRun, now, pod_status
+from fake_proxy import KubeProxy
+from pod_run import ContainerRun, PodRun, container_port, now, pod_status
 
 NODE_NAME = "fake-node"
 HOST_IP = "127.0.0.1"
@@ -106,7 +106,7 @@ class FakeKubelet:
         self._threads: list[threading.Thread] = []
         self._ips_in_use: set[str] = set()
         self._finalize_attempts: dict[str, float] = {}  # pod uid -> when we last deleted it with grace 0
-        self._listeners: dict[tuple[str, int], ServiceListener] = {}
+        self._proxy = KubeProxy(self.api_address, self._ready_runs, self.log)
         self._node_since = now()
         base = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
         base["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), base.get("PATH", "")])
@@ -139,9 +139,11 @@ class FakeKubelet:
                     except subprocess.TimeoutExpired:
                         pass
             self._kill(run)
-        for listener in list(self._listeners.values()):
-            listener.close()
-        self._listeners.clear()
+        self._proxy.close()
+
+    def _ready_runs(self) -> list[PodRun]:
+        with self._lock:
+            return [run for run in self._runs.values() if run.ready]
 
     def _run_for(self, namespace: str, name: str) -> PodRun | None:
         with self._lock:
@@ -271,7 +273,7 @@ class FakeKubelet:
             self._kill(run)
             with self._lock:
                 self._runs.pop(run.uid, None)
-        self._sync_services(self.api.request("GET", "/api/v1/services")["items"])
+        self._proxy.sync(self.api.request("GET", "/api/v1/services")["items"])
 
     def _bind(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -384,25 +386,13 @@ class FakeKubelet:
         c.waiting = ("", "")
         self.log.info("container %s/%s/%s started as pid %d: %s", run.namespace, run.name, spec["name"], c.proc.pid, argv)
 
-    @staticmethod
-    def _port(port: int | str, containers: list[dict]) -> int | None:
-        if isinstance(port, int):
-            return port
-        if port.isdigit():
-            return int(port)
-        for c in containers:
-            for p in c.get("ports") or []:
-                if p.get("name") == port:
-                    return p["containerPort"]
-        return None
-
     def _probe(self, run: PodRun, c: ContainerRun) -> bool:
         probe = c.spec.get("readinessProbe")
         if not probe:
             return True
         for kind in ("tcpSocket", "httpGet", "grpc"):
             if kind in probe:
-                port = self._port(probe[kind].get("port"), [c.spec])
+                port = container_port(probe[kind].get("port"), [c.spec])
                 if port is None:
                     return False
                 try:
@@ -483,47 +473,3 @@ class FakeKubelet:
         except ApiError as e:
             if e.status not in (404, 409):
                 self.log.warning("deleting %s/%s: %s", meta["namespace"], meta["name"], e)
-
-    # --- kube-proxy ---------------------------------------------------------------------------------
-
-    def _sync_services(self, services: list[dict]) -> None:
-        desired: dict[tuple[str, int], tuple[dict, dict]] = {}
-        for svc in services:
-            spec = svc["spec"]
-            ip = spec.get("clusterIP") or ""
-            if not ip.startswith("127.") or spec.get("type", "ClusterIP") not in ("ClusterIP", "NodePort", "LoadBalancer"):
-                continue
-            for port in spec.get("ports") or []:
-                if port.get("protocol", "TCP") == "TCP":
-                    desired[(ip, port["port"])] = (svc, port)
-        for key in [k for k in self._listeners if k not in desired]:
-            self._listeners.pop(key).close()
-        for key, (svc, port) in desired.items():
-            listener = self._listeners.get(key)
-            if listener is not None:
-                listener.service, listener.port_spec = svc, port
-                continue
-            try:
-                self._listeners[key] = ServiceListener(key, svc, port, self._backends, self.log)
-            except OSError as e:
-                self.log.warning("cannot listen on %s:%d for service %s/%s: %s", *key, svc["metadata"]["namespace"],
-                                 svc["metadata"]["name"], e)
-
-    def _backends(self, svc: dict, port_spec: dict) -> list[tuple[str, int]]:
-        meta, selector = svc["metadata"], svc["spec"].get("selector")
-        if (meta["namespace"], meta["name"]) == ("default", "kubernetes"):
-            return [self.api_address]
-        if not selector:
-            return []
-        with self._lock:
-            runs = list(self._runs.values())
-        backends = []
-        target = port_spec.get("targetPort", port_spec["port"])
-        for run in runs:
-            labels = run.pod["metadata"].get("labels") or {}
-            if run.namespace != meta["namespace"] or not run.ready or any(labels.get(k) != v for k, v in selector.items()):
-                continue
-            port = self._port(target, run.pod["spec"].get("containers", []))
-            if port is not None:
-                backends.append((run.ip, port))
-        return backends

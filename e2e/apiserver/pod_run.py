@@ -98,3 +98,16 @@ def pod_status(run: PodRun, host_ip: str) -> dict:
                        _condition(run, "ContainersReady", ready, reason),
                        _condition(run, "Ready", ready, reason)],
     }
+
+
+def container_port(port: int | str, containers: list[dict]) -> int | None:
+    """A probe's or a Service's target port: a number, or the name of a containerPort."""
+    if isinstance(port, int):
+        return port
+    if port.isdigit():
+        return int(port)
+    for c in containers:
+        for p in c.get("ports") or []:
+            if p.get("name") == port:
+                return p["containerPort"]
+    return None

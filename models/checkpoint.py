@@ -230,7 +230,6 @@ class Checkpoint:
             return handle.get_slice(ref.key)[ref.row]
 
 
-
 def _fingerprint(path: Path) -> dict[str, list[int]]:
     """Size and modification time of each file an index is built from: an index outlives no change to them."""
     files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.safetensors.index.json"))]

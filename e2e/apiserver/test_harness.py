@@ -47,11 +47,18 @@ def http_get(url: str) -> int:
 
 
 def test_node_is_ready_and_leased(kube):
-    node = json.loads(kube.kubectl("get", "node", "fake-node", "-o", "json").stdout)
+    # A new Node is created with the not-ready taint (TaintNodesByCondition); the controller manager's
+    # node lifecycle controller lifts it once it sees Ready: this test may run a moment after registration.
+    deadline = time.monotonic() + 30
+    while True:
+        node = json.loads(kube.kubectl("get", "node", "fake-node", "-o", "json").stdout)
+        taints = [t["key"] for t in node["spec"].get("taints", [])]
+        if not taints or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     conditions = {c["type"]: c["status"] for c in node["status"]["conditions"]}
     assert conditions["Ready"] == "True"
     assert node["status"]["allocatable"]["cpu"] == "16"
-    taints = [t["key"] for t in node["spec"].get("taints", [])]
     assert not taints, taints
     lease = json.loads(kube.kubectl("get", "lease", "fake-node", "-n", "kube-node-lease", "-o", "json").stdout)
     assert lease["spec"]["holderIdentity"] == "fake-node"

@@ -233,9 +233,6 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
     drain = resource.annotations.get(r.DRAIN_ANNOTATION)
     if drain:
         patch.metadata.annotations[r.DRAIN_ANNOTATION] = None
-        if resource.spec["replicas"] - 1 < 1:
-            kopf.warn(body, reason="DrainRefused", message=f"draining {drain} would leave no worker")
-            return
         try:
             steps = controller.drain(drain)
             first = next(steps)  # checks and starts the drain; the rest waits for it
@@ -243,7 +240,9 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
             kopf.warn(body, reason="DrainRefused", message=str(err))
             runner.action = {"action": f"drain {drain}", "state": "Failed", "message": str(err), "time": _now()}
             return
-        patch.spec["replicas"] = resource.spec["replicas"] - 1  # the resource says what the pool now is
+        # The resource says what the pool now is, and whom it drains: a restarted operator goes on with it.
+        patch.spec["replicas"] = controller.spec.workers
+        patch.spec["drained"] = list(controller.spec.drained)
         kopf.info(body, reason="Draining", message=first)
         runner.run_action(f"drain {drain}", lambda: steps)
     migrate = resource.annotations.get(r.MIGRATE_ANNOTATION)

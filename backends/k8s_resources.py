@@ -64,6 +64,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         snapshot_dir=snapshot_dir(resource),
         snapshot_every_s=(spec.get("snapshots") or {}).get("everySeconds"),
         snapshot_keep=(spec.get("snapshots") or {}).get("keep", 3),
+        drained=tuple(spec.get("drained") or ()),
     )
 
 

@@ -323,7 +323,8 @@ class LocalCluster:
         return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout, again_if_restarted=True)
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
-        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout)
+        # Asked again after a controller restart, the drain finds its worker named in the spec: drained once.
+        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout, again_if_restarted=True)
 
     def snapshot(self, directory: str | Path | None = None, timeout: float = 600.0) -> Iterator[str]:
         directory = str(Path(directory).resolve()) if directory else ""

@@ -287,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--timeout", type=float, default=600)
     migrate.set_defaults(func=cmd_migrate)
 
-    drain = sub.add_parser("drain", help="move a worker's experts away, then stop it (the pool shrinks by one)")
+    drain = sub.add_parser("drain", help="move a worker's experts away, then stop it (the pool shrinks by one)",
+                           description="Moves WORKER's experts to the others (copy before switch), then stops it; "
+                           "the pool shrinks by one (a drained standby spare is replaced instead). The worker is "
+                           "named in the cluster's spec, so a controller restarted meanwhile goes on with it, and "
+                           "asking again for the same worker waits for that drain and removes no other.")
     drain.add_argument("worker", help="worker id, as `moectl status` shows it")
     drain.add_argument("--name", default="default")
     drain.add_argument("--timeout", type=float, default=600)

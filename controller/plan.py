@@ -131,10 +131,10 @@ COPIES = (LoadExperts, RestoreExperts, PullExpert)  # the steps that write exper
 BEHIND_AFTER_S = 1.0
 
 
-def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: frozenset[str] = frozenset()) -> list[Step]:
+def reconcile(spec: ClusterSpec, observed: Observed, table: Placement) -> list[Step]:
     """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
 
-    `leaving` names workers a user drains: they are emptied and stopped first.
+    Workers in `spec.drained` that still serve are emptied and stopped first.
     """
     serving = observed.serving
     gone = {w for w in _holders(table) if w not in serving}
@@ -150,9 +150,9 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
         return behind
     missing = spec.workers + spec.standby_workers - len(serving) - len(starting)
     if len(serving) < spec.workers:  # the pool itself is short: start what is missing (spares too), wait for them
-        return [StartWorker(w) for w in _new_ids(observed, missing)] if missing > 0 else []
+        return [StartWorker(w) for w in _new_ids(spec, observed, missing)] if missing > 0 else []
 
-    victims, keep = _members(spec, serving, table, leaving)
+    victims, keep = _members(spec, serving, table)
     capacity = {w: spec.capacity_for(len(observed.experts), len(keep)) for w in keep}
     load = observed.load()
     if sum(load.values()) < spec.rebalance_min_load:
@@ -188,16 +188,16 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, leaving: 
     for worker_id in sorted(victims):
         steps += [DrainWorker(worker_id), StopWorker(worker_id)]
     if not steps and missing > 0:  # spares last, once the pool is done: a scale-up never waits for one to start
-        steps = [StartWorker(w, standby=True) for w in _new_ids(observed, missing)]
+        steps = [StartWorker(w, standby=True) for w in _new_ids(spec, observed, missing)]
     return steps
 
 
-def _members(spec: ClusterSpec, serving, table: Placement, leaving: frozenset[str]) -> tuple[set[str], list[str]]:
-    """(victims, the pool to place over): workers in the table stay unless the pool is too big (then the
-    cheapest to empty go); empty workers join while it is too small; of the rest, `standby_workers` wait
-    as spares and any more go."""
+def _members(spec: ClusterSpec, serving, table: Placement) -> tuple[set[str], list[str]]:
+    """(victims, the pool to place over): drained workers go; workers in the table stay unless the pool is
+    too big (then the cheapest to empty go); empty workers join while it is too small; of the rest,
+    `standby_workers` wait as spares and any more go."""
     in_table = _holders(table) & set(serving)
-    victims = {w for w in leaving if w in serving}
+    victims = {w for w in spec.drained if w in serving}
     placed = {w: serving[w] for w in in_table if w not in victims}
     victims |= _victims(placed, table, spec.min_replicas, len(placed) - spec.workers)
     keep = [w for w in placed if w not in victims]
@@ -287,8 +287,10 @@ def _victims(serving, table: Placement, min_replicas: int, count: int) -> set[st
     return set(sorted(serving, key=cost)[:count])
 
 
-def _new_ids(observed: Observed, count: int) -> list[str]:
-    start = max(observed.next_index, max((worker_index(w) for w in observed.workers), default=-1) + 1)
+def _new_ids(spec: ClusterSpec, observed: Observed, count: int) -> list[str]:
+    """Ids never used: a drained id would be drained again at once (the spec names it)."""
+    used = [*observed.workers, *spec.drained]
+    start = max(observed.next_index, max(map(worker_index, used), default=-1) + 1)
     return [f"worker-{i}" for i in range(start, start + count)]
 
 

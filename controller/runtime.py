@@ -54,7 +54,7 @@ class Controller:
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
-        self._leaving: set[str] = set()
+        self._spec_lock = threading.Lock()  # a drain reads the spec to write it
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
         self.converged = False
@@ -115,7 +115,7 @@ class Controller:
     def reconcile_once(self) -> list[p.Step]:
         with self._plan_lock:
             observed = self.monitor.snapshot()
-            steps = p.reconcile(self.spec, observed, self.publisher.table.placement, frozenset(self._leaving))
+            steps = p.reconcile(self.spec, observed, self.publisher.table.placement)
             spares_only = all(isinstance(s, p.StartWorker) and s.standby for s in steps)  # the pool itself is done
             self.converged = spares_only and len(self._pool(observed)) == self.spec.workers and bool(
                 self.publisher.table.placement)
@@ -131,7 +131,6 @@ class Controller:
             if steps:
                 log.info("plan: %s", ", ".join(s.key for s in steps[:8]) + (" ..." if len(steps) > 8 else ""))
                 self.executor.run(steps)
-                self._leaving &= set(self.monitor.snapshot().workers)
                 self._wake.set()  # plan again right away: the next phase may be ready
             return steps
 
@@ -256,7 +255,8 @@ class Controller:
     def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
         """Sets the pool size; yields progress until the new layout serves."""
         started = time.monotonic()
-        self.update_spec(self.spec.model_copy(update={"workers": workers}))
+        with self._spec_lock:  # read and written at once: a drain meanwhile keeps its worker named
+            self._set_spec(ClusterSpec.model_validate({**self.spec.model_dump(), "workers": workers}))
         yield f"scaling to {workers} workers"
         yield from self._await_converged(timeout)
         self.metrics.scale_seconds(time.monotonic() - started)
@@ -264,6 +264,10 @@ class Controller:
     def update_spec(self, spec: ClusterSpec) -> None:
         """Takes a new desired state and returns; the loop converges to it (the Kubernetes operator's way in)."""
         ClusterSpec.model_validate(spec.model_dump())  # same checks as at creation
+        with self._spec_lock:
+            self._set_spec(spec)
+
+    def _set_spec(self, spec: ClusterSpec) -> None:
         self.spec = spec
         self.executor.snapshot_dir = spec.snapshot_dir
         self.save_spec(spec)
@@ -271,16 +275,27 @@ class Controller:
         self._wake.set()
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
-        """Moves a worker's experts away and stops it; the pool shrinks by one."""
-        observed = self.monitor.snapshot()
-        if worker_id not in observed.serving:
-            raise ValueError(f"worker {worker_id!r} is not serving; serving: {sorted(observed.serving)}")
-        if self.spec.workers - 1 < self.spec.min_replicas:
-            raise ValueError(f"draining {worker_id} would leave fewer workers than min_replicas ({self.spec.min_replicas})")
-        self._leaving.add(worker_id)
-        self.spec = self.spec.model_copy(update={"workers": self.spec.workers - 1})
-        self.save_spec(self.spec)
-        yield f"draining {worker_id}"
+        """Moves a worker's experts away and stops it; the pool shrinks by one (a drained spare is replaced).
+
+        The worker is named in the spec, in the same write that lowers the pool: a controller restarted
+        mid-drain goes on with it, and a drain asked again (a call cut off by that restart) waits for it
+        and drains nothing twice."""
+        with self._spec_lock:
+            observed = self.monitor.snapshot()
+            again = worker_id in self.spec.drained
+            if not again:
+                if worker_id not in observed.serving:
+                    raise ValueError(f"worker {worker_id!r} is not serving; serving: {sorted(observed.serving)}")
+                spec = self.spec.draining(worker_id, in_pool=worker_id in self._pool(observed),
+                                          present=observed.workers)
+                if spec.workers < spec.min_replicas:
+                    raise ValueError(f"draining {worker_id} would leave fewer workers than min_replicas "
+                                     f"({spec.min_replicas})")
+                self._set_spec(spec)
+        if again and worker_id not in observed.workers:
+            yield f"{worker_id} has left the pool"
+            return
+        yield f"{worker_id} is already leaving" if again else f"draining {worker_id}"
         yield from self._await_converged(timeout)
 
     def migrate(self, expert: ExpertKey, to: str, source: str | None = None) -> Iterator[str]:

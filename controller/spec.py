@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DRAINED_KEPT = 16  # drained workers that are gone still named, so that a drain asked again finds its own
 
 
 class ClusterSpec(BaseModel):
@@ -37,6 +40,9 @@ class ClusterSpec(BaseModel):
     snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
     snapshot_keep: int = Field(3, ge=0, description="snapshots kept: the newest N, and the newest holding a trainer's "
                                "state (what a resume needs); 0 keeps all")
+    drained: tuple[str, ...] = Field((), description="workers drained out of the pool, oldest first: emptied and "
+                                     "stopped before any other goes, and not counted in `workers` (a drain lowers it "
+                                     "in the same write, so a controller restarted mid-drain goes on with the same one)")
 
     @model_validator(mode="after")
     def _replicas_fit(self) -> "ClusterSpec":
@@ -55,3 +61,12 @@ class ClusterSpec(BaseModel):
             return self.capacity
         share = num_experts * self.min_replicas / max(1, workers or self.workers)
         return max(1, math.ceil(1.5 * share))
+
+    def draining(self, worker_id: str, *, in_pool: bool, present: Collection[str]) -> "ClusterSpec":
+        """This spec less `worker_id`, in one write: a worker fewer if it was in the pool (a spare is replaced
+        instead), and `worker_id` named in `drained`. Of the drained workers no longer `present`, the oldest
+        are forgotten beyond DRAINED_KEPT."""
+        names = [*(w for w in self.drained if w != worker_id), worker_id]
+        while len(names) > DRAINED_KEPT and (gone := next((w for w in names if w not in present), None)):
+            names.remove(gone)
+        return self.model_copy(update={"workers": self.workers - in_pool, "drained": tuple(names)})

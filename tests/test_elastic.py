@@ -211,6 +211,40 @@ def test_controller_killed_during_a_scale_is_restarted_by_its_supervisor_and_the
     assert_bit_identical(status, reference[0])
 
 
+def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drains_once(cluster, reference):
+    """The drained worker is named in the spec: the restarted controller drains it (left to itself it would
+    empty the newest worker), the cut-off call is asked again and returns, and asking once more drains nothing."""
+    c = cluster("drainkill", workers=4)
+    before = {w["id"] for w in serving(c.status())}
+    oldest = min(before, key=lambda w: int(w.rsplit("-", 1)[1]))
+    errors, lines = [], []
+
+    def drain():
+        try:
+            lines.extend(c.drain(oldest))
+        except ClusterError as err:
+            errors.append(err)
+
+    with load_for(c, reference) as load:
+        controller = c.controller_record()
+        thread = threading.Thread(target=drain)
+        thread.start()
+        assert wait_for(lambda: c.status()["desired_workers"] == 3, timeout=30), "the drain never lowered the spec"
+        os.kill(controller.pid, signal.SIGKILL)  # the drain has begun: experts are moving off the worker
+        thread.join(timeout=120)
+        status = c.wait_converged(120, lambda _: None)
+        assert c.controller_record().pid != controller.pid
+        again = list(c.drain(oldest))  # by hand, after it finished: nothing more is drained
+    check(load.report)
+    assert not errors and not thread.is_alive(), errors
+    assert any("the controller stopped answering" in line for line in lines), lines
+    assert {w["id"] for w in serving(status)} == before - {oldest}, status
+    assert status["desired_workers"] == 3 and again == [f"{oldest} has left the pool"], again
+    assert_spec(c.status(), 3, 2)
+    with pytest.raises(ClusterError, match="not serving"):
+        list(c.drain("worker-99"))
+
+
 def test_migrate_drain_and_metrics(cluster, reference):
     c = cluster("ops", workers=3, replicas=1)
     status = c.status()

@@ -25,6 +25,7 @@ def resource(**spec) -> r.Resource:
 def test_cluster_spec_from_the_resource():
     spec = r.cluster_spec(resource())
     assert (spec.workers, spec.min_replicas, spec.model, spec.worker_num_gpus) == (3, 2, "/models/tiny", 1.0)
+    assert spec.drained == () and r.cluster_spec(resource(drained=["worker-0"])).drained == ("worker-0",)
     with pytest.raises(ValidationError, match="min_replicas"):
         r.cluster_spec(resource(replicas=1))
 

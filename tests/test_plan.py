@@ -60,9 +60,9 @@ class Pool:
                 assert all(w not in h for h in self.table.values()), f"stopped {w} while the table names it"
                 del self.workers[w]
 
-    def converge(self, spec, max_rounds=10, leaving=frozenset()) -> int:
+    def converge(self, spec, max_rounds=10) -> int:
         for rounds in range(max_rounds):
-            steps = p.reconcile(spec, self.observed(), self.table, leaving)
+            steps = p.reconcile(spec, self.observed(), self.table)
             if not steps:
                 return rounds
             for step in steps:
@@ -247,9 +247,46 @@ def test_a_standby_spare_joins_a_scale_up_which_does_not_wait_for_a_start():
 def test_drained_worker_goes_first():
     pool = Pool()
     pool.converge(spec(4, 2))
-    pool.converge(spec(3, 2), leaving=frozenset({"worker-0"}))
-    assert "worker-0" not in pool.workers
+    drained = spec(4, 2).draining("worker-0", in_pool=True, present=pool.workers)
+    assert (drained.workers, drained.drained) == (3, ("worker-0",))
+    pool.converge(drained)  # left to itself, the planner would have emptied worker-3 (ties go to the newest)
+    assert sorted(pool.workers) == ["worker-1", "worker-2", "worker-3"]
     pool.assert_meets(spec(3, 2))
+
+
+def test_a_drained_id_is_never_started_again():
+    """Observed alone (a restarted controller) knows no id above the live ones: the spec's drained list does."""
+    pool = Pool()
+    pool.converge(spec(4, 2))
+    drained = spec(4, 2).draining("worker-3", in_pool=True, present=pool.workers)
+    pool.converge(drained)
+    assert "worker-3" not in pool.workers
+    pool.converge(drained.model_copy(update={"workers": 4}))
+    assert sorted(pool.workers) == ["worker-0", "worker-1", "worker-2", "worker-4"]
+    pool.assert_meets(spec(4, 2))
+
+
+def test_a_drained_spare_is_replaced_and_the_pool_keeps_its_size():
+    pool = Pool()
+    pool.converge(spec(3, 2, standby=1))
+    spare = next(w for w, o in pool.workers.items() if not o.held)
+    drained = spec(3, 2, standby=1).draining(spare, in_pool=False, present=pool.workers)
+    assert drained.workers == 3
+    pool.converge(drained)
+    assert spare not in pool.workers and len(pool.workers) == 4
+    pool.assert_meets(spec(3, 2, standby=1))
+
+
+def test_drained_workers_that_are_gone_are_forgotten_oldest_first_beyond_a_bound():
+    from moecluster.controller.spec import DRAINED_KEPT
+
+    s = spec(40, 1).model_copy(update={"drained": tuple(f"worker-{i}" for i in range(DRAINED_KEPT))})
+    present = {"worker-0", "worker-30"}  # worker-0 is still leaving: never forgotten
+    s = s.draining("worker-30", in_pool=True, present=present)
+    assert len(s.drained) == DRAINED_KEPT and s.drained[0] == "worker-0" and s.drained[-1] == "worker-30"
+    assert "worker-1" not in s.drained and s.workers == 39
+    again = s.draining("worker-30", in_pool=False, present=present)
+    assert again.drained.count("worker-30") == 1
 
 
 def test_migrate_is_copy_switch_drop():

@@ -260,6 +260,7 @@ def test_kubectl_moe_plugin(moe):
     assert drained.returncode == 0, drained.stderr + drained.stdout
     obj = moe.wait_ready(2)
     assert new not in {w["id"] for w in obj["status"]["workers"]} and obj["spec"]["replicas"] == 2
+    assert obj["spec"]["drained"] == [new]  # in the same patch as replicas: a restarted operator goes on with it
     bad = kubectl_moe(moe, "migrate", NAME, "one:two", "--to", "worker-0")
     assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
 

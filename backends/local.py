@@ -301,12 +301,12 @@ class LocalCluster:
                          "device": w.device} for w in s.workers],
         }
 
-    def _stream(self, call: str, request, timeout: float, *, again_if_restarted: bool = False) -> Iterator[str]:
-        """The controller's progress lines for `call`. With `again_if_restarted` (a call safe to repeat), a
-        controller that dies mid-call and is started again (by its supervisor, or Ray) is asked again."""
+    def _stream(self, call: str, request, timeout: float) -> Iterator[str]:
+        """The controller's progress lines for `call`. A controller that dies mid-call and is started again
+        (by its supervisor, or Ray) is asked again: every admin call is safe to repeat (`wire/retry.py`)."""
         channel = endpoints.channel(self.info()["controller"])
         stub = controller_pb2_grpc.ControllerStub(channel)
-        restarts = again_if_restarted and (self.backend == "ray" or self.supervised())
+        restarts = self.backend == "ray" or self.supervised()
         try:
             for line in retry.stream_again_on_unavailable(
                     lambda left: (p.message for p in getattr(stub, call)(request, timeout=left) if not p.done),
@@ -320,11 +320,10 @@ class LocalCluster:
             channel.close()
 
     def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
-        return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout, again_if_restarted=True)
+        return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout)
 
     def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
-        # Asked again after a controller restart, the drain finds its worker named in the spec: drained once.
-        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout, again_if_restarted=True)
+        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout)
 
     def snapshot(self, directory: str | Path | None = None, timeout: float = 600.0) -> Iterator[str]:
         directory = str(Path(directory).resolve()) if directory else ""
@@ -336,7 +335,7 @@ class LocalCluster:
         """Rolls every expert back to SNAPSHOT (a step-NNNNNNNN folder, or the newest good one in a folder of
         them; default: the cluster's snapshot directory). Refused while a trainer is connected."""
         request = controller_pb2.RestoreRequest(snapshot=str(Path(snapshot).resolve()) if snapshot else "")
-        return self._stream("Restore", request, timeout, again_if_restarted=True)  # again = finished
+        return self._stream("Restore", request, timeout)
 
     def migrate(self, layer: int, expert: int, to: str, source: str = "", timeout: float = 600.0) -> Iterator[str]:
         request = controller_pb2.MigrateRequest(layer=layer, expert=expert, to_worker=to, from_worker=source)

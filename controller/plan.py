@@ -207,9 +207,12 @@ def _members(spec: ClusterSpec, serving, table: Placement) -> tuple[set[str], li
     return victims, sorted(keep + joining)
 
 
-def migrate(observed: Observed, table: Placement, expert: ExpertKey, to: str, source: str | None = None) -> list[Step]:
+def migrate(observed: Observed, table: Placement, expert: ExpertKey, to: str, source: str | None = None,
+            min_replicas: int = 1) -> list[Step]:
     """Moves one copy of `expert` to worker `to` (from `source`, or from any holder): copy, switch, drop.
 
+    Asked again (a call cut off by a controller restart, whose successor publishes every copy it finds),
+    it does what is left: [] once `to` holds the expert and `source`, if named, no longer does.
     ValueError with what is wrong when the move is impossible.
     """
     serving = observed.serving
@@ -219,7 +222,13 @@ def migrate(observed: Observed, table: Placement, expert: ExpertKey, to: str, so
     if to not in serving:
         raise ValueError(f"worker {to!r} is not serving; serving workers: {sorted(serving)}")
     if to in holders:
-        raise ValueError(f"worker {to!r} already holds expert {expert}")
+        if source in (None, to) or source not in holders:
+            return []
+        if len(holders) - 1 < min_replicas:
+            raise ValueError(f"{to!r} and {source!r} both hold expert {expert}: dropping {source}'s copy would leave "
+                             f"fewer than {min_replicas} copies")
+        target = {**table, expert: tuple(w for w in holders if w != source)}
+        return [Publish(target), AwaitAcks(), DropExperts(source, (expert,))]
     source = source or holders[0]
     if source not in holders:
         raise ValueError(f"worker {source!r} does not hold expert {expert}; holders: {list(holders)}")

@@ -300,8 +300,9 @@ class Controller:
 
     def migrate(self, expert: ExpertKey, to: str, source: str | None = None) -> Iterator[str]:
         with self._plan_lock:
-            steps = p.migrate(self.monitor.snapshot(), self.publisher.table.placement, expert, to, source)
-            yield f"moving expert {expert} to {to}"
+            steps = p.migrate(self.monitor.snapshot(), self.publisher.table.placement, expert, to, source,
+                              self.spec.min_replicas)
+            yield f"moving expert {expert} to {to}" if steps else f"expert {expert} is on {to} already: nothing to move"
             self.executor.run(steps)
         yield f"expert {expert} now on {list(self.publisher.table.placement[expert])} (epoch {self.publisher.table.epoch})"
 

@@ -44,7 +44,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
 from moecluster.sdk import trainer_state
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, retry, streaming
 from moecluster.wire.tensors import decode
 from torch import nn
 
@@ -74,7 +74,7 @@ class TrainingSession:
         self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate, cluster=cluster)
         self._metadata = cluster_metadata(cluster)
         self.watcher.start()
-        self._channel = grpc.insecure_channel(controller)
+        self._channel = endpoints.channel(controller)  # reconnects within a second to a restarted controller
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
         if not self.watcher.first_table.wait(timeout):
             self.close()
@@ -147,10 +147,14 @@ class TrainingSession:
         raise TrainingError(f"{what}: no worker answered: {unavailable or 'the table has none'}")
 
     def _call_controller(self, method: str, request) -> str:
-        """Runs a streaming controller request to its end; returns the path its last message names."""
+        """Runs a streaming controller request (Snapshot, Restore) to its end; returns the path its last message
+        names. Both are safe to repeat: a controller that dies mid-call is asked again once it is back."""
+        call = getattr(self._controller, method)
         try:
-            for progress in getattr(self._controller, method)(request, timeout=self.pause_timeout,
-                                                                metadata=self._metadata):
+            for progress in retry.stream_again_on_unavailable(
+                    lambda left: call(request, timeout=left, metadata=self._metadata), timeout=self.pause_timeout,
+                    on_retry=lambda err: self.progress(f"the controller stopped answering ({err.code().name}); "
+                                                       "asking again once it is back")):
                 if progress.done:
                     return progress.path
                 self.progress(progress.message)

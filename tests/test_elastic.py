@@ -257,6 +257,8 @@ def test_migrate_drain_and_metrics(cluster, reference):
         moved = c.status()
         holders = [w["id"] for w in serving(moved) if [layer, expert] in w["experts"]]
         assert holders == [target]
+        again = list(c.migrate(layer, expert, target, source["id"]))  # asked again (a cut-off call): done already
+        assert again[0] == f"expert {(layer, expert)} is on {target} already: nothing to move", again
         list(c.drain(serving(moved)[2]["id"]))
         assert_spec(c.status(), 2, 1)
     check(load.report)

@@ -303,12 +303,35 @@ def test_migrate_is_copy_switch_drop():
     pool.converge(spec(3, 1))  # a rebalance may follow, but it moves other experts: the user's choice stays
     assert pool.table[key] == (to,)
     pool.assert_meets(spec(3, 1))
-    with pytest.raises(ValueError, match="already holds"):
-        p.migrate(pool.observed(), pool.table, key, to)
+    assert p.migrate(pool.observed(), pool.table, key, to) == []  # asked again: done already
+    assert p.migrate(pool.observed(), pool.table, key, to, source) == []
     with pytest.raises(ValueError, match="not serving"):
         p.migrate(pool.observed(), pool.table, key, "worker-9")
     with pytest.raises(ValueError, match="not in the routing table"):
         p.migrate(pool.observed(), pool.table, (7, 7), to)
+
+
+def test_a_migrate_asked_again_after_the_copy_finishes_the_switch_and_the_drop():
+    """Cut off after the pull: the restarted controller publishes both copies; asked again with the same
+    source, the move is switched and the source's copy dropped, nothing pulled twice."""
+    pool = Pool()
+    pool.converge(spec(3, 1))
+    key = (0, 5)
+    source = pool.table[key][0]
+    to = next(w for w in pool.workers if w != source)
+    pull = p.migrate(pool.observed(), pool.table, key, to, source)[0]
+    pool.apply(pull)
+    pool.apply(p.Publish({**pool.table, key: (source, to)}))  # what a restarted controller finds and publishes
+    rest = p.migrate(pool.observed(), pool.table, key, to, source)
+    assert [type(s).__name__ for s in rest] == ["Publish", "AwaitAcks", "DropExperts"]
+    for step in rest:
+        pool.apply(step)
+    assert pool.table[key] == (to,) and key not in pool.workers[source].held
+    assert p.migrate(pool.observed(), pool.table, key, to, source) == []
+    pool.apply(p.PullExpert(source, key, to))
+    pool.apply(p.Publish({**pool.table, key: (to, source)}))
+    with pytest.raises(ValueError, match="fewer than 2 copies"):  # a second copy the spec asks for is kept
+        p.migrate(pool.observed(), pool.table, key, to, source, min_replicas=2)
 
 
 def test_spec_validation_says_what_is_wrong():

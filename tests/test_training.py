@@ -317,6 +317,7 @@ def stepper(session, path):
             loss.backward()
             return loss
         return opt.step(closure).item()
+    step.model, step.optimizer = model, opt  # what `session.save` takes
     return step
 
 
@@ -385,3 +386,36 @@ def test_a_restore_cut_off_by_a_controller_crash_is_asked_again_and_finished(clu
     with TrainingSession(c.status()["controller"]) as session:
         assert set(session.versions().values()) == {0}
         assert len(session.versions()) == 16
+
+
+def test_a_save_cut_off_by_a_controller_crash_is_asked_again_and_its_snapshot_resumes(cluster, tmp_path, path):
+    """The controller dies after one worker wrote its experts and before the other did: `save` waits for its
+    supervisor to start it again and asks again; the snapshot is whole, the trainer's state beside it."""
+    c = cluster("save-crash", workers=2, replicas=1, snapshot_dir=tmp_path / "snaps")
+    first, last = sorted(serving(c.status()), key=lambda w: w["id"])  # written in this order
+    controller = c.controller_record()
+    lines = []
+
+    def heard(line):
+        lines.append(line)
+        if line.startswith(f"{first['id']}: wrote") and not any("stopped answering" in seen for seen in lines):
+            os.kill(controller.pid, signal.SIGKILL)
+            os.kill(last["pid"], signal.SIGCONT)
+
+    with TrainingSession(c.status()["controller"]) as session:
+        step = stepper(session, path)
+        for s in range(2):
+            step(s)
+        session.progress = heard
+        os.kill(last["pid"], signal.SIGSTOP)  # holds the snapshot between the two workers
+        try:
+            folder = session.save(step.model, step.optimizer)
+        finally:
+            os.kill(last["pid"], signal.SIGCONT)
+    assert c.controller_record().pid != controller.pid
+    assert any("the controller stopped answering" in line for line in lines), lines
+    assert folder.name == "step-00000002" and (folder / "trainer.pt").is_file(), list(folder.iterdir())
+    assert [s.step for s in snapshot_folders.newest_first(tmp_path / "snaps")] == [2]
+    with TrainingSession(c.status()["controller"], resume_from=folder) as session:
+        assert session.resumed.step == 2 and session.step == 3
+        assert set(session.versions().values()) == {2} and len(session.versions()) == 16

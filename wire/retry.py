@@ -1,11 +1,14 @@
-"""Streaming admin calls (Scale, Drain, Restore) that outlive a controller restart.
+"""Streaming admin calls (Scale, Drain, Migrate, Snapshot, Restore) that outlive a controller restart.
 
 A supervised controller that dies mid-call is back at the same address within seconds (its
-supervisor, or Ray's actor restart, starts it again). These calls are safe to ask again: Scale sets a
-target, Drain names its worker in the spec (asked again, it waits for that drain), and Restore again
-finishes a restore that was cut off. So on UNAVAILABLE the call is opened
-again, pausing 50 ms doubling to 1 s, for at most `window_s` of outage; the caller sees one stream
-of progress, and the error only if the controller stays away.
+supervisor, or Ray's actor restart, starts it again). Every such call is safe to ask again:
+- Scale sets a target;
+- Drain names its worker in the spec: asked again, it waits for that drain;
+- Migrate, asked again, does what is left of the move (nothing, once it is done);
+- Snapshot writes the pool's state at its step boundary again (a folder cut off is never read);
+- Restore again finishes a restore that was cut off.
+So on UNAVAILABLE the call is opened again, pausing 50 ms doubling to 1 s, for at most `window_s`
+of outage; the caller sees one stream of progress, and the error only if the controller stays away.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +42,14 @@ def expected(path: str):
 
 def serving(status) -> list[dict]:
     return [w for w in status["workers"] if w["state"] == "serving"]
+
+
+def _answers(c: LocalCluster) -> bool:
+    try:
+        c.status(rpc_timeout=2)
+        return True
+    except Exception:  # noqa: BLE001 - not back yet
+        return False
 
 
 def wait_for(check, seconds: float) -> float | None:
@@ -122,16 +131,36 @@ def run(args) -> dict:
             "workers_before": sorted(w["id"] for w in serving(before)), "workers_after": sorted(w["id"] for w in serving(after)),
             "epoch_before": before["epoch"], "epoch_after": after["epoch"]}
 
+        list(c.scale(3))
+        three = sorted(w["id"] for w in serving(c.status()))
+        oldest = min(three, key=lambda w: int(w.rsplit("-", 1)[1]))  # left to itself, a shrink empties the newest
+        drain_lines, drain_errors = [], []
+
+        def drain():
+            try:
+                drain_lines.extend(c.drain(oldest))
+            except Exception as err:  # noqa: BLE001 - reported, and asserted on by the test
+                drain_errors.append(f"{type(err).__name__}: {err}")
+
         with load(c, batch, logits) as running:
             time.sleep(1)
             crashed = controller_pid(c.name)
-            os.kill(crashed, signal.SIGKILL)  # the controller's process dies: Ray starts the actor again by itself
+            draining = threading.Thread(target=drain)
+            draining.start()
+            wait_for(lambda: c.status()["desired_workers"] == 2, 30)
+            started = time.monotonic()
+            os.kill(crashed, signal.SIGKILL)  # mid-drain, the controller's process dies: Ray starts the actor again
             restarted = wait_for(lambda: controller_pid(c.name) not in (None, crashed), 120)
+            answering = wait_for(lambda: _answers(c), 120)
+            answering = None if answering is None else time.monotonic() - started
+            draining.join(180)
             c.wait_converged(120, lambda line: None)
             time.sleep(1)
         after = c.status()
-        out["controller_crash"] = {**summary(running.report), "restarted_s": restarted, "controller": after["controller"],
-                                   "controller_before": before["controller"], "workers": sorted(w["id"] for w in serving(after))}
+        out["controller_crash"] = {**summary(running.report), "restarted_s": restarted, "answering_s": answering,
+                                   "controller": after["controller"], "controller_before": before["controller"],
+                                   "workers": sorted(w["id"] for w in serving(after)), "workers_before_drain": three,
+                                   "drained": oldest, "drain_lines": drain_lines, "drain_errors": drain_errors}
 
         c = clusters[0]  # last, as it changes the experts: train, save through the worker actors, resume from a save
         controller = c.status()["controller"]

@@ -76,12 +76,14 @@ def test_a_restarted_controller_actor_rebuilds_its_state_from_the_workers(report
     assert result["epoch_after"] >= result["epoch_before"], "epochs never go back"
 
 
-def test_a_crashed_controller_actor_is_started_again_by_ray_at_its_address(report):
+def test_a_controller_actor_crashed_mid_drain_is_started_again_by_ray_and_drains_the_same_worker(report):
     result = report["controller_crash"]
     assert result["restarted_s"] is not None, f"no controller actor came back by itself: {result}"
     assert result["failed"] == 0 and result["wrong"] == 0 and result["ok"] > 0, result
     assert result["controller"] == result["controller_before"], "frontends reconnect to the address they know"
-    assert len(result["workers"]) == 2, result
+    assert not result["drain_errors"], result  # the drain call was asked again and returned
+    assert any("the controller stopped answering" in line for line in result["drain_lines"]), result
+    assert result["workers"] == sorted(set(result["workers_before_drain"]) - {result["drained"]}), result
 
 
 def test_training_saves_through_worker_actors_and_resumes_exactly(report):

@@ -22,8 +22,6 @@ from moecluster.sdk.http_transport import HttpFrontendStub
 from moecluster.wire import endpoints, retry, streaming
 from moecluster.wire.tensors import decode, encode
 
-RETRY_FIRST_PAUSE_S, RETRY_MAX_PAUSE_S = 0.05, 1.0  # between tries of a read while the frontend is away
-
 
 class MoEClusterError(RuntimeError):
     """A request the cluster did not answer; `code` is the gRPC status."""
@@ -165,19 +163,19 @@ class Client:
         client has reached its frontend."""
         started = time.monotonic()
         deadline = started + self.timeout
-        pause, retried = RETRY_FIRST_PAUSE_S, False
+        pause, retried = retry.FIRST_PAUSE_S, False  # the admin streams' backoff
         while True:
             try:
                 result = self._call(lambda: call(max(deadline - time.monotonic(), 0.001)))
             except MoEClusterError as err:
-                retry = self._reached and err.code == grpc.StatusCode.UNAVAILABLE
-                if not (retry and time.monotonic() + pause < deadline):
+                again = self._reached and err.code == grpc.StatusCode.UNAVAILABLE
+                if not (again and time.monotonic() + pause < deadline):
                     if retried:
                         waited = time.monotonic() - started
                         raise MoEClusterError(err.code, f"{err.message} (retried for {waited:.0f}s)") from None
                     raise
                 time.sleep(pause)
-                pause, retried = min(pause * 2, RETRY_MAX_PAUSE_S), True
+                pause, retried = min(pause * 2, retry.MAX_PAUSE_S), True
                 continue
             self._reached = True
             return result

@@ -277,6 +277,14 @@ def test_a_drained_spare_is_replaced_and_the_pool_keeps_its_size():
     pool.assert_meets(spec(3, 2, standby=1))
 
 
+def test_a_worker_named_drained_without_a_smaller_pool_is_replaced():
+    pool = Pool()
+    pool.converge(spec(3, 2))
+    pool.converge(spec(3, 2).model_copy(update={"drained": ("worker-1",)}))
+    assert sorted(pool.workers) == ["worker-0", "worker-2", "worker-3"]
+    pool.assert_meets(spec(3, 2))
+
+
 def test_drained_workers_that_are_gone_are_forgotten_oldest_first_beyond_a_bound():
     from moecluster.controller.spec import DRAINED_KEPT
 

@@ -311,8 +311,7 @@ class LocalCluster:
             for line in retry.stream_again_on_unavailable(
                     lambda left: (p.message for p in getattr(stub, call)(request, timeout=left) if not p.done),
                     timeout=timeout, window_s=retry.CONTROLLER_BACK_S if restarts else 0.0,
-                    on_retry=lambda err: f"the controller stopped answering ({err.code().name}); asking again "
-                                         f"once it is back (up to {retry.CONTROLLER_BACK_S:.0f}s)"):
+                    on_retry=retry.asking_again):
                 yield line
         except grpc.RpcError as err:
             raise ClusterError(f"{call.lower()} failed: {err.details() or err.code().name}") from None

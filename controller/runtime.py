@@ -54,7 +54,7 @@ class Controller:
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
-        self._spec_lock = threading.Lock()  # a drain reads the spec to write it
+        self._spec_lock = threading.Lock()  # a drain or a scale reads the spec to write it
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
         self.converged = False

@@ -126,8 +126,7 @@ class Client:
             try:  # Scale sets a target: a controller restarted mid-way (by its supervisor) is asked again
                 for update in retry.stream_again_on_unavailable(
                         lambda left: stub.Scale(controller_pb2.ScaleRequest(workers=workers), timeout=left),
-                        timeout=timeout, on_retry=lambda err: say(f"the controller stopped answering "
-                                                                  f"({err.code().name}); asking again once it is back")):
+                        timeout=timeout, on_retry=lambda err: say(retry.asking_again(err))):
                     epoch = update.epoch
                     if not update.done:
                         say(update.message)

@@ -153,8 +153,7 @@ class TrainingSession:
         try:
             for progress in retry.stream_again_on_unavailable(
                     lambda left: call(request, timeout=left, metadata=self._metadata), timeout=self.pause_timeout,
-                    on_retry=lambda err: self.progress(f"the controller stopped answering ({err.code().name}); "
-                                                       "asking again once it is back")):
+                    on_retry=lambda err: self.progress(retry.asking_again(err))):
                 if progress.done:
                     return progress.path
                 self.progress(progress.message)

@@ -134,11 +134,13 @@ def run(args) -> dict:
         list(c.scale(3))
         three = sorted(w["id"] for w in serving(c.status()))
         oldest = min(three, key=lambda w: int(w.rsplit("-", 1)[1]))  # left to itself, a shrink empties the newest
-        drain_lines, drain_errors = [], []
+        drain_lines, drain_errors, drain_began = [], [], threading.Event()
 
         def drain():
             try:
-                drain_lines.extend(c.drain(oldest))
+                for line in c.drain(oldest):
+                    drain_lines.append(line)
+                    drain_began.set()
             except Exception as err:  # noqa: BLE001 - reported, and asserted on by the test
                 drain_errors.append(f"{type(err).__name__}: {err}")
 
@@ -147,8 +149,8 @@ def run(args) -> dict:
             crashed = controller_pid(c.name)
             draining = threading.Thread(target=drain)
             draining.start()
-            wait_for(lambda: c.status()["desired_workers"] == 2, 30)
-            started = time.monotonic()
+            drain_began.wait(30)  # "draining worker-N": the spec names it, nothing has moved yet
+            lines_at_kill, started = list(drain_lines), time.monotonic()
             os.kill(crashed, signal.SIGKILL)  # mid-drain, the controller's process dies: Ray starts the actor again
             restarted = wait_for(lambda: controller_pid(c.name) not in (None, crashed), 120)
             answering = wait_for(lambda: _answers(c), 120)
@@ -160,7 +162,8 @@ def run(args) -> dict:
         out["controller_crash"] = {**summary(running.report), "restarted_s": restarted, "answering_s": answering,
                                    "controller": after["controller"], "controller_before": before["controller"],
                                    "workers": sorted(w["id"] for w in serving(after)), "workers_before_drain": three,
-                                   "drained": oldest, "drain_lines": drain_lines, "drain_errors": drain_errors}
+                                   "drained": oldest, "drain_lines": drain_lines, "drain_errors": drain_errors,
+                                   "lines_at_kill": lines_at_kill}
 
         c = clusters[0]  # last, as it changes the experts: train, save through the worker actors, resume from a save
         controller = c.status()["controller"]

@@ -226,11 +226,15 @@ def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drain
             errors.append(err)
 
     with load_for(c, reference) as load:
-        controller = c.controller_record()
+        controller, frontend, epoch = c.controller_record(), c.frontend_record(), c.status()["epoch"]
         thread = threading.Thread(target=drain)
-        thread.start()
-        assert wait_for(lambda: c.status()["desired_workers"] == 3, timeout=30), "the drain never lowered the spec"
-        os.kill(controller.pid, signal.SIGKILL)  # the drain has begun: experts are moving off the worker
+        os.kill(frontend.pid, signal.SIGSTOP)  # holds the drain after its switch: the new table waits for an ack
+        try:
+            thread.start()
+            assert wait_for(lambda: c.status()["epoch"] > epoch, timeout=30), "the drain never published"
+            os.kill(controller.pid, signal.SIGKILL)  # switched away from the worker; not yet dropped, drained, stopped
+        finally:
+            os.kill(frontend.pid, signal.SIGCONT)
         thread.join(timeout=120)
         status = c.wait_converged(120, lambda _: None)
         assert c.controller_record().pid != controller.pid

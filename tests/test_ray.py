@@ -81,6 +81,7 @@ def test_a_controller_actor_crashed_mid_drain_is_started_again_by_ray_and_drains
     assert result["restarted_s"] is not None, f"no controller actor came back by itself: {result}"
     assert result["failed"] == 0 and result["wrong"] == 0 and result["ok"] > 0, result
     assert result["controller"] == result["controller_before"], "frontends reconnect to the address they know"
+    assert not any(line.startswith("done:") for line in result["lines_at_kill"]), "the drain ended before the kill"
     assert not result["drain_errors"], result  # the drain call was asked again and returned
     assert any("the controller stopped answering" in line for line in result["drain_lines"]), result
     assert result["workers"] == sorted(set(result["workers_before_drain"]) - {result["drained"]}), result

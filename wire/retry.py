@@ -22,6 +22,12 @@ FIRST_PAUSE_S, MAX_PAUSE_S = 0.05, 1.0
 CONTROLLER_BACK_S = 30.0  # a supervisor restarts a dead controller within 11 s (backoff at most 10 s + start-up)
 
 
+def asking_again(err: grpc.RpcError) -> str:
+    """The progress line that says why a stream pauses."""
+    return (f"the controller stopped answering ({err.code().name}); asking again once it is back "
+            f"(up to {CONTROLLER_BACK_S:.0f}s)")
+
+
 def stream_again_on_unavailable(open_stream: Callable[[float], Iterator], *, timeout: float,
                                 window_s: float = CONTROLLER_BACK_S,
                                 on_retry: Callable[[grpc.RpcError], object] = lambda err: None) -> Iterator:

@@ -98,7 +98,7 @@ def cmd_status(args) -> int:
         return 0
     state = "converged" if doc["converged"] else "reconciling"
     print(f"cluster {doc['name']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}  "
-          f"workers {sum(w['state'] != 'standby' for w in doc['workers'])}/{doc['desired_workers']}  "
+          f"workers {sum(w['state'] not in ('standby', 'leaving') for w in doc['workers'])}/{doc['desired_workers']}  "
           f"replicas >= {doc['min_replicas']}  "
           f"imbalance {doc['imbalance']:.2f}  {state}")
     for w in doc["workers"]:

@@ -333,9 +333,13 @@ class Controller:
         pool = self._pool(observed)
         workers = []
         for worker_id, obs in sorted(observed.workers.items()):
-            spare = obs.state == WorkerState.SERVING and worker_id not in pool
+            state = obs.state.value
+            if obs.state == WorkerState.SERVING and worker_id in self.spec.drained:
+                state = "leaving"  # still answering while its experts move away
+            elif obs.state == WorkerState.SERVING and worker_id not in pool:
+                state = "standby"
             workers.append({
-                "id": worker_id, "address": obs.address, "pid": obs.pid, "state": "standby" if spare else obs.state.value,
+                "id": worker_id, "address": obs.address, "pid": obs.pid, "state": state,
                 "experts": sorted([list(k) for k in obs.held]), "device": obs.device,
                 "load": sum(obs.load.values()),
             })

@@ -232,6 +232,7 @@ def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drain
         try:
             thread.start()
             assert wait_for(lambda: c.status()["epoch"] > epoch, timeout=30), "the drain never published"
+            states = {w["id"]: w["state"] for w in c.status()["workers"]}
             os.kill(controller.pid, signal.SIGKILL)  # switched away from the worker; not yet dropped, drained, stopped
         finally:
             os.kill(frontend.pid, signal.SIGCONT)
@@ -242,6 +243,7 @@ def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drain
     check(load.report)
     assert not errors and not thread.is_alive(), errors
     assert any("the controller stopped answering" in line for line in lines), lines
+    assert states == {w: "leaving" if w == oldest else "serving" for w in before}, states
     assert {w["id"] for w in serving(status)} == before - {oldest}, status
     assert status["desired_workers"] == 3 and again == [f"{oldest} has left the pool"], again
     assert_spec(c.status(), 3, 2)
@@ -261,8 +263,9 @@ def test_migrate_drain_and_metrics(cluster, reference):
         moved = c.status()
         holders = [w["id"] for w in serving(moved) if [layer, expert] in w["experts"]]
         assert holders == [target]
-        again = list(c.migrate(layer, expert, target, source["id"]))  # asked again (a cut-off call): done already
-        assert again[0] == f"expert {(layer, expert)} is on {target} already: nothing to move", again
+        # Asked again (a cut-off call) it is no error: nothing to move, or only what a rebalance changed meanwhile.
+        again = list(c.migrate(layer, expert, target))
+        assert again[-1].startswith(f"expert {(layer, expert)} now on [") and repr(target) in again[-1], again
         list(c.drain(serving(moved)[2]["id"]))
         assert_spec(c.status(), 2, 1)
     check(load.report)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import logging
 import os
 import threading
@@ -120,9 +121,10 @@ class ClusterRunner:
         if self.controller.frontend is not None:  # re-applied each tick: a deleted Deployment or Service comes back
             self.controller.frontend = self.actuator.start_frontend(SETTINGS.controller_address, timeout=60)
 
-    def run_action(self, what: str, steps) -> None:
-        """Runs a request (drain, migrate, snapshot, restore) in the background; its outcome goes to status.lastAction."""
-        self.action = {"action": what, "state": "Running", "message": "", "time": _now()}
+    def run_action(self, what: str, steps, request: str = "") -> None:
+        """Runs a request (drain, migrate, snapshot, restore) in the background; its outcome goes to status.lastAction,
+        with the id of the request (`kubectl moe` waits for its own, not an earlier one of the same name)."""
+        self.action = {"action": what, "state": "Running", "message": "", "time": _now(), "request": request}
 
         def go():
             try:
@@ -230,6 +232,9 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
     controller = runner.controller
     if controller is None:
         return
+    request = resource.annotations.get(r.REQUEST_ANNOTATION, "")
+    if request:
+        patch.metadata.annotations[r.REQUEST_ANNOTATION] = None
     drain = resource.annotations.get(r.DRAIN_ANNOTATION)
     if drain:
         patch.metadata.annotations[r.DRAIN_ANNOTATION] = None
@@ -238,13 +243,14 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
             first = next(steps)  # checks and starts the drain; the rest waits for it
         except ValueError as err:
             kopf.warn(body, reason="DrainRefused", message=str(err))
-            runner.action = {"action": f"drain {drain}", "state": "Failed", "message": str(err), "time": _now()}
+            runner.action = {"action": f"drain {drain}", "state": "Failed", "message": str(err), "time": _now(),
+                             "request": request}
             return
         # The resource says what the pool now is, and whom it drains: a restarted operator goes on with it.
         patch.spec["replicas"] = controller.spec.workers
         patch.spec["drained"] = list(controller.spec.drained)
         kopf.info(body, reason="Draining", message=first)
-        runner.run_action(f"drain {drain}", lambda: steps)
+        runner.run_action(f"drain {drain}", lambda: itertools.chain([first], steps), request)  # "has left" may be all
     migrate = resource.annotations.get(r.MIGRATE_ANNOTATION)
     if migrate:
         patch.metadata.annotations[r.MIGRATE_ANNOTATION] = None
@@ -254,16 +260,17 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
             kopf.warn(body, reason="MigrateRefused", message=str(err))
             return
         kopf.info(body, reason="Migrating", message=f"moving expert {expert} to {to}")
-        runner.run_action(f"migrate {migrate}", lambda: controller.migrate(expert, to))
+        runner.run_action(f"migrate {migrate}", lambda: controller.migrate(expert, to), request)
     if resource.annotations.get(r.SNAPSHOT_ANNOTATION):
         patch.metadata.annotations[r.SNAPSHOT_ANNOTATION] = None
         kopf.info(body, reason="Snapshotting", message="writing every expert's training state at a step boundary")
-        runner.run_action("snapshot", controller.snapshot)
+        runner.run_action("snapshot", controller.snapshot, request)
     restore = resource.annotations.get(r.RESTORE_ANNOTATION)
     if restore:
         patch.metadata.annotations[r.RESTORE_ANNOTATION] = None
         kopf.info(body, reason="Restoring", message=f"rolling every expert back to {restore}")
-        runner.run_action(f"restore {restore}", lambda: controller.restore("" if restore == "latest" else restore))
+        runner.run_action(f"restore {restore}", lambda: controller.restore("" if restore == "latest" else restore),
+                          request)
 
 
 def _post_events(body, before: dict, after: dict) -> None:

@@ -22,6 +22,7 @@ DRAIN_ANNOTATION = "moecluster.io/drain"  # value: a worker id; `kubectl moe dra
 MIGRATE_ANNOTATION = "moecluster.io/migrate"  # value: LAYER:EXPERT=WORKER; `kubectl moe migrate` sets it
 SNAPSHOT_ANNOTATION = "moecluster.io/snapshot"  # value: when it was asked; `kubectl moe snapshot` sets it
 RESTORE_ANNOTATION = "moecluster.io/restore"  # value: a snapshot folder, or "latest"; `kubectl moe restore` sets it
+REQUEST_ANNOTATION = "moecluster.io/request"  # value: an id `kubectl moe` makes; echoed in status.lastAction.request
 RUN_AS_USER = 10001  # the image's non-root user
 
 

@@ -22,10 +22,12 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 from moecluster.backends.k8s_resources import (
     DRAIN_ANNOTATION,
     MIGRATE_ANNOTATION,
+    REQUEST_ANNOTATION,
     RESTORE_ANNOTATION,
     SNAPSHOT_ANNOTATION,
     parse_migrate,
@@ -119,12 +121,19 @@ def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> di
         time.sleep(1.0)
 
 
-def wait_action(kubectl: Kubectl, name: str, action: str, since: str, timeout: float) -> dict:
-    """Waits for status.lastAction of this action, newer than `since`, to end."""
+def ask(kubectl: Kubectl, name: str, annotation: str, value: str) -> str:
+    """Sets a request's annotation, with a new request id beside it in the same write; returns the id."""
+    request = uuid.uuid4().hex[:12]
+    kubectl("annotate", f"moecluster/{name}", f"{annotation}={value}", f"{REQUEST_ANNOTATION}={request}", "--overwrite")
+    return request
+
+
+def wait_action(kubectl: Kubectl, name: str, action: str, request: str, timeout: float) -> dict:
+    """Waits for status.lastAction of this request (not an earlier one of the same name) to end."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         last = kubectl.get(name).get("status", {}).get("lastAction") or {}
-        if last.get("action") == action and last.get("time", "") >= since and last.get("state") != "Running":
+        if last.get("action") == action and last.get("request") == request and last.get("state") != "Running":
             if last["state"] != "Succeeded":
                 raise RuntimeError(f"{action}: {last.get('message', 'failed')}")
             print(f"{action}: {last.get('message', 'done')}")
@@ -185,28 +194,24 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_wait:
                 wait_ready(kubectl, args.name, args.replicas, args.timeout)
         elif args.verb == "drain":
-            since = _now()
-            kubectl("annotate", f"moecluster/{args.name}", f"{DRAIN_ANNOTATION}={args.worker}", "--overwrite")
+            request = ask(kubectl, args.name, DRAIN_ANNOTATION, args.worker)
             print(f"draining {args.worker}", flush=True)
             if not args.no_wait:
-                wait_action(kubectl, args.name, f"drain {args.worker}", since, args.timeout)
+                wait_action(kubectl, args.name, f"drain {args.worker}", request, args.timeout)
         elif args.verb in ("snapshot", "restore"):
             annotation, action = ((SNAPSHOT_ANNOTATION, "snapshot") if args.verb == "snapshot"
                                   else (RESTORE_ANNOTATION, f"restore {args.snapshot}"))
-            since = _now()
-            kubectl("annotate", f"moecluster/{args.name}", f"{annotation}={args.snapshot if args.verb == 'restore' else since}",
-                    "--overwrite")
+            request = ask(kubectl, args.name, annotation, args.snapshot if args.verb == "restore" else _now())
             print(f"{action}: asked", flush=True)
             if not args.no_wait:
-                wait_action(kubectl, args.name, action, since, args.timeout)
+                wait_action(kubectl, args.name, action, request, args.timeout)
         else:
             value = f"{args.expert}={args.to}"
             parse_migrate(value)  # a bad argument fails here, not in the operator
-            since = _now()
-            kubectl("annotate", f"moecluster/{args.name}", f"{MIGRATE_ANNOTATION}={value}", "--overwrite")
+            request = ask(kubectl, args.name, MIGRATE_ANNOTATION, value)
             print(f"moving expert {args.expert} to {args.to}", flush=True)
             if not args.no_wait:
-                wait_action(kubectl, args.name, f"migrate {value}", since, args.timeout)
+                wait_action(kubectl, args.name, f"migrate {value}", request, args.timeout)
     except (KubectlError, TimeoutError, RuntimeError, ValueError) as err:
         sys.exit(f"kubectl moe {args.verb}: {err}")
 

@@ -261,6 +261,9 @@ def test_kubectl_moe_plugin(moe):
     obj = moe.wait_ready(2)
     assert new not in {w["id"] for w in obj["status"]["workers"]} and obj["spec"]["replicas"] == 2
     assert obj["spec"]["drained"] == [new]  # in the same patch as replicas: a restarted operator goes on with it
+    again = kubectl_moe(moe, "drain", NAME, new)  # keyed by its worker: asked again, nothing more is drained
+    assert again.returncode == 0 and f"{new} has left the pool" in again.stdout, again.stderr + again.stdout
+    assert moe.get()["spec"]["replicas"] == 2
     bad = kubectl_moe(moe, "migrate", NAME, "one:two", "--to", "worker-0")
     assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
 

@@ -227,7 +227,7 @@ def _tick(body, status, patch, **_) -> None:
 
 
 def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> None:
-    """Drain, migrate, snapshot and restore, asked through annotations (`kubectl moe VERB`); each is taken once,
+    """Drain, replace, migrate, snapshot and restore, asked through annotations (`kubectl moe VERB`); each is taken once,
     then removed."""
     controller = runner.controller
     if controller is None:
@@ -235,22 +235,25 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
     request = resource.annotations.get(r.REQUEST_ANNOTATION, "")
     if request:
         patch.metadata.annotations[r.REQUEST_ANNOTATION] = None
-    drain = resource.annotations.get(r.DRAIN_ANNOTATION)
-    if drain:
-        patch.metadata.annotations[r.DRAIN_ANNOTATION] = None
+    for annotation, verb in ((r.DRAIN_ANNOTATION, "drain"), (r.REPLACE_ANNOTATION, "replace")):
+        worker = resource.annotations.get(annotation)
+        if not worker:
+            continue
+        patch.metadata.annotations[annotation] = None
         try:
-            steps = controller.drain(drain)
+            steps = controller.drain(worker, replace=verb == "replace")
             first = next(steps)  # checks and starts the drain; the rest waits for it
         except ValueError as err:
-            kopf.warn(body, reason="DrainRefused", message=str(err))
-            runner.action = {"action": f"drain {drain}", "state": "Failed", "message": str(err), "time": _now(),
+            kopf.warn(body, reason=f"{verb.capitalize()}Refused", message=str(err))
+            runner.action = {"action": f"{verb} {worker}", "state": "Failed", "message": str(err), "time": _now(),
                              "request": request}
-            return
+            continue
         # The resource says what the pool now is, and whom it drains: a restarted operator goes on with it.
         patch.spec["replicas"] = controller.spec.workers
         patch.spec["drained"] = list(controller.spec.drained)
         kopf.info(body, reason="Draining", message=first)
-        runner.run_action(f"drain {drain}", lambda: itertools.chain([first], steps), request)  # "has left" may be all
+        runner.run_action(f"{verb} {worker}", lambda first=first, steps=steps: itertools.chain([first], steps),
+                          request)  # "has left" may be all
     migrate = resource.annotations.get(r.MIGRATE_ANNOTATION)
     if migrate:
         patch.metadata.annotations[r.MIGRATE_ANNOTATION] = None

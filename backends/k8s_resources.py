@@ -19,6 +19,7 @@ GROUP, VERSION, PLURAL, KIND = "moecluster.io", "v1alpha1", "moeclusters", "MoEC
 WORKER_PORT, BULK_PORT, FRONTEND_PORT, METRICS_PORT = 50061, 50062, 50051, 9090
 CLUSTER_LABEL, WORKER_LABEL = "moecluster.io/cluster", "moecluster.io/worker-id"
 DRAIN_ANNOTATION = "moecluster.io/drain"  # value: a worker id; `kubectl moe drain` sets it
+REPLACE_ANNOTATION = "moecluster.io/replace"  # value: a worker id; `kubectl moe replace` sets it
 MIGRATE_ANNOTATION = "moecluster.io/migrate"  # value: LAYER:EXPERT=WORKER; `kubectl moe migrate` sets it
 SNAPSHOT_ANNOTATION = "moecluster.io/snapshot"  # value: when it was asked; `kubectl moe snapshot` sets it
 RESTORE_ANNOTATION = "moecluster.io/restore"  # value: a snapshot folder, or "latest"; `kubectl moe restore` sets it

@@ -321,8 +321,9 @@ class LocalCluster:
     def scale(self, workers: int, timeout: float = 600.0) -> Iterator[str]:
         return self._stream("Scale", controller_pb2.ScaleRequest(workers=workers), timeout)
 
-    def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
-        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id), timeout)
+    def drain(self, worker_id: str, timeout: float = 600.0, replace: bool = False) -> Iterator[str]:
+        """Moves a worker's experts away and stops it; with `replace` a new worker starts first and takes them."""
+        return self._stream("Drain", controller_pb2.DrainRequest(worker=worker_id, replace=replace), timeout)
 
     def snapshot(self, directory: str | Path | None = None, timeout: float = 600.0) -> Iterator[str]:
         directory = str(Path(directory).resolve()) if directory else ""

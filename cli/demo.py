@@ -4,7 +4,8 @@ Makes a tiny checkpoint, starts a local cluster, checks its answers against
 `transformers`' own forward on the same checkpoint, generates, then under a
 steady closed-loop load scales the pool up, kills a worker with SIGKILL, then
 the frontend (the controller starts it again; clients retry), then the controller
-(its supervisor starts it again), and scales down,
+(its supervisor starts it again), replaces a worker (a new one takes its
+experts before it stops) and scales down,
 counting failed requests and wrong answers all along. It stops everything it
 started.
 """
@@ -86,13 +87,23 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
                 cluster.wait_converged(120, progress)
                 say(f"8. under load: kill -9 the controller (pid {controller.pid}); started again by its supervisor, "
                     f"state rebuilt from the workers in {time.monotonic() - t:.1f}s")
+                before = {w["id"] for w in cluster.status()["workers"]}
+                old = min(before, key=lambda w: int(w.rsplit("-", 1)[1]))
+                t = time.monotonic()
+                for line in cluster.drain(old, replace=True):
+                    progress(line)
+                after = {w["id"] for w in cluster.status()["workers"]}
+                new = sorted(after - before)
+                replaced = len(new) == 1 and after == before - {old} | set(new)
+                say(f"9. under load: replaced {old} by {', '.join(new)} in {time.monotonic() - t:.1f}s "
+                    f"(the new worker took its experts first; the pool kept {workers + 2})")
                 t = time.monotonic()
                 for line in cluster.scale(2):
                     progress(line)
-                say(f"9. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
+                say(f"10. under load: scaled {workers + 2} -> 2 workers in {time.monotonic() - t:.1f}s")
                 time.sleep(1)
             report = load.report
-            say(f"10. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
+            say(f"11. {report.ok + report.failed + report.wrong} requests under load: {report.failed} failed, "
                 f"{report.wrong} wrong answers (worst error {report.worst_error:.2e})")
             for message in report.errors[:3]:
                 say(f"   failure: {message}")
@@ -100,10 +111,10 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
             for w in final["workers"]:
                 say(f"   {w['id']:<9} {w['address']:<20} {w['state']:<9} {len(w['experts'])} experts")
             client.close()
-            ok = error <= 1e-4 and same and back is not None and report.failed == 0 and report.wrong == 0
+            ok = error <= 1e-4 and same and back is not None and replaced and report.failed == 0 and report.wrong == 0
         finally:
             stopped = cluster.down()
-            say(f"11. stopped {len(stopped)} processes; nothing left running")
+            say(f"12. stopped {len(stopped)} processes; nothing left running")
     say("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

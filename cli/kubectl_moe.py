@@ -3,14 +3,15 @@
     kubectl moe status  NAME                          what the operator observes: workers, experts, conditions
     kubectl moe scale   NAME --replicas N             the same as `kubectl scale moecluster/NAME`, then waits
     kubectl moe drain   NAME WORKER                   move WORKER's experts away and remove it (pool shrinks by one)
+    kubectl moe replace NAME WORKER                   a new worker takes WORKER's experts first (pool keeps its size)
     kubectl moe migrate NAME LAYER:EXPERT --to WORKER copy one expert to WORKER, then switch traffic to it
     kubectl moe snapshot NAME                     every expert's training state, at a step boundary (spec.snapshots)
     kubectl moe snapshots NAME                    what a restore or a trainer's resume can use, the newest first
     kubectl moe restore NAME [SNAPSHOT]           roll every expert back to SNAPSHOT (default: the newest good one)
 
 Everything goes through the API server with your kubectl (its context, its
-credentials): scale patches the scale subresource; drain, migrate, snapshot and
-restore set an annotation the operator takes once and reports in `status.lastAction`. Put
+credentials): scale patches the scale subresource; drain, replace, migrate,
+snapshot and restore set an annotation the operator takes once and reports in `status.lastAction`. Put
 this on PATH as `kubectl-moe` (pip installs it) and kubectl finds it.
 """
 
@@ -27,6 +28,7 @@ import uuid
 from moecluster.backends.k8s_resources import (
     DRAIN_ANNOTATION,
     MIGRATE_ANNOTATION,
+    REPLACE_ANNOTATION,
     REQUEST_ANNOTATION,
     RESTORE_ANNOTATION,
     SNAPSHOT_ANNOTATION,
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     drain = verbs.add_parser("drain", help="move a worker's experts away and remove it")
     drain.add_argument("name")
     drain.add_argument("worker", help="worker id, e.g. worker-2 (see `kubectl moe status`)")
+    replace = verbs.add_parser("replace", help="start a new worker, move a worker's experts to it, then remove the "
+                               "old one (the pool keeps its size; while no new pod can start, the old one serves)")
+    replace.add_argument("name")
+    replace.add_argument("worker", help="worker id, e.g. worker-2 (see `kubectl moe status`)")
     migrate = verbs.add_parser("migrate", help="copy one expert to a worker, then switch traffic to it")
     migrate.add_argument("name")
     migrate.add_argument("expert", help="LAYER:EXPERT, e.g. 0:3")
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("name")
     restore.add_argument("snapshot", nargs="?", default="latest",
                          help="a step-NNNNNNNN folder as the workers see it (default: the newest good one)")
-    for sub in (scale, drain, migrate, snapshot, restore):
+    for sub in (scale, drain, replace, migrate, snapshot, restore):
         sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
         sub.add_argument("--no-wait", action="store_true", help="return once the request is made")
     args = parser.parse_args(argv)
@@ -193,11 +199,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"scaling {args.name} to {args.replicas} workers", flush=True)
             if not args.no_wait:
                 wait_ready(kubectl, args.name, args.replicas, args.timeout)
-        elif args.verb == "drain":
-            request = ask(kubectl, args.name, DRAIN_ANNOTATION, args.worker)
-            print(f"draining {args.worker}", flush=True)
+        elif args.verb in ("drain", "replace"):
+            annotation = DRAIN_ANNOTATION if args.verb == "drain" else REPLACE_ANNOTATION
+            request = ask(kubectl, args.name, annotation, args.worker)
+            print(f"{'draining' if args.verb == 'drain' else 'replacing'} {args.worker}", flush=True)
             if not args.no_wait:
-                wait_action(kubectl, args.name, f"drain {args.worker}", request, args.timeout)
+                wait_action(kubectl, args.name, f"{args.verb} {args.worker}", request, args.timeout)
         elif args.verb in ("snapshot", "restore"):
             annotation, action = ((SNAPSHOT_ANNOTATION, "snapshot") if args.verb == "snapshot"
                                   else (RESTORE_ANNOTATION, f"restore {args.snapshot}"))

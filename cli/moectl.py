@@ -5,7 +5,8 @@
   moectl status [-o json]
   moectl scale --workers 5          # returns when the new layout serves
   moectl migrate --layer 0 --expert 3 --to worker-4
-  moectl drain worker-1
+  moectl drain worker-1              # the pool shrinks by one
+  moectl replace worker-2            # a new worker takes its experts first: the pool keeps its size
   moectl train --steps 30 --out ./run      # train the model through the cluster
   moectl snapshot --dir ./snapshots        # experts' training state, at a step boundary
   moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
@@ -142,7 +143,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_drain(args) -> int:
-    return _follow(LocalCluster(args.name).drain(args.worker, timeout=args.timeout))
+    return _follow(LocalCluster(args.name).drain(args.worker, timeout=args.timeout, replace=args.replace))
 
 
 def cmd_snapshot(args) -> int:
@@ -292,10 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "the pool shrinks by one (a drained standby spare is replaced instead). The worker is "
                            "named in the cluster's spec, so a controller restarted meanwhile goes on with it, and "
                            "asking again for the same worker waits for that drain and removes no other.")
-    drain.add_argument("worker", help="worker id, as `moectl status` shows it")
-    drain.add_argument("--name", default="default")
-    drain.add_argument("--timeout", type=float, default=600)
-    drain.set_defaults(func=cmd_drain)
+    replace = sub.add_parser("replace", help="start a new worker, move a worker's experts to it, then stop the old "
+                             "one (the pool keeps its size)",
+                             description="Starts a new worker first (or takes a standby spare), moves WORKER's experts "
+                             "to it (copy before switch), then stops WORKER: the pool never has fewer workers than "
+                             "asked for, e.g. to move off a node before its maintenance or off a suspect GPU. While "
+                             "no new worker can start, WORKER keeps serving. Like drain, it is named in the spec and "
+                             "asking again waits for it.")
+    for verb in (drain, replace):
+        verb.add_argument("worker", help="worker id, as `moectl status` shows it")
+        verb.add_argument("--name", default="default")
+        verb.add_argument("--timeout", type=float, default=600)
+        verb.set_defaults(func=cmd_drain, replace=verb is replace)
 
     train = sub.add_parser("train", help="train the cluster's model on random tokens: dense parts here, experts on the workers")
     train.add_argument("--name", default="default")

@@ -134,7 +134,8 @@ BEHIND_AFTER_S = 1.0
 def reconcile(spec: ClusterSpec, observed: Observed, table: Placement) -> list[Step]:
     """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
 
-    Workers in `spec.drained` that still serve are emptied and stopped first.
+    Workers in `spec.drained` that still serve are emptied and stopped first; they do not count in the pool,
+    so one drained without a smaller pool (a replace) has its successor started before it is emptied.
     """
     serving = observed.serving
     gone = {w for w in _holders(table) if w not in serving}
@@ -148,8 +149,9 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement) -> list[S
     behind = _refresh_behind(observed, table)
     if behind:  # they would answer with the weights of an older step: catch them up before anything else
         return behind
-    missing = spec.workers + spec.standby_workers - len(serving) - len(starting)
-    if len(serving) < spec.workers:  # the pool itself is short: start what is missing (spares too), wait for them
+    staying = [w for w in serving if w not in spec.drained]
+    missing = spec.workers + spec.standby_workers - len(staying) - len(starting)
+    if len(staying) < spec.workers:  # the pool itself is short: start what is missing (spares too), wait for them
         return [StartWorker(w) for w in _new_ids(spec, observed, missing)] if missing > 0 else []
 
     victims, keep = _members(spec, serving, table)

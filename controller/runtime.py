@@ -135,9 +135,10 @@ class Controller:
             return steps
 
     def _pool(self, observed) -> list[str]:
-        """Serving workers the routing table names (standby spares hold nothing and are not in it)."""
+        """Serving workers the routing table names (standby spares hold nothing and are not in it), less the
+        drained ones still leaving."""
         named = {w for holders in self.publisher.table.placement.values() for w in holders}
-        return sorted(w for w in observed.serving if w in named)
+        return sorted(w for w in observed.serving if w in named and w not in self.spec.drained)
 
     def _snapshot_if_due(self, observed) -> None:
         """Periodic snapshots of a pool that trained since the last one."""
@@ -274,8 +275,10 @@ class Controller:
         self.converged = False
         self._wake.set()
 
-    def drain(self, worker_id: str, timeout: float = 600.0) -> Iterator[str]:
+    def drain(self, worker_id: str, timeout: float = 600.0, replace: bool = False) -> Iterator[str]:
         """Moves a worker's experts away and stops it; the pool shrinks by one (a drained spare is replaced).
+        With `replace` the pool keeps its size: a new worker starts first and takes the experts (a spare, if
+        one stands by), so that capacity never dips (a node's maintenance, a suspect GPU).
 
         The worker is named in the spec, in the same write that lowers the pool: a controller restarted
         mid-drain goes on with it, and a drain asked again (a call cut off by that restart) waits for it
@@ -286,8 +289,8 @@ class Controller:
             if not again:
                 if worker_id not in observed.serving:
                     raise ValueError(f"worker {worker_id!r} is not serving; serving: {sorted(observed.serving)}")
-                spec = self.spec.draining(worker_id, in_pool=worker_id in self._pool(observed),
-                                          present=observed.workers)
+                shrink = worker_id in self._pool(observed) and not replace
+                spec = self.spec.draining(worker_id, shrink=shrink, present=observed.workers)
                 if spec.workers < spec.min_replicas:
                     raise ValueError(f"draining {worker_id} would leave fewer workers than min_replicas "
                                      f"({spec.min_replicas})")
@@ -295,7 +298,10 @@ class Controller:
         if again and worker_id not in observed.workers:
             yield f"{worker_id} has left the pool"
             return
-        yield f"{worker_id} is already leaving" if again else f"draining {worker_id}"
+        if again:
+            yield f"{worker_id} is already leaving"
+        else:
+            yield f"replacing {worker_id}: a new worker takes its experts first" if replace else f"draining {worker_id}"
         yield from self._await_converged(timeout)
 
     def migrate(self, expert: ExpertKey, to: str, source: str | None = None) -> Iterator[str]:

@@ -45,7 +45,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         yield from self._progress(context, lambda: self.controller.scale(request.workers))
 
     def Drain(self, request, context):
-        yield from self._progress(context, lambda: self.controller.drain(request.worker))
+        yield from self._progress(context, lambda: self.controller.drain(request.worker,
+                                                                                  replace=request.replace))
 
     def Migrate(self, request, context):
         yield from self._progress(context, lambda: self.controller.migrate(

@@ -62,11 +62,11 @@ class ClusterSpec(BaseModel):
         share = num_experts * self.min_replicas / max(1, workers or self.workers)
         return max(1, math.ceil(1.5 * share))
 
-    def draining(self, worker_id: str, *, in_pool: bool, present: Collection[str]) -> "ClusterSpec":
-        """This spec less `worker_id`, in one write: a worker fewer if it was in the pool (a spare is replaced
-        instead), and `worker_id` named in `drained`. Of the drained workers no longer `present`, the oldest
-        are forgotten beyond DRAINED_KEPT."""
+    def draining(self, worker_id: str, *, shrink: bool, present: Collection[str]) -> "ClusterSpec":
+        """This spec less `worker_id`, in one write: `worker_id` named in `drained`, and a worker fewer if
+        `shrink` (otherwise it is replaced: a drained spare, or a replace). Of the drained workers no longer
+        `present`, the oldest are forgotten beyond DRAINED_KEPT."""
         names = [*(w for w in self.drained if w != worker_id), worker_id]
         while len(names) > DRAINED_KEPT and (gone := next((w for w in names if w not in present), None)):
             names.remove(gone)
-        return self.model_copy(update={"workers": self.workers - in_pool, "drained": tuple(names)})
+        return self.model_copy(update={"workers": self.workers - shrink, "drained": tuple(names)})

@@ -76,6 +76,10 @@ def test_the_issue_walkthrough(tmp_path, env):
         assert held == [(layer, e) for layer in (0, 1) for e in range(8)], "each expert on exactly one worker"
         text = moectl(env, "status").stdout
         assert "worker-2" in text and "serving" in text and "experts on cpu" in text
+        replaced = moectl(env, "replace", "worker-0").stderr  # a new worker takes its experts; the pool keeps 3
+        assert "replacing worker-0" in replaced and "done: 3 workers serving" in replaced, replaced
+        status = json.loads(moectl(env, "status", "-o", "json").stdout)
+        assert [(w["id"], w["state"]) for w in status["workers"]] == [(f"worker-{i}", "serving") for i in (1, 2, 3)]
         records = Path(env["MOECLUSTER_HOME"]) / "clusters" / "default"
         pids = [json.loads((records / f"{name}.json").read_text())["pid"]
                 for name in ("supervisor", "controller", "frontend", "zygote")]
@@ -287,7 +291,8 @@ def _train_in_process(path, fused: bool):
 
 def test_help_explains_every_command(env):
     out = moectl(env, "--help").stdout
-    for command in ["model", "up", "status", "down", "list", "demo", "train", "snapshot", "snapshots", "restore"]:
+    for command in ["model", "up", "status", "scale", "migrate", "drain", "replace", "down", "list", "demo", "train",
+                    "snapshot", "snapshots", "restore"]:
         assert command in out
     assert "--replicas" in moectl(env, "up", "--help").stdout
 

@@ -251,6 +251,41 @@ def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drain
         list(c.drain("worker-99"))
 
 
+def test_a_replace_starts_its_successor_first_and_the_pool_never_shrinks(cluster, reference):
+    """`moectl replace`: a new worker starts and takes the old one's experts (one copy each: all of them move)
+    before the old one goes; polled all along, the pool never has fewer than 3 workers serving."""
+    c = cluster("replace", workers=3, replicas=1)
+    before = {w["id"] for w in serving(c.status())}
+    oldest = min(before, key=lambda w: int(w.rsplit("-", 1)[1]))
+    polls, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            polls.append({w["id"]: w["state"] for w in c.status()["workers"]})
+            time.sleep(0.05)
+
+    with load_for(c, reference) as load:
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            lines = list(c.drain(oldest, replace=True))
+        finally:
+            done.set()
+            poller.join(timeout=30)
+        again = list(c.drain(oldest, replace=True))
+    check(load.report)
+    status = c.status()
+    (new,) = {w["id"] for w in serving(status)} - before
+    assert lines[0].startswith(f"replacing {oldest}") and lines[-1].startswith("done: 3 workers serving"), lines
+    assert {w["id"] for w in serving(status)} == before - {oldest} | {new} and status["desired_workers"] == 3
+    assert again == [f"{oldest} has left the pool"], again
+    assert all(sum(s in ("serving", "leaving") for s in p.values()) >= 3 for p in polls), polls
+    assert any(p.get(oldest) == "leaving" and new in p for p in polls), polls  # the successor started first
+    left = next(p for p in polls if p.get(oldest) not in ("serving", "leaving"))
+    assert left.get(new) == "serving", left  # and served before the old one stopped
+    assert_spec(status, 3, 1)
+
+
 def test_migrate_drain_and_metrics(cluster, reference):
     c = cluster("ops", workers=3, replicas=1)
     status = c.status()

@@ -247,7 +247,7 @@ def test_a_standby_spare_joins_a_scale_up_which_does_not_wait_for_a_start():
 def test_drained_worker_goes_first():
     pool = Pool()
     pool.converge(spec(4, 2))
-    drained = spec(4, 2).draining("worker-0", in_pool=True, present=pool.workers)
+    drained = spec(4, 2).draining("worker-0", shrink=True, present=pool.workers)
     assert (drained.workers, drained.drained) == (3, ("worker-0",))
     pool.converge(drained)  # left to itself, the planner would have emptied worker-3 (ties go to the newest)
     assert sorted(pool.workers) == ["worker-1", "worker-2", "worker-3"]
@@ -258,7 +258,7 @@ def test_a_drained_id_is_never_started_again():
     """Observed alone (a restarted controller) knows no id above the live ones: the spec's drained list does."""
     pool = Pool()
     pool.converge(spec(4, 2))
-    drained = spec(4, 2).draining("worker-3", in_pool=True, present=pool.workers)
+    drained = spec(4, 2).draining("worker-3", shrink=True, present=pool.workers)
     pool.converge(drained)
     assert "worker-3" not in pool.workers
     pool.converge(drained.model_copy(update={"workers": 4}))
@@ -270,19 +270,41 @@ def test_a_drained_spare_is_replaced_and_the_pool_keeps_its_size():
     pool = Pool()
     pool.converge(spec(3, 2, standby=1))
     spare = next(w for w, o in pool.workers.items() if not o.held)
-    drained = spec(3, 2, standby=1).draining(spare, in_pool=False, present=pool.workers)
+    drained = spec(3, 2, standby=1).draining(spare, shrink=False, present=pool.workers)
     assert drained.workers == 3
     pool.converge(drained)
     assert spare not in pool.workers and len(pool.workers) == 4
     pool.assert_meets(spec(3, 2, standby=1))
 
 
-def test_a_worker_named_drained_without_a_smaller_pool_is_replaced():
+def test_a_worker_named_drained_without_a_smaller_pool_is_replaced_by_one_started_first():
+    """A replace: its successor starts, takes its experts, and only then does it go; the pool never shrinks."""
     pool = Pool()
     pool.converge(spec(3, 2))
-    pool.converge(spec(3, 2).model_copy(update={"drained": ("worker-1",)}))
+    held = pool.workers["worker-1"].held
+    replacing = spec(3, 2).draining("worker-1", shrink=False, present=pool.workers)
+    assert (replacing.workers, replacing.drained) == (3, ("worker-1",))
+    first = p.reconcile(replacing, pool.observed(), pool.table)
+    assert first == [p.StartWorker("worker-3")]  # nothing moves before it
+    pool.log.clear()
+    pool.converge(replacing)
+    steps = [type(s).__name__ for s in pool.log]
+    assert steps.index("StartWorker") < steps.index("Publish") < steps.index("DrainWorker")
     assert sorted(pool.workers) == ["worker-0", "worker-2", "worker-3"]
+    assert pool.workers["worker-3"].held <= held and steps.count("PullExpert") == len(held)  # only its share moved
     pool.assert_meets(spec(3, 2))
+
+
+def test_a_replace_uses_a_standby_spare_and_starts_a_new_spare_last():
+    pool = Pool()
+    pool.converge(spec(3, 2, standby=1))
+    spare = next(w for w, o in pool.workers.items() if not o.held)
+    pool.log.clear()
+    pool.converge(spec(3, 2, standby=1).draining("worker-0", shrink=False, present=pool.workers))
+    assert pool.workers[spare].held and "worker-0" not in pool.workers
+    steps = [type(s).__name__ for s in pool.log]
+    assert steps[-1] == "StartWorker" and steps.count("StartWorker") == 1  # the spare's successor, once done
+    pool.assert_meets(spec(3, 2, standby=1))
 
 
 def test_drained_workers_that_are_gone_are_forgotten_oldest_first_beyond_a_bound():
@@ -290,10 +312,10 @@ def test_drained_workers_that_are_gone_are_forgotten_oldest_first_beyond_a_bound
 
     s = spec(40, 1).model_copy(update={"drained": tuple(f"worker-{i}" for i in range(DRAINED_KEPT))})
     present = {"worker-0", "worker-30"}  # worker-0 is still leaving: never forgotten
-    s = s.draining("worker-30", in_pool=True, present=present)
+    s = s.draining("worker-30", shrink=True, present=present)
     assert len(s.drained) == DRAINED_KEPT and s.drained[0] == "worker-0" and s.drained[-1] == "worker-30"
     assert "worker-1" not in s.drained and s.workers == 39
-    again = s.draining("worker-30", in_pool=False, present=present)
+    again = s.draining("worker-30", shrink=False, present=present)
     assert again.drained.count("worker-30") == 1
 
 

@@ -264,6 +264,15 @@ def test_kubectl_moe_plugin(moe):
     again = kubectl_moe(moe, "drain", NAME, new)  # keyed by its worker: asked again, nothing more is drained
     assert again.returncode == 0 and f"{new} has left the pool" in again.stdout, again.stderr + again.stdout
     assert moe.get()["spec"]["replicas"] == 2
+    kept = sorted(w["id"] for w in obj["status"]["workers"])
+    with moe.load() as load:  # a replace: a new pod takes the old one's experts first; the pool keeps 2
+        replaced = kubectl_moe(moe, "replace", NAME, kept[0])
+    assert_clean(load.report)
+    assert replaced.returncode == 0 and "done: 2 workers serving" in replaced.stdout, replaced.stderr + replaced.stdout
+    obj = moe.wait_ready(2)
+    now = {w["id"] for w in obj["status"]["workers"]}
+    assert kept[0] not in now and len(now - set(kept)) == 1 and obj["spec"]["replicas"] == 2, obj["status"]
+    assert obj["spec"]["drained"] == [new, kept[0]]
     bad = kubectl_moe(moe, "migrate", NAME, "one:two", "--to", "worker-0")
     assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
 

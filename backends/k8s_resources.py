@@ -67,6 +67,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         snapshot_every_s=(spec.get("snapshots") or {}).get("everySeconds"),
         snapshot_keep=(spec.get("snapshots") or {}).get("keep", 3),
         drained=tuple(spec.get("drained") or ()),
+        colocate=bool(spec.get("colocate", False)),
     )
 
 
@@ -276,8 +277,10 @@ def condition(kind: str, ok: bool, reason: str, message: str, generation: int, p
 def placement_summary(status: dict) -> str:
     experts = {tuple(e) for w in status["workers"] for e in w["experts"]}
     copies = sum(len(w["experts"]) for w in status["workers"])
-    serving = sum(1 for w in status["workers"] if w["state"] == "serving")
-    return (f"{len(experts)} experts, {copies} copies on {serving} workers, imbalance {status['imbalance']:.2f}"
+    holding = sum(1 for w in status["workers"] if w["experts"])  # a leaving worker's copies count with it
+    colocated = status.get("colocated")
+    return (f"{len(experts)} experts, {copies} copies on {holding} workers, imbalance {status['imbalance']:.2f}"
+            + (f", {colocated:.0%} of pairs co-located" if colocated is not None else "")
             if experts else "no experts placed yet")
 
 

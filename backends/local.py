@@ -127,7 +127,7 @@ class LocalCluster:
            snapshot_dir: str | Path | None = None, snapshot_every_s: float | None = None, snapshot_keep: int = 3,
            backend: str = "local",
            ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
-           worker_device: str = "cpu", frontend_device: str = "cpu") -> dict:
+           worker_device: str = "cpu", frontend_device: str = "cpu", colocate: bool = False) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
@@ -162,7 +162,7 @@ class LocalCluster:
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
                            snapshot_keep=snapshot_keep,
                            serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device,
-                           frontend_device=frontend_device)
+                           frontend_device=frontend_device, colocate=colocate)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))
@@ -290,7 +290,7 @@ class LocalCluster:
             "min_replicas": s.min_replicas, "converged": s.converged, "last_error": s.last_error,
             "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends), "controller": self.info()["controller"],
             "step": s.step, "lowest_step": s.lowest_step, "trainers": list(s.trainers), "snapshot": s.snapshot,
-            "restored": s.restored,
+            "restored": s.restored, "colocate": s.colocate, "colocated": None if s.colocated < 0 else round(s.colocated, 4),
             "supervised": self.backend == "ray" or self.supervised(),  # a controller that dies is started again
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],

@@ -61,7 +61,7 @@ def cmd_up(args) -> int:
                         snapshot_keep=args.snapshot_keep,
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
                         standby=args.standby, worker_device=args.worker_device,
-                        frontend_device=args.frontend_device)
+                        frontend_device=args.frontend_device, colocate=args.colocate)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -105,6 +105,9 @@ def cmd_status(args) -> int:
     for w in doc["workers"]:
         print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
               f" on {w.get('device') or '?':<7} {w['load']:>9.1f} tokens/s")
+    if doc["colocated"] is not None:
+        print(f"  experts picked together that share a worker: {doc['colocated']:.0%} of the pair traffic "
+              f"(colocate {'on' if doc['colocate'] else 'off: moectl up --colocate'})")
     if doc["step"]:
         print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
     if doc["restored"]:
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "proxy on this port (Ray binds it on every interface)")
     up.add_argument("--standby", type=int, default=0, help="spare workers kept started and empty: a scale-up takes "
                     "one instead of starting a process (worth it where a start is slow: Ray actors; default 0)")
+    up.add_argument("--colocate", action="store_true", help="co-locate experts that tokens pick together (as the "
+                    "frontend reports them): fewer workers per token, for expert copies while routing shifts; "
+                    "`moectl status` shows the share of pair traffic that shares a worker either way")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.add_argument("--snapshot-keep", type=int, default=3, metavar="N",

@@ -14,8 +14,10 @@ leaves the pool only once no published table names it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from moecluster.controller.affinity import Pair, regroup
 from moecluster.controller.observed import ExpertKey, Observed, WorkerState, worker_index
 from moecluster.controller.placement import imbalance, moves, place
 from moecluster.controller.spec import ClusterSpec
@@ -131,11 +133,14 @@ COPIES = (LoadExperts, RestoreExperts, PullExpert)  # the steps that write exper
 BEHIND_AFTER_S = 1.0
 
 
-def reconcile(spec: ClusterSpec, observed: Observed, table: Placement) -> list[Step]:
+def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, pairs: Mapping[Pair, float] | None = None,
+              regroup_settled: bool = True) -> list[Step]:
     """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
 
     Workers in `spec.drained` that still serve are emptied and stopped first; they do not count in the pool,
     so one drained without a smaller pool (a replace) has its successor started before it is emptied.
+    `pairs` (tokens/s that picked two experts together), when given, co-locates them (`affinity.regroup`):
+    in every new placement, and in a settled one when `regroup_settled` (the caller paces that search).
     """
     serving = observed.serving
     gone = {w for w in _holders(table) if w not in serving}
@@ -163,12 +168,15 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement) -> list[S
     complete = all(len([w for w in table.get(k, ()) if w in capacity]) >= spec.min_replicas for k in observed.experts)
     fits = all(0 < per_worker[w] <= capacity[w] for w in keep)  # nobody idle, nobody over capacity
     balanced = imbalance(table, load or dict.fromkeys(observed.experts, 1.0), keep) <= spec.rebalance_above
-    if complete and fits and balanced and not victims and set(table) == set(observed.experts):
-        target = dict(table)  # nothing to gain from moving bytes
+    settled = complete and fits and balanced and not victims and set(table) == set(observed.experts)
+    if settled:
+        target = dict(table)  # nothing to gain from moving bytes, unless for experts tokens pick together
     else:
         # Extra copies only where observed load asks for them: without load there is no hot expert.
         target = place(observed.experts, capacity, load=load or None, current=table, dead=victims,
                        min_replicas=spec.min_replicas, max_replicas=spec.max_replicas if load else spec.min_replicas)
+    if pairs and (regroup_settled or not settled):
+        target = regroup(target, pairs, workers=keep, load=load or None)
 
     steps: list[Step] = []
     loads: dict[str, list[ExpertKey]] = {}

@@ -18,10 +18,12 @@ import grpc
 from moecluster.controller import plan as p
 from moecluster.controller import remote_snapshots
 from moecluster.controller.actuator import Actuator, WorkerHandle
+from moecluster.controller.affinity import colocated_share
 from moecluster.controller.executor import Executor, Replan, StepFailed
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
+from moecluster.controller.pair_rates import PairRates
 from moecluster.controller.placement import imbalance
 from moecluster.controller.publisher import LEASE_S, Publisher
 from moecluster.controller.spec import ClusterSpec
@@ -29,6 +31,7 @@ from moecluster.protos import worker_pb2
 from moecluster.workers.snapshot_folders import Snapshot, partial_name
 
 log = logging.getLogger("moecluster.controller")
+REGROUP_EVERY_S = 10.0  # with spec.colocate: how often a converged pool looks again at what tokens pick together
 
 
 class Refused(RuntimeError):
@@ -52,6 +55,8 @@ class Controller:
         self.last_snapshot: Snapshot | None = None
         self.last_restore = ""  # "step N from PATH at step M"
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
+        self.pair_rates = PairRates()  # experts tokens pick together, as frontends report them
+        self._regroup_at = time.monotonic() + REGROUP_EVERY_S  # the first reports come in meanwhile
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
         self._spec_lock = threading.Lock()  # a drain or a scale reads the spec to write it
@@ -115,7 +120,11 @@ class Controller:
     def reconcile_once(self) -> list[p.Step]:
         with self._plan_lock:
             observed = self.monitor.snapshot()
-            steps = p.reconcile(self.spec, observed, self.publisher.table.placement)
+            pairs = self.pair_rates.rates() if self.spec.colocate else None
+            due = time.monotonic() >= self._regroup_at
+            steps = p.reconcile(self.spec, observed, self.publisher.table.placement, pairs, regroup_settled=due)
+            if due and not steps:  # nothing (more) to co-locate: look again in a while
+                self._regroup_at = time.monotonic() + REGROUP_EVERY_S
             spares_only = all(isinstance(s, p.StartWorker) and s.standby for s in steps)  # the pool itself is done
             self.converged = spares_only and len(self._pool(observed)) == self.spec.workers and bool(
                 self.publisher.table.placement)
@@ -248,6 +257,9 @@ class Controller:
         load = observed.load()
         if load:
             self.metrics.gauge("imbalance", imbalance(self.publisher.table.placement, load, self._pool(observed)))
+        pairs = self.pair_rates.rates()
+        if pairs:
+            self.metrics.gauge("colocated_share", colocated_share(self.publisher.table.placement, pairs))
         self.metrics.gauge("workers_serving", len(self._pool(observed)))
         self.metrics.gauge("workers_standby", len(observed.serving) - len(self._pool(observed)))
 
@@ -359,6 +371,8 @@ class Controller:
             "step": observed.step, "lowest_step": observed.lowest_step, "trainers": self.publisher.trainers(),
             "rollbacks": list(self.executor.rollbacks),
             "snapshot": str(self.last_snapshot.path) if self.last_snapshot else "", "restored": self.last_restore,
+            "colocate": self.spec.colocate,
+            "colocated": colocated_share(table.placement, pairs) if (pairs := self.pair_rates.rates()) else None,
             "snapshots": self.snapshots.get((self.monitor.stub(w) for w in pool[:2]), self.spec.snapshot_dir,
                                             now=list_snapshots),
         }

@@ -36,6 +36,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             restored=s["restored"], lowest_step=s["lowest_step"], trainers=s["trainers"],
             rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
             snapshots=[controller_pb2.SnapshotInfo(**snap) for snap in s["snapshots"]],
+            colocate=s["colocate"], colocated=-1.0 if s["colocated"] is None else s["colocated"],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
                                                experts=[v for k in w["experts"] for v in k], load=w["load"],
                                                device=w["device"])
@@ -75,6 +76,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         else:
             self.controller.publisher.ack(request.frontend_id, request.epoch)
         return controller_pb2.AckResponse()
+
+    def ReportRouting(self, request, context):
+        tokens = {((p.layer, a), (p.layer, b)): t for p in request.layers for a, b, t in zip(p.first, p.second, p.tokens)}
+        self.controller.pair_rates.add(request.frontend_id, request.seconds, tokens)
+        return controller_pb2.RoutingReportAck()
 
     def Shutdown(self, request, context):
         threading.Thread(target=self.on_shutdown, daemon=True).start()

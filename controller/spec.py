@@ -40,6 +40,9 @@ class ClusterSpec(BaseModel):
     snapshot_every_s: float | None = Field(None, gt=0, description="snapshot a training pool this often (needs snapshot_dir)")
     snapshot_keep: int = Field(3, ge=0, description="snapshots kept: the newest N, and the newest holding a trainer's "
                                "state (what a resume needs); 0 keeps all")
+    colocate: bool = Field(False, description="co-locate experts that tokens pick together, as frontends report "
+                           "them: fewer workers per token, so fewer bytes and RPCs per layer, for expert copies made "
+                           "while routing shifts (worth it where the network between frontends and workers is busy)")
     drained: tuple[str, ...] = Field((), description="workers drained out of the pool, oldest first: emptied and "
                                      "stopped before any other goes, and not counted in `workers` (a drain lowers it "
                                      "in the same write, so a controller restarted mid-drain goes on with the same one)")

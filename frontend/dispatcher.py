@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moecluster.frontend.coactivation import CoActivation
 from moecluster.frontend.routing import RoutingTable
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
@@ -69,6 +70,9 @@ class Dispatcher:
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="dispatch-stream")
         self.retries = 0
         self.wire_bytes = 0  # serialized request + response bytes, for benchmarks
+        self.tokens_in = 0  # tokens forwarded, summed over layers
+        self.tokens_sent = 0  # of those, sent to a worker, once per worker: tokens_sent / tokens_in is the fan-out
+        self.coactivation = CoActivation()  # experts tokens pick together, reported to the controller
 
     @property
     def table(self) -> RoutingTable:
@@ -116,6 +120,9 @@ class Dispatcher:
         update refuses (ABORTED) and its share goes to another replica."""
         output = torch.zeros_like(hidden_states)
         seen = {"workers": set(), "retries": 0}  # for the span: workers called and shares sent again
+        self.coactivation.record(layer, top_k_index)
+        with self._lock:
+            self.tokens_in += int(hidden_states.shape[0])
         with start_span(_TRACER, "moe.dispatch", {"layer": layer, "tokens": int(hidden_states.shape[0])}) as span:
             try:
                 self._dispatch(layer, hidden_states, top_k_index, top_k_weights, output, set(), seen, step)
@@ -244,6 +251,7 @@ class Dispatcher:
             with self._lock:
                 self._outstanding[worker_id] += tokens
                 self._inflight[worker_id].add(cancel)
+                self.tokens_sent += tokens
             pending.append((worker_id, rows, sub_index, tokens, call, cancel))
         failed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for worker_id, rows, sub_index, tokens, call, cancel in pending:

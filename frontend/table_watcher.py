@@ -12,6 +12,7 @@ import logging
 import threading
 
 import grpc
+from moecluster.frontend.coactivation import RoutingReporter
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
@@ -42,6 +43,8 @@ class TableWatcher(threading.Thread):
     def run(self) -> None:
         channel = endpoints.channel(self.controller, options=streaming.GRPC_OPTIONS)  # finds a restarted controller fast
         stub = controller_pb2_grpc.ControllerStub(channel)
+        reporter = RoutingReporter(stub, self.dispatcher.coactivation, self.frontend_id, self.metadata)
+        reporter.start()
         while not self.stopped.is_set():
             try:
                 self._call = stub.WatchRoutingTable(controller_pb2.WatchRequest(
@@ -62,6 +65,8 @@ class TableWatcher(threading.Thread):
             except Exception:  # noqa: BLE001 - a bad table must not end the watch: keep the last good one
                 log.exception("routing table update failed; keeping epoch %d", self.dispatcher.table.epoch)
             self.stopped.wait(self.retry)
+        reporter.stopped.set()
+        reporter.join(timeout=6)
         channel.close()
 
     def stop(self) -> None:

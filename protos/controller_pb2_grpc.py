@@ -74,6 +74,11 @@ class ControllerStub:
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.AckRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_controller__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.ReportRouting = channel.unary_unary(
+                '/moecluster.controller.v1.Controller/ReportRouting',
+                request_serializer=moecluster_dot_protos_dot_controller__pb2.RoutingReport.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/moecluster.controller.v1.Controller/Shutdown',
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.ShutdownRequest.SerializeToString,
@@ -134,6 +139,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRouting(self, request, context):
+        """Which experts tokens pick together, for affinity-aware placement (spec.colocate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Stops the frontend and every worker, then the controller itself.
         """
@@ -183,6 +195,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.AckEpoch,
                     request_deserializer=moecluster_dot_protos_dot_controller__pb2.AckRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_controller__pb2.AckResponse.SerializeToString,
+            ),
+            'ReportRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRouting,
+                    request_deserializer=moecluster_dot_protos_dot_controller__pb2.RoutingReport.FromString,
+                    response_serializer=moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -406,6 +423,33 @@ class Controller:
             '/moecluster.controller.v1.Controller/AckEpoch',
             moecluster_dot_protos_dot_controller__pb2.AckRequest.SerializeToString,
             moecluster_dot_protos_dot_controller__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.controller.v1.Controller/ReportRouting',
+            moecluster_dot_protos_dot_controller__pb2.RoutingReport.SerializeToString,
+            moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.FromString,
             options,
             channel_credentials,
             insecure,

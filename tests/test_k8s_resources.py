@@ -26,6 +26,7 @@ def test_cluster_spec_from_the_resource():
     spec = r.cluster_spec(resource())
     assert (spec.workers, spec.min_replicas, spec.model, spec.worker_num_gpus) == (3, 2, "/models/tiny", 1.0)
     assert spec.drained == () and r.cluster_spec(resource(drained=["worker-0"])).drained == ("worker-0",)
+    assert not spec.colocate and r.cluster_spec(resource(colocate=True)).colocate
     with pytest.raises(ValidationError, match="min_replicas"):
         r.cluster_spec(resource(replicas=1))
 
@@ -132,6 +133,10 @@ def test_status_conditions_and_transition_times():
     by_type = {c["type"]: c for c in ready["conditions"]}
     assert (by_type["Ready"]["status"], by_type["Scaling"]["status"], by_type["Degraded"]["status"]) == ("True", "False", "False")
     assert ready["placement"] == "6 experts, 6 copies on 3 workers, imbalance 1.00"
+    leaving = {**controller_status(), "colocated": 0.625}
+    leaving["workers"][0]["state"] = "leaving"  # its copies still count, and so does it
+    assert r.status_patch(res, leaving, 3, {}, "2026-01-01T00:00:00Z")["placement"] == (
+        "6 experts, 6 copies on 3 workers, imbalance 1.00, 62% of pairs co-located")
     # Still ready a minute later: the transition time stays; scaling up: Ready goes False with a new time.
     later = r.status_patch(res, controller_status(), 3, ready, "2026-01-01T00:01:00Z")
     assert {c["type"]: c for c in later["conditions"]}["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"

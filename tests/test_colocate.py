@@ -1,0 +1,80 @@
+"""Affinity-aware placement on a live pool (`moectl up --colocate`): real processes, real routing reports.
+
+A driver routes tokens to planted pairs of experts through its own dispatcher (whose table watcher
+reports what it picks, as every frontend does), while a checked load runs through the cluster's
+frontend. The controller must bring each pair onto one worker, which the driver sees as fewer
+workers per token, with zero failed requests and zero wrong answers meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from moecluster.controller.affinity import colocated_share
+from moecluster.frontend.dispatcher import Dispatcher
+from moecluster.frontend.routing import RoutingTable
+from moecluster.frontend.table_watcher import TableWatcher
+from moecluster.sdk.load import ClosedLoopLoad
+from shared import wait_for
+from transformers import AutoModelForCausalLM
+
+TOKENS = 2048  # per call: the planted pairs outweigh what the checked load's own routing picks together
+
+
+def placement(status) -> dict:
+    out = {}
+    for w in status["workers"]:
+        if w["state"] == "serving":
+            for layer, expert in w["experts"]:
+                out[(layer, expert)] = out.get((layer, expert), ()) + (w["id"],)
+    return out
+
+
+def test_experts_picked_together_move_onto_one_worker_under_load(local_clusters, checkpoints):
+    path = checkpoints["qwen3_moe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(batch).logits
+    c = local_clusters("colocate", path, 4, 1, colocate=True, capacity=4)  # no room for hot copies: swaps only
+    gen = torch.Generator().manual_seed(3)
+    perm = {layer: torch.randperm(8, generator=gen) for layer in (0, 1)}  # partners: perm[0]+perm[1], perm[2]+perm[3], ...
+    planted = {tuple(sorted(((layer, int(perm[layer][2 * i])), (layer, int(perm[layer][2 * i + 1]))))): 1.0
+               for layer in (0, 1) for i in range(4)}
+    dispatcher = Dispatcher(RoutingTable(0, {}), timeout=30)
+    watcher = TableWatcher(c.info()["controller"], dispatcher, "paired-driver")
+    watcher.start()
+    assert watcher.first_table.wait(30)
+
+    def drive(seconds: float) -> float:
+        """Routes pairs for `seconds`; the fan-out meanwhile (workers a token was sent to, on average)."""
+        tokens_in, tokens_sent = dispatcher.tokens_in, dispatcher.tokens_sent
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for layer in (0, 1):
+                pair = torch.randint(0, 4, (TOKENS,), generator=gen)
+                index = torch.stack([perm[layer][2 * pair], perm[layer][2 * pair + 1]], dim=1)
+                dispatcher.forward(layer, torch.randn(TOKENS, 64, generator=gen), index, torch.full((TOKENS, 2), 0.5))
+        return (dispatcher.tokens_sent - tokens_sent) / (dispatcher.tokens_in - tokens_in)
+
+    try:
+        with ClosedLoopLoad(c.status()["endpoint"], batch, expected, clients=2, max_seconds=300) as load:
+            share_before = colocated_share(placement(c.status()), planted)
+            fanout_before = drive(3.0)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and colocated_share(placement(c.status()), planted) < 1.0:
+                drive(1.0)
+            assert wait_for(lambda: dispatcher.table.epoch == c.status()["epoch"], timeout=30)  # the driver routes by it
+            fanout_after = drive(3.0)
+            status = c.status()
+    finally:
+        watcher.stop()
+        dispatcher.close()
+    report = load.report
+    assert report.ok > 0 and (report.failed, report.wrong) == (0, 0), report.errors[:3]
+    assert share_before < 1.0, "the first layout already had every pair together: the test proves nothing"
+    assert colocated_share(placement(status), planted) == 1.0, placement(status)
+    assert fanout_after < 1.02 and fanout_before > 1.3, (fanout_before, fanout_after)  # 1.0: one worker a token
+    assert status["colocate"] and status["colocated"] is not None and status["colocated"] > 0.5, status
+    assert sorted(len(w["experts"]) for w in status["workers"]) == [4, 4, 4, 4]  # balance kept

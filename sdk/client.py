@@ -114,18 +114,33 @@ class Client:
 
         `progress`, if given, is called with each progress line.
         """
-        from moecluster.protos import controller_pb2, controller_pb2_grpc
+        from moecluster.protos import controller_pb2
+
+        return self._admin("Scale", controller_pb2.ScaleRequest(workers=workers), progress, timeout)
+
+    def drain(self, worker: str, *, replace: bool = False, progress=None, timeout: float = 600.0) -> int:
+        """Moves `worker`'s experts away and stops it (the pool shrinks by one); with `replace`, a new worker
+        starts first and takes them (the pool keeps its size). Returns the epoch once it is done; asked again
+        for the same worker, it waits for that drain and removes no other."""
+        from moecluster.protos import controller_pb2
+
+        return self._admin("Drain", controller_pb2.DrainRequest(worker=worker, replace=replace), progress, timeout)
+
+    def _admin(self, call: str, request, progress, timeout: float) -> int:
+        """One of the controller's admin streams, asked again across a controller restart (each is safe to
+        repeat, `wire/retry.py`); the epoch of its last line."""
+        from moecluster.protos import controller_pb2_grpc
 
         address = self.info().controller
         if not address:
-            raise MoEClusterError(grpc.StatusCode.FAILED_PRECONDITION, "this frontend has no controller to scale")
+            raise MoEClusterError(grpc.StatusCode.FAILED_PRECONDITION, f"this frontend has no controller to ask ({call})")
         with endpoints.channel(address) as channel:
             stub = controller_pb2_grpc.ControllerStub(channel)
             say = progress or (lambda line: None)
             epoch = 0
-            try:  # Scale sets a target: a controller restarted mid-way (by its supervisor) is asked again
+            try:
                 for update in retry.stream_again_on_unavailable(
-                        lambda left: stub.Scale(controller_pb2.ScaleRequest(workers=workers), timeout=left),
+                        lambda left: getattr(stub, call)(request, timeout=left),
                         timeout=timeout, on_retry=lambda err: say(retry.asking_again(err))):
                     epoch = update.epoch
                     if not update.done:

@@ -252,8 +252,8 @@ def test_a_drain_cut_off_by_a_controller_crash_goes_on_with_its_worker_and_drain
 
 
 def test_a_replace_starts_its_successor_first_and_the_pool_never_shrinks(cluster, reference):
-    """`moectl replace`: a new worker starts and takes the old one's experts (one copy each: all of them move)
-    before the old one goes; polled all along, the pool never has fewer than 3 workers serving."""
+    """A replace (here through the SDK): a new worker starts and takes the old one's experts (one copy each:
+    all of them move) before the old one goes; polled all along, the pool never has fewer than 3 serving."""
     c = cluster("replace", workers=3, replicas=1)
     before = {w["id"] for w in serving(c.status())}
     oldest = min(before, key=lambda w: int(w.rsplit("-", 1)[1]))
@@ -267,16 +267,20 @@ def test_a_replace_starts_its_successor_first_and_the_pool_never_shrinks(cluster
     with load_for(c, reference) as load:
         poller = threading.Thread(target=poll)
         poller.start()
+        lines = []
         try:
-            lines = list(c.drain(oldest, replace=True))
+            epoch = Client(c.status()["endpoint"]).drain(oldest, replace=True, progress=lines.append)
         finally:
             done.set()
             poller.join(timeout=30)
         again = list(c.drain(oldest, replace=True))
+        with pytest.raises(MoEClusterError, match="not serving"):
+            Client(c.status()["endpoint"]).drain("worker-99")
     check(load.report)
     status = c.status()
     (new,) = {w["id"] for w in serving(status)} - before
     assert lines[0].startswith(f"replacing {oldest}") and lines[-1].startswith("done: 3 workers serving"), lines
+    assert epoch == status["epoch"]
     assert {w["id"] for w in serving(status)} == before - {oldest} | {new} and status["desired_workers"] == 3
     assert again == [f"{oldest} has left the pool"], again
     assert all(sum(s in ("serving", "leaving") for s in p.values()) >= 3 for p in polls), polls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import grpc
@@ -46,8 +47,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         yield from self._progress(context, lambda: self.controller.scale(request.workers))
 
     def Drain(self, request, context):
-        yield from self._progress(context, lambda: self.controller.drain(request.worker,
-                                                                                  replace=request.replace))
+        yield from self._progress(context, lambda: self.controller.drain(request.worker, replace=request.replace))
 
     def Migrate(self, request, context):
         yield from self._progress(context, lambda: self.controller.migrate(
@@ -78,7 +78,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.AckResponse()
 
     def ReportRouting(self, request, context):
-        tokens = {((p.layer, a), (p.layer, b)): t for p in request.layers for a, b, t in zip(p.first, p.second, p.tokens)}
+        try:
+            tokens = _reported_pairs(request, set(self.controller.monitor.experts))
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self.controller.pair_rates.add(request.frontend_id, request.seconds, tokens)
         return controller_pb2.RoutingReportAck()
 
@@ -105,6 +108,24 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
         except RuntimeError as err:  # a step that failed (a worker died mid-snapshot, trainers never paused)
             context.abort(grpc.StatusCode.ABORTED, str(err))
+
+
+def _reported_pairs(request: controller_pb2.RoutingReport, experts: set) -> dict:
+    """{((layer, a), (layer, b)): tokens} from a routing report; ValueError naming what is wrong."""
+    if not (math.isfinite(request.seconds) and request.seconds >= 0):
+        raise ValueError(f"seconds must be a finite number >= 0, got {request.seconds}")
+    out = {}
+    for p in request.layers:
+        if not len(p.first) == len(p.second) == len(p.tokens):
+            raise ValueError(f"layer {p.layer}: first, second and tokens differ in length "
+                             f"({len(p.first)}, {len(p.second)}, {len(p.tokens)})")
+        for a, b, t in zip(p.first, p.second, p.tokens):
+            if (p.layer, a) not in experts or (p.layer, b) not in experts:
+                raise ValueError(f"pair ({a}, {b}) of layer {p.layer}: the model has no such expert")
+            if not (math.isfinite(t) and t >= 0):
+                raise ValueError(f"pair ({a}, {b}) of layer {p.layer}: tokens must be a finite number >= 0, got {t}")
+            out[((p.layer, a), (p.layer, b)) if a < b else ((p.layer, b), (p.layer, a))] = t
+    return out
 
 
 def _one_line(err: Exception) -> str:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import time
 
+import grpc
+import pytest
 import torch
 from moecluster.controller.affinity import colocated_share
 from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.table_watcher import TableWatcher
+from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.sdk.load import ClosedLoopLoad
 from shared import wait_for
 from transformers import AutoModelForCausalLM
@@ -78,3 +81,11 @@ def test_experts_picked_together_move_onto_one_worker_under_load(local_clusters,
     assert fanout_after < 1.02 and fanout_before > 1.3, (fanout_before, fanout_after)  # 1.0: one worker a token
     assert status["colocate"] and status["colocated"] is not None and status["colocated"] > 0.5, status
     assert sorted(len(w["experts"]) for w in status["workers"]) == [4, 4, 4, 4]  # balance kept
+    with grpc.insecure_channel(c.info()["controller"]) as channel:  # a bad report changes nothing
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        for pairs, fragment in ((controller_pb2.ExpertPairs(layer=0, first=[1], second=[2, 3], tokens=[1.0]), "length"),
+                                (controller_pb2.ExpertPairs(layer=7, first=[1], second=[2], tokens=[1.0]), "no such"),
+                                (controller_pb2.ExpertPairs(layer=0, first=[1], second=[2], tokens=[-1.0]), ">= 0")):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ReportRouting(controller_pb2.RoutingReport(frontend_id="bad", seconds=1, layers=[pairs]), timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()

@@ -56,11 +56,14 @@ class Observed:
         return self.in_state(WorkerState.SERVING)
 
     def load(self) -> dict[ExpertKey, float]:
-        """Total observed load per expert, over all its copies."""
+        """Total observed load per expert, over the copies workers hold now. A worker's rate for an expert it
+        dropped decays over a few heartbeats while its new holder's is there at once: counted, every move
+        would look like a hot expert for a second or two, and the planner would chase it."""
         total: dict[ExpertKey, float] = {}
         for obs in self.workers.values():
             for key, rate in obs.load.items():
-                total[key] = total.get(key, 0.0) + rate
+                if key in obs.held:
+                    total[key] = total.get(key, 0.0) + rate
         return total
 
     @property

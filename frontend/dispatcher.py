@@ -280,18 +280,42 @@ class Dispatcher:
             output.index_add_(0, rows, partial)
 
     def _assign(self, table: RoutingTable, layer: int, index: torch.Tensor, excluded: set[str]) -> dict[str, torch.Tensor]:
-        """Picks one replica per expert in use -> {worker id: (T, K) bool mask of the slots it serves}."""
+        """Picks one replica per expert in use -> {worker id: (T, K) bool mask of the slots it serves}.
+
+        Heaviest expert first, each to the live replica that would then carry the fewest tokens: those in
+        flight there, plus this call's (a token counted once per worker), less this expert's tokens that
+        also picked another expert the replica holds. So experts a token picked that share a worker (what
+        `--colocate` arranges) are sent there together, one send instead of two, while load still decides."""
         now = time.monotonic()
-        chosen: dict[int, str] = {}
-        for expert in torch.unique(index[index >= 0]).tolist():
-            live = [w for w in table.holders(layer, expert) if w not in excluded]
-            if not live:
+        experts, counts = torch.unique(index[index >= 0], return_counts=True)
+        live: dict[int, list[str]] = {}
+        for expert in experts.tolist():
+            live[expert] = [w for w in table.holders(layer, expert) if w not in excluded]
+            if not live[expert]:
                 raise ExpertUnavailableError(
                     f"expert {expert} of layer {layer} has no live replica (tried {sorted(excluded) or 'none'}, "
                     f"table epoch {table.epoch})")
-            with self._lock:
-                chosen[expert] = min(live, key=lambda w: (self._suspect_until.get(w, 0) > now, self._outstanding[w],
-                                                          next(self._tiebreak) % len(live)))
+        choices = {w for workers in live.values() if len(workers) > 1 for w in workers}
+        held = {w: torch.isin(index, torch.tensor([e for e, ws in live.items() if w in ws])).sum(dim=1)
+                for w in choices}  # per token: how many of its picks the worker holds
+        sent: dict[str, torch.Tensor] = {}  # tokens each chosen worker gets so far
+        chosen: dict[int, str] = {}
+        for _, expert in sorted(zip((-counts).tolist(), experts.tolist())):
+            uses = (index == expert).any(dim=1)
+            workers = live[expert]
+            if len(workers) > 1:
+                def after(w: str) -> int:
+                    mine = sent.get(w)
+                    carried = int(uses.sum()) if mine is None else int((mine | uses).sum())
+                    return carried - int((uses & (held[w] >= 2)).sum())
+                with self._lock:
+                    worker = min(workers, key=lambda w: (self._suspect_until.get(w, 0) > now,
+                                                         self._outstanding[w] + after(w),
+                                                         next(self._tiebreak) % len(workers)))
+            else:
+                worker = workers[0]
+            chosen[expert] = worker
+            sent[worker] = uses if worker not in sent else sent[worker] | uses
         owner = {}
         for expert, worker_id in chosen.items():
             owner.setdefault(worker_id, []).append(expert)

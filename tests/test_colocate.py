@@ -22,7 +22,8 @@ from moecluster.sdk.load import ClosedLoopLoad
 from shared import wait_for
 from transformers import AutoModelForCausalLM
 
-TOKENS = 2048  # per call: the planted pairs outweigh what the checked load's own routing picks together
+TOKENS = 512  # per call: the planted pairs outweigh what the checked load's own routing picks together
+PAUSE_S = 0.02  # between calls: on 2 cores a busier driver starves its own table watcher of acks
 
 
 def placement(status) -> dict:
@@ -50,6 +51,9 @@ def test_experts_picked_together_move_onto_one_worker_under_load(local_clusters,
     watcher.start()
     assert watcher.first_table.wait(30)
 
+    def settled(status) -> bool:
+        return status["converged"] and colocated_share(placement(status), planted) == 1.0
+
     def drive(seconds: float) -> float:
         """Routes pairs for `seconds`; the fan-out meanwhile (workers a token was sent to, on average)."""
         tokens_in, tokens_sent = dispatcher.tokens_in, dispatcher.tokens_sent
@@ -59,14 +63,15 @@ def test_experts_picked_together_move_onto_one_worker_under_load(local_clusters,
                 pair = torch.randint(0, 4, (TOKENS,), generator=gen)
                 index = torch.stack([perm[layer][2 * pair], perm[layer][2 * pair + 1]], dim=1)
                 dispatcher.forward(layer, torch.randn(TOKENS, 64, generator=gen), index, torch.full((TOKENS, 2), 0.5))
+            time.sleep(PAUSE_S)
         return (dispatcher.tokens_sent - tokens_sent) / (dispatcher.tokens_in - tokens_in)
 
     try:
-        with ClosedLoopLoad(c.status()["endpoint"], batch, expected, clients=2, max_seconds=300) as load:
+        with ClosedLoopLoad(c.status()["endpoint"], batch, expected, clients=1, max_seconds=300) as load:
             share_before = colocated_share(placement(c.status()), planted)
             fanout_before = drive(3.0)
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and colocated_share(placement(c.status()), planted) < 1.0:
+            while time.monotonic() < deadline and not settled(c.status()):
                 drive(1.0)
             assert wait_for(lambda: dispatcher.table.epoch == c.status()["epoch"], timeout=30)  # the driver routes by it
             fanout_after = drive(3.0)

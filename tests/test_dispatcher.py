@@ -59,6 +59,25 @@ def test_replicas_share_the_load(setup):
     assert all(n > 0 for n in per_worker.values()), per_worker
 
 
+def test_experts_a_token_picked_that_share_a_worker_are_sent_there_together(setup):
+    """Experts 0 and 1 of layer 0 share w1 (w0 and w2 hold one each): every token goes to w1 alone."""
+    index, placement, servers, dispatcher = setup
+    assert set(placement[(0, 0)]) & set(placement[(0, 1)]) == {"w1"}
+    hidden, _, weights = routed_batch(index, 32, seed=5)
+    ids = torch.tensor([[0, 1]] * 32)
+    out = dispatcher.forward(0, hidden, ids, weights)
+    assert torch.allclose(out, reference_experts(hidden, *stacked(index, 0), ids, weights), atol=1e-5)
+    assert {w: stats(s).requests for w, s in servers.items()} == {"w0": 0, "w1": 1, "w2": 0}
+    assert (dispatcher.tokens_in, dispatcher.tokens_sent) == (32, 32)  # one worker per token
+
+
+def test_one_call_spreads_its_tokens_over_the_replicas(setup):
+    index, _, servers, dispatcher = setup
+    dispatcher.forward(0, *routed_batch(index, 96, seed=6))
+    pairs = [sum(e.tokens for e in stats(s).experts) for s in servers.values()]
+    assert max(pairs) * len(pairs) / sum(pairs) < 1.5, pairs
+
+
 def test_dead_replica_is_routed_around(setup):
     index, _, servers, dispatcher = setup
     hidden, ids, weights = routed_batch(index, 48, seed=3)

@@ -387,3 +387,12 @@ def test_any_sequence_of_scales_and_deaths_converges_to_the_spec(events, replica
             pool.kill(serving[value % len(serving)])
         pool.converge(current)
         pool.assert_meets(current)
+
+
+def test_load_counts_only_the_copies_workers_hold_now():
+    """A dropped copy's rate decays over a few heartbeats while its new holder's counts at once: summed, every
+    move would look like a hot expert and the planner would chase it."""
+    moved_from = WorkerObservation("worker-0", "a", 1, WorkerState.SERVING, held=frozenset({(0, 1)}),
+                                   load={(0, 1): 10.0, (0, 2): 8.0})  # (0, 2) dropped a moment ago
+    moved_to = WorkerObservation("worker-1", "b", 2, WorkerState.SERVING, held=frozenset({(0, 2)}), load={(0, 2): 9.0})
+    assert Observed({"worker-0": moved_from, "worker-1": moved_to}, EXPERTS).load() == {(0, 1): 10.0, (0, 2): 9.0}

@@ -2,7 +2,8 @@
 
 One RPC per worker per layer, all in flight at once; each worker gets only the
 tokens that need one of its experts (deduplicated), with -1 in the slots another
-worker serves. A replica is picked per expert by outstanding load. When a worker
+worker serves. A replica is picked per expert by the load its worker would then carry,
+crediting tokens whose other experts that worker holds (see `_assign`). When a worker
 fails (UNAVAILABLE, deadline) or says it no longer holds an expert
 (FAILED_PRECONDITION), only its share is sent again, to another replica, so a
 request fails only when some expert it needs has no live replica left.

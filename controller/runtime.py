@@ -335,7 +335,8 @@ class Controller:
             if self.converged and len(pool) == self.spec.workers:
                 yield f"done: {self.spec.workers} workers serving at epoch {self.publisher.table.epoch}"
                 return
-            started = min(len(observed.serving), self.spec.workers)  # spares stand in for workers still to join
+            staying = [w for w in observed.serving if w not in self.spec.drained]  # a leaving worker does not count
+            started = min(len(staying), self.spec.workers)  # spares stand in for workers still to join
             line = f"{started}/{self.spec.workers} workers serving, epoch {self.publisher.table.epoch}"
             if line != last:
                 yield line

@@ -281,6 +281,7 @@ def test_a_replace_starts_its_successor_first_and_the_pool_never_shrinks(cluster
     (new,) = {w["id"] for w in serving(status)} - before
     assert lines[0].startswith(f"replacing {oldest}") and lines[-1].startswith("done: 3 workers serving"), lines
     assert epoch == status["epoch"]
+    assert any(line.startswith("2/3 workers serving") for line in lines), lines  # waiting for the successor: it says so
     assert {w["id"] for w in serving(status)} == before - {oldest} | {new} and status["desired_workers"] == 3
     assert again == [f"{oldest} has left the pool"], again
     assert all(sum(s in ("serving", "leaving") for s in p.values()) >= 3 for p in polls), polls

@@ -9,7 +9,7 @@ tokens into the pairs it would report (excess over chance, significant only); `p
 first layout (replicas 1), then `regroup` runs plan after plan (each at most MAX_SWAPS swaps) until
 it stops or `--plans` is spent. Printed, for fresh tokens of the same routing: the mean number of
 workers a token is sent to per layer (the frontend's fan-out: hidden states out and partial sums
-back per worker), the imbalance (max/mean worker load), the expert copies the regroup cost (and in
+back per worker), the imbalance (`placement.imbalance`), the expert copies the regroup cost (and in
 bytes, for Qwen3-30B-A3B experts in bf16) and the time per plan. Not a test: it never fails on them.
 """
 

@@ -9,11 +9,12 @@ frontend, so what costs is the fan-out within a layer. `pairs` therefore counts 
 picked two experts of one layer together (tokens/s, as frontends report them).
 
 `regroup` takes a placement (balanced by `placement.place`) and swaps one copy each of two experts
-between two workers, while a swap co-locates at least MIN_GAIN of its layer's pair weight, up to
-`max_swaps` swaps (each is two expert copies over the network). A swap keeps how many experts every
-worker holds, so capacity holds; of equal gains it takes a partner of the same layer (which keeps the
-layer's spread); and it never lets a worker's load exceed max(today's busiest, (1 + LOAD_SLACK) x
-mean), the balance `place` keeps. Pure and deterministic; the next plan goes on where one stopped.
+of one layer between two workers, while a swap co-locates at least MIN_GAIN of its layer's pair
+weight, up to `max_swaps` swaps (each is two expert copies over the network). A swap keeps how many
+experts of each layer every worker holds, so capacity and each layer's spread hold, and it never
+lets a worker's load in that layer exceed max(today's busiest there, (1 + LOAD_SLACK) x an even
+share of the layer): the balance `place` keeps, as a layer waits for its busiest worker. Pure and
+deterministic; the next plan goes on where one stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from moecluster.controller.placement import Key, Placement
 Pair = tuple[Key, Key]
 
 MIN_GAIN = 0.0025  # a swap must co-locate >= 0.25% of its layer's pair weight: noise must not churn copies
-LOAD_SLACK = 0.1  # a swap may load a worker up to 10% above the mean (or today's busiest, if higher)
+LOAD_SLACK = 0.1  # a swap may load a worker up to 10% above its even share of the layer (or today's busiest)
 MAX_SWAPS = 16  # per plan: at most 32 expert copies before the table is published again
 CANDIDATES = 256  # the heaviest split pairs tried per swap: bounds the time a plan takes on a big model
 
@@ -62,15 +63,20 @@ def regroup(placement: Mapping[Key, Sequence[str]], pairs: Mapping[Pair, float],
         neighbors.setdefault(b, []).append((a, w))
     per = {k: (1.0 if load is None else load.get(k, 1.0)) / len(hs) for k, hs in holders.items() if hs}
     items: dict[str, set[Key]] = {w: set() for w in pool}
-    wload = dict.fromkeys(pool, 0.0)
+    lload: dict[tuple[str, int], float] = {}  # (worker, layer) -> load
     for k, hs in holders.items():
         for w in hs:
             if w in pool:
                 items[w].add(k)
-                wload[w] += per[k]
+                lload[w, k[0]] = lload.get((w, k[0]), 0.0) + per[k]
     if len(pool) < 2:
         return {k: tuple(hs) for k, hs in holders.items()}
-    ceiling = max(max(wload.values()), (1 + LOAD_SLACK) * sum(wload.values()) / len(pool))
+    ceiling: dict[int, float] = {}
+    for (w, layer), x in lload.items():
+        ceiling[layer] = max(ceiling.get(layer, 0.0), x)
+    for layer, top in ceiling.items():
+        share = sum(x for (_, l), x in lload.items() if l == layer) / len(pool)
+        ceiling[layer] = max(top, (1 + LOAD_SLACK) * share)
 
     def together(a: Key, b: Key) -> bool:
         return not set(holders[a]).isdisjoint(holders[b])
@@ -86,22 +92,22 @@ def regroup(placement: Mapping[Key, Sequence[str]], pairs: Mapping[Pair, float],
         return out
 
     def swap(x: Key, a: str, b: str, y: Key) -> None:
-        """x's copy on worker a goes to b; y's copy on b goes to a."""
+        """x's copy on worker a goes to b; y's copy (of the same layer) on b goes to a."""
         holders[x][holders[x].index(a)] = b
         holders[y][holders[y].index(b)] = a
         items[a].symmetric_difference_update((x, y))
         items[b].symmetric_difference_update((x, y))
-        wload[a] += per[y] - per[x]
-        wload[b] += per[x] - per[y]
+        lload[a, x[0]] += per[y] - per[x]
+        lload[b, x[0]] += per[x] - per[y]
 
     def best_swap(x: Key, a: str, b: str) -> tuple[float, Key] | None:
-        """The partner on b that, swapped with x's copy on a, co-locates the most (None: no allowed one);
-        of equal gains, one of x's layer."""
-        best = None
-        for y in sorted(items[b], key=lambda k: (k[0] != x[0], k)):
-            if y in items[a]:
+        """The partner of x's layer on b that, swapped with x's copy on a, co-locates the most (None: no
+        allowed one)."""
+        best, top = None, ceiling[x[0]]
+        for y in sorted(items[b]):
+            if y[0] != x[0] or y in items[a]:
                 continue
-            if wload[a] + per[y] - per[x] > ceiling or wload[b] + per[x] - per[y] > ceiling:
+            if lload[a, x[0]] + per[y] - per[x] > top or lload[b, x[0]] + per[x] - per[y] > top:
                 continue
             before = weight_around(x, y)
             swap(x, a, b, y)

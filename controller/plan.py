@@ -167,14 +167,18 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, pairs: Ma
     per_worker = {w: sum(1 for holders in table.values() if w in holders) for w in keep}
     complete = all(len([w for w in table.get(k, ()) if w in capacity]) >= spec.min_replicas for k in observed.experts)
     fits = all(0 < per_worker[w] <= capacity[w] for w in keep)  # nobody idle, nobody over capacity
-    balanced = imbalance(table, load or dict.fromkeys(observed.experts, 1.0), keep) <= spec.rebalance_above
-    settled = complete and fits and balanced and not victims and set(table) == set(observed.experts)
-    if settled:
-        target = dict(table)  # nothing to gain from moving bytes, unless for experts tokens pick together
-    else:
+    settled = complete and fits and not victims and set(table) == set(observed.experts)
+    weights = load or dict.fromkeys(observed.experts, 1.0)
+    skew = imbalance(table, weights, keep)
+    target = dict(table)  # nothing to gain from moving bytes, unless for experts tokens pick together
+    if not settled or skew > spec.rebalance_above:
         # Extra copies only where observed load asks for them: without load there is no hot expert.
-        target = place(observed.experts, capacity, load=load or None, current=table, dead=victims,
-                       min_replicas=spec.min_replicas, max_replicas=spec.max_replicas if load else spec.min_replicas)
+        candidate = place(observed.experts, capacity, load=load or None, current=table, dead=victims,
+                          min_replicas=spec.min_replicas, max_replicas=spec.max_replicas if load else spec.min_replicas)
+        # For balance alone, moving bytes must pay: the new placement must cut the imbalance by half the margin
+        # (a layer with fewer experts than workers may never come near 1.0; load noise must not churn).
+        if not settled or skew - imbalance(candidate, weights, keep) >= (spec.rebalance_above - 1) / 2:
+            target = candidate
     if pairs and (regroup_settled or not settled):
         target = regroup(target, pairs, workers=keep, load=load or None)
 

@@ -23,7 +23,9 @@ class ClusterSpec(BaseModel):
     max_replicas: int | None = Field(None, ge=1, description="cap on copies of a hot expert (default: workers)")
     capacity: int | None = Field(None, ge=1, description="experts one worker may hold (default: 1.5x its even share)")
     policy: Literal["balanced"] = "balanced"
-    rebalance_above: float = Field(1.3, gt=1.0, description="re-place for load when max/mean worker load exceeds this")
+    rebalance_above: float = Field(1.3, gt=1.0, description=(
+        "re-place for load when the MoE layers wait this many times longer than with an even split "
+        "(and a new placement would cut that by half the margin)"))
     rebalance_min_load: float = Field(50.0, ge=0.0, description="tokens/s below which load is noise, not a reason to move")
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs a worker asks of its scheduler (Ray, Kubernetes)")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs a worker asks of its scheduler")

@@ -117,16 +117,22 @@ def test_regroup_keeps_every_invariant(num_workers, layers, experts, replicas, s
         assert [w for w in after[k] if w not in pool] == [w for w in before[k] if w not in pool]
     assert per_worker_counts(after) == per_worker_counts(before)
     assert colocated_share(after, pairs) >= colocated_share(before, pairs) - 1e-12
-    loads_before, loads_after = worker_loads(before, load), worker_loads(after, load)
-    in_pool = [loads_before.get(w, 0.0) for w in pool]
-    ceiling = max(max(in_pool), (1 + LOAD_SLACK) * sum(in_pool) / len(pool))
-    assert all(loads_after.get(w, 0.0) <= ceiling + 1e-9 for w in pool)
-    assert all(loads_after.get(w) == loads_before.get(w) for w in workers if w not in pool)
+    for layer in range(layers):
+        assert per_worker_counts(in_layer(after, layer)) == per_worker_counts(in_layer(before, layer))
+        loads_before, loads_after = worker_loads(before, load, layer), worker_loads(after, load, layer)
+        in_pool = [loads_before.get(w, 0.0) for w in pool]
+        ceiling = max(max(in_pool), (1 + LOAD_SLACK) * sum(in_pool) / len(pool))
+        assert all(loads_after.get(w, 0.0) <= ceiling + 1e-9 for w in pool)
+        assert all(loads_after.get(w) == loads_before.get(w) for w in workers if w not in pool)
 
 
-def worker_loads(placement, load) -> dict:
+def in_layer(placement, layer) -> dict:
+    return {k: hs for k, hs in placement.items() if k[0] == layer}
+
+
+def worker_loads(placement, load, layer) -> dict:
     out = {}
-    for k, hs in placement.items():
+    for k, hs in in_layer(placement, layer).items():
         for w in hs:
             out[w] = out.get(w, 0.0) + (1.0 if load is None else load[k]) / len(hs)
     return out

@@ -139,9 +139,12 @@ def test_adding_a_worker_moves_about_its_share(workers, min_r, zipf, seed):
     if not zipf:
         assert total_after == total_before == len(keys) * min_r  # uniform load: no extra replicas
     share = math.ceil(total_before / (workers + 1))
-    assert len(moves(before, after)) <= share + abs(total_after - total_before) + 2
+    # Its share, and a few more to even out each layer.
+    assert len(moves(before, after)) <= share * 3 // 2 + abs(total_after - total_before) + 2
     assert any("new" in hs for hs in after.values())  # the new worker takes load
-    assert imbalance(after, load, capacity) <= 1.1
+    # Within the layer band, unless a layer's experts do not divide evenly (then as even as a fresh plan).
+    fresh = place(keys, capacity, load=load, min_replicas=min_r)
+    assert imbalance(after, load, capacity) <= max(1.15, imbalance(fresh, load, capacity))
 
 
 @SETTINGS
@@ -158,11 +161,12 @@ def test_losing_a_worker_moves_only_its_replicas(workers, min_r, scale_down, see
     assert_valid(after, keys, capacity, dead={victim}, min_replicas=min_r)
     held = sum(victim in hs for hs in before.values())
     copies = len(moves(before, after))
-    assert copies <= held + max(4, held // 8)
+    assert copies <= held + max(4, held // 4)  # its replicas, and a few more to even out each layer
+    # Replicas others lose: those few, and extras the smaller pool has no room for (free: nothing copied).
     disturbed = sum(w != victim and w not in after[k] for k, hs in before.items() for w in hs)
-    assert disturbed <= max(4, held // 8)
+    assert disturbed <= held
     live = [w for w in ids if w != victim]
-    assert imbalance(after, load, live) <= 1.1
+    assert imbalance(after, load, live) <= 1.16
 
 
 @SETTINGS
@@ -191,6 +195,39 @@ def test_imbalance_splits_load_and_counts_idle_workers():
     assert imbalance(plan, load, ["a", "b"]) == pytest.approx(2.0 / 1.5)
     assert imbalance(plan, load, ["a", "b", "c"]) == pytest.approx(2.0 / 1.0)
     assert imbalance({(0, 0): ("a",), (0, 1): ("b",)}, None, ["a", "b"]) == 1.0
+
+
+def test_imbalance_is_what_each_layer_waits_for():
+    # Each worker carries half of all the load, but each layer waits for one worker doing all of it.
+    by_layer = {(0, 0): ("a",), (0, 1): ("a",), (1, 0): ("b",), (1, 1): ("b",)}
+    assert imbalance(by_layer, None, "ab") == pytest.approx(2.0)
+    spread = {(0, 0): ("a",), (0, 1): ("b",), (1, 0): ("a",), (1, 1): ("b",)}
+    assert imbalance(spread, None, "ab") == 1.0
+    # Layers weigh by their load: a busy layer's wait counts more.
+    load = {(0, 0): 3.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 1.0}
+    assert imbalance(spread, load, "ab") == pytest.approx((3.0 + 1.0) / (2.0 + 1.0))
+
+
+def test_every_layer_is_spread_over_the_workers():
+    # The same Zipf ranks in every layer: balancing only each worker's total put each layer on one
+    # worker (each layer waited for a worker doing all of its work: imbalance 8.0 here).
+    keys, ids = keys_of(16, 64), [f"w{j}" for j in range(8)]
+    weights = [1 / r**1.2 for r in range(1, 65)]
+    load = {(layer, e): weights[e] for layer, e in keys}
+    for min_r in (1, 2):
+        plan = place(keys, dict.fromkeys(ids, 64 * 16 * min_r * 3 // 2 // 8), load=load, min_replicas=min_r)
+        assert imbalance(plan, load, ids) <= 1.1
+        assert all(any(w in plan[(layer, e)] for e in range(64)) for layer in range(16) for w in ids)
+
+
+def test_a_layer_with_fewer_experts_than_workers_is_copied_onto_all_of_them_if_there_is_room():
+    keys, ids = keys_of(2, 4), [f"w{j}" for j in range(8)]
+    roomy = place(keys, dict.fromkeys(ids, 3), load=dict.fromkeys(keys, 1.0))  # a slot each is kept free
+    assert all(len(hs) == 2 for hs in roomy.values())  # every worker holds one expert of each layer
+    assert imbalance(roomy, None, ids) == 1.0
+    tight = place(keys, dict.fromkeys(ids, 1), load=dict.fromkeys(keys, 1.0))
+    assert all(len(hs) == 1 for hs in tight.values())
+    assert imbalance(tight, None, ids) == pytest.approx(2.0)  # half of the workers wait in each layer
 
 
 def test_hot_expert_is_replicated_up_to_max_replicas():
@@ -229,14 +266,15 @@ def test_a_cooled_expert_drops_replicas_without_copying_it():
 
 def test_counts_that_cannot_all_fit_give_up_an_extra_not_a_required_replica():
     # Two hot experts want all 3 workers, but worker c has one slot: only one of them can.
-    keys = keys_of(1, 3)
-    load = {(0, 0): 100.0, (0, 1): 100.0, (0, 2): 1.0}
-    capacity = {"a": 3, "b": 3, "c": 1}
+    keys = keys_of(1, 6)
+    load = {(0, 0): 100.0, (0, 1): 100.0} | {(0, e): 1.0 for e in range(2, 6)}
+    capacity = {"a": 6, "b": 6, "c": 1}
     current = {(0, 0): ("a", "b", "c"), (0, 1): ("a", "b", "c")}
     plan = place(keys, capacity, load=load, current=current)
     assert_valid(plan, keys, capacity)
     assert len(plan[(0, 0)]) + len(plan[(0, 1)]) == 5
-    assert moves(current, plan) == [((0, 2), "a")] or moves(current, plan) == [((0, 2), "b")]
+    copies = moves(current, plan)
+    assert sorted(key for key, _ in copies) == keys[2:] and {w for _, w in copies} <= {"a", "b"}
 
 
 def test_dead_and_unknown_workers_in_current_are_replaced():

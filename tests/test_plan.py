@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moecluster.controller import plan as p
 from moecluster.controller.observed import Observed, WorkerObservation, WorkerState
+from moecluster.controller.placement import imbalance
 from moecluster.controller.spec import ClusterSpec
 
 EXPERTS = tuple((layer, e) for layer in (0, 1) for e in range(8))
@@ -114,8 +115,11 @@ def test_scale_up_copies_before_switch_and_switches_before_drop():
     assert all(k == "DropExperts" for k in kinds[publish + 2:])
     assert "LoadExperts" not in kinds, "new workers copy from peers, not from the checkpoint"
     pulls = [s for s in pool.log if isinstance(s, p.PullExpert)]
-    assert {s.worker_id for s in pulls} <= {"worker-3", "worker-4"}
     assert len(pulls) <= 2 * len(EXPERTS) * 2 // 5 + 4, "a scale-up moves about the new workers' share"
+    assert len([s for s in pulls if s.worker_id not in ("worker-3", "worker-4")]) <= 2, "onto the new workers"
+    # Each layer is spread: 16 copies a layer on 5 workers, at most 4 on one (balancing totals alone put a
+    # layer on the two new workers, 6 copies each: imbalance 1.875).
+    assert imbalance(pool.table, None, [f"worker-{i}" for i in range(5)]) == pytest.approx(1.25)
 
 
 def test_scale_down_empties_the_victims_before_stopping_them():
@@ -396,3 +400,39 @@ def test_load_counts_only_the_copies_workers_hold_now():
                                    load={(0, 1): 10.0, (0, 2): 8.0})  # (0, 2) dropped a moment ago
     moved_to = WorkerObservation("worker-1", "b", 2, WorkerState.SERVING, held=frozenset({(0, 2)}), load={(0, 2): 9.0})
     assert Observed({"worker-0": moved_from, "worker-1": moved_to}, EXPERTS).load() == {(0, 1): 10.0, (0, 2): 9.0}
+
+
+def lay_out(pool: Pool, table: dict, load: dict | None = None) -> None:
+    """As if the controller had published `table`: every worker holds (and serves `load` of) what it names."""
+    for w in pool.workers:
+        held = frozenset(k for k, hs in table.items() if w in hs)
+        pool.set(w, held=held, load={k: (load or {}).get(k, 0.0) / len(table[k]) for k in held})
+    pool.table = dict(table)
+
+
+def test_a_layer_crowded_onto_few_workers_is_spread_though_every_worker_carries_as_much():
+    pool = Pool()
+    pool.converge(spec(4))
+    # Every worker holds 4 experts, but each layer is on two workers: it waits for one doing half its work.
+    crowded = {(layer, e): (f"worker-{2 * layer + e // 4}",) for layer, e in EXPERTS}
+    lay_out(pool, crowded)
+    workers = sorted(pool.workers)
+    assert imbalance(crowded, None, workers) == 2.0
+    pool.log.clear()
+    pool.converge(spec(4))
+    assert imbalance(pool.table, None, workers) == 1.0
+    assert len([s for s in pool.log if isinstance(s, p.PullExpert)]) <= 8  # half of each layer, no more
+
+
+def test_a_layer_waiting_for_a_hot_expert_is_re_placed_only_where_a_plan_can_do_better():
+    pool = Pool()
+    capped = ClusterSpec(model="m", workers=4, max_replicas=1)
+    pool.converge(capped)
+    hot = {k: 10.0 for k in EXPERTS} | {(0, 3): 1000.0}
+    lay_out(pool, pool.table, hot)
+    assert imbalance(pool.table, hot, sorted(pool.workers)) > 3.0
+    # One copy at most: layer 0 waits for the worker holding (0, 3) whatever the plan, so nothing moves.
+    assert p.reconcile(capped, pool.observed(), pool.table) == []
+    # With copies allowed, the hot expert is split.
+    steps = p.reconcile(spec(4), pool.observed(), pool.table)
+    assert [s.expert for s in steps if isinstance(s, p.PullExpert)].count((0, 3)) == 3

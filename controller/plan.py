@@ -134,13 +134,14 @@ BEHIND_AFTER_S = 1.0
 
 
 def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, pairs: Mapping[Pair, float] | None = None,
-              regroup_settled: bool = True) -> list[Step]:
+              regroup_settled: bool = True, rebalance_settled: bool = True) -> list[Step]:
     """The next steps from `observed` and the published `table` towards `spec`; [] when converged.
 
     Workers in `spec.drained` that still serve are emptied and stopped first; they do not count in the pool,
     so one drained without a smaller pool (a replace) has its successor started before it is emptied.
     `pairs` (tokens/s that picked two experts together), when given, co-locates them (`affinity.regroup`):
-    in every new placement, and in a settled one when `regroup_settled` (the caller paces that search).
+    in every new placement, and in a settled one when `regroup_settled`. A settled pool is re-placed for balance
+    only when `rebalance_settled` (the caller paces both searches: a big pool's plan takes a while).
     """
     serving = observed.serving
     gone = {w for w in _holders(table) if w not in serving}
@@ -171,7 +172,7 @@ def reconcile(spec: ClusterSpec, observed: Observed, table: Placement, pairs: Ma
     weights = load or dict.fromkeys(observed.experts, 1.0)
     skew = imbalance(table, weights, keep)
     target = dict(table)  # nothing to gain from moving bytes, unless for experts tokens pick together
-    if not settled or skew > spec.rebalance_above:
+    if not settled or (rebalance_settled and skew > spec.rebalance_above):
         # Extra copies only where observed load asks for them: without load there is no hot expert.
         candidate = place(observed.experts, capacity, load=load or None, current=table, dead=victims,
                           min_replicas=spec.min_replicas, max_replicas=spec.max_replicas if load else spec.min_replicas)

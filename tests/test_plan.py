@@ -436,3 +436,11 @@ def test_a_layer_waiting_for_a_hot_expert_is_re_placed_only_where_a_plan_can_do_
     # With copies allowed, the hot expert is split.
     steps = p.reconcile(spec(4), pool.observed(), pool.table)
     assert [s.expert for s in steps if isinstance(s, p.PullExpert)].count((0, 3)) == 3
+
+
+def test_a_settled_pool_looks_for_a_better_balance_only_when_the_caller_says_it_is_time():
+    pool = Pool()
+    pool.converge(spec(4))
+    lay_out(pool, {(layer, e): (f"worker-{2 * layer + e // 4}",) for layer, e in EXPERTS})  # crowded layers
+    assert p.reconcile(spec(4), pool.observed(), pool.table, rebalance_settled=False) == []
+    assert any(isinstance(s, p.Publish) for s in p.reconcile(spec(4), pool.observed(), pool.table))

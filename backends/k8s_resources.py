@@ -303,7 +303,9 @@ def status_patch(resource: Resource, status: dict | None, pods: int, previous: d
     ready = status["converged"] and len(serving) == desired
     scaling = not status["converged"] or len(serving) != desired
     problem = status["last_error"] or (f"dead workers: {', '.join(dead)}" if dead else "")
-    scaling_message = f"{len(serving)}/{desired} workers serving" if scaling else ""
+    starting = [w["id"] for w in status["workers"] if w["state"] == "starting"]  # a pod with no room stays here
+    scaling_message = (f"{len(serving)}/{desired} workers serving" + (f"; starting {', '.join(starting)}" if starting
+                                                                      else "")) if scaling else ""
     return {
         **base, "readyReplicas": len(serving), "epoch": status["epoch"], "placement": placement_summary(status),
         "workers": [{"id": w["id"], "pod": worker_pod_name(resource, w["id"]), "state": w["state"],

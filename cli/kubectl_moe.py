@@ -35,6 +35,7 @@ from moecluster.backends.k8s_resources import (
     parse_migrate,
 )
 from moecluster.cli.snapshot_table import describe
+from moecluster.controller.progress import SAY_WAITING_AFTER_S
 
 
 class KubectlError(RuntimeError):
@@ -106,7 +107,8 @@ def _ready(obj: dict, replicas: int) -> bool:
 
 
 def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> dict:
-    deadline, last = time.monotonic() + timeout, ""
+    begin, last = time.monotonic(), ""
+    deadline = begin + timeout
     while True:
         obj = kubectl.get(name)
         if _ready(obj, replicas):
@@ -114,6 +116,11 @@ def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> di
             return obj
         status = obj.get("status", {})
         line = f"{status.get('readyReplicas', 0)}/{replicas} workers serving, epoch {status.get('epoch', 0)}"
+        if time.monotonic() - begin >= SAY_WAITING_AFTER_S:  # a long wait says what it waits for
+            starting = [w["id"] for w in status.get("workers", []) if w.get("state") == "starting"]
+            degraded = next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+            line += f"; waiting for {', '.join(starting)} to start" if starting else ""
+            line += f"; {degraded['message']}" if degraded.get("status") == "True" and degraded.get("message") else ""
         if line != last:
             print(line, flush=True)
             last = line

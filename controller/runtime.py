@@ -25,6 +25,7 @@ from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
 from moecluster.controller.pair_rates import PairRates
 from moecluster.controller.placement import imbalance
+from moecluster.controller.progress import progress_line
 from moecluster.controller.publisher import LEASE_S, Publisher
 from moecluster.controller.spec import ClusterSpec
 from moecluster.protos import worker_pb2
@@ -335,7 +336,8 @@ class Controller:
     def _await_converged(self, timeout: float) -> Iterator[str]:
         self.converged = False
         self._wake.set()
-        deadline = time.monotonic() + timeout
+        begin = time.monotonic()
+        deadline = begin + timeout
         last = ""
         while time.monotonic() < deadline:
             observed = self.monitor.snapshot()
@@ -343,9 +345,8 @@ class Controller:
             if self.converged and len(pool) == self.spec.workers:
                 yield f"done: {self.spec.workers} workers serving at epoch {self.publisher.table.epoch}"
                 return
-            staying = [w for w in observed.serving if w not in self.spec.drained]  # a leaving worker does not count
-            started = min(len(staying), self.spec.workers)  # spares stand in for workers still to join
-            line = f"{started}/{self.spec.workers} workers serving, epoch {self.publisher.table.epoch}"
+            line = progress_line(self.spec, observed, self.publisher.table.epoch, time.monotonic() - begin,
+                                 self.last_error)
             if line != last:
                 yield line
                 last = line

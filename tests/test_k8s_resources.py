@@ -145,6 +145,11 @@ def test_status_conditions_and_transition_times():
     by_type = {c["type"]: c for c in scaling["conditions"]}
     assert by_type["Ready"]["status"] == "False" and by_type["Ready"]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
     assert by_type["Scaling"]["message"] == "2/3 workers serving"
+    waiting = controller_status(converged=False, serving=2)
+    waiting["workers"].append({**waiting["workers"][0], "id": "worker-3", "state": "starting", "experts": []})
+    by_type = {c["type"]: c for c in r.status_patch(res, waiting, 3, later, "2026-01-01T00:02:00Z")["conditions"]}
+    assert by_type["Scaling"]["message"] == "2/3 workers serving; starting worker-3"  # what the scale waits for
+    by_type = {c["type"]: c for c in scaling["conditions"]}
     assert by_type["Degraded"]["status"] == "True" and "worker-2" in by_type["Degraded"]["message"]
     starting = r.status_patch(res, None, 1, {}, "2026-01-01T00:00:00Z", "ImagePullBackOff")
     assert starting["placement"] == "starting" and "ImagePullBackOff" in starting["conditions"][0]["message"]
@@ -182,6 +187,27 @@ def test_kubectl_moe_status_text():
         ["step", "8", "6", "trainer", "state", "/snapshots/step-00000008"]]  # the newest first; which a resume can use
     obj["status"]["training"]["snapshots"] = []
     assert format_snapshots(obj) == "no snapshots (no spec.snapshots: no volume)"
+
+
+def test_kubectl_moe_says_what_a_long_wait_waits_for(monkeypatch, capsys):
+    """A scale whose new pod finds no room: after a while the wait names the pod it waits for and the error."""
+    from moecluster.cli import kubectl_moe
+
+    stuck = controller_status(converged=False, serving=2, error="start/worker-3: 0/4 nodes are available")
+    stuck["workers"].append({**stuck["workers"][0], "id": "worker-3", "state": "starting", "experts": []})
+    objects = iter([{"metadata": {"generation": 4}, "status": r.status_patch(resource(), status, 3, {}, "t")}
+                    for status in (stuck, stuck, controller_status())])
+
+    class Cluster:  # stands where the kube-apiserver would: the resource as the operator wrote it
+        def get(self, name):
+            return next(objects)
+
+    monkeypatch.setattr(kubectl_moe, "SAY_WAITING_AFTER_S", 0.0)
+    monkeypatch.setattr(kubectl_moe.time, "sleep", lambda s: None)
+    kubectl_moe.wait_ready(Cluster(), "mixtral", 3, timeout=60)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["2/3 workers serving, epoch 9; waiting for worker-3 to start; start/worker-3: 0/4 nodes are available",
+                     "done: 3 workers serving at epoch 9"]
 
 
 class NamedController(controller_pb2_grpc.ControllerServicer):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from moecluster.backends import cluster_record
+from moecluster.backends.local_supervisor import start_supervisor
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
 from moecluster.controller.spec import ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
@@ -227,10 +228,8 @@ class LocalCluster:
             return None
         if self.supervised():
             return self.controller_record()  # it starts the controller again itself
-        args = ["--cluster-dir", str(self.dir)] + (["--move-if-port-taken"] if new_port_if_taken else [])
         try:  # ready once the controller serves (or adopts a running one)
-            spawn("supervisor", "moecluster.backends.local_supervisor", args, self.dir / "run", self.dir / "logs",
-                  timeout, record_at=self.dir / "supervisor.json")
+            start_supervisor(self.dir, timeout, new_port_if_taken)
         except ProcessError as err:
             controller = self.controller_record()
             if controller is not None and not alive(controller):  # what the supervisor failed on: name it
@@ -353,6 +352,7 @@ class LocalCluster:
             return running + self._down_ray(info, grace)
         supervisor = self.supervisor_record()
         if supervisor is not None:
+            (self.dir / "supervisor.json").unlink(missing_ok=True)  # first: its controller would start another
             stop(supervisor, grace)  # first: it would start the controller again
         if controller is not None and alive(controller):
             channel, stub = self._stub()

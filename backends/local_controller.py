@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from moecluster.backends import cluster_record
 from moecluster.backends.local_actuator import LocalActuator
+from moecluster.backends.local_supervisor import watch_supervisor
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
 from moecluster.controller.spec import ClusterSpec
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
     metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
     announce_ready(args.ready_file, cluster["controller"], **({"metrics": metrics.address} if metrics else {}))
+    watch_supervisor(args.cluster_dir, stopped)  # who restarts this controller is restarted by it
     stopped.wait()
     controller.stop()  # workers and frontend keep serving unless Shutdown stopped them
     if metrics:

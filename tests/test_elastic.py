@@ -439,27 +439,38 @@ def test_a_killed_frontend_is_started_again_on_its_port_and_clients_fail_nothing
     check(load.report)
 
 
-def test_resume_restarts_a_controller_whose_supervisor_is_gone_and_adopts_a_running_one(cluster, reference):
+def test_a_killed_supervisor_is_started_again_by_its_controller_and_resume_restarts_what_nothing_would(cluster,
+                                                                                                      reference):
     c = cluster("resume", workers=1, replicas=1)
-    os.kill(c.supervisor_record().pid, signal.SIGKILL)
-    os.kill(c.controller_record().pid, signal.SIGKILL)
-    time.sleep(1)
-    with pytest.raises(ClusterError, match="moectl resume"):
-        c.status(rpc_timeout=2)
-    c.start_controller()  # moectl resume
-    c.wait_converged(60, lambda _: None)
-
-    assert c.status()["supervised"]
-    os.kill(c.supervisor_record().pid, signal.SIGKILL)  # the controller runs on without one
-    assert wait_for(lambda: not c.status()["supervised"], 10), "status says a dead controller would stay down"
-    controller = c.controller_record()
-    c.start_controller()
+    first, controller = c.supervisor_record(), c.controller_record()
+    os.kill(first.pid, signal.SIGKILL)
+    assert wait_for(lambda: (s := c.supervisor_record()) is not None and s.pid != first.pid and alive(s), 30), \
+        "the controller starts a supervisor again"
     assert c.controller_record().pid == controller.pid, "adopted, not a second controller"
     assert c.status()["supervised"]
     os.kill(controller.pid, signal.SIGKILL)  # not the new supervisor's child: it restarts it all the same
     assert wait_for(lambda: c.controller_record().pid != controller.pid and c.controller_running(), 60)
+    c.wait_converged(60, lambda _: None)
+
+    # Stopped on purpose (SIGTERM), a supervisor is not started again: the controller runs on without one.
+    os.kill(c.supervisor_record().pid, signal.SIGTERM)
+    assert wait_for(lambda: not c.status()["supervised"], 10), "status says a dead controller would stay down"
+    time.sleep(2)
+    assert c.supervisor_record() is None and not c.status()["supervised"]
+    controller = c.controller_record()
+    c.start_controller()  # moectl resume, with the controller running: adopted
+    assert c.controller_record().pid == controller.pid and c.status()["supervised"]
+
+    # Both gone: nothing restarts them but `moectl resume`.
+    os.kill(c.supervisor_record().pid, signal.SIGTERM)
+    assert wait_for(lambda: c.supervisor_record() is None, 10)
+    os.kill(controller.pid, signal.SIGKILL)
+    time.sleep(1)
+    with pytest.raises(ClusterError, match="moectl resume"):
+        c.status(rpc_timeout=2)
+    c.start_controller()  # moectl resume
     status = c.wait_converged(60, lambda _: None)
-    assert len(serving(status)) == 1
+    assert len(serving(status)) == 1 and c.status()["supervised"]
     with Client(status["endpoint"]) as client:
         assert (client.forward(reference[1]) - reference[2]).abs().max() <= 1e-4
 

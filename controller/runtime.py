@@ -33,8 +33,10 @@ from moecluster.workers.snapshot_folders import Snapshot, partial_name
 
 log = logging.getLogger("moecluster.controller")
 REGROUP_EVERY_S = 10.0  # with spec.colocate: how often a converged pool looks again at what tokens pick together
-# How often a converged pool whose layers wait over rebalance_above looks for a better placement: a plan of a
-# big pool takes a tenth of a second or more, and a layout no plan can improve would have it made every tick.
+# How often a converged pool whose layers wait over rebalance_above looks for a better placement, and how long
+# after any change: a plan of a big pool takes a tenth of a second or more (a layout no plan can improve would
+# have it made every tick), and a moved copy's load takes a few heartbeats to show in the rates (judged on them
+# at once, the move looks like a shift in load, and the planner chases it).
 REBALANCE_EVERY_S = 2.0
 
 
@@ -61,7 +63,7 @@ class Controller:
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
         self.pair_rates = PairRates()  # experts tokens pick together, as frontends report them
         self._regroup_at = time.monotonic() + REGROUP_EVERY_S  # the first reports come in meanwhile
-        self._rebalance_at = 0.0
+        self._rebalance_at = time.monotonic() + REBALANCE_EVERY_S  # rates need a few heartbeats
         self._last_snapshot_at = time.monotonic()
         self._plan_lock = threading.Lock()  # one plan at a time: the loop's, or a user's migrate
         self._spec_lock = threading.Lock()  # a drain or a scale reads the spec to write it
@@ -132,7 +134,7 @@ class Controller:
                                 rebalance_settled=rebalance)
             if not steps and due:  # nothing (more) to co-locate: look again in a while
                 self._regroup_at = now + REGROUP_EVERY_S
-            if not steps and rebalance:  # nor to balance
+            if steps or rebalance:  # nothing to balance, or something changed: rates settle first
                 self._rebalance_at = now + REBALANCE_EVERY_S
             spares_only = all(isinstance(s, p.StartWorker) and s.standby for s in steps)  # the pool itself is done
             self.converged = spares_only and len(self._pool(observed)) == self.spec.workers and bool(

@@ -216,6 +216,9 @@ class _Plan:
         self.layer_items: list[list[set[int]]] = [[set() for _ in cap] for _ in share]  # [layer][worker]
         self.wload = [0.0] * len(cap)
         self.lload = [[0.0] * len(cap) for _ in share]  # [layer][worker]
+        # A layer is as slow as its busiest worker: only a worker over its band slows it down (one left under
+        # it is the whole load's to fill).
+        self.over = [_violation(0.0, (1 + LAYER_TOLERANCE) * s) for s in share]
 
     def _put(self, i: int, j: int, sign: int) -> None:
         """Account expert i's replica on worker j (sign 1) or take it off (sign -1); holders aside."""
@@ -372,9 +375,6 @@ class _Plan:
         mean = sum(self.share)
         if mean <= 0:
             return
-        # A layer is as slow as its busiest worker: only a worker over the band slows it down.  A worker
-        # left under it is the whole load's to fill.
-        self.out = [_violation(0.0, (1 + LAYER_TOLERANCE) * s) for s in self.share]
         budget = MAX_POLISH_MOVES
         while budget > 0:
             moved = 0
@@ -453,7 +453,7 @@ class _Plan:
         if g >= 0:
             change[self.layer[g]] = change.get(self.layer[g], 0.0) - self.per[g]
         for l, x in change.items():
-            lu, lv, out = self.lload[l][u], self.lload[l][v], self.out[l]
-            if out(lu - x) + out(lv + x) > out(lu) + out(lv) + 1e-12 * self.share[l]:
+            lu, lv, over = self.lload[l][u], self.lload[l][v], self.over[l]
+            if over(lu - x) + over(lv + x) > over(lu) + over(lv) + 1e-12 * self.share[l]:
                 return False
         return True

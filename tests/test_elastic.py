@@ -104,6 +104,9 @@ def test_scale_up_and_down_under_load_fails_nothing(cluster, reference):
         epoch = Client(c.status()["endpoint"]).scale(5, progress=lines.append)  # the SDK's way
         assert epoch == c.status()["epoch"] and any("5/5" in line for line in lines)
         assert_spec(c.status(), 5, 2)
+        # A layer waits for its busiest worker: every worker holds experts of every layer (test_plan.py shows
+        # the scale without load, where balancing only totals gave the new workers one layer's experts).
+        assert all({layer for layer, _ in w["experts"]} == {0, 1} for w in serving(c.status())), c.status()
         time.sleep(1)
         list(c.scale(2))
         assert_spec(c.status(), 2, 2)

@@ -22,6 +22,7 @@ class ControllerMetrics:
         self._migrations = [0, 0.0]
         self._scales: list[float] = [0, 0.0]
         self._gauges: dict[str, float] = {}
+        self._labelled: dict[str, tuple[str, dict[str, float]]] = {}  # family -> (label, {label value: value})
         self._resynced = 0  # replicas that missed a training update, caught up from a peer
 
     def epoch(self, value: int) -> None:
@@ -56,6 +57,11 @@ class ControllerMetrics:
         with self._lock:
             self._gauges[name] = value
 
+    def labelled_gauge(self, name: str, label: str, values: dict[str, float]) -> None:
+        """A gauge per label value (all of them at once: a value left out is gone)."""
+        with self._lock:
+            self._labelled[name] = (label, dict(values))
+
     def moved(self) -> dict[str, int]:
         with self._lock:
             return dict(self._bytes)
@@ -76,6 +82,8 @@ class ControllerMetrics:
                 out += [row(family, "summary", count, family + "_count"), row(family, "summary", seconds, family + "_sum")]
             out.append(row("moecluster_replicas_resynced_total", "counter", self._resynced))
             out += [row(f"moecluster_{name}", "gauge", value) for name, value in sorted(self._gauges.items())]
+            for name, (label, values) in sorted(self._labelled.items()):
+                out += [row(f"moecluster_{name}", "gauge", v, **{label: k}) for k, v in values.items()]
         return out
 
     def render(self) -> str:

@@ -152,16 +152,31 @@ def imbalance(
     the busiest worker's load in each layer, summed, over the even shares, summed.  Each expert's load
     (missing -> 1.0) is split evenly over its replicas; `workers` holding nothing count with 0, as do any
     named only in placement.  With one layer, max / mean worker load."""
+    size, busy = _layer_loads(placement, load, workers)
+    total = sum(sum(b.values()) for b in busy.values())
+    return sum(max(b.values()) for b in busy.values()) * size / total if total > 0 else 1.0
+
+
+def layer_imbalance(
+    placement: Mapping[Key, Sequence[str]], load: Mapping[Key, float] | None, workers: Collection[str]
+) -> dict[int, float]:
+    """Per layer, its busiest worker's load over an even share of it (1.0 is even); layers with no load left out."""
+    size, busy = _layer_loads(placement, load, workers)
+    return {layer: max(b.values()) * size / sum(b.values()) for layer, b in sorted(busy.items()) if sum(b.values()) > 0}
+
+
+def _layer_loads(placement: Mapping[Key, Sequence[str]], load: Mapping[Key, float] | None,
+                 workers: Collection[str]) -> tuple[int, dict[int, dict[str, float]]]:
+    """(workers in the pool, {layer: {worker: its load in the layer}}) for the two measures above."""
     pool = set(workers) | {w for hs in placement.values() for w in hs}
-    per: dict[int, dict[str, float]] = {}
+    busy: dict[int, dict[str, float]] = {}
     for key, hs in placement.items():
         if hs:
             part = (1.0 if load is None else load.get(key, 1.0)) / len(hs)
-            busy = per.setdefault(key[0], {})
+            layer = busy.setdefault(key[0], {})
             for w in hs:
-                busy[w] = busy.get(w, 0.0) + part
-    total = sum(sum(busy.values()) for busy in per.values())
-    return sum(max(busy.values()) for busy in per.values()) * len(pool) / total if total > 0 else 1.0
+                layer[w] = layer.get(w, 0.0) + part
+    return len(pool), busy
 
 
 def _check(n: int, nw: int, slots: int, lo: int, hi: int | None) -> None:

@@ -24,7 +24,7 @@ from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
 from moecluster.controller.pair_rates import PairRates
-from moecluster.controller.placement import imbalance
+from moecluster.controller.placement import imbalance, layer_imbalance
 from moecluster.controller.progress import progress_line
 from moecluster.controller.publisher import LEASE_S, Publisher
 from moecluster.controller.spec import ClusterSpec
@@ -267,7 +267,10 @@ class Controller:
     def _update_gauges(self, observed) -> None:
         load = observed.load()
         if load:
-            self.metrics.gauge("imbalance", imbalance(self.publisher.table.placement, load, self._pool(observed)))
+            table, pool = self.publisher.table.placement, self._pool(observed)
+            self.metrics.gauge("imbalance", imbalance(table, load, pool))
+            self.metrics.labelled_gauge("layer_imbalance", "layer",  # which layer waits, on a dashboard
+                                        {str(layer): x for layer, x in layer_imbalance(table, load, pool).items()})
         pairs = self.pair_rates.rates()
         if pairs:
             self.metrics.gauge("colocated_share", colocated_share(self.publisher.table.placement, pairs))

@@ -316,6 +316,7 @@ def test_migrate_drain_and_metrics(cluster, reference):
     metrics_address = __import__("json").loads(info)["metrics"]
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
     assert "moecluster_epoch" in text and 'moecluster_bytes_moved_total{source="peer"}' in text
+    assert 'moecluster_layer_imbalance{layer="0"}' in text, text  # the load ran through both layers
     with pytest.raises(ClusterError, match="not serving"):
         list(c.migrate(layer, expert, "worker-99"))
 

@@ -127,6 +127,11 @@ def test_controller_metrics_are_the_text_format():
     assert value(parsed, "moecluster_migration_seconds_sum") == 0.25
     assert value(parsed, "moecluster_scale_seconds_count") == 1
     assert value(parsed, "moecluster_imbalance") == 1.5 and value(parsed, "moecluster_workers_serving") == 3
+    m.labelled_gauge("layer_imbalance", "layer", {"0": 1.25, "1": 2.0})
+    m.labelled_gauge("layer_imbalance", "layer", {"0": 1.0})  # all at once: layer 1 carries no load now
+    parsed = samples(m.render())
+    assert value(parsed, "moecluster_layer_imbalance", layer="0") == 1.0
+    assert ("moecluster_layer_imbalance", frozenset({("layer", "1")})) not in parsed
 
 
 def test_metrics_server_serves_only_metrics_and_survives_a_failing_render():

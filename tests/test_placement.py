@@ -12,7 +12,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moecluster.controller.placement import PlacementError, imbalance, moves, place
+from moecluster.controller.placement import PlacementError, imbalance, layer_imbalance, moves, place
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -206,6 +206,9 @@ def test_imbalance_is_what_each_layer_waits_for():
     # Layers weigh by their load: a busy layer's wait counts more.
     load = {(0, 0): 3.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 1.0}
     assert imbalance(spread, load, "ab") == pytest.approx((3.0 + 1.0) / (2.0 + 1.0))
+    # Which layer waits: layer 0's busiest worker does 3 of its 4.  A layer with no load is left out.
+    assert layer_imbalance(spread, load, "ab") == pytest.approx({0: 1.5, 1: 1.0})
+    assert layer_imbalance(spread, {**load, (1, 0): 0.0, (1, 1): 0.0}, "abc") == pytest.approx({0: 2.25})
 
 
 def test_every_layer_is_spread_over_the_workers():

@@ -117,16 +117,19 @@ def regroup(placement: Mapping[Key, Sequence[str]], pairs: Mapping[Pair, float],
                 best = (gain, y)
         return best
 
+    stuck: set[Pair] = set()  # split pairs no swap could join in this plan: the window moves past them
+
     def first_good_swap() -> tuple[Key, str, str, Key] | None:
         """Down the heaviest pairs split over two workers: the first swap that co-locates enough."""
-        split = sorted((p for p in pairs if not together(*p)), key=lambda p: (-pairs[p], p))[:CANDIDATES]
-        for first, second in split:
+        split = sorted((p for p in pairs if p not in stuck and not together(*p)), key=lambda p: (-pairs[p], p))
+        for first, second in split[:CANDIDATES]:
             for x, y in ((first, second), (second, first)):  # move x next to y
                 for b in sorted(w for w in holders[y] if w in pool and w not in holders[x]):
                     for a in sorted(w for w in holders[x] if w in pool):
                         option = best_swap(x, a, b)
                         if option is not None and option[0] >= MIN_GAIN * layer_total[x[0]]:
                             return x, a, b, option[1]
+            stuck.add((first, second))
         return None
 
     for _ in range(max_swaps):

@@ -323,3 +323,14 @@ def test_duplicate_experts_are_rejected():
 def test_placement_error_is_a_value_error_and_empty_input_is_fine():
     assert issubclass(PlacementError, ValueError)
     assert place([], {"a": 1}) == {}
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(2, 12), st.integers(1, 24), st.integers(1, 3))
+def test_evenly_loaded_layers_are_spread_within_one_expert_per_worker(layers, workers, per_worker, min_r):
+    min_r = min(min_r, workers)
+    keys, ids = keys_of(layers, workers * per_worker // min_r + 1), [f"w{j}" for j in range(workers)]
+    plan = place(keys, dict.fromkeys(ids, math.ceil(1.5 * len(keys) * min_r / workers)), min_replicas=min_r)
+    for layer in range(layers):
+        counts = [sum(w in hs for (l, _), hs in plan.items() if l == layer) for w in ids]
+        assert max(counts) - min(counts) <= 1, (layer, counts)

@@ -288,6 +288,7 @@ class LocalCluster:
             "name": s.name, "endpoint": s.endpoint, "epoch": s.epoch, "desired_workers": s.desired_workers,
             "min_replicas": s.min_replicas, "converged": s.converged, "last_error": s.last_error,
             "imbalance": round(s.imbalance, 4), "frontends": list(s.frontends), "controller": self.info()["controller"],
+            "layer_imbalance": {layer: round(x, 4) for layer, x in sorted(s.layer_imbalance.items())},
             "step": s.step, "lowest_step": s.lowest_step, "trainers": list(s.trainers), "snapshot": s.snapshot,
             "restored": s.restored, "colocate": s.colocate, "colocated": None if s.colocated < 0 else round(s.colocated, 4),
             "supervised": self.backend == "ray" or self.supervised(),  # a controller that dies is started again

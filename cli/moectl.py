@@ -98,10 +98,12 @@ def cmd_status(args) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     state = "converged" if doc["converged"] else "reconciling"
+    layers = doc.get("layer_imbalance") or {}
+    worst = max(layers, key=layers.get) if layers else None  # the layer that waits longest for a worker
     print(f"cluster {doc['name']}  endpoint {doc['endpoint']}  epoch {doc['epoch']}  "
           f"workers {sum(w['state'] not in ('standby', 'leaving') for w in doc['workers'])}/{doc['desired_workers']}  "
-          f"replicas >= {doc['min_replicas']}  "
-          f"imbalance {doc['imbalance']:.2f}  {state}")
+          f"replicas >= {doc['min_replicas']}  imbalance {doc['imbalance']:.2f}"
+          + (f" (worst: layer {worst}, {layers[worst]:.2f})" if worst is not None else "") + f"  {state}")
     for w in doc["workers"]:
         print(f"  {w['id']:<10} {w['address']:<22} pid {w['pid']:<8} {w['state']:<10} {len(w['experts']):>4} experts"
               f" on {w.get('device') or '?':<7} {w['load']:>9.1f} tokens/s")

@@ -268,6 +268,7 @@ class Controller:
         load = observed.load()
         if load:
             table, pool = self.publisher.table.placement, self._pool(observed)
+            load = dict.fromkeys(table, 0.0) | load  # an expert no token reached carries nothing
             self.metrics.gauge("imbalance", imbalance(table, load, pool))
             self.metrics.labelled_gauge("layer_imbalance", "layer",  # which layer waits, on a dashboard
                                         {str(layer): x for layer, x in layer_imbalance(table, load, pool).items()})
@@ -363,6 +364,8 @@ class Controller:
         observed = self.monitor.snapshot()
         table = self.publisher.table
         load = observed.load()
+        if load:
+            load = dict.fromkeys(table.placement, 0.0) | load  # an expert no token reached carries nothing
         pool = self._pool(observed)
         workers = []
         for worker_id, obs in sorted(observed.workers.items()):
@@ -381,6 +384,7 @@ class Controller:
             "desired_workers": self.spec.workers, "min_replicas": self.spec.min_replicas, "workers": workers,
             "converged": self.converged, "last_error": self.last_error,
             "imbalance": imbalance(table.placement, load, pool) if load and pool else 1.0,
+            "layer_imbalance": layer_imbalance(table.placement, load, pool) if load and pool else {},
             "frontends": sorted(self.publisher.frontends()),
             "dead": [w for w, o in observed.workers.items() if o.state == WorkerState.DEAD],
             "step": observed.step, "lowest_step": observed.lowest_step, "trainers": self.publisher.trainers(),

@@ -38,6 +38,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             rollbacks=[controller_pb2.Rollback(**r) for r in s["rollbacks"]],
             snapshots=[controller_pb2.SnapshotInfo(**snap) for snap in s["snapshots"]],
             colocate=s["colocate"], colocated=-1.0 if s["colocated"] is None else s["colocated"],
+            layer_imbalance=s["layer_imbalance"],
             workers=[controller_pb2.WorkerInfo(id=w["id"], address=w["address"], pid=w["pid"], state=w["state"],
                                                experts=[v for k in w["experts"] for v in k], load=w["load"],
                                                device=w["device"])

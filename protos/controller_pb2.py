@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"moecluster/protos/controller.proto\x12\x18moecluster.controller.v1\";\n\tPlacement\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07workers\x18\x03 \x03(\t\",\n\rWorkerAddress\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa0\x01\n\x0cRoutingTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x38\n\x07workers\x18\x02 \x03(\x0b\x32\'.moecluster.controller.v1.WorkerAddress\x12\x37\n\nplacements\x18\x03 \x03(\x0b\x32#.moecluster.controller.v1.Placement\x12\x0e\n\x06paused\x18\x04 \x01(\x08\"I\n\x0cWatchRequest\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\x13\n\x0bknown_epoch\x18\x02 \x01(\x04\x12\x0f\n\x07trainer\x18\x03 \x01(\x08\"A\n\nAckRequest\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"\r\n\x0b\x41\x63kResponse\"\'\n\rStatusRequest\x12\x16\n\x0elist_snapshots\x18\x01 \x01(\x08\"t\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\x05\x12\x0c\n\x04load\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"\xe2\x03\n\x0eStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x17\n\x0f\x64\x65sired_workers\x18\x04 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\x05\x12\x35\n\x07workers\x18\x06 \x03(\x0b\x32$.moecluster.controller.v1.WorkerInfo\x12\x11\n\tconverged\x18\x07 \x01(\x08\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x11\n\timbalance\x18\t \x01(\x01\x12\x11\n\tfrontends\x18\n \x03(\t\x12\x0c\n\x04step\x18\x0b \x01(\x04\x12\x35\n\trollbacks\x18\x0c \x03(\x0b\x32\".moecluster.controller.v1.Rollback\x12\x10\n\x08snapshot\x18\r \x01(\t\x12\x10\n\x08restored\x18\x0e \x01(\t\x12\x13\n\x0blowest_step\x18\x0f \x01(\x04\x12\x10\n\x08trainers\x18\x10 \x03(\t\x12\x39\n\tsnapshots\x18\x11 \x03(\x0b\x32&.moecluster.controller.v1.SnapshotInfo\x12\x10\n\x08\x63olocate\x18\x12 \x01(\x08\x12\x11\n\tcolocated\x18\x13 \x01(\x01\"a\n\x0cSnapshotInfo\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rtrainer_state\x18\x05 \x01(\x08\"^\n\x08Rollback\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x15\n\rsnapshot_step\x18\x03 \x01(\x04\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x0e\n\x06source\x18\x05 \x01(\t\"$\n\x0fSnapshotRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0eRestoreRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"U\n\x08Progress\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\"\x1f\n\x0cScaleRequest\x12\x0f\n\x07workers\x18\x01 \x01(\x05\"W\n\x0eMigrateRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x11\n\tto_worker\x18\x03 \x01(\t\x12\x13\n\x0b\x66rom_worker\x18\x04 \x01(\t\"/\n\x0c\x44rainRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"K\n\x0b\x45xpertPairs\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05\x66irst\x18\x02 \x03(\x05\x12\x0e\n\x06second\x18\x03 \x03(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x01\"l\n\rRoutingReport\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x35\n\x06layers\x18\x03 \x03(\x0b\x32%.moecluster.controller.v1.ExpertPairs\"\x12\n\x10RoutingReportAck2\xb3\x07\n\nController\x12[\n\x06Status\x12\'.moecluster.controller.v1.StatusRequest\x1a(.moecluster.controller.v1.StatusResponse\x12U\n\x05Scale\x12&.moecluster.controller.v1.ScaleRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12Y\n\x07Migrate\x12(.moecluster.controller.v1.MigrateRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12U\n\x05\x44rain\x12&.moecluster.controller.v1.DrainRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12[\n\x08Snapshot\x12).moecluster.controller.v1.SnapshotRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12Y\n\x07Restore\x12(.moecluster.controller.v1.RestoreRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12\x65\n\x11WatchRoutingTable\x12&.moecluster.controller.v1.WatchRequest\x1a&.moecluster.controller.v1.RoutingTable0\x01\x12W\n\x08\x41\x63kEpoch\x12$.moecluster.controller.v1.AckRequest\x1a%.moecluster.controller.v1.AckResponse\x12\x64\n\rReportRouting\x12\'.moecluster.controller.v1.RoutingReport\x1a*.moecluster.controller.v1.RoutingReportAck\x12\x61\n\x08Shutdown\x12).moecluster.controller.v1.ShutdownRequest\x1a*.moecluster.controller.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"moecluster/protos/controller.proto\x12\x18moecluster.controller.v1\";\n\tPlacement\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07workers\x18\x03 \x03(\t\",\n\rWorkerAddress\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa0\x01\n\x0cRoutingTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x38\n\x07workers\x18\x02 \x03(\x0b\x32\'.moecluster.controller.v1.WorkerAddress\x12\x37\n\nplacements\x18\x03 \x03(\x0b\x32#.moecluster.controller.v1.Placement\x12\x0e\n\x06paused\x18\x04 \x01(\x08\"I\n\x0cWatchRequest\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\x13\n\x0bknown_epoch\x18\x02 \x01(\x04\x12\x0f\n\x07trainer\x18\x03 \x01(\x08\"A\n\nAckRequest\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"\r\n\x0b\x41\x63kResponse\"\'\n\rStatusRequest\x12\x16\n\x0elist_snapshots\x18\x01 \x01(\x08\"t\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\x05\x12\x0c\n\x04load\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"\xf0\x04\n\x0eStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x17\n\x0f\x64\x65sired_workers\x18\x04 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\x05\x12\x35\n\x07workers\x18\x06 \x03(\x0b\x32$.moecluster.controller.v1.WorkerInfo\x12\x11\n\tconverged\x18\x07 \x01(\x08\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x11\n\timbalance\x18\t \x01(\x01\x12\x11\n\tfrontends\x18\n \x03(\t\x12\x0c\n\x04step\x18\x0b \x01(\x04\x12\x35\n\trollbacks\x18\x0c \x03(\x0b\x32\".moecluster.controller.v1.Rollback\x12\x10\n\x08snapshot\x18\r \x01(\t\x12\x10\n\x08restored\x18\x0e \x01(\t\x12\x13\n\x0blowest_step\x18\x0f \x01(\x04\x12\x10\n\x08trainers\x18\x10 \x03(\t\x12\x39\n\tsnapshots\x18\x11 \x03(\x0b\x32&.moecluster.controller.v1.SnapshotInfo\x12\x10\n\x08\x63olocate\x18\x12 \x01(\x08\x12\x11\n\tcolocated\x18\x13 \x01(\x01\x12U\n\x0flayer_imbalance\x18\x14 \x03(\x0b\x32<.moecluster.controller.v1.StatusResponse.LayerImbalanceEntry\x1a\x35\n\x13LayerImbalanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x0cSnapshotInfo\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x15\n\rtrainer_state\x18\x05 \x01(\x08\"^\n\x08Rollback\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x15\n\rsnapshot_step\x18\x03 \x01(\x04\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x0e\n\x06source\x18\x05 \x01(\t\"$\n\x0fSnapshotRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0eRestoreRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"U\n\x08Progress\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\"\x1f\n\x0cScaleRequest\x12\x0f\n\x07workers\x18\x01 \x01(\x05\"W\n\x0eMigrateRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x11\n\tto_worker\x18\x03 \x01(\t\x12\x13\n\x0b\x66rom_worker\x18\x04 \x01(\t\"/\n\x0c\x44rainRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"K\n\x0b\x45xpertPairs\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05\x66irst\x18\x02 \x03(\x05\x12\x0e\n\x06second\x18\x03 \x03(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x01\"l\n\rRoutingReport\x12\x13\n\x0b\x66rontend_id\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x35\n\x06layers\x18\x03 \x03(\x0b\x32%.moecluster.controller.v1.ExpertPairs\"\x12\n\x10RoutingReportAck2\xb3\x07\n\nController\x12[\n\x06Status\x12\'.moecluster.controller.v1.StatusRequest\x1a(.moecluster.controller.v1.StatusResponse\x12U\n\x05Scale\x12&.moecluster.controller.v1.ScaleRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12Y\n\x07Migrate\x12(.moecluster.controller.v1.MigrateRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12U\n\x05\x44rain\x12&.moecluster.controller.v1.DrainRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12[\n\x08Snapshot\x12).moecluster.controller.v1.SnapshotRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12Y\n\x07Restore\x12(.moecluster.controller.v1.RestoreRequest\x1a\".moecluster.controller.v1.Progress0\x01\x12\x65\n\x11WatchRoutingTable\x12&.moecluster.controller.v1.WatchRequest\x1a&.moecluster.controller.v1.RoutingTable0\x01\x12W\n\x08\x41\x63kEpoch\x12$.moecluster.controller.v1.AckRequest\x1a%.moecluster.controller.v1.AckResponse\x12\x64\n\rReportRouting\x12\'.moecluster.controller.v1.RoutingReport\x1a*.moecluster.controller.v1.RoutingReportAck\x12\x61\n\x08Shutdown\x12).moecluster.controller.v1.ShutdownRequest\x1a*.moecluster.controller.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moecluster.protos.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATUSRESPONSE_LAYERIMBALANCEENTRY']._loaded_options = None
+  _globals['_STATUSRESPONSE_LAYERIMBALANCEENTRY']._serialized_options = b'8\001'
   _globals['_PLACEMENT']._serialized_start=64
   _globals['_PLACEMENT']._serialized_end=123
   _globals['_WORKERADDRESS']._serialized_start=125
@@ -48,33 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=532
   _globals['_WORKERINFO']._serialized_end=648
   _globals['_STATUSRESPONSE']._serialized_start=651
-  _globals['_STATUSRESPONSE']._serialized_end=1133
-  _globals['_SNAPSHOTINFO']._serialized_start=1135
-  _globals['_SNAPSHOTINFO']._serialized_end=1232
-  _globals['_ROLLBACK']._serialized_start=1234
-  _globals['_ROLLBACK']._serialized_end=1328
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1330
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1366
-  _globals['_RESTOREREQUEST']._serialized_start=1368
-  _globals['_RESTOREREQUEST']._serialized_end=1419
-  _globals['_PROGRESS']._serialized_start=1421
-  _globals['_PROGRESS']._serialized_end=1506
-  _globals['_SCALEREQUEST']._serialized_start=1508
-  _globals['_SCALEREQUEST']._serialized_end=1539
-  _globals['_MIGRATEREQUEST']._serialized_start=1541
-  _globals['_MIGRATEREQUEST']._serialized_end=1628
-  _globals['_DRAINREQUEST']._serialized_start=1630
-  _globals['_DRAINREQUEST']._serialized_end=1677
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1679
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1696
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1698
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1716
-  _globals['_EXPERTPAIRS']._serialized_start=1718
-  _globals['_EXPERTPAIRS']._serialized_end=1793
-  _globals['_ROUTINGREPORT']._serialized_start=1795
-  _globals['_ROUTINGREPORT']._serialized_end=1903
-  _globals['_ROUTINGREPORTACK']._serialized_start=1905
-  _globals['_ROUTINGREPORTACK']._serialized_end=1923
-  _globals['_CONTROLLER']._serialized_start=1926
-  _globals['_CONTROLLER']._serialized_end=2873
+  _globals['_STATUSRESPONSE']._serialized_end=1275
+  _globals['_STATUSRESPONSE_LAYERIMBALANCEENTRY']._serialized_start=1222
+  _globals['_STATUSRESPONSE_LAYERIMBALANCEENTRY']._serialized_end=1275
+  _globals['_SNAPSHOTINFO']._serialized_start=1277
+  _globals['_SNAPSHOTINFO']._serialized_end=1374
+  _globals['_ROLLBACK']._serialized_start=1376
+  _globals['_ROLLBACK']._serialized_end=1470
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1472
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1508
+  _globals['_RESTOREREQUEST']._serialized_start=1510
+  _globals['_RESTOREREQUEST']._serialized_end=1561
+  _globals['_PROGRESS']._serialized_start=1563
+  _globals['_PROGRESS']._serialized_end=1648
+  _globals['_SCALEREQUEST']._serialized_start=1650
+  _globals['_SCALEREQUEST']._serialized_end=1681
+  _globals['_MIGRATEREQUEST']._serialized_start=1683
+  _globals['_MIGRATEREQUEST']._serialized_end=1770
+  _globals['_DRAINREQUEST']._serialized_start=1772
+  _globals['_DRAINREQUEST']._serialized_end=1819
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1821
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1838
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1840
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1858
+  _globals['_EXPERTPAIRS']._serialized_start=1860
+  _globals['_EXPERTPAIRS']._serialized_end=1935
+  _globals['_ROUTINGREPORT']._serialized_start=1937
+  _globals['_ROUTINGREPORT']._serialized_end=2045
+  _globals['_ROUTINGREPORTACK']._serialized_start=2047
+  _globals['_ROUTINGREPORTACK']._serialized_end=2065
+  _globals['_CONTROLLER']._serialized_start=2068
+  _globals['_CONTROLLER']._serialized_end=3015
 # @@protoc_insertion_point(module_scope)

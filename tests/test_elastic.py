@@ -357,6 +357,7 @@ def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
                 pass
             status = c.status()
             imbalances.append(status["imbalance"])
+            layers = status["layer_imbalance"]
             copies = sum(1 for w in serving(status) if [0, hottest] in w["experts"])
             if copies >= 2 and status["imbalance"] <= 1.3:
                 break
@@ -367,6 +368,7 @@ def test_zipf_skewed_load_gets_hot_experts_replicated(cluster, reference):
     # the controller may copy the hot expert before a status poll sees the imbalance: judge the load itself
     assert skew > 1.3, f"this load on the first layout is skewed (imbalance {skew:.2f}), or the test proves nothing"
     assert imbalances[-1] <= 1.3, imbalances[-10:]
+    assert list(layers) == [0] and layers[0] == pytest.approx(imbalances[-1], abs=1e-3), layers  # the one loaded
     assert_bit_identical(c.status(), reference[0])
 
 

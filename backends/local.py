@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from moecluster.backends import cluster_record
+from moecluster.backends.local_supervisor import RECORD as SUPERVISOR_RECORD
 from moecluster.backends.local_supervisor import start_supervisor
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
 from moecluster.controller.spec import ClusterSpec
@@ -93,7 +94,7 @@ class LocalCluster:
 
     def supervisor_record(self) -> ProcessRecord | None:
         """The process that starts the controller again when it dies (`local_supervisor.py`)."""
-        path = self.dir / "supervisor.json"
+        path = self.dir / SUPERVISOR_RECORD
         return ProcessRecord.load(path) if path.is_file() else None
 
     def supervised(self) -> bool:
@@ -117,7 +118,7 @@ class LocalCluster:
     def records(self) -> list[ProcessRecord]:
         """Every process the cluster's records name: the controller's supervisor (first: it would restart the
         controller), the controller, frontend, workers, the worker zygote."""
-        paths = [self.dir / "supervisor.json", self.dir / "controller.json", self.dir / "frontend.json",
+        paths = [self.dir / SUPERVISOR_RECORD, self.dir / "controller.json", self.dir / "frontend.json",
                  *sorted((self.dir / "workers").glob("*.json")), self.dir / "zygote.json", self.dir / "ray-head.json"]
         return [ProcessRecord.load(p) for p in paths if p.is_file()]
 
@@ -353,7 +354,7 @@ class LocalCluster:
             return running + self._down_ray(info, grace)
         supervisor = self.supervisor_record()
         if supervisor is not None:
-            (self.dir / "supervisor.json").unlink(missing_ok=True)  # first: its controller would start another
+            (self.dir / SUPERVISOR_RECORD).unlink(missing_ok=True)  # first: its controller would start another
             stop(supervisor, grace)  # first: it would start the controller again
         if controller is not None and alive(controller):
             channel, stub = self._stub()

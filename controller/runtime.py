@@ -265,18 +265,17 @@ class Controller:
             time.sleep(0.2)
 
     def _update_gauges(self, observed) -> None:
-        load = observed.load()
+        table, pool = self.publisher.table.placement, self._pool(observed)
+        load = _traffic(observed, table)
         if load:
-            table, pool = self.publisher.table.placement, self._pool(observed)
-            load = dict.fromkeys(table, 0.0) | load  # an expert no token reached carries nothing
             self.metrics.gauge("imbalance", imbalance(table, load, pool))
             self.metrics.labelled_gauge("layer_imbalance", "layer",  # which layer waits, on a dashboard
                                         {str(layer): x for layer, x in layer_imbalance(table, load, pool).items()})
         pairs = self.pair_rates.rates()
         if pairs:
-            self.metrics.gauge("colocated_share", colocated_share(self.publisher.table.placement, pairs))
-        self.metrics.gauge("workers_serving", len(self._pool(observed)))
-        self.metrics.gauge("workers_standby", len(observed.serving) - len(self._pool(observed)))
+            self.metrics.gauge("colocated_share", colocated_share(table, pairs))
+        self.metrics.gauge("workers_serving", len(pool))
+        self.metrics.gauge("workers_standby", len(observed.serving) - len(pool))
 
     # -- what users ask ----------------------------------------------------------
 
@@ -363,9 +362,7 @@ class Controller:
         """The pool as observed; the snapshot directory's list is up to LIST_EVERY_S old unless `list_snapshots`."""
         observed = self.monitor.snapshot()
         table = self.publisher.table
-        load = observed.load()
-        if load:
-            load = dict.fromkeys(table.placement, 0.0) | load  # an expert no token reached carries nothing
+        load = _traffic(observed, table.placement)
         pool = self._pool(observed)
         workers = []
         for worker_id, obs in sorted(observed.workers.items()):
@@ -395,3 +392,10 @@ class Controller:
             "snapshots": self.snapshots.get((self.monitor.stub(w) for w in pool[:2]), self.spec.snapshot_dir,
                                             now=list_snapshots),
         }
+
+
+def _traffic(observed, table) -> dict[ExpertKey, float]:
+    """Tokens/s per expert for the measures of balance ({} before any): an expert no token reached carries
+    nothing (the planner's default, 1 token/s, would make a layer nobody uses look loaded)."""
+    load = observed.load()
+    return dict.fromkeys(table, 0.0) | load if load else {}

@@ -28,6 +28,7 @@ log = logging.getLogger("moecluster.controller")
 _TRACER = tracer(__name__)
 
 COPY_TIMEOUT_S = 300.0
+WATCH_EVERY_S = 0.1  # how often a long worker call looks whether a worker it involves was declared dead
 
 
 class StepFailed(RuntimeError):
@@ -36,6 +37,21 @@ class StepFailed(RuntimeError):
 
 class Replan(RuntimeError):
     """The world changed under the plan (a worker in the table died): plan again."""
+
+
+def watched(monitor: WorkerMonitor, call, request, timeout: float, *workers: str):
+    """`call(request)` (a worker RPC), abandoned with Replan once the monitor declares one of `workers` dead. A
+    worker that hangs (SIGSTOP, a stuck GPU) misses heartbeats within a second, but would hold a copy into or
+    out of it, and with it the control loop, for the call's whole deadline."""
+    future = call.future(request, timeout=timeout)
+    while True:
+        try:
+            return future.result(timeout=WATCH_EVERY_S)
+        except grpc.FutureTimeoutError:
+            dead = monitor.dead(workers)
+            if dead:
+                future.cancel()
+                raise Replan(f"workers {dead} stopped answering during a call to {workers[0]}; healing first") from None
 
 
 def partly(touched: bool) -> str:
@@ -113,8 +129,9 @@ class Executor:
                 self.monitor.add(handle)
             case p.LoadExperts(worker_id, experts):
                 self.progress(f"{worker_id}: loading {len(experts)} experts from the checkpoint")
-                response = self.monitor.stub(worker_id).LoadExperts(
-                    worker_pb2.LoadExpertsRequest(experts=_keys(experts), epoch=epoch), timeout=COPY_TIMEOUT_S)
+                response = watched(self.monitor, self.monitor.stub(worker_id).LoadExperts,
+                                   worker_pb2.LoadExpertsRequest(experts=_keys(experts), epoch=epoch), COPY_TIMEOUT_S,
+                                   worker_id)
                 self.metrics.bytes_moved("checkpoint", response.bytes_read)
                 self.monitor.refresh(worker_id)
             case p.RestoreExperts(worker_id, experts, step_now):
@@ -122,9 +139,10 @@ class Executor:
                 self.monitor.refresh(worker_id)
             case p.PullExpert(worker_id, expert, source, refresh):
                 source_address = self.monitor.handle(source).address
-                response = self.monitor.stub(worker_id).PullExpert(
-                    worker_pb2.PullExpertRequest(expert=_keys([expert])[0], source=source_address, epoch=epoch,
-                                                 refresh=refresh), timeout=COPY_TIMEOUT_S)
+                response = watched(self.monitor, self.monitor.stub(worker_id).PullExpert,
+                                   worker_pb2.PullExpertRequest(expert=_keys([expert])[0], source=source_address,
+                                                                epoch=epoch, refresh=refresh), COPY_TIMEOUT_S,
+                                   worker_id, source)
                 if refresh and response.bytes:
                     self.metrics.replica_resynced()
                     log.warning("%s missed a training update of expert %s: copied the newer state from %s",
@@ -151,8 +169,8 @@ class Executor:
                     log.warning("frontends %s did not acknowledge epoch %d within %.1fs", lagging, epoch,
                                 self.ack_timeout)
             case p.DropExperts(worker_id, experts):
-                self.monitor.stub(worker_id).DropExperts(
-                    worker_pb2.DropExpertsRequest(experts=_keys(experts), epoch=epoch), timeout=30)
+                watched(self.monitor, self.monitor.stub(worker_id).DropExperts,
+                        worker_pb2.DropExpertsRequest(experts=_keys(experts), epoch=epoch), 30, worker_id)
                 self.monitor.refresh(worker_id)
             case p.DrainWorker(worker_id):
                 self.progress(f"draining {worker_id}")
@@ -176,7 +194,7 @@ class Executor:
             request = worker_pb2.RestoreExpertsRequest(directory=str(snap.path), files=[snap.files[k] for k in experts],
                                                        resume_version=step_now, epoch=epoch)
             try:
-                response = stub.RestoreExperts(request, timeout=COPY_TIMEOUT_S)
+                response = watched(self.monitor, stub.RestoreExperts, request, COPY_TIMEOUT_S, worker_id)
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.DATA_LOSS:
                     raise
@@ -186,8 +204,8 @@ class Executor:
             self.metrics.bytes_moved("snapshot", response.bytes_read)
             self._rolled_back(experts, snap.step, step_now, str(snap.path))
             return
-        response = stub.LoadExperts(worker_pb2.LoadExpertsRequest(experts=_keys(experts), epoch=epoch, version=step_now),
-                                    timeout=COPY_TIMEOUT_S)
+        response = watched(self.monitor, stub.LoadExperts, worker_pb2.LoadExpertsRequest(
+            experts=_keys(experts), epoch=epoch, version=step_now), COPY_TIMEOUT_S, worker_id)
         self.metrics.bytes_moved("checkpoint", response.bytes_read)
         self._rolled_back(experts, 0, step_now, "checkpoint" + (f" (snapshots refused: {refused})" if refused else ""))
 
@@ -215,9 +233,11 @@ class Executor:
                 continue
             try:
                 for worker_id, keys in sorted(by_worker.items()):  # each worker checks all its files before any change
-                    response = self.monitor.stub(worker_id).RestoreExperts(worker_pb2.RestoreExpertsRequest(
-                        directory=str(snap.path), files=[snap.files[k] for k in keys], resume_version=snap.step,
-                        epoch=self.publisher.table.epoch), timeout=COPY_TIMEOUT_S)
+                    response = watched(self.monitor, self.monitor.stub(worker_id).RestoreExperts,
+                                       worker_pb2.RestoreExpertsRequest(
+                                           directory=str(snap.path), files=[snap.files[k] for k in keys],
+                                           resume_version=snap.step, epoch=self.publisher.table.epoch),
+                                       COPY_TIMEOUT_S, worker_id)
                     touched = True
                     self.metrics.bytes_moved("snapshot", response.bytes_read)
                     self.monitor.refresh(worker_id)
@@ -228,6 +248,8 @@ class Executor:
                 log.error("snapshot %s refused: %s", snap.path, err.details())
                 refused.append(f"{snap.path}: {err.details()}")
                 continue
+            except Replan as err:
+                raise StepFailed(f"restore: {err}" + partly(touched)) from None
             yield snap
             return
         raise StepFailed(f"no snapshot could be restored: {refused}" + partly(touched))

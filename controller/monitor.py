@@ -113,6 +113,11 @@ class WorkerMonitor:
         with self._lock:
             return self._workers[worker_id].stub
 
+    def dead(self, worker_ids) -> list[str]:
+        """Those of `worker_ids` declared dead (or no longer tracked)."""
+        with self._lock:
+            return sorted(w for w in worker_ids if w not in self._workers or self._workers[w].state == WorkerState.DEAD)
+
     def refresh(self, worker_id: str) -> None:
         """Probes one worker now (after a command changed what it holds)."""
         with self._lock:

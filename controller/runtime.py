@@ -19,7 +19,7 @@ from moecluster.controller import plan as p
 from moecluster.controller import remote_snapshots
 from moecluster.controller.actuator import Actuator, WorkerHandle
 from moecluster.controller.affinity import colocated_share
-from moecluster.controller.executor import Executor, Replan, StepFailed
+from moecluster.controller.executor import Executor, Replan, StepFailed, watched
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
@@ -199,9 +199,12 @@ class Controller:
                         directory=partial, experts=[worker_pb2.ExpertKey(layer=l, expert=e) for l, e in keys])
                     writer = writer or worker_id  # the first one asked made the folder: it seals or discards it
                     try:
-                        files += self.monitor.stub(worker_id).WriteSnapshot(request, timeout=300).files
+                        files += watched(self.monitor, self.monitor.stub(worker_id).WriteSnapshot, request, 300,
+                                         worker_id).files
                     except grpc.RpcError as err:
                         raise StepFailed(f"snapshot: {worker_id} could not write: {err.code().name}: {err.details()}") from None
+                    except Replan as err:
+                        raise StepFailed(f"snapshot: {err}") from None
                     yield f"{worker_id}: wrote {len(keys)} experts"
             steps = {f.version for f in files}
             if len(steps) != 1:

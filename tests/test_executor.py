@@ -81,3 +81,31 @@ def test_a_pool_restore_falls_back_past_a_torn_snapshot_and_refuses_a_table_with
             for channel, _ in channels.values():
                 channel.close()
             monitor.stop()
+
+
+def test_a_copy_into_a_worker_that_hangs_is_abandoned_and_the_worker_replaced(local_clusters, checkpoints):
+    """A worker SIGSTOPped before a migration into it misses its heartbeats within a second; the copy must not
+    hold the controller (and every other change) for the copy's 300 s deadline."""
+    import signal
+    import time
+
+    from moecluster.backends.local import ClusterError
+    from shared import wait_for
+
+    c = local_clusters("hang", checkpoints["qwen3_moe"], 2, 1)
+    workers = {w["id"]: w for w in c.status()["workers"]}
+    target = "worker-1"
+    expert = next(e for e in range(8) if [0, e] not in workers[target]["experts"])
+    os.kill(workers[target]["pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match="stopped answering"):
+            list(c.migrate(0, expert, target))
+        assert time.monotonic() - started < 30
+        assert wait_for(lambda: sum(w["state"] == "serving" for w in c.status()["workers"]) == 2
+                        and target not in {w["id"] for w in c.status()["workers"]}, timeout=30), c.status()["workers"]
+    finally:
+        try:
+            os.kill(workers[target]["pid"], signal.SIGCONT)
+        except ProcessLookupError:  # killed for good by the controller, as it should be
+            pass

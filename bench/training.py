@@ -11,7 +11,11 @@ in experts). The same random batches (`moectl train`'s) train:
    (every holder computes each weight gradient): `moectl train`'s loop;
 3. through the 2-worker cluster while it scales 2 -> 3 mid-run: the steps that
    wait at the boundary for the copy, and for how long;
-4. saving the whole training state (`TrainingSession.save`: the workers write the
+4. through the 2-worker cluster (replicas 1) by two data-parallel trainers, each on
+   half of every batch (`moectl train` with torchrun's environment, gloo on loopback),
+   against one trainer on the whole batch: what the group's collectives cost (on this
+   2-core machine the trainers share the cores with the workers: no speed-up to expect);
+5. saving the whole training state (`TrainingSession.save`: the workers write the
    experts', the trainer the dense model's and AdamW's) and resuming from it (every
    expert rolled back, the dense state read), against `torch.save` / `torch.load` of
    the same model's and AdamW's state in one process.
@@ -25,8 +29,10 @@ started is stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -85,6 +91,33 @@ def through_cluster(path: Path, steps: int, replicas: int, home: Path, scale_at:
         for thread in threads:
             thread.join(timeout=120)
         return rows, progress
+    finally:
+        try:
+            cluster.down(grace=2)
+        except ClusterError:
+            pass
+
+
+def data_parallel_through_cluster(path: Path, steps: int, home: Path, trainers: int = 2) -> list[dict]:
+    """`moectl train` as `trainers` data-parallel processes (each on BATCH / trainers rows, one thread) against a
+    fresh 2-worker cluster; the first trainer's metrics rows."""
+    os.environ["MOECLUSTER_HOME"] = str(home)
+    cluster = LocalCluster("bench-dp")
+    cluster.up(path, workers=2, replicas=1, port=0)
+    try:
+        out = home / "run-dp"
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "moecluster.cli.moectl", "train", "--controller", cluster.info()["controller"],
+             "--model", str(path), "--dist-init", f"file://{home / 'dp-meet'}", "--steps", str(steps), "--batch",
+             str(BATCH), "--seq", str(SEQ), "--lr", str(LR), "--seed", str(SEED), "--out", str(out)],
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(trainers), "GLOO_SOCKET_IFNAME": "lo",
+                 "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for rank in range(trainers)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            if proc.returncode:
+                raise RuntimeError(f"a data-parallel trainer failed: {err[-2000:]}")
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     finally:
         try:
             cluster.down(grace=2)
@@ -176,6 +209,12 @@ def main() -> None:
             print(f"cluster, 2 workers, replicas {replicas}: {ms:8.1f} ms/step = {ms / base_ms:.2f}x one process; "
                   f"loss rel. diff <= {worst:.1e}", flush=True)
 
+        rows = data_parallel_through_cluster(path, args.steps, root / "home")
+        dp_ms = statistics.median(r["seconds"] for r in rows[warm]) * 1000
+        worst = max(abs(r["loss"] - l) / abs(l) for r, l in zip(rows, losses))
+        print(f"2 data-parallel trainers, replicas 1: {dp_ms:8.1f} ms/step = {dp_ms / results[1]:.2f}x one trainer "
+              f"through the cluster; loss rel. diff <= {worst:.1e}", flush=True)
+
         scale_at = args.steps // 2
         rows, progress = through_cluster(path, args.steps, 1, root / "home", scale_at=scale_at)
         median_ms = statistics.median(r["seconds"] for r in rows[warm]) * 1000
@@ -195,6 +234,8 @@ def main() -> None:
         print(f"  one process                 {base_ms:8.1f} ms/step  1.00x")
         for replicas, ms in results.items():
             print(f"  cluster, replicas {replicas}         {ms:8.1f} ms/step  {ms / base_ms:.2f}x")
+        print(f"  2 data-parallel trainers    {dp_ms:8.1f} ms/step  {dp_ms / base_ms:.2f}x "
+              f"({dp_ms / results[1]:.2f}x one trainer)")
         print(f"  pause of a scale step       {longest[1] * 1000:8.1f} ms  (training waits at the step boundary)")
         print(f"  save the training state     {save * 1000:8.1f} ms  {save / base_save:.2f}x torch.save")
         print(f"  resume from it              {resume * 1000:8.1f} ms  {resume / base_load:.2f}x torch.load")

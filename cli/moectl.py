@@ -11,6 +11,7 @@
   moectl snapshot --dir ./snapshots        # experts' training state, at a step boundary
   moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
   moectl train --steps 20 --out ./run --resume ./snapshots/step-00000010   # from there on, as if never stopped
+  torchrun --nproc-per-node 4 -m moecluster.cli.moectl train --steps 30 --batch 8 --out ./run   # 4 trainers, data parallel
   moectl snapshots                         # what a restore or a resume can use, the newest first
   moectl restore ./snapshots               # every expert back to the newest good snapshot
   moectl train --controller OPERATOR:50055 --cluster ml/mixtral --model /models/x --out /snapshots/run  # on Kubernetes
@@ -198,11 +199,30 @@ def cmd_train(args) -> int:
             raise ClusterError(f"--save-every needs --save-dir, or a cluster started with --snapshot-dir "
                                f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
         controller, model = info["controller"], args.model or info["model"]
+    group, device, progress = _trainer_group(args.dist_init, args.device)
     train(controller, model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
-          out=args.out, progress=_progress, device=args.device, save_every=args.save_every,
-          save_dir=args.save_dir or "", resume=args.resume, cluster=args.cluster or "")
-    print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
+          out=args.out, progress=progress, device=device, save_every=args.save_every,
+          save_dir=args.save_dir or "", resume=args.resume, cluster=args.cluster or "", group=group)
+    if group is None or group.rank() == 0:
+        print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
+
+
+def _trainer_group(init_method: str, device: str):
+    """Under torchrun (WORLD_SIZE > 1): this trainer's process group (gloo, or NCCL for a CUDA dense model,
+    each trainer on GPU LOCAL_RANK), its device and a progress that names it; else (None, device, _progress)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, device, _progress
+    import torch.distributed as dist
+    from moecluster.models.devices import resolve_device
+
+    rank = int(os.environ["RANK"])
+    if resolve_device(device).type == "cuda" and ":" not in device:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo", init_method=init_method,
+                            rank=rank, world_size=world)
+    return dist.group.WORLD, device, (_progress if rank == 0 else lambda message: _progress(f"[trainer {rank}] {message}"))
 
 
 def cmd_down(args) -> int:
@@ -329,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "operator's controller Service, with --cluster)")
     train.add_argument("--cluster", metavar="NAMESPACE/NAME", help="the MoECluster, where one endpoint serves several")
     train.add_argument("--model", help="the checkpoint folder (default: the local cluster's)")
+    train.add_argument("--dist-init", default="env://", metavar="URL",
+                       help="data parallel: under torchrun (WORLD_SIZE > 1) the trainers meet here and split each "
+                       "step's batch by rank (default env://, torchrun's; file:///shared/path works too)")
     train.add_argument("--save-every", type=int, default=0, metavar="N",
                        help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
                        "the dense model's and optimizer's (trainer.pt, beside them, sent to a worker); default: never")

@@ -7,11 +7,16 @@ loss `model(input_ids=x, labels=x).loss`, AdamW (weight_decay 0) on every parame
 the dense ones here, the experts' on their workers. The same loop on a plain
 `transformers` model is what the tests compare it with. Since the batch follows the
 pool's step, a run resumed from a snapshot continues exactly where that snapshot was taken.
+
+Data parallel (`torchrun --nproc-per-node N -m moecluster.cli.moectl train ...`, or `group`): the
+N trainers split each step's batch into equal parts by rank, so N trainers take the same steps as
+one; the first trainer writes the metrics (the group's mean loss) and the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,28 +32,35 @@ def batch_for(step: int, seed: int, vocab: int, batch: int, seq: int) -> torch.T
 def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int, lr: float, seed: int, out: str | Path,
           progress: Callable[[str], None] = print, before_step: Callable[[int], None] = lambda step: None,
           mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu",
-          save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None, cluster: str = "") -> list[dict]:
+          save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None, cluster: str = "",
+          group=None) -> list[dict]:
     """Runs `steps` more steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending
     when resumed) and OUT/final/ at the end; returns the metrics. Every `save_every` steps the whole training
     state is saved (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume`
     starts from such a snapshot. `cluster` names the MoECluster behind a shared controller endpoint
     (Kubernetes). `before_step(s)` and `mid_step(s)` (after the forward, before the backward;
-    s is the pool's step) are hooks for tests."""
+    s is the pool's step) are hooks for tests. `group`: a torch.distributed process group of trainers
+    running this same call (TrainingSession's), among which each step's batch is split."""
     if steps < 1 or batch < 1 or seq < 2 or lr <= 0 or save_every < 0:
         raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0 and save_every "
                          f">= 0; got steps {steps}, batch {batch}, seq {seq}, lr {lr}, save_every {save_every}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with TrainingSession(controller, progress=progress, resume_from=resume, cluster=cluster) as session:
+    with TrainingSession(controller, progress=progress, resume_from=resume, cluster=cluster, group=group) as session:
+        size, rank, leader = session.group.size, session.group.rank, session.group.leader
+        if batch % size:
+            raise ValueError(f"--batch {batch} does not split among {size} trainers: make it a multiple of {size}")
+        if leader:
+            out.mkdir(parents=True, exist_ok=True)
         model = session.model(model_path, device=device)
         device = next(model.parameters()).device
         vocab = model.config.vocab_size
         opt = ExpertOptimizer(model, session, lr=lr, weight_decay=0.0)
         first = session.step
-        with _metrics_file(out / "metrics.jsonl", keep_before=first - 1 if resume else 0) as metrics:
+        part = slice(rank * batch // size, (rank + 1) * batch // size)
+        with _metrics_file(out / "metrics.jsonl" if leader else None, keep_before=first - 1 if resume else 0) as metrics:
             for s in range(first - 1, first - 1 + steps):
-                x = batch_for(s, seed, vocab, batch, seq).to(device)
+                x = batch_for(s, seed, vocab, batch, seq)[part].to(device)
                 before_step(s)
 
                 def closure():
@@ -59,26 +71,29 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
                     return loss
 
                 started, waited = time.perf_counter(), session.gate.waited_s
-                loss = opt.step(closure)
+                loss = session.group.mean(float(opt.step(closure).detach()))  # of every part: the batch's loss
                 seconds = time.perf_counter() - started
-                row = {"step": s, "loss": float(loss.detach()), "version": session.step - 1, "seconds": round(seconds, 4),
+                row = {"step": s, "loss": loss, "version": session.step - 1, "seconds": round(seconds, 4),
                        "paused_s": round(session.gate.waited_s - waited, 4), "tokens_per_s": round(batch * seq / seconds, 1),
                        "epoch": session.dispatcher.table.epoch}
                 rows.append(row)
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
+                if leader:
+                    progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
                 if save_every and (s + 1) % save_every == 0:
                     session.save(model, opt, save_dir)
-        if save:
+        if save and leader:
             session.save_pretrained(model, out / "final")
             progress(f"trained steps {first}..{session.step - 1}; model written to {out / 'final'}")
     return rows
 
 
-def _metrics_file(path: Path, keep_before: int):
+def _metrics_file(path: Path | None, keep_before: int):
     """metrics.jsonl opened for writing, keeping the rows of steps before `keep_before` (a resumed run
-    replaces the steps its snapshot undid)."""
+    replaces the steps its snapshot undid); None: nowhere (a group's other trainers)."""
+    if path is None:
+        return open(os.devnull, "w")
     kept = []
     if keep_before and path.exists():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < keep_before]

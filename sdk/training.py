@@ -15,6 +15,9 @@ and optimizer state on the workers.
 
     session = TrainingSession("127.0.0.1:50151", resume_from="./snaps")   # every expert back to the save
 
+    # data parallel, under torchrun: each trainer steps on its part of the batch, the pool once per step
+    session = TrainingSession("127.0.0.1:50151", group=torch.distributed.group.WORLD)
+
 A step runs from its first forward to the end of `step()`: the workers take the
 gradients of step k only at version k - 1, and the update of step k applies
 exactly once per expert (a repeat gets the stored acknowledgement). The session
@@ -44,6 +47,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
 from moecluster.sdk import trainer_state
+from moecluster.sdk.data_parallel import TrainerGroup
 from moecluster.wire import endpoints, retry, streaming
 from moecluster.wire.tensors import decode
 from torch import nn
@@ -51,6 +55,7 @@ from torch import nn
 log = logging.getLogger("moecluster.training")
 
 RETRYABLE_STEP_ERRORS = (ExpertUnavailableError, grpc.RpcError, futures.TimeoutError)
+DONE, REDO, FAILED = 0, 1, 2  # how a member's attempt at a step ended; the group goes by the worst
 
 
 class TrainingError(RuntimeError):
@@ -59,43 +64,66 @@ class TrainingError(RuntimeError):
 
 class TrainingSession:
     def __init__(self, controller: str, *, timeout: float = 60.0, pause_timeout: float = 600.0,
-                 progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None, cluster: str = ""):
+                 progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None, cluster: str = "",
+                 group=None):
         """`controller` is the controller's "host:port" (`moectl status -o json` shows it; on Kubernetes the
         operator's controller Service, with `cluster` = "NAMESPACE/NAME" of the MoECluster). With `resume_from`
         (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state; the path
         as the workers see it), every expert is rolled back to that snapshot first, and `model` and
         `ExpertOptimizer` start from its dense weights and optimizer state: training continues as if nothing
-        after it had happened."""
+        after it had happened.
+
+        With `group` (a torch.distributed process group of trainers, each making its own session with the
+        same arguments), the trainers train data parallel: each steps on its own part of the batch, and
+        every step of the group is one step of the pool (`sdk/data_parallel.py`). `save` and
+        `ExpertOptimizer.step` (with a closure) are then collective: every member calls them."""
+        self.group = TrainerGroup(group)
         self.id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
         self.resumed: trainer_state.TrainerState | None = None
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.gate = StepGate()
-        self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate, cluster=cluster)
+        self.watcher = TableWatcher(controller, self.dispatcher, self.id, gate=self.gate if self.group.leader else None,
+                                    cluster=cluster)  # the controller sees a group as one trainer: its leader
         self._metadata = cluster_metadata(cluster)
         self.watcher.start()
         self._channel = endpoints.channel(controller)  # reconnects within a second to a restarted controller
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
-        if not self.watcher.first_table.wait(timeout):
-            self.close()
-            raise TrainingError(f"no routing table from the controller at {controller} within {timeout:.0f}s")
         try:
-            if resume_from is not None:
-                self.resumed = self._through_a_worker(  # before anything changes
-                    "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.pause_timeout))
-                self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path),
-                                                                               session=self.id))
-            self.step = self._committed_version() + 1  # the step the next update applies
+            self._start(controller, resume_from)
         except TrainingError:
             self.close()
             raise
-        if self.resumed is not None and self.step != self.resumed.step + 1:
-            self.close()
-            raise TrainingError(f"resumed from step {self.resumed.step}, but the experts are at {self.step - 1}")
         self.attempt = 0
         self.resynced = 0  # replicas that missed an update and copied it from a peer
         self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
         self._calls: dict[int, int] = {}  # layer -> backward calls in this attempt
+
+    def _start(self, controller: str, resume_from: str | Path | None) -> None:
+        """The step to train, the session id the group's gradients go under, and a resume (by the leader)."""
+        if self.group.worst(DONE if self.watcher.first_table.wait(self.timeout) else FAILED) != DONE:
+            raise TrainingError(f"no routing table from the controller at {controller} within {self.timeout:.0f}s"
+                                + (" (here or at another trainer of the group)" if self.group.size > 1 else ""))
+        started: tuple | str = ""
+        if self.group.leader:
+            try:
+                if resume_from is not None:
+                    self.resumed = self._through_a_worker(  # before anything changes
+                        "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.pause_timeout))
+                    self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path),
+                                                                                   session=self.id))
+                started = (self.id, self._committed_version() + 1, self.resumed and str(self.resumed.path))
+            except TrainingError as err:
+                started = str(err)
+        started = self.group.from_leader(started)
+        if isinstance(started, str):
+            raise TrainingError(started if self.group.leader else f"the group's first trainer: {started}")
+        self.session_id, self.step, resumed = started  # the step the next update applies
+        if resumed and not self.group.leader:  # the experts are back at the save: the dense state from it too
+            self.resumed = self._through_a_worker(
+                "cannot resume", lambda w: trainer_state.read(w, Path(resumed), self.pause_timeout))
+        if self.resumed is not None and self.step != self.resumed.step + 1:
+            raise TrainingError(f"resumed from step {self.resumed.step}, but the experts are at {self.step - 1}")
 
     def model(self, checkpoint: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
         """transformers' model of `checkpoint` with its dense weights on `device` (cpu, cuda, cuda:N or
@@ -121,13 +149,25 @@ class TrainingSession:
         `resume_from` takes it."""
         if self.gate.in_step:
             raise TrainingError("save() between steps: after ExpertOptimizer.step(), before the next forward")
+        saved: tuple[str, str] = ("", "")  # (folder, error): in a group the leader saves for all
+        if self.group.leader:
+            try:
+                saved = (self._save(model, optimizer, directory), "")
+            except TrainingError as err:
+                saved = ("", str(err))
+        folder, error = self.group.from_leader(saved)
+        if error:
+            raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
+        return Path(folder)
+
+    def _save(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path) -> str:
         request = controller_pb2.SnapshotRequest(directory=str(Path(directory).absolute()) if directory else "")
         folder = Path(self._call_controller("Snapshot", request))
         step = self.step - 1
         payload = trainer_state.encode(step, model, optimizer.dense)
         self._through_a_worker("save", lambda w: trainer_state.write(w, folder, step, payload, self.pause_timeout))
         self.progress(f"saved step {step} in {folder}")
-        return folder
+        return str(folder)
 
     def _through_a_worker(self, what: str, call: Callable):
         """`call(stub)` on the first worker of the table that answers (any worker sees the snapshot directory)."""
@@ -165,11 +205,10 @@ class TrainingSession:
         """The whole model's weights as transformers names them, on the CPU: the dense ones from `model`,
         each layer's stacked experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) read from a holder."""
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        table = self.dispatcher.table
         for name, module in model.named_modules():
             if not isinstance(module, RemoteMoE):
                 continue
-            pairs = [self._export(table, module.layer, e) for e in range(module.num_experts)]
+            pairs = [self._export(module.layer, e) for e in range(module.num_experts)]
             state[f"{name}.gate_up_proj"] = torch.stack([g for g, _ in pairs])
             state[f"{name}.down_proj"] = torch.stack([d for _, d in pairs])
         return state
@@ -184,47 +223,108 @@ class TrainingSession:
         full.save_pretrained(out)
         return Path(out)
 
-    def _export(self, table: RoutingTable, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        errors = []
-        for worker_id in table.holders(layer, expert):
-            try:
-                chunks = self.dispatcher.stub(worker_id).ExportExpert(worker_pb2.ExportExpertRequest(
-                    expert=worker_pb2.ExpertKey(layer=layer, expert=expert)), timeout=self.timeout)
-                state = worker_pb2.ExpertState.FromString(streaming.join(chunks, limit_bytes=1 << 36))
-                return decode(state.gate_up_proj).clone(), decode(state.down_proj).clone()
-            except grpc.RpcError as err:
-                errors.append(f"{worker_id}: {err.code().name}")
-            except (KeyError, ValueError):  # it left the table since `table` was read
-                errors.append(f"{worker_id}: left the table")
-        raise TrainingError(f"expert ({layer}, {expert}) could not be read from any holder: {errors or 'none in the table'}")
+    def _export(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights from a holder. The pool keeps moving between steps (a rebalance, a scale): a
+        holder that dropped the expert since the table was read, or died, is asked again from a newer table."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            errors = []
+            for worker_id in self.dispatcher.table.holders(layer, expert):
+                try:
+                    chunks = self.dispatcher.stub(worker_id).ExportExpert(worker_pb2.ExportExpertRequest(
+                        expert=worker_pb2.ExpertKey(layer=layer, expert=expert)), timeout=self.timeout)
+                    state = worker_pb2.ExpertState.FromString(streaming.join(chunks, limit_bytes=1 << 36))
+                    return decode(state.gate_up_proj).clone(), decode(state.down_proj).clone()
+                except grpc.RpcError as err:
+                    errors.append(f"{worker_id}: {err.code().name}")
+                    if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE):
+                        deadline = 0  # not a moved expert: asking again would not help
+                except (KeyError, ValueError):  # it left the table since the table was read
+                    errors.append(f"{worker_id}: left the table")
+            if time.monotonic() > deadline:
+                raise TrainingError(f"expert ({layer}, {expert}) could not be read from any holder: "
+                                    f"{errors or 'none in the table'}")
+            time.sleep(0.1)
 
     # -- the step (called by RemoteMoE and ExpertOptimizer) --------------------------
 
     def begin_step(self) -> None:
         self.gate.enter(self.pause_timeout, self.progress)
 
+    def begin_group_step(self) -> None:
+        """A group's members start a step (or a new attempt at it) together, once its leader has entered
+        the step gate: no copy of expert state starts until all of them have finished it."""
+        if self.group.size == 1:
+            return  # alone: the first forward enters the gate
+        told: tuple[int, int] | str = ""
+        if self.group.leader:
+            try:
+                self.begin_step()
+                told = (self.step, self.attempt)
+            except TimeoutError as err:
+                told = str(err)
+        told = self.group.from_leader(told)
+        if isinstance(told, str):
+            raise TrainingError(f"step {self.step}: {told}")
+        if told != (self.step, self.attempt):
+            raise TrainingError(f"this trainer is at step {self.step} attempt {self.attempt}, the group's first at "
+                                f"step {told[0]} attempt {told[1]}: the members must call the same steps")
+
     def contribution(self, layer: int, experts: list[int]) -> StepTag:
-        """The id of one backward call of `layer`, recorded for the experts it reaches."""
+        """The id of one backward call of `layer`, recorded for the experts it reaches; a group's members
+        number theirs apart (call n of member r is n * size + r)."""
         number = self._calls.get(layer, 0)
         self._calls[layer] = number + 1
+        tag = number * self.group.size + self.group.rank
         for e in experts:
-            self._contributions.setdefault((layer, e), []).append(number)
-        return StepTag(self.step, self.id, self.attempt, number)
+            self._contributions.setdefault((layer, e), []).append(tag)
+        return StepTag(self.step, self.session_id, self.attempt, tag)
 
     def new_attempt(self) -> None:
         """Gradients from now on replace what the workers kept for this step (zero_grad)."""
         if self._calls:
             self.attempt += 1
         self._contributions, self._calls = {}, {}
+        if self.group.size == 1:  # a group's leader leaves the gate only when all members agree (`redo`)
+            self.gate.leave()
+
+    def redo(self) -> None:
+        """The step is done again, by every member of a group alike: a new attempt, and a pending copy of
+        expert state (a dead worker's replacement) goes through first."""
+        self.attempt += 1
+        self._contributions, self._calls = {}, {}
         self.gate.leave()
 
     def apply_update(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
-        """Applies this step to every expert on every holder; returns {expert: acknowledgements}.
-        TrainingError when some expert has no holder that applied it."""
+        """Applies this step to every expert on every holder; returns {expert: acknowledgements} (in a group:
+        the leader, which applies the members' gradients together; the others get {}). TrainingError when
+        some expert has no holder that applied it."""
+        merged: dict[tuple[int, int], list[int]] = {}
+        for part in self.group.gather(self._contributions):
+            for key, tags in part.items():
+                merged.setdefault(key, []).extend(tags)
+        acks, failure = {}, None
+        if self.group.leader:
+            try:
+                acks = self._apply(merged, lr, betas, eps, weight_decay)
+            except Exception as err:  # the other members must hear of it, not wait
+                failure = err
+        told = self.group.from_leader(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise TrainingError(f"the group's first trainer: {told}")
+        self.step += 1
+        self.attempt = 0
+        self._contributions, self._calls = {}, {}
+        return acks
+
+    def _apply(self, contributions: dict[tuple[int, int], list[int]], lr: float, betas: tuple[float, float],
+               eps: float, weight_decay: float) -> dict:
         request = worker_pb2.ApplyUpdateRequest(
-            step=self.step, session=self.id, attempt=self.attempt,
+            step=self.step, session=self.session_id, attempt=self.attempt, average_over=self.group.size,
             adamw=worker_pb2.AdamW(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay))
-        acks = self.dispatcher.apply_update(request, self._contributions)
+        acks = self.dispatcher.apply_update(request, contributions)
         current = {k: [w for w, a in by_worker.items() if a is not None and a.version == self.step]
                    for k, by_worker in acks.items()}
         missing = sorted(k for k, holders in current.items() if not holders)
@@ -236,9 +336,6 @@ class TrainingSession:
         if diverged:
             log.warning("step %d: replicas of experts %s hold different weights", self.step, diverged[:8])
         self._resync({(k, w): current[k][0] for k, by_worker in acks.items() for w in by_worker if w not in current[k]})
-        self.step += 1
-        self.attempt = 0
-        self._contributions, self._calls = {}, {}
         return acks
 
     def _resync(self, behind: dict[tuple[tuple[int, int], str], str]) -> None:
@@ -328,11 +425,16 @@ class ExpertOptimizer:
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One training step. With a closure (which must call zero_grad, forward and backward, as
-        for torch.optim.LBFGS), a step interrupted by a lost worker is redone on the survivors."""
+        for torch.optim.LBFGS), a step interrupted by a lost worker is redone on the survivors; in a
+        group, by every member (each returns the loss of its own part of the batch)."""
+        group = self.session.group
+        if closure is None and group.size > 1:
+            raise TrainingError("a group's step() needs the closure: the members redo a cut step together")
         loss = None
         if closure is not None:
             loss = self._run(closure)
         try:
+            group.average_gradients(p for g in self.dense.param_groups for p in g["params"])
             self.session.apply_update(**self.hyper)
             self.dense.step()
         finally:
@@ -340,13 +442,28 @@ class ExpertOptimizer:
         return loss
 
     def _run(self, closure: Callable[[], torch.Tensor]):
+        session = self.session
         for attempt in range(self.retries + 1):
+            loss, error, ended = None, None, DONE
             try:
-                return closure()
+                session.begin_group_step()
+                loss = closure()
             except RETRYABLE_STEP_ERRORS as err:
-                if attempt == self.retries:
-                    raise TrainingError(f"step {self.session.step} failed {attempt + 1} times; last: {err}") from err
-                self.session.progress(f"step {self.session.step}: {type(err).__name__}: {err}; redoing it")
-                self.zero_grad()  # lets a pending copy through, then the next attempt replaces the gradients
-                time.sleep(0.2 * (attempt + 1))
+                error, ended = err, REDO
+            except Exception as err:  # noqa: BLE001 - the group hears of it, then it is raised
+                error, ended = err, FAILED
+            worst = session.group.worst(ended)
+            if worst == DONE:
+                return loss
+            if ended == FAILED:
+                raise error
+            if worst == FAILED:
+                raise TrainingError(f"step {session.step}: another trainer of the group failed (its log says why)")
+            why = f"{type(error).__name__}: {error}" if error else "another trainer of the group lost a worker"
+            if attempt == self.retries:
+                raise TrainingError(f"step {session.step} failed {attempt + 1} times; last: {why}") from error
+            session.progress(f"step {session.step}: {why}; redoing it")
+            self.dense.zero_grad()
+            session.redo()  # lets a pending copy through, then the next attempt replaces the gradients
+            time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")

@@ -27,9 +27,9 @@ def backward(stub, hidden, index, weights, grad, *, step, contribution=0, attemp
     return decode(response.grad_hidden_states).clone(), decode(response.grad_top_k_weights).clone()
 
 
-def update(stub, step, contributions, *, attempt=0, session="s", experts=EXPERTS):
+def update(stub, step, contributions, *, attempt=0, session="s", experts=EXPERTS, average_over=0):
     request = worker_pb2.ApplyUpdateRequest(
-        step=step, session=session, attempt=attempt, adamw=HYPER,
+        step=step, session=session, attempt=attempt, adamw=HYPER, average_over=average_over,
         experts=[worker_pb2.ExpertUpdate(expert=keys((LAYER, e))[0], contributions=contributions.get(e, []))
                  for e in experts])
     return {a.expert.expert: a for a in stub.ApplyUpdate(request, timeout=TIMEOUT_S).acks}
@@ -84,6 +84,31 @@ def test_three_steps_equal_autograd_and_torch_adamw(worker, weights):
         assert state.version == 3 and len(state.optimizer_state) == 4
         assert (g - gate_up[e]).abs().max() < 1e-5 and (d - down[e]).abs().max() < 1e-5
     assert set(stats(worker).versions) == {3}
+
+
+def test_data_parallel_trainers_contributions_are_averaged_as_torch_averages_their_gradients(worker, weights):
+    """Two trainers, each sending the gradient of its own batch's mean loss (contribution ids 0 and 1), with
+    average_over 2: the update equals AdamW on the mean of the two gradients, as DistributedDataParallel does."""
+    gate_up = weights[LAYER][0].clone().requires_grad_()
+    down = weights[LAYER][1].clone().requires_grad_()
+    opt = torch.optim.AdamW([gate_up, down], lr=HYPER.lr, betas=(HYPER.beta1, HYPER.beta2), eps=HYPER.eps,
+                            weight_decay=HYPER.weight_decay)
+    for step in (1, 2):
+        contributions, summed = {}, [torch.zeros_like(gate_up), torch.zeros_like(down)]
+        for rank in range(2):
+            hidden, index, top_w, grad = batch(50 + 10 * step + rank)
+            out = reference_experts(hidden, gate_up, down, index.long(), top_w)
+            for total, part in zip(summed, torch.autograd.grad(out, [gate_up, down], grad)):
+                total.add_(part)  # as the worker sums contributions: in id order, then divides
+            backward(worker, hidden, index, top_w, grad, step=step, contribution=rank)
+            for e in used(index):
+                contributions.setdefault(e, []).append(rank)
+        gate_up.grad, down.grad = summed[0] / 2, summed[1] / 2
+        opt.step()
+        update(worker, step, contributions, average_over=2)
+    for e in EXPERTS:
+        g, d, _ = exported(worker, e)
+        assert (g - gate_up[e]).abs().max() < 1e-5 and (d - down[e]).abs().max() < 1e-5
 
 
 def test_repeated_and_late_messages_change_nothing(worker):

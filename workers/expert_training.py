@@ -111,10 +111,12 @@ class ExpertTraining:
 
     # -- updates ---------------------------------------------------------------
 
-    def apply(self, step: int, session: str, attempt: int, hyper: AdamW, experts: dict[Key, list[int]]) -> dict[Key, Ack]:
-        """Applies step `step` to each expert of `experts` (key -> contribution ids) at version step - 1;
-        experts already past it answer their stored acknowledgement.  All or nothing: TrainingRefused
-        (nothing changed) when some expert is behind or lacks a named contribution."""
+    def apply(self, step: int, session: str, attempt: int, hyper: AdamW, experts: dict[Key, list[int]],
+              average_over: int = 1) -> dict[Key, Ack]:
+        """Applies step `step` to each expert of `experts` (key -> contribution ids) at version step - 1,
+        with the contributions' sum divided by `average_over` (data-parallel trainers each send the gradient
+        of their own mean loss); experts already past it answer their stored acknowledgement.  All or
+        nothing: TrainingRefused (nothing changed) when some expert is behind or lacks a named contribution."""
         with self.lock:
             todo, acks = [], {}
             for key, contributions in experts.items():
@@ -134,10 +136,10 @@ class ExpertTraining:
                                           f"this worker has {sorted(have)}")
                 todo.append((key, sorted(set(contributions))))
             for key, contributions in todo:
-                acks[key] = self._step(key, step, hyper, contributions)
+                acks[key] = self._step(key, step, hyper, contributions, max(average_over, 1))
             return acks
 
-    def _step(self, key: Key, step: int, hyper: AdamW, contributions: list[int]) -> Ack:
+    def _step(self, key: Key, step: int, hyper: AdamW, contributions: list[int], average_over: int) -> Ack:
         gate_up, down = self.store.get(*key)
         params = [gate_up.float(), down.float()]
         pending = self._pending.pop(key, None)
@@ -145,6 +147,9 @@ class ExpertTraining:
         for c in contributions:  # in id order: replicas sum alike
             for g, part in zip(grads, pending.grads[c]):
                 g.add_(part.float())
+        if average_over > 1:
+            for g in grads:
+                g.div_(average_over)
         moments = self._moments.get(key) or tuple(torch.zeros_like(p) for p in params * 2)
         bias1, bias2 = 1 - hyper.beta1 ** step, 1 - hyper.beta2 ** step
         for p, g, m, v in zip(params, grads, moments[:2], moments[2:]):

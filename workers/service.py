@@ -202,7 +202,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                     raise self._not_held(key)
                 experts[key] = list(update.contributions)
             acks = self._refusing(lambda: self.training.apply(request.step, request.session, request.attempt, hyper,
-                                                              experts))
+                                                              experts, request.average_over))
             self._observe_epoch(request.epoch)
             return worker_pb2.ApplyUpdateResponse(acks=[
                 worker_pb2.UpdateAck(expert=_key(k), version=a.version, duplicate=a.duplicate, digest=a.digest)

@@ -68,6 +68,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         snapshot_keep=(spec.get("snapshots") or {}).get("keep", 3),
         drained=tuple(spec.get("drained") or ()),
         colocate=bool(spec.get("colocate", False)),
+        rebalance_above=spec.get("rebalanceAbove", 1.3),
     )
 
 

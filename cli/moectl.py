@@ -62,7 +62,8 @@ def cmd_up(args) -> int:
                         snapshot_keep=args.snapshot_keep,
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
                         standby=args.standby, worker_device=args.worker_device,
-                        frontend_device=args.frontend_device, colocate=args.colocate)
+                        frontend_device=args.frontend_device, colocate=args.colocate,
+                        rebalance_above=args.rebalance_above)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -295,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--colocate", action="store_true", help="co-locate experts that tokens pick together (as the "
                     "frontend reports them): fewer workers per token, for expert copies while routing shifts; "
                     "`moectl status` shows the share of pair traffic that shares a worker either way")
+    up.add_argument("--rebalance-above", type=float, default=1.3, metavar="X",
+                    help="re-place experts for load when the MoE layers wait X times longer than with an even split "
+                    "and a new placement would cut that by half the margin (default 1.3; a large X, say 100, moves "
+                    "experts for load never: only scaling, failures and migrations move them)")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.add_argument("--snapshot-keep", type=int, default=3, metavar="N",

@@ -171,6 +171,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{empty}", "--port", "0"], "no config.json"),
     (["up", "--model", "{model}", "--workers", "2", "--replicas", "3"], "--replicas must be between 1 and --workers"),
     (["up", "--model", "{model}", "--workers", "0"], "--workers must be at least 1"),
+    (["up", "--model", "{model}", "--rebalance-above", "1"], "--rebalance-above must be over 1"),
     (["up", "--model", "{model}", "--port", "{busy}"], "is in use"),
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
     (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),

@@ -27,6 +27,9 @@ def test_cluster_spec_from_the_resource():
     assert (spec.workers, spec.min_replicas, spec.model, spec.worker_num_gpus) == (3, 2, "/models/tiny", 1.0)
     assert spec.drained == () and r.cluster_spec(resource(drained=["worker-0"])).drained == ("worker-0",)
     assert not spec.colocate and r.cluster_spec(resource(colocate=True)).colocate
+    assert spec.rebalance_above == 1.3 and r.cluster_spec(resource(rebalanceAbove=100)).rebalance_above == 100
+    with pytest.raises(ValidationError, match="rebalance_above"):
+        r.cluster_spec(resource(rebalanceAbove=1.0))
     with pytest.raises(ValidationError, match="min_replicas"):
         r.cluster_spec(resource(replicas=1))
 

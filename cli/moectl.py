@@ -187,23 +187,35 @@ def cmd_restore(args) -> int:
 
 def cmd_train(args) -> int:
     from moecluster.cli.train import train
+    from moecluster.sdk.data_parallel import TrainerGroupBroken
+    from moecluster.sdk.training import TrainingError
 
+    restartable, save_dir = args.resume == "auto", args.save_dir or ""
     if args.controller:  # a cluster moectl did not start: the operator's on Kubernetes, or a Ray head's
         if not args.model:
             raise ClusterError("--controller needs --model: the checkpoint folder as this process sees it")
+        if restartable and not save_dir:
+            raise ClusterError("--resume auto with --controller needs --save-dir: the folder of this job's saves, "
+                               "as the workers see it")
         controller, model = args.controller, args.model
     else:
         cluster = LocalCluster(args.name)
         info = cluster.info()
         cluster.status()  # a clear error if the controller is down
-        if args.save_every and not (args.save_dir or cluster.spec().snapshot_dir):
-            raise ClusterError(f"--save-every needs --save-dir, or a cluster started with --snapshot-dir "
+        saving = "--save-every" if args.save_every else "--resume auto" if restartable else ""
+        if saving and not (args.save_dir or cluster.spec().snapshot_dir):
+            raise ClusterError(f"{saving} needs --save-dir, or a cluster started with --snapshot-dir "
                                f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
         controller, model = info["controller"], args.model or info["model"]
+        save_dir = save_dir or (cluster.spec().snapshot_dir if restartable else "")
     group, device, progress = _trainer_group(args.dist_init, args.device)
-    train(controller, model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
-          out=args.out, progress=progress, device=device, save_every=args.save_every,
-          save_dir=args.save_dir or "", resume=args.resume, cluster=args.cluster or "", group=group)
+    try:
+        train(controller, model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+              out=args.out, progress=progress, device=device, save_every=args.save_every, save_dir=save_dir,
+              resume=None if restartable else args.resume, cluster=args.cluster or "", group=group, until=args.until,
+              restartable=restartable)
+    except (TrainingError, TrainerGroupBroken) as err:  # said in a line: under torchrun every trainer prints it
+        raise ClusterError(str(err)) from err
     if group is None or group.rank() == 0:
         print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
@@ -365,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="SNAPSHOT",
                        help="roll every expert back to SNAPSHOT (a step-NNNNNNNN folder, or a folder of them: the "
                        "newest with a trainer.pt; as the workers see it) and continue from its dense state; refused "
-                       "while another trainer is connected")
+                       "while another trainer is connected. `--resume auto`: a job that restarts itself (torchrun "
+                       "--max-restarts, a Kubernetes Job): go on from the newest save in --save-dir if there is one, "
+                       "else save the start there first; with --until, a restart does only what is left")
+    train.add_argument("--until", type=int, metavar="STEP",
+                       help="instead of --steps more steps: train until the pool has made STEP updates")
     train.set_defaults(func=cmd_train)
 
     snapshot = sub.add_parser("snapshot", help="write every expert's training state (weights, AdamW moments, version)")

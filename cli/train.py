@@ -33,20 +33,28 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
           progress: Callable[[str], None] = print, before_step: Callable[[int], None] = lambda step: None,
           mid_step: Callable[[int], None] = lambda step: None, save: bool = True, device: str = "cpu",
           save_every: int = 0, save_dir: str | Path = "", resume: str | Path | None = None, cluster: str = "",
-          group=None) -> list[dict]:
-    """Runs `steps` more steps, the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending
-    when resumed) and OUT/final/ at the end; returns the metrics. Every `save_every` steps the whole training
-    state is saved (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume`
-    starts from such a snapshot. `cluster` names the MoECluster behind a shared controller endpoint
-    (Kubernetes). `before_step(s)` and `mid_step(s)` (after the forward, before the backward;
-    s is the pool's step) are hooks for tests. `group`: a torch.distributed process group of trainers
-    running this same call (TrainingSession's), among which each step's batch is split."""
-    if steps < 1 or batch < 1 or seq < 2 or lr <= 0 or save_every < 0:
-        raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0 and save_every "
-                         f">= 0; got steps {steps}, batch {batch}, seq {seq}, lr {lr}, save_every {save_every}")
+          group=None, until: int | None = None, restartable: bool = False) -> list[dict]:
+    """Runs `steps` more steps (or, with `until`, the steps left until the pool has made `until` updates),
+    the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending when resumed) and OUT/final/
+    at the end; returns the metrics. Every `save_every` steps the whole training state is saved
+    (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume` starts from such a
+    snapshot. `restartable`: the same call, run again after a crash, goes on from the newest save in
+    `save_dir` (a first run with none saves its start first; a run ends with a save), so a launcher that restarts it (torchrun
+    --max-restarts), perhaps with another number of trainers, loses only the steps since that save.
+    `cluster` names the MoECluster behind a shared controller endpoint (Kubernetes). `before_step(s)`
+    and `mid_step(s)` (after the forward, before the backward; s is the pool's step) are hooks for
+    tests. `group`: a torch.distributed process group of trainers running this same call
+    (TrainingSession's), among which each step's batch is split."""
+    if steps < 1 or batch < 1 or seq < 2 or lr <= 0 or save_every < 0 or (until is not None and until < 1):
+        raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0, save_every >= 0 "
+                         f"and until >= 1; got steps {steps}, batch {batch}, seq {seq}, lr {lr}, save_every {save_every}, "
+                         f"until {until}")
+    if restartable and (resume is not None or not save_dir):
+        raise ValueError("a restartable run resumes from its own saves: it needs save_dir, and no resume")
     out = Path(out)
     rows = []
-    with TrainingSession(controller, progress=progress, resume_from=resume, cluster=cluster, group=group) as session:
+    with TrainingSession(controller, progress=progress, resume_from=save_dir if restartable else resume, cluster=cluster,
+                         group=group, resume_if_saved=restartable) as session:
         size, rank, leader = session.group.size, session.group.rank, session.group.leader
         if batch % size:
             raise ValueError(f"--batch {batch} does not split among {size} trainers: make it a multiple of {size}")
@@ -57,8 +65,17 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
         vocab = model.config.vocab_size
         opt = ExpertOptimizer(model, session, lr=lr, weight_decay=0.0)
         first = session.step
+        resumed = session.resumed is not None
+        saved = first - 1 if resumed else -1  # the pool's step of the newest save
+        if restartable and not resumed:  # a crash before the first save_every goes back to here
+            session.save(model, opt, save_dir)
+            saved = first - 1
+        if until is not None:
+            steps = until - (first - 1)
+        if until is not None and leader:
+            progress(f"the pool has made {first - 1} of {until} updates" + (f"; {steps} to go" if steps > 0 else ""))
         part = slice(rank * batch // size, (rank + 1) * batch // size)
-        with _metrics_file(out / "metrics.jsonl" if leader else None, keep_before=first - 1 if resume else 0) as metrics:
+        with _metrics_file(out / "metrics.jsonl" if leader else None, keep_before=first - 1 if resumed else 0) as metrics:
             for s in range(first - 1, first - 1 + steps):
                 x = batch_for(s, seed, vocab, batch, seq)[part].to(device)
                 before_step(s)
@@ -83,6 +100,9 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
                     progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
                 if save_every and (s + 1) % save_every == 0:
                     session.save(model, opt, save_dir)
+                    saved = s + 1
+        if restartable and saved != session.step - 1:  # so that running it again finds nothing left to do
+            session.save(model, opt, save_dir)
         if save and leader:
             session.save_pretrained(model, out / "final")
             progress(f"trained steps {first}..{session.step - 1}; model written to {out / 'final'}")

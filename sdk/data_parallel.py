@@ -20,12 +20,27 @@ Control messages go over gloo even when the gradients go over NCCL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 BUCKET_ELEMENTS = 1 << 24  # dense gradients are all-reduced in flat buckets of at most this many elements
+
+
+class TrainerGroupBroken(RuntimeError):
+    """A collective of the group failed: a member died (its connections closed) or the group's timeout passed.
+    The group cannot go on; its launcher restarts it (`moectl train --resume auto` under torchrun --max-restarts)."""
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as err:  # gloo and NCCL raise RuntimeError (or its DistBackendError) for a lost peer
+        raise TrainerGroupBroken(f"the trainer group broke during {what}; another trainer is probably gone: "
+                                 f"{str(err).splitlines()[0]}") from err
 
 
 class TrainerGroup:
@@ -53,7 +68,8 @@ class TrainerGroup:
         if self.size == 1:
             return value
         box = [value]
-        self._dist.broadcast_object_list(box, src=self._leader, group=self._control)
+        with _collective("a message from the first trainer"):
+            self._dist.broadcast_object_list(box, src=self._leader, group=self._control)
         return box[0]
 
     def gather(self, value: Any) -> list[Any]:
@@ -61,7 +77,8 @@ class TrainerGroup:
         if self.size == 1:
             return [value]
         out: list[Any] = [None] * self.size
-        self._dist.all_gather_object(out, value, group=self._control)
+        with _collective("a gather"):
+            self._dist.all_gather_object(out, value, group=self._control)
         return out
 
     def worst(self, code: int) -> int:
@@ -69,14 +86,16 @@ class TrainerGroup:
         if self.size == 1:
             return code
         flag = torch.tensor([code], dtype=torch.int64)
-        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self._control)
+        with _collective("the agreement on how a step ended"):
+            self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self._control)
         return int(flag.item())
 
     def mean(self, value: float) -> float:
         if self.size == 1:
             return value
         total = torch.tensor([value], dtype=torch.float64)
-        self._dist.all_reduce(total, group=self._control)
+        with _collective("a mean"):
+            self._dist.all_reduce(total, group=self._control)
         return float(total.item()) / self.size
 
     def average_gradients(self, params: Iterable[torch.Tensor]) -> None:
@@ -85,7 +104,10 @@ class TrainerGroup:
         taken as zero on the others."""
         if self.size == 1:
             return
-        params = [p for p in params if p.requires_grad]
+        with _collective("the dense gradients' all-reduce"):
+            self._average_gradients([p for p in params if p.requires_grad])
+
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
         have = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
         self._dist.all_reduce(have, op=self._dist.ReduceOp.MAX, group=self._control)
         used = [p for p, h in zip(params, have.tolist()) if h]

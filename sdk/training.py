@@ -65,13 +65,14 @@ class TrainingError(RuntimeError):
 class TrainingSession:
     def __init__(self, controller: str, *, timeout: float = 60.0, pause_timeout: float = 600.0,
                  progress: Callable[[str], None] = log.info, resume_from: str | Path | None = None, cluster: str = "",
-                 group=None):
+                 group=None, resume_if_saved: bool = False):
         """`controller` is the controller's "host:port" (`moectl status -o json` shows it; on Kubernetes the
         operator's controller Service, with `cluster` = "NAMESPACE/NAME" of the MoECluster). With `resume_from`
         (a snapshot folder that `save` wrote, or a folder of them: the newest with the trainer's state; the path
         as the workers see it), every expert is rolled back to that snapshot first, and `model` and
         `ExpertOptimizer` start from its dense weights and optimizer state: training continues as if nothing
-        after it had happened.
+        after it had happened. With `resume_if_saved`, a `resume_from` folder that holds no save yet is no
+        error: the session starts from the pool as it is (the first run of a job that restarts itself).
 
         With `group` (a torch.distributed process group of trainers, each making its own session with the
         same arguments), the trainers train data parallel: each steps on its own part of the batch, and
@@ -90,7 +91,7 @@ class TrainingSession:
         self._channel = endpoints.channel(controller)  # reconnects within a second to a restarted controller
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
         try:
-            self._start(controller, resume_from)
+            self._start(controller, resume_from, resume_if_saved)
         except TrainingError:
             self.close()
             raise
@@ -99,8 +100,16 @@ class TrainingSession:
         self._contributions: dict[tuple[int, int], list[int]] = {}  # expert -> contribution ids of this attempt
         self._calls: dict[int, int] = {}  # layer -> backward calls in this attempt
 
-    def _start(self, controller: str, resume_from: str | Path | None) -> None:
+    def _start(self, controller: str, resume_from: str | Path | None, resume_if_saved: bool) -> None:
         """The step to train, the session id the group's gradients go under, and a resume (by the leader)."""
+        def saved_state(worker) -> trainer_state.TrainerState | None:
+            try:
+                return trainer_state.read(worker, Path(resume_from).absolute(), self.pause_timeout)
+            except grpc.RpcError as err:
+                if resume_if_saved and err.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+
         if self.group.worst(DONE if self.watcher.first_table.wait(self.timeout) else FAILED) != DONE:
             raise TrainingError(f"no routing table from the controller at {controller} within {self.timeout:.0f}s"
                                 + (" (here or at another trainer of the group)" if self.group.size > 1 else ""))
@@ -108,8 +117,8 @@ class TrainingSession:
         if self.group.leader:
             try:
                 if resume_from is not None:
-                    self.resumed = self._through_a_worker(  # before anything changes
-                        "cannot resume", lambda w: trainer_state.read(w, Path(resume_from).absolute(), self.pause_timeout))
+                    self.resumed = self._through_a_worker("cannot resume", saved_state)  # before anything changes
+                if self.resumed is not None:
                     self._call_controller("Restore", controller_pb2.RestoreRequest(snapshot=str(self.resumed.path),
                                                                                    session=self.id))
                 started = (self.id, self._committed_version() + 1, self.resumed and str(self.resumed.path))

@@ -23,6 +23,10 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=-1, help="mid-step S, kill -9 --kill-pid")
     p.add_argument("--kill-pid", type=int, default=0)
     p.add_argument("--fail-at", type=int, default=-1, help="mid-step S, raise an error that is no lost worker")
+    p.add_argument("--die-at", type=int, default=-1, help="mid-step S, this trainer is killed (-9)")
+    p.add_argument("--until", type=int, help="train until the pool has made this many updates")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--restart-dir", default="", help="a restartable run (`moectl train --resume auto`) saving here")
     args = p.parse_args()
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
     done: set[str] = set()
@@ -36,11 +40,14 @@ def main() -> None:
             os.kill(args.kill_pid, signal.SIGKILL)
         if s == args.fail_at:
             raise ValueError("injected: a bug in this trainer's step")
+        if s == args.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     try:
         train(args.controller, args.model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
               out=args.out, progress=lambda line: print(line, flush=True), mid_step=mid_step,
-              group=dist.group.WORLD)
+              group=dist.group.WORLD, until=args.until, save_every=args.save_every, save_dir=args.restart_dir,
+              restartable=bool(args.restart_dir))
     finally:
         dist.destroy_process_group()
 

@@ -182,6 +182,10 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),
     (["train", "--controller", "127.0.0.1:1", "--out", "{tmp}/t"], "--controller needs --model"),
+    (["train", "--controller", "127.0.0.1:1", "--model", "{model}", "--resume", "auto", "--out", "{tmp}/t"],
+     "--resume auto with --controller needs --save-dir"),
+    (["train", "--controller", "127.0.0.1:1", "--model", "{model}", "--until", "0", "--out", "{tmp}/t"],
+     "until >= 1"),
     (["snapshot", "--name", "nothing"], "no cluster named 'nothing'"),
     (["restore", "--name", "nothing"], "no cluster named 'nothing'"),
     (["model", "create", "--family", "gpt2", "--out", "{tmp}/x"], "unknown family 'gpt2'"),
@@ -250,6 +254,14 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
             == [4, 5, 6]
         moectl(env, "snapshot")  # step 7: with --snapshot-keep 2, step 4 goes (6 stays, newest and a resume's)
         assert [line.split()[1] for line in moectl(env, "snapshots").stdout.splitlines()] == ["7", "6"]
+        # a job that restarts itself: from the newest save with a trainer state (6; 7 is the experts' only),
+        # into the cluster's --snapshot-dir, until step 8, ending with a save
+        auto = moectl(env, "train", "--resume", "auto", "--until", "8", "--batch", "2", "--seq", "8",
+                      "--out", str(tmp_path / "more"))
+        assert "the pool has made 6 of 8 updates; 2 to go" in auto.stderr, auto.stderr
+        assert (tmp_path / "snaps" / "step-00000008" / "trainer.pt").is_file()
+        assert [json.loads(line)["step"] for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()] \
+            == [4, 5, 6, 7]
     finally:
         moectl(env, "down")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -93,6 +93,34 @@ def test_a_trainers_bug_stops_the_group_without_applying_half_a_step(local_clust
     assert wait_for(lambda: c.status()["step"] == 3, timeout=10) and c.status()["lowest_step"] == 3  # steps 1-3, all of them
 
 
+def test_a_group_that_lost_a_trainer_restarts_smaller_from_its_last_save_and_ends_as_if_never_stopped(
+        local_clusters, path, reference, tmp_path):
+    """What torchrun --max-restarts does when a trainer dies: the others fail, the group starts again (here
+    with one trainer fewer) and `--resume auto` goes on from the newest save; the steps since it are redone."""
+    c = local_clusters("dprestart", path, 2, 1)
+    saves = tmp_path / "saves"
+    saves.mkdir()  # the workers make no folders of their own
+    restartable = {"until": STEPS, "save_every": 3, "restart_dir": saves}
+    (zero, out0), (one, out1) = finish(start_trainers(c, tmp_path, rank0=restartable,
+                                                      rank1={**restartable, "die_at": 4}))
+    assert one == -9 and zero != 0 and "the trainer group broke during" in out0, out0[-3000:] + out1[-3000:]
+    assert "saved step 0 in" in out0 and "saved step 3 in" in out0 and "saved step 6" not in out0, out0[-3000:]
+    assert wait_for(lambda: c.status()["step"] >= 4, timeout=10)  # step 5 was cut; the pool went past the save
+
+    restarted = subprocess.run(
+        [sys.executable, "-m", "moecluster.cli.moectl", "train", "--controller", c.status()["controller"],
+         "--model", c.info()["model"], "--resume", "auto", "--save-dir", str(saves), "--save-every", "3",
+         "--until", str(STEPS), "--batch", str(BATCH), "--seq", str(SEQ), "--seed", str(SEED), "--lr", str(LR),
+         "--out", str(tmp_path / "run0")], capture_output=True, text=True, env=environment(), timeout=TRAINERS_TIMEOUT_S)
+    assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
+    assert f"the pool has made 3 of {STEPS} updates; {STEPS - 3} to go" in restarted.stderr, restarted.stderr[-3000:]
+    assert_matches(tmp_path / "run0", reference)  # the steps before the save kept, those after it redone once
+    assert c.status()["step"] == STEPS
+
+    again = subprocess.run(restarted.args, capture_output=True, text=True, env=environment(), timeout=TRAINERS_TIMEOUT_S)
+    assert again.returncode == 0 and f"the pool has made {STEPS} of {STEPS} updates\n" in again.stderr, again.stderr
+
+
 def test_moectl_train_under_torchrun_environment_splits_the_batch(local_clusters, path, reference, tmp_path):
     c = local_clusters("dpcli", path, 2, 1)
     procs = []

@@ -69,6 +69,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         drained=tuple(spec.get("drained") or ()),
         colocate=bool(spec.get("colocate", False)),
         rebalance_above=spec.get("rebalanceAbove", 1.3),
+        rebalance_min_load=spec.get("rebalanceMinLoad", 50.0),
     )
 
 

@@ -130,7 +130,7 @@ class LocalCluster:
            backend: str = "local",
            ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
            worker_device: str = "cpu", frontend_device: str = "cpu", colocate: bool = False,
-           rebalance_above: float = 1.3) -> dict:
+           rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
         if backend not in ("local", "ray"):
@@ -148,6 +148,11 @@ class LocalCluster:
             raise ClusterError(f"--workers must be at least 1, got {workers}")
         if not rebalance_above > 1:
             raise ClusterError(f"--rebalance-above must be over 1 (1 is an even split), got {rebalance_above}")
+        if rebalance_min_load < 0:
+            raise ClusterError(f"--rebalance-min-load is tokens/s, at least 0; got {rebalance_min_load}")
+        if max_replicas is not None and max_replicas < replicas:
+            raise ClusterError(f"--max-replicas ({max_replicas}) is below --replicas ({replicas}): every expert has "
+                               f"--replicas copies, hot ones up to --max-replicas")
         if not 1 <= replicas <= workers:
             raise ClusterError(f"--replicas must be between 1 and --workers ({workers}), got {replicas}")
         if port and not port_free(port):
@@ -167,7 +172,8 @@ class LocalCluster:
                            snapshot_dir=str(snapshot_dir) if snapshot_dir else None, snapshot_every_s=snapshot_every_s,
                            snapshot_keep=snapshot_keep,
                            serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device,
-                           frontend_device=frontend_device, colocate=colocate, rebalance_above=rebalance_above)
+                           frontend_device=frontend_device, colocate=colocate, rebalance_above=rebalance_above,
+                           max_replicas=max_replicas, rebalance_min_load=rebalance_min_load)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))

@@ -63,7 +63,8 @@ def cmd_up(args) -> int:
                         backend=args.backend, ray_address=args.address, serve_grpc_port=args.serve_grpc_port,
                         standby=args.standby, worker_device=args.worker_device,
                         frontend_device=args.frontend_device, colocate=args.colocate,
-                        rebalance_above=args.rebalance_above)
+                        rebalance_above=args.rebalance_above, max_replicas=args.max_replicas,
+                        rebalance_min_load=args.rebalance_min_load)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -312,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-place experts for load when the MoE layers wait X times longer than with an even split "
                     "and a new placement would cut that by half the margin (default 1.3; a large X, say 100, moves "
                     "experts for load never: only scaling, failures and migrations move them)")
+    up.add_argument("--rebalance-min-load", type=float, default=50.0, metavar="TOKENS_PER_S",
+                    help="expert load below which a layer's imbalance is noise, not a reason to move (default 50)")
+    up.add_argument("--max-replicas", type=int, metavar="N", help="cap on copies of a hot expert (default: the "
+                    "pool size); at least --replicas")
     up.add_argument("--snapshot-dir", help="folder for training snapshots (experts lost with every copy are restored from it)")
     up.add_argument("--snapshot-every", type=float, help="seconds between snapshots while training (needs --snapshot-dir)")
     up.add_argument("--snapshot-keep", type=int, default=3, metavar="N",

@@ -172,6 +172,8 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--workers", "2", "--replicas", "3"], "--replicas must be between 1 and --workers"),
     (["up", "--model", "{model}", "--workers", "0"], "--workers must be at least 1"),
     (["up", "--model", "{model}", "--rebalance-above", "1"], "--rebalance-above must be over 1"),
+    (["up", "--model", "{model}", "--rebalance-min-load", "-1"], "--rebalance-min-load is tokens/s"),
+    (["up", "--model", "{model}", "--replicas", "2", "--max-replicas", "1"], "--max-replicas (1) is below --replicas"),
     (["up", "--model", "{model}", "--port", "{busy}"], "is in use"),
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
     (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),
@@ -213,9 +215,12 @@ def test_an_up_that_fails_keeps_the_logs_it_names_and_the_name_can_be_used_again
     assert (logs / "controller.log").is_file(), failed.stderr
     assert not (logs.parent / "cluster.json").exists(), "a failed cluster is not listed"
     assert moectl(env, "list").stdout.strip() in ("", "no clusters")
-    moectl(env, "up", "--model", model, "--workers", "1", "--port", "0", "--detach")
+    moectl(env, "up", "--model", model, "--workers", "1", "--port", "0", "--detach", "--rebalance-min-load", "7",
+           "--max-replicas", "1")
     try:
         assert json.loads(moectl(env, "status", "-o", "json").stdout)["converged"]
+        spec = json.loads((Path(env["MOECLUSTER_HOME"]) / "clusters" / "default" / "spec.json").read_text())
+        assert (spec["rebalance_min_load"], spec["max_replicas"]) == (7, 1)
     finally:
         moectl(env, "down")
 

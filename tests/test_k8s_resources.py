@@ -30,6 +30,8 @@ def test_cluster_spec_from_the_resource():
     assert spec.rebalance_above == 1.3 and r.cluster_spec(resource(rebalanceAbove=100)).rebalance_above == 100
     with pytest.raises(ValidationError, match="rebalance_above"):
         r.cluster_spec(resource(rebalanceAbove=1.0))
+    assert spec.rebalance_min_load == 50 and r.cluster_spec(resource(rebalanceMinLoad=0)).rebalance_min_load == 0
+    assert spec.max_replicas is None and r.cluster_spec(resource(maxReplicasPerExpert=3)).max_replicas == 3
     with pytest.raises(ValidationError, match="min_replicas"):
         r.cluster_spec(resource(replicas=1))
 

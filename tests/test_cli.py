@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from moecluster import Client
+from moecluster.cli.moectl import build_parser
 from moecluster.sdk.client import MoEClusterError
 from transformers import AutoModelForCausalLM
 
@@ -204,6 +206,17 @@ def test_errors_say_what_to_do(tmp_path, env, checkpoints, args, fragment):
     assert result.returncode != 0
     assert fragment in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_training_examples_job_is_a_restartable_moectl_train():
+    """The apiserver e2e checks the manifest's schema; this checks its trainer's arguments are moectl's."""
+    docs = yaml.safe_load_all((Path(__file__).parents[1] / "examples" / "moecluster-training.yaml").read_text())
+    job = next(d for d in docs if d and d["kind"] == "Job")
+    trainer = job["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["command"][:3] == ["python", "-m", "moecluster.cli.moectl"]
+    args = build_parser().parse_args(trainer["command"][3:] + trainer["args"])
+    assert (args.func.__name__, args.resume, args.until, args.save_dir) == ("cmd_train", "auto", 1000, "/snapshots")
+    assert job["spec"]["backoffLimit"] > 0
 
 
 def test_an_up_that_fails_keeps_the_logs_it_names_and_the_name_can_be_used_again(tmp_path, env, checkpoints):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from moecluster.sdk.data_parallel import TrainerGroupBroken
 from moecluster.sdk.training import ExpertOptimizer, TrainingSession
 
 
@@ -40,7 +41,8 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
     (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume` starts from such a
     snapshot. `restartable`: the same call, run again after a crash, goes on from the newest save in
     `save_dir` (a first run with none saves its start first; a run ends with a save), so a launcher that restarts it (torchrun
-    --max-restarts), perhaps with another number of trainers, loses only the steps since that save.
+    --max-restarts), perhaps with another number of trainers, loses only the steps since that save; a
+    group that breaks (a member died) with its leader alive has the leader save the step it reached first.
     `cluster` names the MoECluster behind a shared controller endpoint (Kubernetes). `before_step(s)`
     and `mid_step(s)` (after the forward, before the backward; s is the pool's step) are hooks for
     tests. `group`: a torch.distributed process group of trainers running this same call
@@ -76,37 +78,47 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
             progress(f"the pool has made {first - 1} of {until} updates" + (f"; {steps} to go" if steps > 0 else ""))
         part = slice(rank * batch // size, (rank + 1) * batch // size)
         with _metrics_file(out / "metrics.jsonl" if leader else None, keep_before=first - 1 if resumed else 0) as metrics:
-            for s in range(first - 1, first - 1 + steps):
-                x = batch_for(s, seed, vocab, batch, seq)[part].to(device)
-                before_step(s)
-
-                def closure():
-                    opt.zero_grad()
-                    loss = model(input_ids=x, labels=x).loss
-                    mid_step(s)
-                    loss.backward()
-                    return loss
-
-                started, waited = time.perf_counter(), session.gate.waited_s
-                loss = session.group.mean(float(opt.step(closure).detach()))  # of every part: the batch's loss
-                seconds = time.perf_counter() - started
-                row = {"step": s, "loss": loss, "version": session.step - 1, "seconds": round(seconds, 4),
-                       "paused_s": round(session.gate.waited_s - waited, 4), "tokens_per_s": round(batch * seq / seconds, 1),
-                       "epoch": session.dispatcher.table.epoch}
-                rows.append(row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if leader:
-                    progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {seconds * 1000:.0f} ms")
-                if save_every and (s + 1) % save_every == 0:
-                    session.save(model, opt, save_dir)
-                    saved = s + 1
+            s = first - 1
+            try:
+                for s in range(first - 1, first - 1 + steps):
+                    x = batch_for(s, seed, vocab, batch, seq)[part].to(device)
+                    before_step(s)
+                    row = {"step": s, **_step(session, model, opt, x, lambda: mid_step(s))}
+                    row.update(tokens_per_s=round(batch * seq / row["seconds"], 1), epoch=session.dispatcher.table.epoch)
+                    rows.append(row)
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    if leader:
+                        progress(f"step {s + 1}/{first - 1 + steps}  loss {row['loss']:.4f}  {row['seconds'] * 1000:.0f} ms")
+                    if save_every and (s + 1) % save_every == 0:
+                        session.save(model, opt, save_dir)
+                        saved = s + 1
+            except TrainerGroupBroken:  # a member died: save what the group had, if it is whole
+                if (save_every or restartable) and saved != s and session.step == s + 1:
+                    session.save_what_survives(model, opt, save_dir)
+                raise
         if restartable and saved != session.step - 1:  # so that running it again finds nothing left to do
             session.save(model, opt, save_dir)
         if save and leader:
             session.save_pretrained(model, out / "final")
             progress(f"trained steps {first}..{session.step - 1}; model written to {out / 'final'}")
     return rows
+
+
+def _step(session: TrainingSession, model, opt: ExpertOptimizer, x: torch.Tensor, mid_step: Callable[[], None]) -> dict:
+    """One optimizer step of the group on its part `x` of the batch: the group's mean loss, how long it took."""
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        mid_step()
+        loss.backward()
+        return loss
+
+    started, waited = time.perf_counter(), session.gate.waited_s
+    loss = session.group.mean(float(opt.step(closure).detach()))  # of every part: the batch's loss
+    seconds = time.perf_counter() - started
+    return {"loss": loss, "version": session.step - 1, "seconds": round(seconds, 4),
+            "paused_s": round(session.gate.waited_s - waited, 4)}
 
 
 def _metrics_file(path: Path | None, keep_before: int):

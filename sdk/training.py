@@ -169,6 +169,23 @@ class TrainingSession:
             raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
         return Path(folder)
 
+    def save_what_survives(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path = "") -> Path | None:
+        """After the group broke (TrainerGroupBroken: a member died), the leader saves on its own, if the pool
+        is at the step its dense state is at (no update half applied, none applied without its dense step),
+        so that the restarted group redoes no step. The broken step is abandoned. None where it cannot:
+        not the leader, or the pool is not there."""
+        if not self.group.leader:
+            return None
+        self.gate.leave()
+        try:
+            if self._committed_version() != self.step - 1:
+                self.progress(f"the pool is not at step {self.step - 1}, where this trainer's dense state is: not saving")
+                return None
+            return Path(self._save(model, optimizer, directory))
+        except TrainingError as err:
+            self.progress(f"could not save what the group had: {err}")
+            return None
+
     def _save(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path) -> str:
         request = controller_pb2.SnapshotRequest(directory=str(Path(directory).absolute()) if directory else "")
         folder = Path(self._call_controller("Snapshot", request))

@@ -93,19 +93,26 @@ def test_a_trainers_bug_stops_the_group_without_applying_half_a_step(local_clust
     assert wait_for(lambda: c.status()["step"] == 3, timeout=10) and c.status()["lowest_step"] == 3  # steps 1-3, all of them
 
 
-def test_a_group_that_lost_a_trainer_restarts_smaller_from_its_last_save_and_ends_as_if_never_stopped(
-        local_clusters, path, reference, tmp_path):
+@pytest.mark.parametrize("dies, resumes_at", [(1, 4), (0, 3)])
+def test_a_group_that_lost_a_trainer_restarts_smaller_and_ends_as_if_never_stopped(local_clusters, path, reference,
+                                                                                  tmp_path, dies, resumes_at):
     """What torchrun --max-restarts does when a trainer dies: the others fail, the group starts again (here
-    with one trainer fewer) and `--resume auto` goes on from the newest save; the steps since it are redone."""
-    c = local_clusters("dprestart", path, 2, 1)
+    with one trainer fewer) and `--resume auto` goes on from the newest save. When the leader survives, it
+    saves the step the group had reached, and no step is redone; when the leader dies, the steps since
+    the last save (3) are."""
+    c = local_clusters(f"dprestart{dies}", path, 2, 1)
     saves = tmp_path / "saves"
     saves.mkdir()  # the workers make no folders of their own
     restartable = {"until": STEPS, "save_every": 3, "restart_dir": saves}
-    (zero, out0), (one, out1) = finish(start_trainers(c, tmp_path, rank0=restartable,
-                                                      rank1={**restartable, "die_at": 4}))
-    assert one == -9 and zero != 0 and "the trainer group broke during" in out0, out0[-3000:] + out1[-3000:]
+    procs = start_trainers(c, tmp_path, **{f"rank{r}": {**restartable, **({"die_at": 4} if r == dies else {})}
+                                           for r in range(2)})
+    ended = finish(procs)
+    (died, _), (survived, said) = ended[dies], ended[1 - dies]
+    out0, out1 = ended[0][1], ended[1][1]
+    assert died == -9 and survived != 0 and "the trainer group broke during" in said, out0[-3000:] + out1[-3000:]
     assert "saved step 0 in" in out0 and "saved step 3 in" in out0 and "saved step 6" not in out0, out0[-3000:]
-    assert wait_for(lambda: c.status()["step"] >= 4, timeout=10)  # step 5 was cut; the pool went past the save
+    assert ("saved step 4 in" in out0) == (resumes_at == 4), out0[-3000:]
+    assert wait_for(lambda: c.status()["step"] == 4, timeout=10)  # the cut step 5 was never applied
 
     restarted = subprocess.run(
         [sys.executable, "-m", "moecluster.cli.moectl", "train", "--controller", c.status()["controller"],
@@ -113,7 +120,8 @@ def test_a_group_that_lost_a_trainer_restarts_smaller_from_its_last_save_and_end
          "--until", str(STEPS), "--batch", str(BATCH), "--seq", str(SEQ), "--seed", str(SEED), "--lr", str(LR),
          "--out", str(tmp_path / "run0")], capture_output=True, text=True, env=environment(), timeout=TRAINERS_TIMEOUT_S)
     assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
-    assert f"the pool has made 3 of {STEPS} updates; {STEPS - 3} to go" in restarted.stderr, restarted.stderr[-3000:]
+    left = STEPS - resumes_at
+    assert f"the pool has made {resumes_at} of {STEPS} updates; {left} to go" in restarted.stderr, restarted.stderr[-3000:]
     assert_matches(tmp_path / "run0", reference)  # the steps before the save kept, those after it redone once
     assert c.status()["step"] == STEPS
 

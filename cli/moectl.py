@@ -209,7 +209,7 @@ def cmd_train(args) -> int:
                                f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
         controller, model = info["controller"], args.model or info["model"]
         save_dir = save_dir or (cluster.spec().snapshot_dir if restartable else "")
-    group, device, progress = _trainer_group(args.dist_init, args.device)
+    group, device, progress = trainer_group(args.dist_init, args.device, args.dist_timeout)
     try:
         train(controller, model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
               out=args.out, progress=progress, device=device, save_every=args.save_every, save_dir=save_dir,
@@ -217,26 +217,33 @@ def cmd_train(args) -> int:
               restartable=restartable)
     except (TrainingError, TrainerGroupBroken) as err:  # said in a line: under torchrun every trainer prints it
         raise ClusterError(str(err)) from err
-    if group is None or group.rank() == 0:
+    if group is None or group.leader:
         print(f"metrics in {args.out}/metrics.jsonl, model in {args.out}/final")
     return 0
 
 
-def _trainer_group(init_method: str, device: str):
-    """Under torchrun (WORLD_SIZE > 1): this trainer's process group (gloo, or NCCL for a CUDA dense model,
-    each trainer on GPU LOCAL_RANK), its device and a progress that names it; else (None, device, _progress)."""
+def trainer_group(init_method: str, device: str, timeout_s: float | None = None):
+    """Under torchrun (WORLD_SIZE > 1): this trainer's group (a TrainerGroup over gloo, or NCCL for a CUDA
+    dense model, each trainer on GPU LOCAL_RANK), its device and a progress that names it; else
+    (None, device, _progress). `timeout_s`: how long a collective waits for a member before the group
+    breaks (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None, device, _progress
+    import datetime
+
     import torch.distributed as dist
     from moecluster.models.devices import resolve_device
+    from moecluster.sdk.data_parallel import TrainerGroup
 
     rank = int(os.environ["RANK"])
     if resolve_device(device).type == "cuda" and ":" not in device:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
     dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo", init_method=init_method,
-                            rank=rank, world_size=world)
-    return dist.group.WORLD, device, (_progress if rank == 0 else lambda message: _progress(f"[trainer {rank}] {message}"))
+                            rank=rank, world_size=world, timeout=timeout)
+    group = TrainerGroup(dist.group.WORLD, timeout=timeout)
+    return group, device, (_progress if rank == 0 else lambda message: _progress(f"[trainer {rank}] {message}"))
 
 
 def cmd_down(args) -> int:
@@ -374,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dist-init", default="env://", metavar="URL",
                        help="data parallel: under torchrun (WORLD_SIZE > 1) the trainers meet here and split each "
                        "step's batch by rank (default env://, torchrun's; file:///shared/path works too)")
+    train.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                       help="data parallel: a trainer that hangs this long in a collective breaks the group, which "
+                       "its launcher can then restart (default: torch's, 30 min for gloo); longer than any save or "
+                       "resume of the whole pool, which the other trainers wait for")
     train.add_argument("--save-every", type=int, default=0, metavar="N",
                        help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
                        "the dense model's and optimizer's (trainer.pt, beside them, sent to a worker); default: never")

@@ -21,6 +21,7 @@ Control messages go over gloo even when the gradients go over NCCL.
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -39,14 +40,15 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:  # gloo and NCCL raise RuntimeError (or its DistBackendError) for a lost peer
-        raise TrainerGroupBroken(f"the trainer group broke during {what}; another trainer is probably gone: "
+        raise TrainerGroupBroken(f"the trainer group broke during {what}; another trainer is gone or hangs: "
                                  f"{str(err).splitlines()[0]}") from err
 
 
 class TrainerGroup:
-    def __init__(self, process_group=None):
+    def __init__(self, process_group=None, timeout: datetime.timedelta | None = None):
         """`process_group`: a torch.distributed group of the trainers (`torch.distributed.group.WORLD` under
-        torchrun); None for a trainer alone."""
+        torchrun); None for a trainer alone. `timeout`: that of the gloo group made for control messages
+        when `process_group` is not gloo (give it the one `process_group` was made with)."""
         self.process_group = process_group
         if process_group is None:
             self.size, self.rank = 1, 0
@@ -57,7 +59,7 @@ class TrainerGroup:
         self.size, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self._leader = dist.get_global_rank(process_group, 0)
         self._control = process_group if dist.get_backend(process_group) == "gloo" else \
-            dist.new_group(dist.get_process_group_ranks(process_group), backend="gloo")
+            dist.new_group(dist.get_process_group_ranks(process_group), backend="gloo", timeout=timeout)
 
     @property
     def leader(self) -> bool:

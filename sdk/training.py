@@ -74,11 +74,11 @@ class TrainingSession:
         after it had happened. With `resume_if_saved`, a `resume_from` folder that holds no save yet is no
         error: the session starts from the pool as it is (the first run of a job that restarts itself).
 
-        With `group` (a torch.distributed process group of trainers, each making its own session with the
-        same arguments), the trainers train data parallel: each steps on its own part of the batch, and
+        With `group` (a torch.distributed process group of trainers, or a TrainerGroup of one, each making
+        its own session with the same arguments), the trainers train data parallel: each steps on its own part of the batch, and
         every step of the group is one step of the pool (`sdk/data_parallel.py`). `save` and
         `ExpertOptimizer.step` (with a closure) are then collective: every member calls them."""
-        self.group = TrainerGroup(group)
+        self.group = group if isinstance(group, TrainerGroup) else TrainerGroup(group)
         self.id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
         self.resumed: trainer_state.TrainerState | None = None

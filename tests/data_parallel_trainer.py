@@ -8,6 +8,7 @@ import os
 import signal
 
 import torch.distributed as dist
+from moecluster.cli.moectl import trainer_group
 from moecluster.cli.train import train
 from moecluster.frontend.dispatcher import ExpertUnavailableError
 
@@ -24,11 +25,14 @@ def main() -> None:
     p.add_argument("--kill-pid", type=int, default=0)
     p.add_argument("--fail-at", type=int, default=-1, help="mid-step S, raise an error that is no lost worker")
     p.add_argument("--die-at", type=int, default=-1, help="mid-step S, this trainer is killed (-9)")
+    p.add_argument("--hang-at", type=int, default=-1, help="mid-step S, this trainer stops (SIGSTOP)")
+    p.add_argument("--timeout", type=float, help="seconds a collective waits for a member (moectl --dist-timeout)")
     p.add_argument("--until", type=int, help="train until the pool has made this many updates")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--restart-dir", default="", help="a restartable run (`moectl train --resume auto`) saving here")
     args = p.parse_args()
-    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world))
+    group, _, _ = trainer_group(args.init, "cpu", args.timeout)  # as `moectl train` makes it
     done: set[str] = set()
 
     def mid_step(s: int) -> None:
@@ -42,11 +46,13 @@ def main() -> None:
             raise ValueError("injected: a bug in this trainer's step")
         if s == args.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if s == args.hang_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     try:
         train(args.controller, args.model, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
               out=args.out, progress=lambda line: print(line, flush=True), mid_step=mid_step,
-              group=dist.group.WORLD, until=args.until, save_every=args.save_every, save_dir=args.restart_dir,
+              group=group, until=args.until, save_every=args.save_every, save_dir=args.restart_dir,
               restartable=bool(args.restart_dir))
     finally:
         dist.destroy_process_group()

@@ -93,23 +93,28 @@ def test_a_trainers_bug_stops_the_group_without_applying_half_a_step(local_clust
     assert wait_for(lambda: c.status()["step"] == 3, timeout=10) and c.status()["lowest_step"] == 3  # steps 1-3, all of them
 
 
-@pytest.mark.parametrize("dies, resumes_at", [(1, 4), (0, 3)])
+@pytest.mark.parametrize("fault, faulty, resumes_at", [("die", 1, 4), ("die", 0, 3), ("hang", 1, 4)],
+                         ids=["a-member-dies", "the-leader-dies", "a-member-hangs"])
 def test_a_group_that_lost_a_trainer_restarts_smaller_and_ends_as_if_never_stopped(local_clusters, path, reference,
-                                                                                  tmp_path, dies, resumes_at):
-    """What torchrun --max-restarts does when a trainer dies: the others fail, the group starts again (here
-    with one trainer fewer) and `--resume auto` goes on from the newest save. When the leader survives, it
-    saves the step the group had reached, and no step is redone; when the leader dies, the steps since
-    the last save (3) are."""
-    c = local_clusters(f"dprestart{dies}", path, 2, 1)
+                                                                                  tmp_path, fault, faulty, resumes_at):
+    """What torchrun --max-restarts does when a trainer dies or hangs: the others fail (a hung one after
+    --dist-timeout), the group starts again (here with one trainer fewer) and `--resume auto` goes on from
+    the newest save. When the leader survives, it saves the step the group had reached, and no step is
+    redone; when the leader dies, the steps since the last save (3) are."""
+    c = local_clusters("dprestart", path, 2, 1)
     saves = tmp_path / "saves"
     saves.mkdir()  # the workers make no folders of their own
-    restartable = {"until": STEPS, "save_every": 3, "restart_dir": saves}
-    procs = start_trainers(c, tmp_path, **{f"rank{r}": {**restartable, **({"die_at": 4} if r == dies else {})}
-                                           for r in range(2)})
-    ended = finish(procs)
-    (died, _), (survived, said) = ended[dies], ended[1 - dies]
-    out0, out1 = ended[0][1], ended[1][1]
-    assert died == -9 and survived != 0 and "the trainer group broke during" in said, out0[-3000:] + out1[-3000:]
+    restartable = {"until": STEPS, "save_every": 3, "restart_dir": saves, "timeout": 15}
+    procs = start_trainers(c, tmp_path, **{f"rank{faulty}": {**restartable, f"{fault}_at": 4},
+                                           f"rank{1 - faulty}": restartable})
+    survivor = procs[1 - faulty]
+    try:
+        said = survivor.communicate(timeout=TRAINERS_TIMEOUT_S)[0]
+    finally:
+        procs[faulty].kill()  # a hung one is still there
+    out0 = said if faulty else procs[0].communicate()[0]
+    assert survivor.returncode != 0 and "the trainer group broke during" in said, said[-3000:]
+    assert procs[faulty].wait() == -9 and ("Timed out waiting 15000ms" in said) == (fault == "hang"), said[-3000:]
     assert "saved step 0 in" in out0 and "saved step 3 in" in out0 and "saved step 6" not in out0, out0[-3000:]
     assert ("saved step 4 in" in out0) == (resumes_at == 4), out0[-3000:]
     assert wait_for(lambda: c.status()["step"] == 4, timeout=10)  # the cut step 5 was never applied

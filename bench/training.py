@@ -15,7 +15,12 @@ in experts). The same random batches (`moectl train`'s) train:
    half of every batch (`moectl train` with torchrun's environment, gloo on loopback),
    against one trainer on the whole batch: what the group's collectives cost (on this
    2-core machine the trainers share the cores with the workers: no speed-up to expect);
-5. saving the whole training state (`TrainingSession.save`: the workers write the
+5. restartable data-parallel training (`moectl train --resume auto`): two trainers, one
+   killed -9 mid-run, the group restarted as one trainer, as torchrun --max-restarts
+   would: how long the survivor took to fail (saving the step it reached), how many
+   steps the restart redid, and its overhead (wall time less its steps' time) against
+   that of a plain `moectl train` start on the same pool;
+6. saving the whole training state (`TrainingSession.save`: the workers write the
    experts', the trainer the dense model's and AdamW's) and resuming from it (every
    expert rolled back, the dense state read), against `torch.save` / `torch.load` of
    the same model's and AdamW's state in one process.
@@ -125,6 +130,63 @@ def data_parallel_through_cluster(path: Path, steps: int, home: Path, trainers: 
             pass
 
 
+def restart_after_a_lost_trainer(path: Path, steps: int, home: Path) -> dict:
+    """Two restartable trainers on a fresh 2-worker cluster, the second killed -9 once the first has logged
+    half the steps, then one trainer with the same arguments; and a plain start for comparison."""
+    os.environ["MOECLUSTER_HOME"] = str(home)
+    cluster = LocalCluster("bench-restart")
+    cluster.up(path, workers=2, replicas=1, port=0)
+    saves, out = home / "restart-saves", home / "run-restart"
+    saves.mkdir(parents=True)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+    def command(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "moecluster.cli.moectl", "train", "--controller", cluster.info()["controller"],
+                "--model", str(path), "--batch", str(BATCH), "--seq", str(SEQ), "--lr", str(LR), "--seed", str(SEED),
+                *extra]
+
+    def overhead(cmd: list[str], metrics: Path) -> tuple[float, str]:
+        """Wall time of a trainer less the time of the steps it logged (the rows from the step it started
+        at: a restart keeps the rows before its save), and what it said."""
+        started = time.perf_counter()
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - started
+        if run.returncode:
+            raise RuntimeError(f"a trainer failed: {run.stderr[-2000:]}")
+        first = int(run.stderr.split("the pool has made ", 1)[1].split()[0]) if "the pool has made" in run.stderr else 0
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return wall - sum(r["seconds"] for r in rows if r["step"] >= first), run.stderr
+
+    every = max(steps // 4, 1)
+    restartable = ["--resume", "auto", "--until", str(steps), "--save-every", str(every),
+                   "--save-dir", str(saves), "--out", str(out)]
+    try:
+        procs = [subprocess.Popen(command(*restartable, "--dist-init", f"file://{home / 'restart-meet'}"),
+                                  env={**env, "RANK": str(rank), "WORLD_SIZE": "2"}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 600
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps // 2 + 2):  # between saves
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the trainers did not reach half their steps")
+            time.sleep(0.005)
+        killed = time.perf_counter()
+        procs[1].kill()
+        _, said = procs[0].communicate(timeout=600)
+        failed_after = time.perf_counter() - killed
+        procs[1].wait()
+        reached = cluster.status()["step"]
+        restart_s, restarted = overhead(command(*restartable), metrics)
+        resumed = int(restarted.split("the pool has made ", 1)[1].split()[0])
+        plain_s, _ = overhead(command("--steps", "2", "--out", str(home / "run-plain")), home / "run-plain" / "metrics.jsonl")
+        return {"failed_after_s": failed_after, "saved_every": every, "reached": reached, "redone": reached - resumed,
+                "restart_s": restart_s, "plain_s": plain_s}
+    finally:
+        try:
+            cluster.down(grace=2)
+        except ClusterError:
+            pass
+
+
 def save_and_resume_baseline(path: Path, folder: Path) -> tuple[float, float, int]:
     """(save s, load s, bytes) of torch.save / torch.load of the model's and AdamW's state after one step."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
@@ -224,6 +286,11 @@ def main() -> None:
         print(f"scale 2 -> 3 at step {scale_at}: {len(paused)} steps waited for a copy; the longest wait "
               f"{longest[1] * 1000:.0f} ms (step {longest[0]}, {longest[2] * 1000:.0f} ms vs a median "
               f"{median_ms:.0f} ms); loss rel. diff <= {worst:.1e}; scale ended with: {progress[-1] if progress else '?'}")
+        r = restart_after_a_lost_trainer(path, args.steps, root / "home")
+        print(f"restartable group (--save-every {r['saved_every']}), a trainer killed -9 at step {r['reached']}: the "
+              f"other failed (and saved) after {r['failed_after_s'] * 1000:.0f} ms; the restart redid {r['redone']} "
+              f"steps; its overhead {r['restart_s']:.2f} s = {r['restart_s'] / r['plain_s']:.2f}x a plain start's "
+              f"({r['plain_s']:.2f} s)", flush=True)
         base_save, base_load, base_bytes = save_and_resume_baseline(path, root / "baseline")
         save, resume, size = save_and_resume_through_cluster(path, root / "home")
         print(f"save the training state:   {save * 1000:8.1f} ms ({size / 1e6:.1f} MB) = {save / base_save:.2f}x torch.save "
@@ -236,6 +303,8 @@ def main() -> None:
             print(f"  cluster, replicas {replicas}         {ms:8.1f} ms/step  {ms / base_ms:.2f}x")
         print(f"  2 data-parallel trainers    {dp_ms:8.1f} ms/step  {dp_ms / base_ms:.2f}x "
               f"({dp_ms / results[1]:.2f}x one trainer)")
+        print(f"  restart after a lost trainer {r['restart_s']:7.2f} s  {r['restart_s'] / r['plain_s']:.2f}x a plain "
+              f"start; {r['redone']} steps redone")
         print(f"  pause of a scale step       {longest[1] * 1000:8.1f} ms  (training waits at the step boundary)")
         print(f"  save the training state     {save * 1000:8.1f} ms  {save / base_save:.2f}x torch.save")
         print(f"  resume from it              {resume * 1000:8.1f} ms  {resume / base_load:.2f}x torch.load")

@@ -192,6 +192,8 @@ def cmd_train(args) -> int:
     from moecluster.sdk.training import TrainingError
 
     restartable, save_dir = args.resume == "auto", args.save_dir or ""
+    if restartable and args.until is None:
+        raise ClusterError("--resume auto needs --until STEP: with --steps, every restart would train that many more")
     if args.controller:  # a cluster moectl did not start: the operator's on Kubernetes, or a Ray head's
         if not args.model:
             raise ClusterError("--controller needs --model: the checkpoint folder as this process sees it")
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "newest with a trainer.pt; as the workers see it) and continue from its dense state; refused "
                        "while another trainer is connected. `--resume auto`: a job that restarts itself (torchrun "
                        "--max-restarts, a Kubernetes Job): go on from the newest save in --save-dir if there is one, "
-                       "else save the start there first; with --until, a restart does only what is left")
+                       "else save the start there first; with --until (needed), a restart does only what is left")
     train.add_argument("--until", type=int, metavar="STEP",
                        help="instead of --steps more steps: train until the pool has made STEP updates")
     train.set_defaults(func=cmd_train)

@@ -51,8 +51,9 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
         raise ValueError(f"need steps >= 1, batch >= 1, seq >= 2 (labels are the next tokens), lr > 0, save_every >= 0 "
                          f"and until >= 1; got steps {steps}, batch {batch}, seq {seq}, lr {lr}, save_every {save_every}, "
                          f"until {until}")
-    if restartable and (resume is not None or not save_dir):
-        raise ValueError("a restartable run resumes from its own saves: it needs save_dir, and no resume")
+    if restartable and (resume is not None or not save_dir or until is None):
+        raise ValueError("a restartable run resumes from its own saves and trains until a step: it needs save_dir "
+                         "and until (with steps, each restart would take that many more), and no resume")
     out = Path(out)
     rows = []
     with TrainingSession(controller, progress=progress, resume_from=save_dir if restartable else resume, cluster=cluster,

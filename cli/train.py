@@ -39,10 +39,11 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
     the dense model on `device`; writes OUT/metrics.jsonl as it goes (appending when resumed) and OUT/final/
     at the end; returns the metrics. Every `save_every` steps the whole training state is saved
     (TrainingSession.save, into `save_dir` or the cluster's snapshot directory); `resume` starts from such a
-    snapshot. `restartable`: the same call, run again after a crash, goes on from the newest save in
-    `save_dir` (a first run with none saves its start first; a run ends with a save), so a launcher that restarts it (torchrun
-    --max-restarts), perhaps with another number of trainers, loses only the steps since that save; a
-    group that breaks (a member died) with its leader alive has the leader save the step it reached first.
+    snapshot. `restartable` (needs `save_dir` and `until`): the same call, run again after a crash, goes on
+    from the newest save in `save_dir` (a first run with none saves its start first; a run ends with a
+    save), so a launcher that restarts it (torchrun --max-restarts), perhaps with another number of
+    trainers, loses only the steps since that save; a group that breaks (a member died) with its leader
+    alive has the leader save the step it reached first.
     `cluster` names the MoECluster behind a shared controller endpoint (Kubernetes). `before_step(s)`
     and `mid_step(s)` (after the forward, before the backward; s is the pool's step) are hooks for
     tests. `group`: a torch.distributed process group of trainers running this same call

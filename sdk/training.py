@@ -75,9 +75,9 @@ class TrainingSession:
         error: the session starts from the pool as it is (the first run of a job that restarts itself).
 
         With `group` (a torch.distributed process group of trainers, or a TrainerGroup of one, each making
-        its own session with the same arguments), the trainers train data parallel: each steps on its own part of the batch, and
-        every step of the group is one step of the pool (`sdk/data_parallel.py`). `save` and
-        `ExpertOptimizer.step` (with a closure) are then collective: every member calls them."""
+        its own session with the same arguments), the trainers train data parallel: each steps on its own
+        part of the batch, and every step of the group is one step of the pool (`sdk/data_parallel.py`).
+        `save` and `ExpertOptimizer.step` (with a closure) are then collective: every member calls them."""
         self.group = group if isinstance(group, TrainerGroup) else TrainerGroup(group)
         self.id = f"trainer-{uuid.uuid4().hex[:12]}"
         self.timeout, self.pause_timeout, self.progress = timeout, pause_timeout, progress
@@ -92,7 +92,7 @@ class TrainingSession:
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
         try:
             self._start(controller, resume_from, resume_if_saved)
-        except TrainingError:
+        except Exception:  # a TrainingError, or the group broke: no watcher left behind
             self.close()
             raise
         self.attempt = 0

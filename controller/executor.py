@@ -98,7 +98,9 @@ class Executor:
         if trainers:
             self.progress(f"pausing trainers {trainers} at their step boundary (epoch {table.epoch})")
             started = time.perf_counter()
-            lagging = [f for f in self.publisher.await_acks(table.epoch, self.pause_timeout) if f in trainers]
+            # only the trainers: a frontend's ack does not make a copy safe, and a hung one (or a data-parallel
+            # member, whose group's leader holds the gate for it) would hold the pause for pause_timeout
+            lagging = self.publisher.await_acks(table.epoch, self.pause_timeout, among=trainers)
             if lagging:
                 self._resume()
                 raise StepFailed(f"trainers {lagging} did not reach a step boundary within {self.pause_timeout:.0f}s")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from moecluster.controller.observed import ExpertKey
@@ -95,16 +95,18 @@ class Publisher:
                 self._left.add(frontend_id)
             self._cond.notify_all()
 
-    def await_acks(self, epoch: int, timeout: float) -> list[str]:
+    def await_acks(self, epoch: int, timeout: float, among: Collection[str] | None = None) -> list[str]:
         """Waits until every frontend that is watching, or whose stream broke less than a lease
-        ago, acked `epoch` (and any restart warm-up is over); returns those that had not by `timeout`."""
+        ago, acked `epoch` (and any restart warm-up is over); returns those that had not by `timeout`.
+        `among`: only these frontends are waited for."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 now = time.monotonic()
                 self._gone = {f: t for f, t in self._gone.items() if now - t < self._lease_s}  # forget the long gone
                 recent = list(self._gone)
-                lagging = sorted(f for f in {*self._watching, *recent} - self._left if self._acks.get(f, 0) < epoch)
+                lagging = sorted(f for f in {*self._watching, *recent} - self._left if self._acks.get(f, 0) < epoch
+                                 and (among is None or f in among))
                 remaining = deadline - now
                 if (not lagging and now >= self._warm_until) or remaining <= 0 or self._closed:
                     return lagging

@@ -60,6 +60,19 @@ def test_a_silent_frontend_is_reported_lagging():
     stop()
 
 
+def test_a_wait_among_some_frontends_is_not_held_by_a_silent_other():
+    """A pause waits for the trainers only: a hung frontend (or a data-parallel member) must not hold it."""
+    pub = Publisher(lease_s=LEASE)
+    _, stop_mute = watcher(pub, "mute", acks=False)
+    _, stop_trainer = watcher(pub, "trainer", trainer=True)
+    epoch = pub.publish(PLACEMENT, ADDRESSES).epoch
+    start = time.monotonic()
+    assert pub.await_acks(epoch, timeout=5, among=["trainer"]) == [] and time.monotonic() - start < 1
+    assert pub.await_acks(epoch, timeout=0.3, among=["trainer", "mute"]) == ["mute"]
+    stop_mute()
+    stop_trainer()
+
+
 def test_a_reconnecting_frontend_is_waited_for_until_it_acks():
     pub = Publisher(lease_s=5.0)
     _, stop = watcher(pub, "f1")

@@ -205,12 +205,17 @@ def test_a_pull_moves_weights_moments_and_version(qwen3):
             assert [m.shape for m in exported(b, 3)[2].optimizer_state] == [[64, 64], [64, 32]] * 2
 
 
-def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
+def trained_and_saved(worker, tmp_path) -> list:
+    """One step, then experts 2 and 5 written into tmp_path; their snapshot files."""
     hidden, index, top_w, grad = batch(5)
     backward(worker, hidden, index, top_w, grad, step=1)
     update(worker, 1, {e: [0] for e in used(index)})
-    files = worker.WriteSnapshot(worker_pb2.WriteSnapshotRequest(directory=str(tmp_path), experts=keys((LAYER, 2), (LAYER, 5))),
-                                 timeout=TIMEOUT_S).files
+    return worker.WriteSnapshot(worker_pb2.WriteSnapshotRequest(directory=str(tmp_path), experts=keys((LAYER, 2), (LAYER, 5))),
+                                timeout=TIMEOUT_S).files
+
+
+def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
+    files = trained_and_saved(worker, tmp_path)
     assert [(f.expert.expert, f.version) for f in files] == [(2, 1), (5, 1)]
     saved = {e: exported(worker, e)[:2] for e in (2, 5)}
     update(worker, 2, {})  # moves on
@@ -226,11 +231,41 @@ def test_snapshot_restores_state_and_refuses_a_torn_file(worker, tmp_path):
     data[-3] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(data))
     before = exported(worker, 2)[:2]
-    with pytest.raises(grpc.RpcError) as err:
-        worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files, resume_version=2),
+    with pytest.raises(grpc.RpcError) as err:  # at another version, so the file is read (this state is the file's)
+        worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files, resume_version=3),
                               timeout=TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS and "refused" in err.value.details()
     assert all(torch.equal(x, y) for x, y in zip(exported(worker, 2)[:2], before))
+
+
+def test_a_restore_reads_only_the_experts_whose_state_changed_since_their_file(worker, tmp_path):
+    """A group that restarts from the save it just wrote: the workers already hold that state."""
+    files = trained_and_saved(worker, tmp_path)
+    saved = {e: exported(worker, e) for e in (2, 5)}
+
+    def restore(version=1):
+        return worker.RestoreExperts(worker_pb2.RestoreExpertsRequest(directory=str(tmp_path), files=files,
+                                                                      resume_version=version), timeout=TIMEOUT_S)
+
+    kept = restore()
+    assert [k.expert for k in kept.restored] == [2, 5] and kept.bytes_read == 0
+    assert restore(version=3).bytes_read == sum(f.bytes for f in files)  # another version: read
+    assert restore().bytes_read == sum(f.bytes for f in files)  # the state at version 3 is not the file's
+    assert restore().bytes_read == 0  # now it is again
+    hidden, index, top_w, grad = batch(6)
+    backward(worker, hidden, index, top_w, grad, step=2)
+    update(worker, 2, {2: [0]}, experts=[2])  # expert 2 moves on, 5 stays
+    assert restore().bytes_read == files[0].bytes
+    for e in (2, 5):
+        g, d, state = exported(worker, e)
+        assert state.version == 1 and torch.equal(g, saved[e][0]) and torch.equal(d, saved[e][1])
+        assert [torch.equal(decode(a), decode(b)) for a, b in zip(state.optimizer_state, saved[e][2].optimizer_state)] \
+            == [True] * 4
+    # a kept expert's pending gradient goes as in any restore: step 2 cannot name it afterwards
+    backward(worker, hidden, index, top_w, grad, step=2)
+    assert restore().bytes_read == 0
+    with pytest.raises(grpc.RpcError, match="this worker has \\[\\]"):
+        update(worker, 2, {5: [0]}, experts=[5])
 
 
 def test_a_rollback_to_an_older_step_lets_that_step_be_trained_again_alike(worker, tmp_path):

@@ -19,6 +19,7 @@ tensors, and freed slots wait for every reader of an older generation to leave.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -78,6 +79,8 @@ class ExpertStore:
         self._buffers: dict[int, _Layer] = {}
         self._layers: dict[int, LayerExperts] = {}
         self._versions: dict[tuple[int, int], int] = {}
+        self._state_ids: dict[tuple[int, int], int] = {}  # changes with an expert's weights or version
+        self._next_state_id = itertools.count(1)
         self._generation = 0
         self._readers: Counter[int] = Counter()  # generation -> readers that entered at it
 
@@ -129,6 +132,11 @@ class ExpertStore:
     def version(self, layer: int, expert: int) -> int:
         return self._versions[(layer, expert)]
 
+    def state_id(self, layer: int, expert: int) -> int:
+        """An id of the expert's current weights and version, never reused: equal ids, the very same state
+        (0: not held)."""
+        return self._state_ids.get((layer, expert), 0)
+
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of one expert's (2I, H) gate_up and (H, I) down; KeyError when not held."""
         with self.reading(layer) as snap:
@@ -169,6 +177,7 @@ class ExpertStore:
                 buf.down[res.slot].copy_(res.down)
             buf.slot_of[res.expert] = res.slot
             self._versions[(res.layer, res.expert)] = version
+            self._state_ids[(res.layer, res.expert)] = next(self._next_state_id)
             self._publish(res.layer)
 
     def abort(self, res: Reservation) -> None:
@@ -196,6 +205,7 @@ class ExpertStore:
                 self._publish(layer)
             for key in added:
                 self._versions[key] = version
+                self._state_ids[key] = next(self._next_state_id)
             return added
 
     def replace(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor, version: int) -> None:
@@ -212,6 +222,7 @@ class ExpertStore:
             buf.retired.append((self._generation + 1, buf.slot_of[expert]))
             buf.slot_of[expert] = slot
             self._versions[(layer, expert)] = version
+            self._state_ids[(layer, expert)] = next(self._next_state_id)
             self._publish(layer)
 
     def set_version(self, layer: int, expert: int, version: int) -> None:
@@ -219,6 +230,7 @@ class ExpertStore:
             if (layer, expert) not in self._versions:
                 raise KeyError((layer, expert))
             self._versions[(layer, expert)] = version
+            self._state_ids[(layer, expert)] = next(self._next_state_id)
 
     def drop(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Drops held experts; returns those dropped (others are ignored: dropping is idempotent)."""
@@ -231,6 +243,7 @@ class ExpertStore:
                 self._publish(layer)
             for key in dropped:
                 del self._versions[key]
+                del self._state_ids[key]
             return dropped
 
     def _room(self, layer: int, shapes: tuple[tuple[int, ...], tuple[int, ...]], need: int) -> _Layer:

@@ -31,7 +31,8 @@ from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRe
 from moecluster.workers.kernels import fused_experts
 from moecluster.workers.peer_copy import PULL_DEADLINE_S, checked_state, fetch_expert
 from moecluster.workers.request_error import RequestError, invalid
-from moecluster.workers.snapshot_files import ExpertState, FileInfo, SnapshotError, read_expert, write_expert
+from moecluster.workers.snapshot_files import ExpertState, write_expert
+from moecluster.workers.snapshot_restore import SnapshotRestorer
 
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
@@ -47,6 +48,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         self.worker_id = worker_id
         self.store = ExpertStore(self.geometry.num_experts, dtype, device)
         self.training = ExpertTraining(self.store)
+        self.restorer = SnapshotRestorer(self.geometry, self.store, self.training)
         self.health = health.HealthServicer()
         self.epoch = 0
         self.draining = False
@@ -222,10 +224,12 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
                     gate_up, down, version = self._held(key)
                     moments = self.training.moments(key)
                     moments = tuple(m.clone() for m in moments) if moments is not None else None
+                    state_id = self.store.state_id(*key)
                 try:
                     info = write_expert(request.directory, ExpertState(*key, version, gate_up, down, moments))
                 except OSError as err:
                     raise RequestError(grpc.StatusCode.INTERNAL, f"writing expert {key}: {err}") from None
+                self.restorer.remember(key, info.digest, state_id)
                 files.append(worker_pb2.SnapshotFile(expert=_key(key), file=info.file, version=info.version,
                                                      digest=info.digest, bytes=info.bytes))
             return worker_pb2.WriteSnapshotResponse(files=files)
@@ -234,30 +238,9 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def RestoreExperts(self, request, context):
         def run():
-            states, read = [], 0
-            for f in request.files:
-                key = validation.check_expert_key(self.geometry, f.expert)
-                try:
-                    state = read_expert(request.directory, FileInfo(f.file, f.version, f.digest, f.bytes), *key)
-                except SnapshotError as err:
-                    raise RequestError(grpc.StatusCode.DATA_LOSS, str(err)) from None
-                g = self.geometry
-                if state.gate_up.shape != (2 * g.intermediate, g.hidden) or state.down.shape != (g.hidden, g.intermediate):
-                    raise RequestError(grpc.StatusCode.DATA_LOSS, f"{f.file}: shapes do not fit this model")
-                states.append(state)
-                read += f.bytes
-            restored = []
-            with self.training.lock:
-                for state in states:  # all files checked before anything changes
-                    key = (state.layer, state.expert)
-                    if self.store.holds(*key):  # a pool rolled back: copy on write, a reader mid-Forward keeps the old
-                        self.store.replace(*key, state.gate_up, state.down, version=request.resume_version)
-                    else:
-                        self.store.add({key: (state.gate_up, state.down)}, version=request.resume_version)
-                    self.training.adopt(key, state.moments)
-                    restored.append(_key(key))
+            response = self.restorer.restore(request)
             self._observe_epoch(request.epoch)
-            return worker_pb2.RestoreExpertsResponse(restored=restored, bytes_read=read)
+            return response
 
         return _answer(context, self, run)
 

@@ -146,9 +146,9 @@ def restart_after_a_lost_trainer(path: Path, steps: int, home: Path) -> dict:
                 "--model", str(path), "--batch", str(BATCH), "--seq", str(SEQ), "--lr", str(LR), "--seed", str(SEED),
                 *extra]
 
-    def overhead(cmd: list[str], metrics: Path) -> tuple[float, str]:
+    def overhead(cmd: list[str], metrics: Path) -> tuple[float, int]:
         """Wall time of a trainer less the time of the steps it logged (the rows from the step it started
-        at: a restart keeps the rows before its save), and what it said."""
+        at: a restart keeps the rows before its save), and that step."""
         started = time.perf_counter()
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         wall = time.perf_counter() - started
@@ -156,7 +156,7 @@ def restart_after_a_lost_trainer(path: Path, steps: int, home: Path) -> dict:
             raise RuntimeError(f"a trainer failed: {run.stderr[-2000:]}")
         first = int(run.stderr.split("the pool has made ", 1)[1].split()[0]) if "the pool has made" in run.stderr else 0
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        return wall - sum(r["seconds"] for r in rows if r["step"] >= first), run.stderr
+        return wall - sum(r["seconds"] for r in rows if r["step"] >= first), first
 
     every = max(steps // 4, 1)
     restartable = ["--resume", "auto", "--until", str(steps), "--save-every", str(every),
@@ -176,8 +176,7 @@ def restart_after_a_lost_trainer(path: Path, steps: int, home: Path) -> dict:
         failed_after = time.perf_counter() - killed
         procs[1].wait()
         reached = cluster.status()["step"]
-        restart_s, restarted = overhead(command(*restartable), metrics)
-        resumed = int(restarted.split("the pool has made ", 1)[1].split()[0])
+        restart_s, resumed = overhead(command(*restartable), metrics)
         plain_s, _ = overhead(command("--steps", "2", "--out", str(home / "run-plain")), home / "run-plain" / "metrics.jsonl")
         return {"failed_after_s": failed_after, "saved_every": every, "reached": reached, "redone": reached - resumed,
                 "restart_s": restart_s, "plain_s": plain_s}

@@ -40,7 +40,10 @@ class SnapshotRestorer:
         with self._lock:
             same = self._same_as.get(key)
         state_id = self.store.state_id(*key)
-        return same == (digest, state_id) and state_id != 0 and self.store.version(*key) == version
+        try:
+            return same == (digest, state_id) and state_id != 0 and self.store.version(*key) == version
+        except KeyError:  # dropped in between
+            return False
 
     def restore(self, request: worker_pb2.RestoreExpertsRequest) -> worker_pb2.RestoreExpertsResponse:
         """Every file's expert at `resume_version`: all files are read and checked before anything changes

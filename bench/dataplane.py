@@ -34,14 +34,16 @@ from moecluster.wire import streaming  # noqa: E402
 from moecluster.workers.kernels import fused_experts  # noqa: E402
 
 
-def start_workers(path: Path, placement, run_dir: Path, threads: int):
+def start_workers(path: Path, placement, run_dir: Path, threads: int, extra: dict[str, list[str]] | None = None):
+    """One worker process per id in `placement` (`extra[id]`: more of its arguments); (processes, addresses)."""
     procs, addresses = {}, {}
     for worker_id in sorted({w for h in placement.values() for w in h}):
         spec = ",".join(f"{l}:{e}" for (l, e), h in placement.items() if worker_id in h)
         ready = run_dir / f"{worker_id}.ready"
         procs[worker_id] = subprocess.Popen(
             [sys.executable, "-m", "moecluster.workers.server", "--checkpoint", str(path), "--experts", spec,
-             "--worker-id", worker_id, "--threads", str(threads), "--ready-file", str(ready)],
+             "--worker-id", worker_id, "--threads", str(threads), "--ready-file", str(ready),
+             *(extra or {}).get(worker_id, [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     for worker_id, proc in procs.items():
@@ -52,6 +54,13 @@ def start_workers(path: Path, placement, run_dir: Path, threads: int):
             time.sleep(0.1)
         addresses[worker_id] = json.loads(ready.read_text())["address"]
     return procs, addresses
+
+
+def stop_workers(procs) -> None:
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        proc.wait(timeout=30)
 
 
 def framing(serialized: int) -> int:
@@ -107,10 +116,7 @@ def main() -> None:
             serialized_per_call = dispatcher.wire_bytes / args.reps
             dispatcher.close()
         finally:
-            for proc in procs.values():
-                proc.terminate()
-            for proc in procs.values():
-                proc.wait(timeout=30)
+            stop_workers(procs)
 
     # What each worker needed: the tokens that use one of its experts, their ids and weights, and its partial sums.
     owner = torch.tensor([int(placement[(layer, e)][0][1:]) for e in range(g.num_experts)])

@@ -231,7 +231,7 @@ def serve_metrics(render: Callable[[], str], port: int, host: str = "127.0.0.1")
 def worker_metrics(stats, *, bytes_pulled: int = 0) -> str:
     """A worker's /metrics from its StatsResponse (the numbers ExpertWorkerService keeps).
 
-    `stats` needs worker_id, epoch, draining, held, requests, rejected and experts
+    `stats` needs worker_id, epoch, draining, held, requests, rejected, forward_batches, batched_requests and experts
     (each with expert.layer, expert.expert, tokens, calls, seconds). An expert's
     counters go back to 0 when the worker drops it (a counter reset to Prometheus).
     """
@@ -247,6 +247,11 @@ def worker_metrics(stats, *, bytes_pulled: int = 0) -> str:
         seconds.set(float(row.seconds), **key)
         calls.set(int(row.calls), **key)
     r.counter("moecluster_worker_requests_total", "Forward calls answered").set(int(stats.requests))
+    r.counter("moecluster_worker_forward_batches_total",
+              "kernel calls that computed inference forwards together").set(int(stats.forward_batches))
+    r.counter("moecluster_worker_batched_requests_total",
+              "inference forwards those calls took, refused ones included (over forward_batches: the mean batch)"
+              ).set(int(stats.batched_requests))
     r.counter("moecluster_worker_rejected_total", "requests refused as malformed or stale").set(int(stats.rejected))
     r.counter("moecluster_worker_bytes_pulled_total", "expert bytes copied from peers").set(int(bytes_pulled))
     r.gauge("moecluster_worker_experts_held", "experts held in memory").set(len(stats.held))

@@ -181,6 +181,9 @@ def test_worker_metrics_move_with_forwards_and_pulls(qwen3, spans):
             after = samples(scrape(metrics["a"].address))
             assert value(after, "moecluster_worker_requests_total") == 3
             assert value(after, "moecluster_worker_rejected_total") == 1
+            # one at a time: a call each, the refused one too (it is refused inside its call)
+            assert value(after, "moecluster_worker_forward_batches_total") == 4
+            assert value(after, "moecluster_worker_batched_requests_total") == 4
             from moecluster.wire.tensors import decode
             sent = torch.cat([decode(r.top_k_index) for r in requests]).flatten()
             for expert in (1, 2, 3):

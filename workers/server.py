@@ -27,20 +27,23 @@ from moecluster.wire import endpoints, streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import DTYPES
-from moecluster.workers.service import ExpertWorkerService, expert_keys
+from moecluster.workers.service import DEFAULT_BATCH_TOKENS, ExpertWorkerService, expert_keys
 
 
 class WorkerServer:
-    """A worker service bound to a port; `start()`, then `stop(grace)`."""
+    """A worker service bound to a port; `start()`, then `stop(grace)`. `max_workers`: threads serving RPCs;
+    a request waiting for a batch holds one, so batches grow up to that many requests."""
 
     def __init__(self, checkpoint: str | Path | Checkpoint, experts: list[tuple[int, int]], *, host: str = "127.0.0.1",
-                 port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 8,
-                 bulk_port: int = 0, device: str | torch.device = "cpu"):
+                 port: int = 0, worker_id: str = "worker", dtype: torch.dtype = torch.float32, max_workers: int = 64,
+                 bulk_port: int = 0, device: str | torch.device = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 compute_threads: int = 2):
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint(checkpoint)
         self.bulk = BulkSender(host, bulk_port)  # started with the server: expert copies to peers
         self.service = ExpertWorkerService(checkpoint, worker_id=worker_id, dtype=dtype, device=resolve_device(device),
-                                           bulk=self.bulk)
+                                           bulk=self.bulk, batch_tokens=batch_tokens,
+                                           compute_threads=compute_threads)
         self.service.load_from_checkpoint(experts)
         self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
@@ -86,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the experts live and compute: cpu (default), cuda, cuda:N, or auto (a GPU if "
                              "torch sees one). On CUDA the Triton kernels run; requests still travel as CPU bytes")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help="inference requests for a layer that arrive while one is computed go together as the next "
+                             f"kernel call, up to this many tokens (default {DEFAULT_BATCH_TOKENS}); a larger request is "
+                             "computed alone at once; 0: every request alone")
+    parser.add_argument("--compute-threads", type=int, default=2,
+                        help="threads that compute those calls (default 2: one computes while the other prepares)")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Checkpoint.from_index(args.index) if args.index else Checkpoint(args.checkpoint)
         worker = WorkerServer(checkpoint, expert_keys(args.experts), host=args.host, port=args.port,
                               worker_id=args.worker_id, dtype=DTYPES[args.dtype], bulk_port=args.bulk_port,
-                              device=device).start()
+                              device=device, batch_tokens=args.batch_tokens,
+                              compute_threads=args.compute_threads).start()
         metrics = serve_metrics(worker.render_metrics, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:
         sys.exit(f"worker: {err}")

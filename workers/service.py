@@ -25,11 +25,13 @@ from moecluster.wire import streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import WireError, encode
 from moecluster.workers import snapshot_folders, trainer_files, validation
+from moecluster.workers.batched_forward import forward_together
 from moecluster.workers.expert_backward import expert_backward
 from moecluster.workers.expert_store import ExpertStore
 from moecluster.workers.expert_training import AdamW, ExpertTraining, TrainingRefused
 from moecluster.workers.kernels import fused_experts
 from moecluster.workers.peer_copy import PULL_DEADLINE_S, checked_state, fetch_expert
+from moecluster.workers.request_batcher import RequestBatcher
 from moecluster.workers.request_error import RequestError, invalid
 from moecluster.workers.snapshot_files import ExpertState, write_expert
 from moecluster.workers.snapshot_restore import SnapshotRestorer
@@ -37,11 +39,16 @@ from moecluster.workers.snapshot_restore import SnapshotRestorer
 SERVICE_NAME = "moecluster.worker.v1.ExpertWorker"
 REJECTED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # what Stats.rejected counts
 _TRACER = tracer(__name__)
+DEFAULT_BATCH_TOKENS = 2048  # beyond this a call gains little from company; larger requests go alone, unqueued
 
 
 class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
     def __init__(self, checkpoint: Checkpoint, *, worker_id: str, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", bulk: BulkSender | None = None):
+                 device: torch.device | str = "cpu", bulk: BulkSender | None = None,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, compute_threads: int = 2):
+        """`batch_tokens`: the most tokens one kernel call computes for inference forwards that arrived
+        together, on one of `compute_threads` threads (request_batcher.py); 0 computes each request alone,
+        on the thread that received it."""
         self.checkpoint = checkpoint
         self.bulk = bulk  # None: peers copy through the ExportExpert stream only
         self.geometry = checkpoint.geometry
@@ -58,6 +65,10 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         self._rejected = 0
         self.bytes_pulled = 0  # expert bytes copied from peers, for /metrics
         self._peers: dict[str, grpc.Channel] = {}
+        if batch_tokens < 0:
+            raise ValueError(f"batch_tokens is {batch_tokens}; 0 (each request alone) or more")
+        self.batcher = None if not batch_tokens else RequestBatcher(
+            self._compute_forwards, batch_tokens, threads=compute_threads, name=f"{worker_id}-forwards")
         self.set_serving(False)
 
     # -- lifecycle -------------------------------------------------------
@@ -116,29 +127,32 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
 
     def _forward(self, request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
         inputs = validation.check_forward(self.geometry, request)
-        # A trainer's forward (step > 0) reads the weights of step - 1 only: the version is checked and the
-        # weights read under the training lock, so no update lands in between.
-        with self.training.lock if request.step else contextlib.nullcontext(), \
-                self.store.reading(inputs.layer) as snapshot:
-            local = validation.check_held(snapshot, inputs, self.epoch)
-            if request.step:  # a replica that missed an update: ABORTED, the trainer asks another
-                used = sorted({(inputs.layer, int(e)) for e in inputs.top_k_index[inputs.top_k_index >= 0].tolist()})
-                self._refusing(lambda: self.training.check_version(used, request.step), grpc.StatusCode.ABORTED)
-            start = time.perf_counter()
-            if snapshot is None or not bool((local >= 0).any()):  # every entry is -1: nothing to compute here
-                output = torch.zeros_like(inputs.hidden_states)
-            else:
-                device, dtype = self.store.device, self.store.dtype  # requests arrive and leave on the CPU
-                with torch.no_grad():
-                    output = fused_experts(
-                        inputs.hidden_states.to(device, dtype),
-                        snapshot.gate_up,
-                        snapshot.down,
-                        local.to(device),
-                        inputs.top_k_weights.to(device, dtype),
-                    ).to("cpu", inputs.hidden_states.dtype)
-        self._record(inputs.layer, inputs.top_k_index, time.perf_counter() - start)
+        if request.step or self.batcher is None:
+            output = self._compute_forwards(inputs.layer, [inputs], step=request.step)[0]
+        else:  # inference: computed together with the requests for this layer that arrive meanwhile
+            output = self.batcher.run(inputs.layer, inputs, rows=len(inputs.hidden_states))
+        if isinstance(output, RequestError):
+            raise output
         return worker_pb2.ForwardResponse(output=encode(output), epoch=self.epoch)
+
+    def _compute_forwards(self, layer: int, requests: list[validation.ForwardInputs], step: int = 0) -> list:
+        """One kernel call for the requests (outputs, or the RequestError refusing each one).
+        A trainer's forward (step > 0) reads the weights of step - 1 only: the version is checked and
+        the weights read under the training lock, so no update lands in between."""
+        def check_version(inputs: validation.ForwardInputs) -> None:  # a replica that missed an update: ABORTED
+            used = sorted({(layer, int(e)) for e in inputs.top_k_index[inputs.top_k_index >= 0].tolist()})
+            self._refusing(lambda: self.training.check_version(used, step), grpc.StatusCode.ABORTED)
+
+        start = time.perf_counter()
+        with self.training.lock if step else contextlib.nullcontext(), self.store.reading(layer) as snapshot:
+            outcomes = forward_together(snapshot, requests, self.epoch, device=self.store.device,
+                                        dtype=self.store.dtype, check=check_version if step else None)
+        seconds = time.perf_counter() - start
+        answered = [inputs for inputs, out in zip(requests, outcomes) if not isinstance(out, RequestError)]
+        total = max(sum(int((inputs.top_k_index >= 0).sum()) for inputs in answered), 1)
+        for inputs in answered:  # the call's time shared by assignments
+            self._record(layer, inputs.top_k_index, seconds * int((inputs.top_k_index >= 0).sum()) / total)
+        return outcomes
 
     def _record(self, layer: int, top_k_index: torch.Tensor, seconds: float) -> None:
         """Tokens and time per expert; a call's time is shared out by token count."""
@@ -329,6 +343,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             return worker_pb2_grpc.ExpertWorkerStub(self._peers[address])
 
     def close(self) -> None:
+        if self.batcher:
+            self.batcher.close()
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
         for channel in peers:
@@ -432,6 +448,8 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             experts=experts,
             requests=requests,
             rejected=rejected,
+            forward_batches=self.batcher.calls if self.batcher else 0,
+            batched_requests=self.batcher.requests if self.batcher else 0,
             moe_layers=self.checkpoint.geometry.moe_layers,
             num_experts=self.checkpoint.geometry.num_experts,
             device=str(self.store.device),

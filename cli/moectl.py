@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every N steps, snapshot the whole training state: the experts' (by their workers) and "
                        "the dense model's and optimizer's (trainer.pt, beside them, sent to a worker); default: never")
     train.add_argument("--save-dir", help="where --save-every snapshots go, as the workers see it (default: the "
-                       "cluster's --snapshot-dir)")
+                       "cluster's --snapshot-dir); a directory every worker can write into, checked before the "
+                       "first step (it is not made)")
     train.add_argument("--resume", metavar="SNAPSHOT",
                        help="roll every expert back to SNAPSHOT (a step-NNNNNNNN folder, or a folder of them: the "
                        "newest with a trainer.pt; as the workers see it) and continue from its dense state; refused "

@@ -74,6 +74,8 @@ def train(controller: str, model_path: str, *, steps: int, batch: int, seq: int,
         if restartable and not resumed:  # a crash before the first save_every goes back to here
             session.save(model, opt, save_dir)
             saved = first - 1
+        elif save_every:  # a directory the workers cannot write into fails now, not at the first save
+            session.check_save_dir(save_dir)
         if until is not None:
             steps = until - (first - 1)
         if until is not None and leader:

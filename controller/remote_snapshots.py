@@ -52,9 +52,12 @@ def candidates(worker: worker_pb2_grpc.ExpertWorkerStub, path: str) -> list[Snap
     return [from_message(m) for m in found]
 
 
-def listed(worker: worker_pb2_grpc.ExpertWorkerStub, path: str, timeout: float = TIMEOUT_S) -> list[worker_pb2.SnapshotManifest]:
-    """The snapshot in `path`, or else every one under it, the newest first (none: an empty list)."""
-    return list(worker.ListSnapshots(worker_pb2.ListSnapshotsRequest(path=path), timeout=timeout).snapshots)
+def listed(worker: worker_pb2_grpc.ExpertWorkerStub, path: str, timeout: float = TIMEOUT_S,
+           writable: bool = False) -> list[worker_pb2.SnapshotManifest]:
+    """The snapshot in `path`, or else every one under it, the newest first (none: an empty list); with
+    `writable`, grpc.RpcError (INVALID_ARGUMENT) unless `path` is a directory the worker can write into."""
+    request = worker_pb2.ListSnapshotsRequest(path=path, writable=writable)
+    return list(worker.ListSnapshots(request, timeout=timeout).snapshots)
 
 
 def summary(m: worker_pb2.SnapshotManifest) -> dict:

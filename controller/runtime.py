@@ -180,6 +180,22 @@ class Controller:
         with self._plan_lock:
             yield from self._take_snapshot(root)
 
+    def check_snapshot_dir(self, directory: str = "") -> Iterator[str]:
+        """ValueError unless DIRECTORY (default the cluster's) is a directory every worker of the pool can write
+        into: a trainer asks before its first step, not at its first save, maybe hours later."""
+        root = directory or self.spec.snapshot_dir
+        if not root:
+            raise ValueError("no snapshot directory: give one, or start the cluster with a snapshot_dir")
+        workers, refused = self._pool(self.monitor.snapshot()), []
+        for worker_id in workers:
+            try:
+                remote_snapshots.listed(self.monitor.stub(worker_id), root, writable=True)
+            except grpc.RpcError as err:
+                refused.append(f"{worker_id}: {err.details() or err.code().name}")
+        if refused:
+            raise ValueError(f"cannot save into {root}: " + "; ".join(refused))
+        yield f"{root}: a directory all {len(workers)} workers can write into"
+
     def _take_snapshot(self, root: str) -> Iterator[str | Snapshot]:
         partial = partial_name(root)  # made by the first worker that writes into it
         writer = None

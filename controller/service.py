@@ -55,7 +55,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             (request.layer, request.expert), request.to_worker, request.from_worker or None))
 
     def Snapshot(self, request, context):
-        yield from self._progress(context, lambda: self.controller.snapshot(request.directory))
+        if request.check_only:
+            yield from self._progress(context, lambda: self.controller.check_snapshot_dir(request.directory))
+        else:
+            yield from self._progress(context, lambda: self.controller.snapshot(request.directory))
 
     def Restore(self, request, context):
         yield from self._progress(context, lambda: self.controller.restore(request.snapshot, request.session))

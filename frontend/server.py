@@ -22,6 +22,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
+from moecluster.frontend.generation_batcher import BATCHED_FAMILIES, GenerationBatcher, GenerationFailed
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
@@ -35,12 +36,15 @@ from moecluster.wire.tensors import WireError, decode, encode
 
 MAX_BATCH_TOKENS = 65536
 MAX_NEW_TOKENS = 4096
+DEFAULT_CACHE_TOKENS = 4096  # KV cache of the generations decoded together, in tokens of all their sequences
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = "",
-                 device: torch.device | str = "cpu"):
-        """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here)."""
+                 device: torch.device | str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS):
+        """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here).
+        `generate_cache_tokens`: the KV cache of greedy generations decoded together (generation_batcher.py);
+        0 decodes each request on its own."""
         self.checkpoint = checkpoint
         self.dispatcher = dispatcher
         self.device = resolve_device(device)
@@ -51,6 +55,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self._lock = threading.Lock()
         self.requests = 0
         self.failed = 0
+        batched = generate_cache_tokens and checkpoint.config.model_type in BATCHED_FAMILIES
+        self.generations = GenerationBatcher(self.model, cache_tokens=generate_cache_tokens) if batched else None
 
     # -- RPCs ------------------------------------------------------------
 
@@ -76,6 +82,12 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             ids = self._input_ids(request.input_ids).to(self.device)
             if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
                 raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
+            rows, new = ids.shape[0], request.max_new_tokens
+            if not request.do_sample and self.generations and self.generations.fits(ids.shape[1], new) and rows:
+                remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
+                timeout = remaining if remaining is not None else 600.0
+                tokens = self.generations.generate(ids.tolist(), new, timeout=timeout)
+                return frontend_pb2.GenerateResponse(sequences=encode(torch.cat([ids.cpu(), torch.tensor(tokens)], 1)))
             kwargs = {"do_sample": bool(request.do_sample)}
             if request.do_sample:
                 torch.manual_seed(request.seed)
@@ -137,18 +149,22 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             return run()
         except WireError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except ExpertUnavailableError as err:
+        except (ExpertUnavailableError, GenerationFailed) as err:
             with self._lock:
                 self.failed += 1
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except TimeoutError as err:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
 
 
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 30.0, max_workers: int = 8, frontend_id: str = "", cluster: str = "",
-                 device: str = "cpu"):
+                 timeout: float = 30.0, max_workers: int = 32, frontend_id: str = "", cluster: str = "",
+                 device: str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS):
+        """`max_workers`: requests served at once (a generation waiting in the running batch holds one)."""
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
-        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device)
+        self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
+                                       generate_cache_tokens=generate_cache_tokens)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
@@ -175,6 +191,8 @@ class FrontendServer:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.watcher.stop()
         self.server.stop(grace).wait()
+        if self.service.generations:
+            self.service.generations.close()
         self.dispatcher.close()
 
     def render_metrics(self) -> str:
@@ -199,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where the dense model (embeddings, attention, router) runs: "
                         "cpu, cuda, cuda:N, or auto (a GPU where this process sees one); expert inputs and outputs "
                         "cross to the CPU at each MoE layer")
+    parser.add_argument("--generate-cache-tokens", type=int, default=DEFAULT_CACHE_TOKENS,
+                        help="greedy Generate requests are decoded together in one running batch (transformers' "
+                             f"continuous batching) with a KV cache of this many tokens (default {DEFAULT_CACHE_TOKENS}; "
+                             "a request that does not fit, a sampled one, or one of a family it does not take is "
+                             "decoded alone); 0: every request alone")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
     args = parser.parse_args(argv)
@@ -207,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
-                                  frontend_id=args.frontend_id, cluster=args.cluster, device=args.device).start()
+                                  frontend_id=args.frontend_id, cluster=args.cluster, device=args.device,
+                                  generate_cache_tokens=args.generate_cache_tokens).start()
         metrics_host = args.host.split(",")[0]
         metrics = serve_metrics(frontend.render_metrics, args.metrics_port, metrics_host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:

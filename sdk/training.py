@@ -32,13 +32,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
 from moecluster.frontend.dense_model import load_dense_model
-from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError, StepTag
+from moecluster.frontend.dispatcher import Dispatcher, StepTag
 from moecluster.frontend.remote_moe import RemoteMoE
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
@@ -48,18 +47,14 @@ from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2
 from moecluster.sdk import trainer_state
 from moecluster.sdk.data_parallel import TrainerGroup
+from moecluster.sdk.expert_optimizer import ExpertOptimizer  # noqa: F401  (its home was here: imports keep working)
+from moecluster.sdk.step_outcomes import DONE, FAILED, TrainingError
 from moecluster.wire import endpoints, retry, streaming
 from moecluster.wire.tensors import decode
 from torch import nn
 
 log = logging.getLogger("moecluster.training")
 
-RETRYABLE_STEP_ERRORS = (ExpertUnavailableError, grpc.RpcError, futures.TimeoutError)
-DONE, REDO, FAILED = 0, 1, 2  # how a member's attempt at a step ended; the group goes by the worst
-
-
-class TrainingError(RuntimeError):
-    """A step that cannot be completed (the text says what is missing); nothing was applied twice."""
 
 
 class TrainingSession:
@@ -169,6 +164,20 @@ class TrainingSession:
             raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
         return Path(folder)
 
+    def check_save_dir(self, directory: str | Path = "") -> None:
+        """TrainingError unless DIRECTORY (default the cluster's snapshot directory) is a directory every worker
+        can write into: found out before the first step, not at the first save. Collective, as `save`."""
+        error = ""
+        if self.group.leader:
+            try:
+                self._call_controller("Snapshot", controller_pb2.SnapshotRequest(directory=_absolute(directory),
+                                                                                 check_only=True))
+            except TrainingError as err:
+                error = str(err)
+        error = self.group.from_leader(error)
+        if error:
+            raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
+
     def save_what_survives(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path = "") -> Path | None:
         """After the group broke (TrainerGroupBroken: a member died), the leader saves on its own, if the pool
         is at the step its dense state is at (no update half applied, none applied without its dense step),
@@ -187,8 +196,7 @@ class TrainingSession:
             return None
 
     def _save(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path) -> str:
-        request = controller_pb2.SnapshotRequest(directory=str(Path(directory).absolute()) if directory else "")
-        folder = Path(self._call_controller("Snapshot", request))
+        folder = Path(self._call_controller("Snapshot", controller_pb2.SnapshotRequest(directory=_absolute(directory))))
         step = self.step - 1
         payload = trainer_state.encode(step, model, optimizer.dense)
         self._through_a_worker("save", lambda w: trainer_state.write(w, folder, step, payload, self.pause_timeout))
@@ -426,70 +434,6 @@ class TrainingSession:
         self.close()
 
 
-class ExpertOptimizer:
-    """AdamW for a model whose experts live on the workers: the dense parameters step here
-    (torch.optim.AdamW), the experts' on their workers, in one `step()` / `zero_grad()`."""
-
-    def __init__(self, model: nn.Module, session: TrainingSession, *, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 retries: int = 5):
-        self.session = session
-        self.hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        self.dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **self.hyper)
-        if session.resumed is not None:
-            if not session.resumed.optimizer:
-                raise TrainingError("a resumed session's optimizer state went into its first ExpertOptimizer")
-            self.dense.load_state_dict(session.resumed.optimizer)
-            for group in self.dense.param_groups:  # the hyperparameters given here win over the saved ones
-                group.update(self.hyper)
-            session.resumed = dataclasses.replace(session.resumed, optimizer={})  # in the optimizer now
-        self.retries = retries
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.dense.zero_grad(set_to_none=set_to_none)
-        self.session.new_attempt()
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """One training step. With a closure (which must call zero_grad, forward and backward, as
-        for torch.optim.LBFGS), a step interrupted by a lost worker is redone on the survivors; in a
-        group, by every member (each returns the loss of its own part of the batch)."""
-        group = self.session.group
-        if closure is None and group.size > 1:
-            raise TrainingError("a group's step() needs the closure: the members redo a cut step together")
-        loss = None
-        if closure is not None:
-            loss = self._run(closure)
-        try:
-            group.average_gradients(p for g in self.dense.param_groups for p in g["params"])
-            self.session.apply_update(**self.hyper)
-            self.dense.step()
-        finally:
-            self.session.end_step()
-        return loss
-
-    def _run(self, closure: Callable[[], torch.Tensor]):
-        session = self.session
-        for attempt in range(self.retries + 1):
-            loss, error, ended = None, None, DONE
-            try:
-                session.begin_group_step()
-                loss = closure()
-            except RETRYABLE_STEP_ERRORS as err:
-                error, ended = err, REDO
-            except Exception as err:  # noqa: BLE001 - the group hears of it, then it is raised
-                error, ended = err, FAILED
-            worst = session.group.worst(ended)
-            if worst == DONE:
-                return loss
-            if ended == FAILED:
-                raise error
-            if worst == FAILED:
-                raise TrainingError(f"step {session.step}: another trainer of the group failed (its log says why)")
-            why = f"{type(error).__name__}: {error}" if error else "another trainer of the group lost a worker"
-            if attempt == self.retries:
-                raise TrainingError(f"step {session.step} failed {attempt + 1} times; last: {why}") from error
-            session.progress(f"step {session.step}: {why}; redoing it")
-            self.dense.zero_grad()
-            session.redo()  # lets a pending copy through, then the next attempt replaces the gradients
-            time.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+def _absolute(directory: str | Path) -> str:
+    """As the workers will see it ("" is the cluster's snapshot directory)."""
+    return str(Path(directory).absolute()) if directory else ""

@@ -249,6 +249,11 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
     try:
         bad = moectl(env, "train", "--steps", "0", "--out", str(tmp_path / "x"), check=False)
         assert bad.returncode != 0 and "steps >= 1" in bad.stderr and "Traceback" not in bad.stderr
+        nowhere = moectl(env, "train", "--steps", "4", "--batch", "2", "--seq", "8", "--save-every", "2",
+                         "--save-dir", str(tmp_path / "no" / "such"), "--out", str(tmp_path / "x"), check=False)
+        assert nowhere.returncode == 1 and "Traceback" not in nowhere.stderr, nowhere.stderr
+        assert f"cannot save into {tmp_path / 'no' / 'such'}: worker-" in nowhere.stderr, nowhere.stderr
+        assert "is not a directory on this worker" in nowhere.stderr and "step 1/4" not in nowhere.stderr  # before any step
         run = moectl(env, "train", "--steps", "4", "--batch", "2", "--seq", "8", "--lr", "1e-3", "--out", str(tmp_path / "run"))
         assert "step 4/4" in run.stderr and "final" in run.stdout
         snap = moectl(env, "snapshot")

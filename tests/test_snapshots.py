@@ -153,3 +153,24 @@ def test_a_worker_seals_lists_and_discards_snapshot_folders_for_the_controller(q
             with pytest.raises(grpc.RpcError) as err:
                 write(str(tmp_path / "no" / "such" / "parent"))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_worker_says_whether_a_save_directory_is_one_it_can_write_into(qwen3, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with running_workers(qwen3, {(0, 0): ("w",)}) as servers:
+        channel, stub = stub_for(servers["w"])
+        with channel:
+            assert remote_snapshots.listed(stub, str(tmp_path), writable=True) == []
+            for path in (tmp_path / "no" / "such", tmp_path / "a-file", ""):
+                assert remote_snapshots.listed(stub, str(path)) == []  # a plain listing finds nothing
+                with pytest.raises(grpc.RpcError) as err:
+                    remote_snapshots.listed(stub, str(path), writable=True)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is not a directory on this worker" in err.value.details(), err.value.details()
+            if os.geteuid() != 0:  # root writes anywhere
+                locked = tmp_path / "locked"
+                locked.mkdir(mode=0o555)
+                with pytest.raises(grpc.RpcError, match="is not writable on this worker"):
+                    remote_snapshots.listed(stub, str(locked), writable=True)
+            assert not (tmp_path / "no").exists()  # nothing is made
+

@@ -17,6 +17,7 @@ A file torn or altered afterwards is caught by its digest when a worker reads it
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -167,7 +168,12 @@ def discard_request(request: worker_pb2.DiscardSnapshotRequest) -> worker_pb2.Di
 
 
 def list_request(request: worker_pb2.ListSnapshotsRequest) -> worker_pb2.ListSnapshotsResponse:
-    """What a restore from `path` may use (`candidates`), none when there is no snapshot there."""
+    """What a restore from `path` may use (`candidates`), none when there is no snapshot there; with
+    `writable`, INVALID_ARGUMENT unless `path` is a directory this worker can write into."""
+    if request.writable and not (os.path.isdir(request.path) and os.access(request.path, os.W_OK | os.X_OK)):
+        what = "is not writable" if os.path.isdir(request.path) else "is not a directory"
+        raise invalid(f"path: {request.path!r} {what} on this worker (it is not made: a path that misses the "
+                      "mounted volume would keep snapshots only as long as the worker lives)")
     try:
         found = candidates(request.path)
     except ValueError:

@@ -1,0 +1,132 @@
+"""Concurrent greedy generations through a whole local cluster: decoded together vs each alone.
+
+    python bench/generation.py [--clients 1 4 16] [--new-tokens 16] [--seconds 6] [--rounds 2]
+
+`moectl up` starts a cluster (2 workers) whose frontend decodes greedy Generate requests in one
+running batch (the default); a second frontend on the same controller and workers decodes each
+request alone (`--generate-cache-tokens 0`). N clients in a closed loop each ask for `--new-tokens`
+tokens after a prompt of 4..12 tokens, on one frontend at a time, the two alternating for `--rounds`
+rounds. Prints generated tokens/s, p50/p99 request latency and the ratio together / alone, and
+checks that both frontends answer every prompt with the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import torch
+from moecluster import Client
+
+
+def moectl(env, *args) -> str:
+    return subprocess.run([sys.executable, "-m", "moecluster.cli.moectl", *args], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def start_frontend(model: Path, controller: str, run: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    ready = run / "frontend-alone.ready"
+    proc = subprocess.Popen([sys.executable, "-m", "moecluster.frontend.server", "--checkpoint", str(model),
+                             "--controller", controller, "--ready-file", str(ready), "--metrics-port", "-1", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ready.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the second frontend did not start")
+        time.sleep(0.1)
+    return proc, json.loads(ready.read_text())["address"]
+
+
+def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens: int, answers: dict) -> dict:
+    latencies, errors = [], []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(n: int):
+        c, i = Client(address, timeout=120), n
+        while time.monotonic() < stop:
+            prompt = prompts[i % len(prompts)]
+            start = time.perf_counter()
+            try:
+                out = c.generate(torch.tensor([prompt]), max_new_tokens=new_tokens)[0, len(prompt):].tolist()
+            except Exception as err:  # noqa: BLE001 - counted
+                with lock:
+                    errors.append(repr(err))
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                answers.setdefault(i % len(prompts), set()).add(tuple(out))
+            i += clients
+
+    with futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return {"latencies": latencies, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per client count, frontend and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="moecluster-bench-") as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "MOECLUSTER_HOME": str(tmp / "home"), "TRANSFORMERS_VERBOSITY": "error"}
+        model = tmp / "model"
+        moectl(env, "model", "create", "--family", "qwen3_moe", "--out", str(model), "--layers", "2", "--hidden", "1024",
+               "--intermediate", "384", "--experts", "64", "--top-k", "8", "--vocab", "512")
+        moectl(env, "up", "--model", str(model), "--workers", "2", "--port", "0", "--detach", "--name", "bench")
+        second = None
+        try:
+            status = json.loads(moectl(env, "status", "--name", "bench", "-o", "json"))
+            second, alone_address = start_frontend(model, status["controller"], tmp, ["--generate-cache-tokens", "0"])
+            addresses = {"together": status["endpoint"], "alone": alone_address}
+            gen = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(0, 512, (4 + i % 9,), generator=gen).tolist() for i in range(64)]
+            for address in addresses.values():  # warm both
+                closed_loop(address, 2, 1.0, prompts, 2, {})
+            results, answers = {}, {}
+            for _ in range(args.rounds):
+                for clients in args.clients:
+                    for name, address in addresses.items():
+                        run = closed_loop(address, clients, args.seconds, prompts, args.new_tokens,
+                                          answers.setdefault(name, {}))
+                        row = results.setdefault((name, clients), {"latencies": [], "errors": [], "seconds": 0.0})
+                        row["latencies"] += run["latencies"]
+                        row["errors"] += run["errors"]
+                        row["seconds"] += args.seconds
+        finally:
+            if second is not None:
+                second.terminate()
+                second.wait(timeout=30)
+            moectl(env, "down", "--name", "bench")
+
+    both = set(answers["together"]) & set(answers["alone"])
+    differing = [p for p in both if answers["together"][p] != answers["alone"][p] or len(answers["together"][p]) != 1]
+    print(f"a local cluster, 2 workers: qwen3_moe H=1024, I=384, E=64, top-8, 2 layers; {args.new_tokens} new tokens "
+          f"a request; {args.rounds} x {args.seconds:.0f} s per row, the two frontends alternating")
+    print(f"{'clients':>7} {'frontend':>9} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'vs alone':>8}")
+    for clients in args.clients:
+        rates = {}
+        for name in ("alone", "together"):
+            row = results[(name, clients)]
+            lat = sorted(row["latencies"])
+            rates[name] = len(lat) * args.new_tokens / row["seconds"]
+            p50, p99 = statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+            print(f"{clients:>7} {name:>9} {rates[name]:>9.1f} {p50:>8.0f} {p99:>8.0f} {len(row['errors']):>6} "
+                  f"{rates[name] / rates['alone']:>7.2f}x")
+    print(f"prompts answered by both: {len(both)}; answered differently (or inconsistently): {len(differing)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Greedy generations of concurrent requests decoded together (transformers' continuous batching).
+
+Each Generate request used to run a decode loop of its own: N clients, N forwards per new
+token, each sending its one token to every worker holding one of its experts. Here every
+request's sequences join one running batch (transformers' `ContinuousBatchingManager`,
+with its paged KV cache), so each step is one forward of every active sequence's next
+token: one RPC per worker per layer for all of them, and a request joins or leaves between
+steps without waiting for the others.
+
+Used for greedy requests that fit the cache, of the families whose attention the paged
+cache takes (DeepSeek's MLA does not: its values are narrower than its keys); a sampled
+request keeps `model.generate` under its seed. The answers are the same tokens as
+`model.generate` (tests/test_equivalence.py checks them against transformers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from concurrent import futures
+
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+BATCHED_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")  # checked equal to generate, token by token
+PAGE_TOKENS = 32
+
+log = logging.getLogger("moecluster.frontend")
+
+
+class GenerationFailed(RuntimeError):
+    """The running batch failed (a forward raised: every copy of an expert lost); its requests with it."""
+
+
+class GenerationBatcher:
+    """`generate(rows, new_tokens)` -> each row followed by its greedy continuation of exactly `new_tokens`
+    tokens, decoded in one running batch with every other request's. `cache_tokens`: the KV cache, in
+    tokens of all sequences at once (a request that cannot fit alone is not taken: `fits`); `step_tokens`:
+    the most tokens one forward computes (prompts are cut into chunks of it)."""
+
+    def __init__(self, model: nn.Module, *, cache_tokens: int = 4096, step_tokens: int = 256):
+        if cache_tokens < PAGE_TOKENS or step_tokens < 1:
+            raise ValueError(f"cache_tokens {cache_tokens} (at least {PAGE_TOKENS}) and step_tokens {step_tokens} "
+                             "(at least 1)")
+        self.model = model
+        self.config = ContinuousBatchingConfig(
+            page_size=PAGE_TOKENS, num_blocks=cache_tokens // PAGE_TOKENS, max_batch_tokens=step_tokens,
+            auto_switch_to_flash=False,  # the model's own attention: the plain Forward path shares the model
+            use_cuda_graph=False, use_async_batching=False)  # each MoE layer's tokens leave for the workers mid-graph
+        self.capacity = (cache_tokens // PAGE_TOKENS) * PAGE_TOKENS
+        self._lock = threading.Lock()
+        self._manager = None
+        self._waiting: dict[str, tuple[futures.Future, object]] = {}  # request id -> (its result, its manager)
+        self._ids = itertools.count()
+        self._closed = False
+        self._collector: threading.Thread | None = None
+
+    def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
+        return prompt_tokens + new_tokens <= self.capacity
+
+    def generate(self, rows: list[list[int]], new_tokens: int, timeout: float) -> list[list[int]]:
+        """GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s."""
+        deadline = time.monotonic() + timeout
+        waiting = []
+        try:
+            with self._lock:
+                manager = self._running()
+                for row in rows:
+                    request_id = f"moe-{next(self._ids)}"
+                    waiting.append((request_id, futures.Future()))
+                    self._waiting[request_id] = (waiting[-1][1], manager)
+            for (request_id, _), row in zip(waiting, rows):
+                if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens, eos_token_id=-1) is None:
+                    raise GenerationFailed("the batched generation loop takes no new requests")
+            out = []
+            for _, future in waiting:
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                if result.error is not None:
+                    raise GenerationFailed(result.error)
+                out.append(list(result.generated_tokens))
+            return out
+        except futures.TimeoutError:
+            raise TimeoutError(f"no generation within {timeout:.0f} s") from None
+        finally:
+            with self._lock:
+                for request_id, _ in waiting:
+                    self._waiting.pop(request_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, manager = True, self._manager
+        if manager is not None and manager.is_running():
+            manager.stop(block=True, timeout=30)
+        if self._collector is not None:
+            self._collector.join(30)
+
+    def _running(self):
+        """The manager (under the lock), started again if its loop died with a failed batch."""
+        if self._closed:
+            raise GenerationFailed("the frontend is stopping")
+        if self._manager is None or not self._manager.is_running():
+            if self._manager is not None:
+                log.warning("the batched generation loop stopped; starting it again")
+            generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+            self._manager = self.model.init_continuous_batching(generation_config=generation,
+                                                                continuous_batching_config=self.config)
+            self._manager.start()
+            if self._collector is None:
+                self._collector = threading.Thread(target=self._collect, name="generation-results", daemon=True)
+                self._collector.start()
+        return self._manager
+
+    def _collect(self) -> None:
+        """Hands each finished result to the request waiting for it; fails those of a loop that died."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                manager = self._manager
+            result = manager.get_result(timeout=0.2)  # at once None once the loop died and its queue is empty
+            if result is not None:
+                if result.is_finished():
+                    with self._lock:
+                        future, _ = self._waiting.get(result.request_id, (None, None))
+                    if future is not None:
+                        _settle(future, result)
+            elif not manager.is_running():
+                error = GenerationFailed(f"the batched generation loop stopped: "
+                                         f"{manager.background_thread_status.fatal_error or 'no reason given'}")
+                with self._lock:
+                    lost = [f for f, m in self._waiting.values() if m is manager and not f.done()]
+                for future in lost:
+                    _settle(future, error)
+                time.sleep(0.05)
+
+
+def _settle(future: futures.Future, outcome) -> None:
+    """A result or an exception, unless the future already has one."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except futures.InvalidStateError:
+        pass

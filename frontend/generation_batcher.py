@@ -80,14 +80,18 @@ class GenerationBatcher:
                 result = future.result(timeout=max(0.0, deadline - time.monotonic()))
                 if result.error is not None:
                     raise GenerationFailed(result.error)
+                if len(result.generated_tokens) != new_tokens:
+                    raise GenerationFailed(f"the batch generated {len(result.generated_tokens)} of {new_tokens} tokens")
                 out.append(list(result.generated_tokens))
             return out
         except futures.TimeoutError:
             raise TimeoutError(f"no generation within {timeout:.0f} s") from None
         finally:
             with self._lock:
-                for request_id, _ in waiting:
+                for request_id, future in waiting:
                     self._waiting.pop(request_id, None)
+                    if not future.done():  # timed out, or a row before it failed: stop computing it
+                        manager.cancel_request(request_id)
 
     def close(self) -> None:
         with self._lock:
@@ -107,7 +111,7 @@ class GenerationBatcher:
             generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
             self._manager = self.model.init_continuous_batching(generation_config=generation,
                                                                 continuous_batching_config=self.config)
-            self._manager.start()
+            _start_as_daemon(self._manager)
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect, name="generation-results", daemon=True)
                 self._collector.start()
@@ -146,3 +150,12 @@ def _settle(future: futures.Future, outcome) -> None:
             future.set_result(outcome)
     except futures.InvalidStateError:
         pass
+
+
+def _start_as_daemon(manager) -> None:
+    """`manager.start()`, but its loop a daemon thread: an idle loop never ends on its own, and a service
+    left unclosed must not keep its process from exiting (transformers 5.23's start(), pinned)."""
+    manager.background_thread_status.clear()
+    manager._generation_thread = threading.Thread(target=manager._run_generation_loop, name="generation-loop",
+                                                  daemon=True)
+    manager._generation_thread.start()

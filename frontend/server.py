@@ -128,6 +128,11 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             num_experts=g.num_experts, top_k=g.top_k, epoch=table.epoch, workers=workers,
             requests=requests, failed=failed, device=str(self.device))
 
+    def close(self) -> None:
+        """Stops the batched generation loop (requests still in it fail)."""
+        if self.generations:
+            self.generations.close()
+
     # -- helpers -----------------------------------------------------------
 
     def _input_ids(self, message) -> torch.Tensor:
@@ -191,8 +196,7 @@ class FrontendServer:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.watcher.stop()
         self.server.stop(grace).wait()
-        if self.service.generations:
-            self.service.generations.close()
+        self.service.close()
         self.dispatcher.close()
 
     def render_metrics(self) -> str:

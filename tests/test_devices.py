@@ -112,6 +112,7 @@ def test_a_frontend_on_its_device_answers_and_generates_like_transformers(checkp
                                            None).sequences)
             assert service.Info(frontend_pb2.InfoRequest(), None).device == device
         finally:
+            service.close()
             dispatcher.close()
     error = (logits - expected).abs().max().item()
     assert logits.device.type == "cpu" and error <= 1e-4, f"{family}: max abs error {error:.3g}"

@@ -98,7 +98,7 @@ def test_a_frontend_decodes_alone_what_the_batch_does_not_take(checkpoints):
             assert decode(service.Generate(short, None).sequences)[0, 2:].tolist() == alone(reference, [1, 2], 3)
             assert service.generations._manager is not None
         finally:
-            service.generations.close()
+            service.close()
     with one_worker(checkpoints["deepseek_v3"]) as (model, dispatcher, reference, worker):
         service = FrontendService(Checkpoint(checkpoints["deepseek_v3"]), dispatcher)
         assert service.generations is None  # MLA: the paged cache cannot hold it
@@ -112,6 +112,9 @@ def test_a_batch_that_lost_its_expert_fails_its_requests_and_the_next_batch_runs
         try:
             assert batcher.generate([[1, 2, 3]], 4, timeout=TIMEOUT_S) == [alone(reference, [1, 2, 3], 4)]
             first = batcher._manager
+            with pytest.raises(TimeoutError, match="no generation within"):  # given up on: cancelled in the batch
+                batcher.generate([[7, 8, 9]], 64, timeout=0.01)
+            assert batcher.generate([[1, 2, 3]], 4, timeout=TIMEOUT_S) == [alone(reference, [1, 2, 3], 4)]
             good = dispatcher.table
             placement = good.replicas
             dispatcher.update(RoutingTable(good.epoch + 1, {"w": "127.0.0.1:1"}, placement))  # nobody listens there

@@ -6,8 +6,9 @@
 running batch (the default); a second frontend on the same controller and workers decodes each
 request alone (`--generate-cache-tokens 0`). N clients in a closed loop each ask for `--new-tokens`
 tokens after a prompt of 4..12 tokens, on one frontend at a time, the two alternating for `--rounds`
-rounds. Prints generated tokens/s, p50/p99 request latency and the ratio together / alone, and
-checks that both frontends answer every prompt with the same tokens.
+rounds. Prints generated tokens/s, p50/p99 request latency and the ratio together / alone, whether
+both frontends answer every prompt with the same tokens, and the prompts whose batched tokens differ
+from transformers' own `generate` (with whether its full forward of the prefix agrees with the batch).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-import torch
-from moecluster import Client
+# bench/kernels.py would shadow the optional `kernels` package transformers probes for.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+from moecluster import Client  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def moectl(env, *args) -> str:
@@ -72,6 +77,25 @@ def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens:
     return {"latencies": latencies, "errors": errors}
 
 
+def against_transformers(reference, prompts, answered: dict, new_tokens: int) -> list[tuple]:
+    """Prompts whose batched tokens differ from transformers' `generate` of that prompt alone, each with the
+    first differing position and whether transformers' full forward of the prefix picks the batched token."""
+    differ = []
+    for i, outs in sorted(answered.items()):
+        prompt = torch.tensor([prompts[i]])
+        with torch.no_grad():
+            theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
+        for ours in outs:
+            if list(ours) != theirs.tolist():
+                at = next(k for k in range(new_tokens) if ours[k] != theirs[k])
+                prefix = torch.tensor([prompts[i] + list(ours[:at])])
+                with torch.no_grad():
+                    picked = int(reference(input_ids=prefix).logits[0, -1].argmax())
+                differ.append((i, at, ours[at], int(theirs[at]), picked == ours[at]))
+    return differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -111,6 +135,8 @@ def main() -> None:
                 second.wait(timeout=30)
             moectl(env, "down", "--name", "bench")
 
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        near_ties = against_transformers(reference, prompts, answers["together"], args.new_tokens)
     both = set(answers["together"]) & set(answers["alone"])
     differing = [p for p in both if answers["together"][p] != answers["alone"][p] or len(answers["together"][p]) != 1]
     print(f"a local cluster, 2 workers: qwen3_moe H=1024, I=384, E=64, top-8, 2 layers; {args.new_tokens} new tokens "
@@ -126,6 +152,11 @@ def main() -> None:
             print(f"{clients:>7} {name:>9} {rates[name]:>9.1f} {p50:>8.0f} {p99:>8.0f} {len(row['errors']):>6} "
                   f"{rates[name] / rates['alone']:>7.2f}x")
     print(f"prompts answered by both: {len(both)}; answered differently (or inconsistently): {len(differing)}")
+    print(f"decoded together vs transformers' generate of each prompt alone: {len(near_ties)} of "
+          f"{len(answers['together'])} prompts differ")
+    for prompt, position, ours, theirs, agrees in near_ties:
+        print(f"  prompt {prompt}, new token {position}: {ours} here, {theirs} by generate; transformers' full forward "
+              f"of the prefix picks {'ours' if agrees else 'neither'} (a router near-tie: rounding flips an expert)")
 
 
 if __name__ == "__main__":

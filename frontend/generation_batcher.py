@@ -108,7 +108,11 @@ class GenerationBatcher:
         if self._manager is None or not self._manager.is_running():
             if self._manager is not None:
                 log.warning("the batched generation loop stopped; starting it again")
-            generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+            # Exactly the tokens asked for, the end-of-sequence token never among them: what `generate` does with
+            # min_new_tokens = max_new_tokens (a processor continuous batching lacks: its tokens are suppressed here)
+            eos = self.model.generation_config.eos_token_id
+            never = [eos] if isinstance(eos, int) else list(eos or [])
+            generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, suppress_tokens=never or None)
             self._manager = self.model.init_continuous_batching(generation_config=generation,
                                                                 continuous_batching_config=self.config)
             _start_as_daemon(self._manager)

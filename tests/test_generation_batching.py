@@ -79,6 +79,20 @@ def test_generations_decoded_together_equal_each_decoded_alone_by_transformers(c
     assert served < one_by_one / 2, f"{served} worker requests for {one_by_one} one by one: not decoded together"
 
 
+def test_the_end_of_sequence_token_is_never_generated_as_generate_with_min_new_tokens_does(checkpoints):
+    prompt = [6, 19, 60, 44, 63, 69]
+    with one_worker(checkpoints["qwen3_moe"]) as (model, dispatcher, reference, worker):
+        with torch.no_grad():
+            eos = int(reference(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())  # the token it would pick
+        reference.generation_config.eos_token_id = model.generation_config.eos_token_id = eos
+        batcher = GenerationBatcher(model, cache_tokens=256)
+        try:
+            [tokens] = batcher.generate([prompt], 6, timeout=TIMEOUT_S)
+        finally:
+            batcher.close()
+    assert tokens == alone(reference, prompt, 6) and eos not in tokens
+
+
 def test_a_frontend_decodes_alone_what_the_batch_does_not_take(checkpoints):
     with one_worker(checkpoints["qwen3_moe"]) as (model, dispatcher, reference, worker):
         service = FrontendService(Checkpoint(checkpoints["qwen3_moe"]), dispatcher, generate_cache_tokens=64)

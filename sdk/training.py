@@ -153,30 +153,27 @@ class TrainingSession:
         `resume_from` takes it."""
         if self.gate.in_step:
             raise TrainingError("save() between steps: after ExpertOptimizer.step(), before the next forward")
-        saved: tuple[str, str] = ("", "")  # (folder, error): in a group the leader saves for all
-        if self.group.leader:
-            try:
-                saved = (self._save(model, optimizer, directory), "")
-            except TrainingError as err:
-                saved = ("", str(err))
-        folder, error = self.group.from_leader(saved)
-        if error:
-            raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
-        return Path(folder)
+        return Path(self._on_the_leader(lambda: self._save(model, optimizer, directory)))  # it saves for all
 
     def check_save_dir(self, directory: str | Path = "") -> None:
         """TrainingError unless DIRECTORY (default the cluster's snapshot directory) is a directory every worker
         can write into: found out before the first step, not at the first save. Collective, as `save`."""
-        error = ""
+        self._on_the_leader(lambda: self._call_controller(
+            "Snapshot", controller_pb2.SnapshotRequest(directory=_absolute(directory), check_only=True)))
+
+    def _on_the_leader(self, call: Callable[[], str]) -> str:
+        """`call()` on the group's first trainer (the group's only one to the controller); its result, or the
+        TrainingError it raised, on every trainer of the group."""
+        outcome = ("", "")  # (result, error)
         if self.group.leader:
             try:
-                self._call_controller("Snapshot", controller_pb2.SnapshotRequest(directory=_absolute(directory),
-                                                                                 check_only=True))
+                outcome = (call(), "")
             except TrainingError as err:
-                error = str(err)
-        error = self.group.from_leader(error)
+                outcome = ("", str(err))
+        result, error = self.group.from_leader(outcome)
         if error:
             raise TrainingError(error if self.group.leader else f"the group's first trainer: {error}")
+        return result
 
     def save_what_survives(self, model: nn.Module, optimizer: "ExpertOptimizer", directory: str | Path = "") -> Path | None:
         """After the group broke (TrainerGroupBroken: a member died), the leader saves on its own, if the pool

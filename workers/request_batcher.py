@@ -13,7 +13,7 @@ Long-lived compute threads, not the request threads taking turns: torch's CPU ke
 keep a pool of OpenMP/MKL threads per calling thread, and calls that hop between callers
 ran at half speed here (7.7 -> 14 ms for the same call). Two, not one: while one computes,
 the other runs its call's Python and copies (on a GPU: launches behind the first's kernels);
-with one, 4 clients on 2 cores got 0.8x the requests/s of no batching, with two 1.17x.
+with one, 4 clients on 2 cores got 0.85x the requests/s of no batching, with two 1.10x (bench/batching.py).
 """
 
 from __future__ import annotations

@@ -148,10 +148,11 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
             outcomes = forward_together(snapshot, requests, self.epoch, device=self.store.device,
                                         dtype=self.store.dtype, check=check_version if step else None)
         seconds = time.perf_counter() - start
-        answered = [inputs for inputs, out in zip(requests, outcomes) if not isinstance(out, RequestError)]
-        total = max(sum(int((inputs.top_k_index >= 0).sum()) for inputs in answered), 1)
-        for inputs in answered:  # the call's time shared by assignments
-            self._record(layer, inputs.top_k_index, seconds * int((inputs.top_k_index >= 0).sum()) / total)
+        answered = {i: int((r.top_k_index >= 0).sum()) for i, (r, out) in enumerate(zip(requests, outcomes))
+                    if not isinstance(out, RequestError)}  # request -> its assignments
+        total = max(sum(answered.values()), 1)
+        for i, assignments in answered.items():  # the call's time shared by assignments
+            self._record(layer, requests[i].top_k_index, seconds * assignments / total)
         return outcomes
 
     def _record(self, layer: int, top_k_index: torch.Tensor, seconds: float) -> None:

@@ -225,13 +225,6 @@ class ExpertStore:
             self._state_ids[(layer, expert)] = next(self._next_state_id)
             self._publish(layer)
 
-    def set_version(self, layer: int, expert: int, version: int) -> None:
-        with self._lock:
-            if (layer, expert) not in self._versions:
-                raise KeyError((layer, expert))
-            self._versions[(layer, expert)] = version
-            self._state_ids[(layer, expert)] = next(self._next_state_id)
-
     def drop(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Drops held experts; returns those dropped (others are ignored: dropping is idempotent)."""
         with self._lock:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moecluster.controller.spec import ClusterSpec
+from moecluster.controller.spec import ClusterSpec, as_flags
 
 GROUP, VERSION, PLURAL, KIND = "moecluster.io", "v1alpha1", "moeclusters", "MoECluster"
 WORKER_PORT, BULK_PORT, FRONTEND_PORT, METRICS_PORT = 50061, 50062, 50051, 9090
@@ -70,6 +70,9 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         colocate=bool(spec.get("colocate", False)),
         rebalance_above=spec.get("rebalanceAbove", 1.3),
         rebalance_min_load=spec.get("rebalanceMinLoad", 50.0),
+        worker_batch_tokens=worker.get("batchTokens"),
+        worker_compute_threads=worker.get("computeThreads"),
+        generate_cache_tokens=(spec.get("frontend") or {}).get("generateCacheTokens"),
     )
 
 
@@ -202,7 +205,8 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
     args = ["--checkpoint", resource.spec["model"]["path"], "--experts", "", "--worker-id", worker_id,
             "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--bulk-port", str(BULK_PORT),
             "--metrics-port", str(METRICS_PORT), "--threads", str(worker.get("threads", 0)),
-            "--dtype", worker.get("dtype", "float32"), "--device", pod_device(worker), "--grace", "5"]
+            "--dtype", worker.get("dtype", "float32"), "--device", pod_device(worker), "--grace", "5",
+            *as_flags(cluster_spec(resource).worker_settings())]
     container = _container(resource, "worker", "moecluster.workers.server", args, worker, default_image,
                            {"grpc": WORKER_PORT, "bulk": BULK_PORT, "metrics": METRICS_PORT})
     return {
@@ -230,7 +234,8 @@ def frontend_deployment(resource: Resource, controller_address: str, default_ima
     args = ["--checkpoint", resource.spec["model"]["path"], "--controller", controller_address,
             # 127.0.0.1 too: `kubectl port-forward` connects to the pod's loopback.
             "--cluster", resource.key, "--frontend-id", "$(POD_NAME)", "--host", "$(POD_IP),127.0.0.1",
-            "--port", str(FRONTEND_PORT), "--metrics-port", str(METRICS_PORT), "--device", pod_device(frontend)]
+            "--port", str(FRONTEND_PORT), "--metrics-port", str(METRICS_PORT), "--device", pod_device(frontend),
+            *as_flags(cluster_spec(resource).frontend_settings())]
     container = _container(resource, "frontend", "moecluster.frontend.server", args, frontend, default_image,
                            {"grpc": FRONTEND_PORT, "metrics": METRICS_PORT})
     return {

@@ -21,7 +21,7 @@ from moecluster.backends import cluster_record
 from moecluster.backends.local_supervisor import RECORD as SUPERVISOR_RECORD
 from moecluster.backends.local_supervisor import start_supervisor
 from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
-from moecluster.controller.spec import ClusterSpec
+from moecluster.controller.spec import GENERATE_PAGE_TOKENS, ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc
@@ -130,9 +130,12 @@ class LocalCluster:
            backend: str = "local",
            ray_address: str | None = None, serve_grpc_port: int | None = None, standby: int = 0,
            worker_device: str = "cpu", frontend_device: str = "cpu", colocate: bool = False,
-           rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0) -> dict:
+           rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0,
+           worker_batch_tokens: int | None = None, worker_compute_threads: int | None = None,
+           generate_cache_tokens: int | None = None) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
-        it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine)."""
+        it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine).
+        The serving settings left None are the processes' defaults (ClusterSpec says what each does)."""
         if backend not in ("local", "ray"):
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
         if serve_grpc_port and backend != "ray":
@@ -155,6 +158,14 @@ class LocalCluster:
                                f"--replicas copies, hot ones up to --max-replicas")
         if not 1 <= replicas <= workers:
             raise ClusterError(f"--replicas must be between 1 and --workers ({workers}), got {replicas}")
+        if worker_batch_tokens is not None and worker_batch_tokens < 0:
+            raise ClusterError(f"--worker-batch-tokens is tokens a call, at least 0 (0: each request alone); "
+                               f"got {worker_batch_tokens}")
+        if worker_compute_threads is not None and worker_compute_threads < 1:
+            raise ClusterError(f"--worker-compute-threads must be at least 1, got {worker_compute_threads}")
+        if generate_cache_tokens is not None and generate_cache_tokens != 0 and generate_cache_tokens < GENERATE_PAGE_TOKENS:
+            raise ClusterError(f"--generate-cache-tokens must be 0 (each generation alone) or at least one "
+                               f"{GENERATE_PAGE_TOKENS}-token page; got {generate_cache_tokens}")
         if port and not port_free(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
         if backend == "local":  # Ray actors check theirs on the node they land on
@@ -173,7 +184,9 @@ class LocalCluster:
                            snapshot_keep=snapshot_keep,
                            serve_grpc_port=serve_grpc_port, standby_workers=standby, worker_device=worker_device,
                            frontend_device=frontend_device, colocate=colocate, rebalance_above=rebalance_above,
-                           max_replicas=max_replicas, rebalance_min_load=rebalance_min_load)
+                           max_replicas=max_replicas, rebalance_min_load=rebalance_min_load,
+                           worker_batch_tokens=worker_batch_tokens, worker_compute_threads=worker_compute_threads,
+                           generate_cache_tokens=generate_cache_tokens)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))

@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 class LocalActuator:
     def __init__(self, cluster_dir: Path, model: str, *, frontend_port: int, worker_threads: int = 1,
-                 grace: float = 5.0, worker_device: str = "cpu", frontend_device: str = "cpu"):
+                 grace: float = 5.0, worker_device: str = "cpu", frontend_device: str = "cpu",
+                 worker_flags: list[str] | None = None, frontend_flags: list[str] | None = None):
+        """`worker_flags`, `frontend_flags`: more flags for those processes (the spec's serving settings)."""
         self.dir = Path(cluster_dir)
         self.worker_device, self.frontend_device = worker_device, frontend_device
+        self.worker_flags, self.frontend_flags = list(worker_flags or ()), list(frontend_flags or ())
         self.model = model
         self.frontend_port = frontend_port
         self.worker_threads = worker_threads
@@ -46,7 +49,8 @@ class LocalActuator:
             stop(record, self.grace)  # half-started by a controller that died: start it afresh
         index = ["--index", str(self.dir / "index.json")] if (self.dir / "index.json").is_file() else []
         args = ["--checkpoint", self.model, *index, "--experts", "", "--worker-id", worker_id,
-                "--threads", str(self.worker_threads), "--device", self.worker_device, "--grace", str(self.grace)]
+                "--threads", str(self.worker_threads), "--device", self.worker_device, "--grace", str(self.grace),
+                *self.worker_flags]
         launcher = self._zygote_launcher(timeout) if os.environ.get("MOECLUSTER_ZYGOTE", "1") != "0" else None
         try:
             record = spawn(worker_id, "moecluster.workers.server", args, self.dir / "run", self.dir / "logs", timeout,
@@ -101,7 +105,7 @@ class LocalActuator:
                 return WorkerHandle("frontend", record.address, record.pid)
             stop(record, self.grace)
         args = ["--checkpoint", self.model, "--controller", controller_address, "--port", str(self.frontend_port),
-                "--device", self.frontend_device]
+                "--device", self.frontend_device, *self.frontend_flags]
         record = spawn("frontend", "moecluster.frontend.server", args,
                        self.dir / "run", self.dir / "logs", timeout, record_at=path)
         if not self.frontend_port:  # `up --port 0`: the first frontend took a free port; later ones keep it

@@ -23,7 +23,7 @@ from moecluster.backends.local_actuator import LocalActuator
 from moecluster.backends.local_supervisor import watch_supervisor
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
-from moecluster.controller.spec import ClusterSpec
+from moecluster.controller.spec import ClusterSpec, as_flags
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.prometheus import serve_metrics
 from moecluster.observability.tracing import configure_tracing
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
     actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
                              worker_threads=cluster.get("worker_threads", 1), worker_device=spec.worker_device,
-                             frontend_device=spec.frontend_device)
+                             frontend_device=spec.frontend_device, worker_flags=as_flags(spec.worker_settings()),
+                             frontend_flags=as_flags(spec.frontend_settings()))
 
     def save_spec(new: ClusterSpec) -> None:
         tmp = spec_path.with_suffix(".tmp")

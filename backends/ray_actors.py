@@ -32,7 +32,9 @@ def node_host() -> str:
 class WorkerActor:
     """One expert worker: `moecluster.workers.server.WorkerServer` on this node."""
 
-    def __init__(self, index_json: str, worker_id: str, threads: int, device: str = "cpu"):
+    def __init__(self, index_json: str, worker_id: str, threads: int, device: str = "cpu",
+                 settings: dict[str, int] | None = None):
+        """`settings`: the spec's serving keywords for WorkerServer (ClusterSpec.worker_settings)."""
         import torch
         from moecluster.models.checkpoint import Checkpoint
         from moecluster.workers.server import WorkerServer
@@ -42,7 +44,7 @@ class WorkerActor:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             f.write(index_json)  # the controller's checkpoint index: no transformers import here
         self.server = WorkerServer(Checkpoint.from_index(f.name), [], host=node_host(), worker_id=worker_id,
-                                   device=device).start()
+                                   device=device, **(settings or {})).start()
         os.unlink(f.name)
 
     def info(self) -> tuple[str, int]:

@@ -33,6 +33,7 @@ class RayActuator:
         self.grace = grace
         self.serve_grpc_port = spec.serve_grpc_port
         self.worker_device, self.frontend_device = spec.worker_device, spec.frontend_device
+        self.worker_settings, self.frontend_settings = spec.worker_settings(), spec.frontend_settings()
         self.resources = {"num_cpus": spec.worker_num_cpus, "num_gpus": spec.worker_num_gpus,
                           "resources": dict(spec.worker_resources)}
 
@@ -61,7 +62,7 @@ class RayActuator:
             return handle
         actor = WorkerActor.options(name=f"{self.name}/{worker_id}", namespace=NAMESPACE, lifetime="detached",
                                     **self.resources).remote(self.index_json, worker_id, self.worker_threads,
-                                                             self.worker_device)
+                                                             self.worker_device, self.worker_settings)
         try:
             address, pid = ray.get(actor.info.remote(), timeout=timeout)
         except ACTOR_ERRORS:
@@ -92,7 +93,8 @@ class RayActuator:
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:
         """The Serve application (idempotent: serve.run updates it in place); its HTTP address."""
         url = ray_serve.start(self.name, self.model, controller_address, http_port=self.frontend_port,
-                              grpc_port=self.serve_grpc_port, device=self.frontend_device)
+                              grpc_port=self.serve_grpc_port, device=self.frontend_device,
+                              settings=self.frontend_settings)
         return WorkerHandle("frontend", url, 0)
 
     def frontend_alive(self) -> bool:

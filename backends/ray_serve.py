@@ -41,7 +41,9 @@ class _Context:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class MoEFrontend:
-    def __init__(self, model: str, controller: str, name: str, device: str = "cpu"):
+    def __init__(self, model: str, controller: str, name: str, device: str = "cpu",
+                 settings: dict[str, int] | None = None):
+        """`settings`: the spec's serving keywords for FrontendService (ClusterSpec.frontend_settings)."""
         from moecluster.frontend.dispatcher import Dispatcher
         from moecluster.frontend.routing import RoutingTable
         from moecluster.frontend.server import FrontendService
@@ -50,7 +52,8 @@ class MoEFrontend:
 
         checkpoint = Checkpoint(model)
         self.dispatcher = Dispatcher(RoutingTable(0, {}))
-        self.service = FrontendService(checkpoint, self.dispatcher, controller=controller, device=device)
+        self.service = FrontendService(checkpoint, self.dispatcher, controller=controller, device=device,
+                                       **(settings or {}))
         self.watcher = TableWatcher(controller, self.dispatcher, f"serve-{name}-{uuid.uuid4().hex[:8]}")
         self.watcher.start()
         if not self.watcher.first_table.wait(60):
@@ -87,7 +90,8 @@ class MoEFrontend:
 
 
 def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: int | None = None,
-          min_replicas: int = 1, max_replicas: int = 4, device: str = "cpu") -> str:
+          min_replicas: int = 1, max_replicas: int = 4, device: str = "cpu",
+          settings: dict[str, int] | None = None) -> str:
     """Runs the application (Serve itself started on 127.0.0.1:http_port if it is not running; one
     Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address.
     A `device` cuda or cuda:N gives each replica a GPU from Ray (which makes it that replica's cuda:0)."""
@@ -103,7 +107,7 @@ def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: 
     app = MoEFrontend.options(autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4,
     }, ray_actor_options={"num_cpus": 0, "num_gpus": 1 if on_gpu else 0}).bind(
-        model, controller, name, "cuda" if on_gpu else device)
+        model, controller, name, "cuda" if on_gpu else device, settings)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     return f"http://{http.host}:{http.port}/{name}"
 
@@ -114,10 +118,13 @@ def stop(name: str) -> None:
 
 def app_builder(args: dict):
     """For `serve deploy` / `serve run` config files: `import_path: moecluster.backends.ray_serve:app_builder`,
-    `args: {model: DIR, controller: HOST:PORT, name: NAME, device: cpu|cuda|auto}` (the controller `moectl up
-    --backend ray` started; with device cuda give the deployment `ray_actor_options: {num_gpus: 1}`)."""
+    `args: {model: DIR, controller: HOST:PORT, name: NAME, device: cpu|cuda|auto, generate_cache_tokens: N}` (the
+    controller `moectl up --backend ray` started; with device cuda give the deployment `ray_actor_options:
+    {num_gpus: 1}`)."""
     missing = [k for k in ("model", "controller") if k not in args]
     if missing:
         raise ValueError(f"moecluster Serve application: args lack {missing}; give model (checkpoint folder) and "
                          "controller (host:port, from `moectl status -o json`)")
-    return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"), args.get("device", "cpu"))
+    settings = {"generate_cache_tokens": int(args["generate_cache_tokens"])} if "generate_cache_tokens" in args else {}
+    return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"), args.get("device", "cpu"),
+                            settings)

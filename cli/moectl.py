@@ -64,7 +64,9 @@ def cmd_up(args) -> int:
                         standby=args.standby, worker_device=args.worker_device,
                         frontend_device=args.frontend_device, colocate=args.colocate,
                         rebalance_above=args.rebalance_above, max_replicas=args.max_replicas,
-                        rebalance_min_load=args.rebalance_min_load)
+                        rebalance_min_load=args.rebalance_min_load, worker_batch_tokens=args.worker_batch_tokens,
+                        worker_compute_threads=args.worker_compute_threads,
+                        generate_cache_tokens=args.generate_cache_tokens)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -305,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--frontend-device", default="cpu",
                     help="where the frontend runs the dense model (embeddings, attention, router): cpu (default), cuda, "
                          "cuda:N, or auto")
+    up.add_argument("--worker-batch-tokens", type=int, metavar="N",
+                    help="a worker computes the inference requests for a layer that arrive while it computes as one "
+                    "kernel call of up to N tokens (default 2048); 0: each request alone, its answer independent of "
+                    "its company's (batched answers differ by float rounding)")
+    up.add_argument("--worker-compute-threads", type=int, metavar="N",
+                    help="threads a worker computes those calls on (default 2: one computes while the other prepares)")
+    up.add_argument("--generate-cache-tokens", type=int, metavar="N",
+                    help="the frontend decodes greedy generations together in one running batch with a KV cache of N "
+                    "tokens of all their sequences (default 4096; larger on a GPU); 0: each generation alone")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
     up.add_argument("--backend", choices=["local", "ray"], default="local",

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+GENERATE_PAGE_TOKENS = 32  # frontend/generation_batcher.py's KV cache page (that module imports transformers)
 DRAINED_KEPT = 16  # drained workers that are gone still named, so that a drain asked again finds its own
 
 
@@ -35,6 +36,14 @@ class ClusterSpec(BaseModel):
     frontend_device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                                  description="where frontends run the dense model (embeddings, attention, router): "
                                  "cpu, cuda, cuda:N, or auto")
+    worker_batch_tokens: int | None = Field(None, ge=0, description="a worker computes the inference requests for a "
+                                            "layer that arrive while it computes as one kernel call of up to this "
+                                            "many tokens; 0: each request alone (unset: the worker's default, 2048)")
+    worker_compute_threads: int | None = Field(None, ge=1, description="threads a worker computes those calls on "
+                                               "(unset: the worker's default, 2)")
+    generate_cache_tokens: int | None = Field(None, ge=0, description="frontends decode greedy generations together "
+                                              "in one running batch with a KV cache of this many tokens; 0: each "
+                                              "request alone (unset: the frontend's default, 4096)")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
     serve_grpc_port: int | None = Field(None, ge=1, le=65535, description="Ray backend: also serve the frontend "
                                         "through Serve's gRPC proxy on this port (Ray binds it on every interface)")
@@ -56,9 +65,20 @@ class ClusterSpec(BaseModel):
                              "copies of one expert live on distinct workers")
         if self.snapshot_every_s is not None and not self.snapshot_dir:
             raise ValueError("snapshot_every_s needs snapshot_dir: the folder periodic snapshots go to")
+        if self.generate_cache_tokens and self.generate_cache_tokens < GENERATE_PAGE_TOKENS:
+            raise ValueError(f"generate_cache_tokens ({self.generate_cache_tokens}) is below one page of the KV cache "
+                             f"({GENERATE_PAGE_TOKENS} tokens); 0 decodes each generation alone")
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         return self
+
+    def worker_settings(self) -> dict[str, int]:
+        """What this spec sets of a worker's serving, as WorkerServer's keywords (unset: the worker's defaults)."""
+        return _set({"batch_tokens": self.worker_batch_tokens, "compute_threads": self.worker_compute_threads})
+
+    def frontend_settings(self) -> dict[str, int]:
+        """What this spec sets of a frontend's serving, as FrontendServer's keywords."""
+        return _set({"generate_cache_tokens": self.generate_cache_tokens})
 
     def capacity_for(self, num_experts: int, workers: int | None = None) -> int:
         """Experts per worker: the spec's, or 1.5x an even share of num_experts * min_replicas (room for hot copies)."""
@@ -75,3 +95,12 @@ class ClusterSpec(BaseModel):
         while len(names) > DRAINED_KEPT and (gone := next((w for w in names if w not in present), None)):
             names.remove(gone)
         return self.model_copy(update={"workers": self.workers - shrink, "drained": tuple(names)})
+
+
+def as_flags(settings: dict[str, int]) -> list[str]:
+    """Keywords as the process's command-line flags: {"batch_tokens": 0} -> ["--batch-tokens", "0"]."""
+    return [part for key, value in settings.items() for part in ("--" + key.replace("_", "-"), str(value))]
+
+
+def _set(values: dict[str, int | None]) -> dict[str, int]:
+    return {key: value for key, value in values.items() if value is not None}

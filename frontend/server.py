@@ -103,7 +103,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return frontend_pb2.InfoResponse(
             model=self.model_name, family=self.checkpoint.config.model_type, vocab_size=self.vocab,
             num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
-            controller=self.controller, device=str(self.device))
+            controller=self.controller, device=str(self.device),
+            generate_cache_tokens=self.generations.capacity if self.generations else 0)
 
     def Status(self, request, context):
         table = self.dispatcher.table

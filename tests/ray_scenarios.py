@@ -23,11 +23,13 @@ import time
 import traceback
 from pathlib import Path
 
+import grpc
 import ray
 import torch
 from moecluster.backends.local import LocalCluster, free_port
 from moecluster.backends.processes import spawn, stop
 from moecluster.cli.train import train
+from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
 from transformers import AutoModelForCausalLM
@@ -62,6 +64,11 @@ def wait_for(check, seconds: float) -> float | None:
     return None
 
 
+def worker_stats(address: str):
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+
+
 def load(c: LocalCluster, batch, logits):
     return ClosedLoopLoad(c.status()["endpoint"], batch, logits, clients=2, max_seconds=240)
 
@@ -84,15 +91,22 @@ def run(args) -> dict:
             batch, logits = expected(path)
             started = time.monotonic()
             c = LocalCluster(family.replace("_", "-"))
+            # the second cluster's actors and Serve replicas take the spec's serving settings
+            settings = {"worker_batch_tokens": 0, "generate_cache_tokens": 64} if family == "mixtral" else {}
             c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port,
-                 snapshot_dir=root / "snaps" if family == "qwen3_moe" else None)
+                 snapshot_dir=root / "snaps" if family == "qwen3_moe" else None, **settings)
             clusters.append(c)
-            got = Client(c.status()["endpoint"], timeout=60).forward(batch)
+            client = Client(c.status()["endpoint"], timeout=60)
+            got = client.forward(batch)
             # the same application through Serve's gRPC proxy (it serves both: the metadata picks one)
             by_grpc = Client(f"127.0.0.1:{grpc_port}", timeout=60, application=c.name).forward(batch)
+            stats = [worker_stats(w["address"]) for w in serving(c.status())]
             out[f"equal/{family}"] = {"max_err": float((got - logits).abs().max()), "up_s": time.monotonic() - started,
                                       "grpc_max_err": float((by_grpc - logits).abs().max()),
-                                      "endpoint": c.status()["endpoint"]}
+                                      "endpoint": c.status()["endpoint"],
+                                      "generate_cache_tokens": client.info().generate_cache_tokens,
+                                      "worker_requests": sum(s.requests for s in stats),
+                                      "worker_forward_batches": sum(s.forward_batches for s in stats)}
 
         c = clusters[0]
         batch, logits = expected(args.qwen3)

@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import yaml
 from moecluster import Client
 from moecluster.cli.moectl import build_parser
+from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import MoEClusterError
 from transformers import AutoModelForCausalLM
 
@@ -126,20 +128,28 @@ def test_answers_and_generation_match_transformers_and_survive_a_kill(tmp_path, 
         moectl(env, "down", "--name", "kills")
 
 
-def test_named_clusters_side_by_side(env, checkpoints):
+def test_named_clusters_side_by_side_each_with_its_serving_settings(env, checkpoints):
+    """Two clusters at once; the first sets what its workers batch and its frontend's generation cache, the
+    second keeps the defaults, and each process serves as its own cluster's `up` said."""
     ports = [free_port(), free_port()]
-    for name, port, family in zip(["one", "two"], ports, ["olmoe", "qwen2_moe"]):
+    settings = [["--worker-batch-tokens", "0", "--worker-compute-threads", "1", "--generate-cache-tokens", "64"], []]
+    for name, port, family, extra in zip(["one", "two"], ports, ["olmoe", "qwen2_moe"], settings):
         moectl(env, "up", "--model", str(checkpoints[family]), "--workers", "1", "--port", str(port), "--detach",
-               "--name", name)
+               "--name", name, *extra)
     try:
         listing = moectl(env, "list").stdout
         assert "one" in listing and "two" in listing
         for port in ports:
             with Client(f"127.0.0.1:{port}") as client:
                 assert client.forward(torch.tensor([[3, 4]])).shape == (1, 2, 128)
+                assert client.generate(torch.tensor([[3, 4]]), max_new_tokens=3).shape == (1, 5)
         statuses = [Client(f"127.0.0.1:{p}").status() for p in ports]
         assert {s.family for s in statuses} == {"olmoe", "qwen2_moe"}
         assert [w.device for s in statuses for w in s.workers] == ["cpu", "cpu"]  # what the SDK reports
+        assert [Client(f"127.0.0.1:{p}").info().generate_cache_tokens for p in ports] == [64, 4096]
+        stats = [worker_stats(s.workers[0].address) for s in statuses]
+        assert all(s.requests >= 4 for s in stats), stats  # the forward's and the generation's, each layer
+        assert [s.forward_batches > 0 for s in stats] == [False, True], "batching off on the first cluster only"
     finally:
         down = moectl(env, "down", "--all")
     assert down.stdout.count("stopped 5 processes") == 2  # supervisor, controller, frontend, a worker, the zygote
@@ -177,6 +187,9 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--rebalance-min-load", "-1"], "--rebalance-min-load is tokens/s"),
     (["up", "--model", "{model}", "--replicas", "2", "--max-replicas", "1"], "--max-replicas (1) is below --replicas"),
     (["up", "--model", "{model}", "--port", "{busy}"], "is in use"),
+    (["up", "--model", "{model}", "--worker-batch-tokens", "-1"], "--worker-batch-tokens is tokens a call, at least 0"),
+    (["up", "--model", "{model}", "--worker-compute-threads", "0"], "--worker-compute-threads must be at least 1"),
+    (["up", "--model", "{model}", "--generate-cache-tokens", "10"], "at least one 32-token page; got 10"),
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
     (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),
     (["up", "--model", "{model}", "--worker-device", "cuda:99"], "--worker-device cuda:99: "),  # no GPU, or too few
@@ -377,3 +390,8 @@ def test_large_logits_stream_back_in_chunks(env, tmp_path):
             assert (logits - reference(batch).logits).abs().max() <= 1e-4
     finally:
         moectl(env, "down", "--name", "wide")
+
+
+def worker_stats(address: str):
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)

@@ -97,6 +97,27 @@ def test_a_frontend_that_asks_for_a_gpu_runs_the_dense_model_on_it_unless_told_o
         r.cluster_spec(resource(frontend={"device": "tpu"}))
 
 
+def test_serving_settings_reach_the_worker_and_frontend_processes_only_when_set():
+    def args(res):
+        worker = r.worker_pod(res, "worker-0", default_image="img")["spec"]["containers"][0]["args"]
+        frontend = r.frontend_deployment(res, "op:50151", default_image="img")["spec"]["template"]["spec"]
+        return worker, frontend["containers"][0]["args"]
+
+    worker, frontend = args(resource())
+    assert not {"--batch-tokens", "--compute-threads"} & set(worker) and "--generate-cache-tokens" not in frontend
+    res = resource(worker={**SPEC["worker"], "batchTokens": 0, "computeThreads": 3},
+                   frontend={"replicas": 2, "generateCacheTokens": 65536})
+    spec = r.cluster_spec(res)
+    assert (spec.worker_batch_tokens, spec.worker_compute_threads, spec.generate_cache_tokens) == (0, 3, 65536)
+    worker, frontend = args(res)
+    assert worker[-4:] == ["--batch-tokens", "0", "--compute-threads", "3"]
+    assert frontend[-2:] == ["--generate-cache-tokens", "65536"]
+    with pytest.raises(ValidationError, match="below one page of the KV cache"):
+        r.cluster_spec(resource(frontend={"generateCacheTokens": 16}))
+    with pytest.raises(ValidationError, match="worker_compute_threads"):
+        r.cluster_spec(resource(worker={"computeThreads": 0}))
+
+
 def test_image_falls_back_to_the_operators_and_is_required():
     spec = {k: v for k, v in SPEC.items() if k != "image"}
     pod = r.worker_pod(r.Resource("ml", "m", "u", spec), "worker-0", default_image="registry/moecluster:1")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moecluster.controller import plan as p
 from moecluster.controller.observed import Observed, WorkerObservation, WorkerState
 from moecluster.controller.placement import imbalance
-from moecluster.controller.spec import ClusterSpec
+from moecluster.controller.spec import GENERATE_PAGE_TOKENS, ClusterSpec, as_flags
 
 EXPERTS = tuple((layer, e) for layer in (0, 1) for e in range(8))
 
@@ -373,6 +373,22 @@ def test_spec_validation_says_what_is_wrong():
         spec(2, 3)
     with pytest.raises(ValueError):
         ClusterSpec(model="m", workers=0)
+    with pytest.raises(ValueError, match="worker_batch_tokens"):
+        ClusterSpec(model="m", workers=1, worker_batch_tokens=-1)
+    with pytest.raises(ValueError, match="generate_cache_tokens \\(31\\) is below one page"):
+        ClusterSpec(model="m", workers=1, generate_cache_tokens=31)
+
+
+def test_serving_settings_are_the_processes_keywords_and_flags_and_only_those_set():
+    from moecluster.frontend.generation_batcher import PAGE_TOKENS
+
+    assert GENERATE_PAGE_TOKENS == PAGE_TOKENS  # the spec checks the frontend's page without importing transformers
+    unset = spec(2, 1)
+    assert (unset.worker_settings(), unset.frontend_settings()) == ({}, {})
+    full = ClusterSpec(model="m", workers=1, worker_batch_tokens=0, worker_compute_threads=1, generate_cache_tokens=0)
+    assert full.worker_settings() == {"batch_tokens": 0, "compute_threads": 1}
+    assert as_flags(full.worker_settings()) == ["--batch-tokens", "0", "--compute-threads", "1"]
+    assert as_flags(full.frontend_settings()) == ["--generate-cache-tokens", "0"]
 
 
 @settings(max_examples=40, deadline=None)

@@ -55,6 +55,11 @@ def test_answers_equal_transformers(report, family):
     result = report[f"equal/{family}"]
     assert result["max_err"] <= 1e-4 and result["grpc_max_err"] <= 1e-4, result
     assert result["endpoint"].startswith("http://127.0.0.1:"), "the frontend is a Serve application on loopback"
+    # mixtral's `up` set the serving settings: its worker actors compute each request alone, and its
+    # replicas keep a 64-token generation cache; qwen3's keep the defaults
+    assert result["worker_requests"] > 0, result
+    assert (result["worker_forward_batches"] > 0, result["generate_cache_tokens"]) == (
+        (False, 64) if family == "mixtral" else (True, 4096)), result
 
 
 def test_scale_two_three_two_under_load_fails_nothing(report):

@@ -33,7 +33,8 @@ def manifest(model: Path, replicas: int) -> str:
     return json.dumps({
         "apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": NAME, "namespace": NS},
         "spec": {"model": {"path": str(model)}, "replicas": replicas, "minReplicasPerExpert": 2,
-                 "image": "moecluster:test", "worker": {"threads": 1}, "frontend": {"replicas": 1}},
+                 "image": "moecluster:test", "worker": {"threads": 1, "computeThreads": 1},
+                 "frontend": {"replicas": 1, "generateCacheTokens": 64}},
     })
 
 
@@ -151,6 +152,22 @@ def test_serves_the_answers_of_transformers_through_the_service(moe):
     with Client(moe.address(), timeout=60) as client:
         logits = client.forward(moe.batch)
     torch.testing.assert_close(logits, moe.expected, rtol=0, atol=1e-4)
+
+
+def test_the_serving_settings_reach_the_pods_and_a_bad_one_is_refused(moe):
+    """The CRD keeps worker.computeThreads and frontend.generateCacheTokens (an unknown field would be pruned
+    on its way in), the operator passes them to the processes, and the API server refuses a cache under a page."""
+    from moecluster.sdk.client import Client
+
+    args = json.loads(moe.kube.kubectl("get", "pod", moe.worker_pods()[0], "-n", NS, "-o",
+                                       "jsonpath={.spec.containers[0].args}").stdout)
+    assert args[args.index("--compute-threads") + 1] == "1" and "--batch-tokens" not in args
+    with Client(moe.address(), timeout=60) as client:
+        assert client.info().generate_cache_tokens == 64  # what the frontend process took
+    bad = json.loads(manifest(moe.model, 2))
+    bad["spec"]["frontend"]["generateCacheTokens"] = 16
+    refused = moe.kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(bad), check=False)
+    assert refused.returncode != 0 and "at least one 32-token page of KV cache" in refused.stderr, refused.stderr
 
 
 def test_kubectl_scale_up_and_down_under_load(moe):

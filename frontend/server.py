@@ -28,6 +28,7 @@ from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import frontend_metrics, serve_metrics
+from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.wire import endpoints, streaming
@@ -55,6 +56,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self._lock = threading.Lock()
         self.requests = 0
         self.failed = 0
+        self.generated_tokens = 0  # new tokens answered, of all rows
         batched = generate_cache_tokens and checkpoint.config.model_type in BATCHED_FAMILIES
         self.generations = GenerationBatcher(self.model, cache_tokens=generate_cache_tokens) if batched else None
 
@@ -79,6 +81,12 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def Generate(self, request, context):
         def run():
+            response = generate()
+            with self._lock:
+                self.generated_tokens += request.max_new_tokens * response.sequences.shape[0]
+            return response
+
+        def generate():
             ids = self._input_ids(request.input_ids).to(self.device)
             if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
                 raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
@@ -173,7 +181,8 @@ class FrontendServer:
                                        generate_cache_tokens=generate_cache_tokens)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
-        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
+        self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
+        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS, interceptors=[self.rpc_latency])
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         hosts = host.split(",")  # the first is where it is reached; e.g. a pod's IP, then 127.0.0.1 for port-forward
@@ -204,7 +213,8 @@ class FrontendServer:
         """Prometheus text for /metrics, from the service's counters and the dispatcher's state."""
         d = self.dispatcher
         return frontend_metrics(requests=self.service.requests, failed=self.service.failed, retries=d.retries,
-                                wire_bytes=d.wire_bytes, epoch=d.table.epoch, outstanding=d.outstanding())
+                                wire_bytes=d.wire_bytes, epoch=d.table.epoch, outstanding=d.outstanding(),
+                                generated_tokens=self.service.generated_tokens, latency=self.rpc_latency.histogram)
 
 
 def main(argv: list[str] | None = None) -> None:

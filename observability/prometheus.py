@@ -31,24 +31,37 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # -- the registry -----------------------------------------------------------------
 
 
+# Request latencies, seconds: a CPU decode step's few ms up to a long generation's minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _checked(name: str, labels: Iterable[str], reserved: tuple[str, ...] = ()) -> tuple[str, ...]:
+    labels = tuple(labels)
+    if not _NAME.match(name):
+        raise ValueError(f"metric name {name!r} is not [a-zA-Z_:][a-zA-Z0-9_:]*")
+    bad = [l for l in labels if not _LABEL.match(l) or l.startswith("__") or l in reserved]
+    if bad or len(set(labels)) != len(labels):
+        raise ValueError(f"metric {name}: bad or repeated label names {labels}")
+    return labels
+
+
+def _label_key(name: str, names: tuple[str, ...], labels: Mapping[str, object]) -> tuple[str, ...]:
+    if set(labels) != set(names):
+        raise ValueError(f"metric {name} takes labels {list(names)}, got {sorted(labels)}")
+    return tuple(str(labels[l]) for l in names)
+
+
 class Metric:
     """One metric family: a value per label set. Thread-safe."""
 
     def __init__(self, name: str, kind: str, help: str = "", labels: Iterable[str] = ()):
-        labels = tuple(labels)
-        if not _NAME.match(name):
-            raise ValueError(f"metric name {name!r} is not [a-zA-Z_:][a-zA-Z0-9_:]*")
-        bad = [l for l in labels if not _LABEL.match(l) or l.startswith("__")]
-        if bad or len(set(labels)) != len(labels):
-            raise ValueError(f"metric {name}: bad or repeated label names {labels}")
+        labels = _checked(name, labels)
         self.name, self.kind, self.help, self.labels = name, kind, help, labels
         self._values: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
 
     def _key(self, labels: Mapping[str, object]) -> tuple[str, ...]:
-        if set(labels) != set(self.labels):
-            raise ValueError(f"metric {self.name} takes labels {list(self.labels)}, got {sorted(labels)}")
-        return tuple(str(labels[l]) for l in self.labels)
+        return _label_key(self.name, self.labels, labels)
 
     def inc(self, amount: float = 1, **labels) -> None:
         if self.kind == "counter" and amount < 0:
@@ -85,6 +98,51 @@ class Metric:
         return lines
 
 
+class Histogram:
+    """One histogram family: per label set, how many observations fell at or under each bucket's bound, their
+    sum and their count (quantiles are Prometheus' `histogram_quantile`). Thread-safe; long-lived, so a
+    registry built per scrape takes it with `add`."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str = "", labels: Iterable[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS):
+        self.labels = _checked(name, labels, reserved=("le",))
+        self.name, self.help = name, help
+        self.bounds = tuple(float(b) for b in buckets)
+        if not self.bounds or any(not math.isfinite(b) for b in self.bounds) or list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"histogram {name}: buckets must be finite and increasing, got {self.bounds}")
+        self._series: dict[tuple[str, ...], list[float]] = {}  # key -> [count in each bucket alone..., sum, count]
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, **labels) -> None:
+        key = _label_key(self.name, self.labels, labels)
+        slot = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        with self._lock:
+            row = self._series.setdefault(key, [0] * (len(self.bounds) + 1) + [0.0, 0])
+            row[slot] += 1
+            row[-2] += value
+            row[-1] += 1
+
+    def count(self, **labels) -> int:
+        with self._lock:
+            return int(self._series.get(_label_key(self.name, self.labels, labels), [0])[-1])
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {_escape_help(self.help)}"] if self.help else []
+        lines.append(f"# TYPE {self.name} histogram")
+        with self._lock:
+            series = sorted((key, list(row)) for key, row in self._series.items())
+        for key, row in series:
+            pairs = list(zip(self.labels, key))
+            below = 0
+            for bound, alone in zip((*self.bounds, math.inf), row):
+                below += alone
+                lines.append(f"{self.name}_bucket{label_set([*pairs, ('le', format_value(bound))])} {int(below)}")
+            lines.append(f"{self.name}_sum{label_set(pairs)} {format_value(float(row[-2]))}")
+            lines.append(f"{self.name}_count{label_set(pairs)} {int(row[-1])}")
+        return lines
+
+
 class Registry:
     def __init__(self):
         self._metrics: dict[str, Metric] = {}
@@ -96,7 +154,11 @@ class Registry:
     def gauge(self, name: str, help: str = "", labels: Iterable[str] = ()) -> Metric:
         return self._add(Metric(name, "gauge", help, labels))
 
-    def _add(self, metric: Metric) -> Metric:
+    def add(self, metric: Metric | Histogram) -> Metric | Histogram:
+        """A metric that lives longer than this registry (a process's histogram), rendered with it."""
+        return self._add(metric)
+
+    def _add(self, metric):
         with self._lock:
             old = self._metrics.get(metric.name)
             if old is not None:
@@ -228,12 +290,13 @@ def serve_metrics(render: Callable[[], str], port: int, host: str = "127.0.0.1")
 # -- what each process exports --------------------------------------------------------------
 
 
-def worker_metrics(stats, *, bytes_pulled: int = 0) -> str:
+def worker_metrics(stats, *, bytes_pulled: int = 0, latency: Histogram | None = None) -> str:
     """A worker's /metrics from its StatsResponse (the numbers ExpertWorkerService keeps).
 
     `stats` needs worker_id, epoch, draining, held, requests, rejected, forward_batches, batched_requests and experts
     (each with expert.layer, expert.expert, tokens, calls, seconds). An expert's
-    counters go back to 0 when the worker drops it (a counter reset to Prometheus).
+    counters go back to 0 when the worker drops it (a counter reset to Prometheus). `latency`: the
+    server's `moecluster_worker_rpc_seconds` (observability/rpc_latency.py).
     """
     r = Registry()
     r.gauge("moecluster_worker_info", "this worker's id", ["worker"]).set(1, worker=stats.worker_id)
@@ -257,14 +320,19 @@ def worker_metrics(stats, *, bytes_pulled: int = 0) -> str:
     r.gauge("moecluster_worker_experts_held", "experts held in memory").set(len(stats.held))
     r.gauge("moecluster_worker_epoch", "highest routing epoch seen").set(int(stats.epoch))
     r.gauge("moecluster_worker_draining", "1 once the worker drains").set(int(bool(stats.draining)))
+    if latency is not None:
+        r.add(latency)
     return r.render()
 
 
 def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
-                     outstanding: Mapping[str, int]) -> str:
-    """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per worker)."""
+                     outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None) -> str:
+    """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per
+    worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py)."""
     r = Registry()
     r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
+    r.counter("moecluster_frontend_generated_tokens_total",
+              "new tokens Generate answered, of all rows (its rate: tokens/s)").set(int(generated_tokens))
     r.counter("moecluster_frontend_failed_total", "requests failed for want of a live expert replica").set(int(failed))
     r.counter("moecluster_frontend_dispatch_retries_total",
               "worker shares sent again to another replica").set(int(retries))
@@ -276,8 +344,10 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
                    ["worker"])
     for worker_id, tokens in sorted(outstanding.items()):
         load.set(int(tokens), worker=worker_id)
+    if latency is not None:
+        r.add(latency)
     return r.render()
 
 
-__all__ = ["CONTENT_TYPE", "Metric", "MetricsServer", "Registry", "format_value", "frontend_metrics", "parse",
-           "serve_metrics", "worker_metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Histogram", "Metric", "MetricsServer", "Registry", "format_value",
+           "frontend_metrics", "parse", "serve_metrics", "worker_metrics"]

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import torch
+from moecluster import Client
 from moecluster.controller import plan as p
 from moecluster.controller.executor import Executor
 from moecluster.controller.metrics import ControllerMetrics
@@ -27,6 +28,7 @@ from moecluster.observability import prometheus
 from moecluster.observability.prometheus import Registry, parse, serve_metrics
 from moecluster.observability.tracing import TRACE_FILE_ENV, configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
+from moecluster.sdk.client import MoEClusterError
 from moecluster.wire import streaming
 from moecluster.wire.tensors import encode
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -190,6 +192,12 @@ def test_worker_metrics_move_with_forwards_and_pulls(qwen3, spans):
                 assert value(after, "moecluster_worker_tokens_total", layer=0, expert=expert) == int((sent == expert).sum())
                 assert value(after, "moecluster_worker_expert_seconds_total", layer=0, expert=expert) > 0
             assert ("moecluster_worker_tokens_total", frozenset({("layer", "0"), ("expert", "4")})) not in after
+            # each RPC timed, by its outcome: the three answered, the one refused
+            ok = {"method": "Forward", "code": "OK"}
+            assert value(after, "moecluster_worker_rpc_seconds_count", **ok) == 3
+            assert value(after, "moecluster_worker_rpc_seconds_bucket", **ok, le="+Inf") == 3
+            assert value(after, "moecluster_worker_rpc_seconds_sum", **ok) > 0
+            assert value(after, "moecluster_worker_rpc_seconds_count", method="Forward", code="FAILED_PRECONDITION") == 1
 
             spans.clear()
             with grpc.insecure_channel(b.address, options=streaming.GRPC_OPTIONS) as channel:
@@ -201,6 +209,7 @@ def test_worker_metrics_move_with_forwards_and_pulls(qwen3, spans):
             assert value(on_b, "moecluster_worker_bytes_pulled_total") == pulled.bytes
             assert value(on_b, "moecluster_worker_experts_held") == 2
             assert value(on_b, "moecluster_worker_epoch") == 3
+            assert value(on_b, "moecluster_worker_rpc_seconds_count", method="PullExpert", code="OK") == 1
             [span] = finished(spans, "expert.pull")
             assert dict(span.attributes) == {"layer": 0, "expert": 5, "source": a.address, "bytes": pulled.bytes}
             assert span.status.is_ok
@@ -274,9 +283,23 @@ def test_frontend_metrics_count_requests_failures_and_epoch(qwen3):
             assert value(parsed, "moecluster_frontend_workers") == 1
             assert value(parsed, "moecluster_frontend_outstanding_tokens", worker="w") == 0
             assert value(parsed, "moecluster_frontend_wire_bytes_total") > 0
+
+            # through the gRPC server: every RPC timed by its outcome, and the tokens generated counted
+            frontend.dispatcher.update(RoutingTable(4, {"w": servers["w"].address}, placement))
+            frontend.server.start()
+            with Client(frontend.address, timeout=TIMEOUT_S) as client:
+                client.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3)
+                client.generate(torch.tensor([[5]]), max_new_tokens=2, do_sample=True, seed=1)
+                with pytest.raises(MoEClusterError):
+                    client.forward(torch.tensor([[10**6]]))  # not a token
+            parsed = samples(scrape(metrics.address))
+            assert value(parsed, "moecluster_frontend_generated_tokens_total") == 2 * 3 + 2
+            assert value(parsed, "moecluster_frontend_rpc_seconds_count", method="Generate", code="OK") == 2
+            assert value(parsed, "moecluster_frontend_rpc_seconds_count", method="Forward", code="INVALID_ARGUMENT") == 1
+            assert value(parsed, "moecluster_frontend_rpc_seconds_sum", method="Generate", code="OK") > 0
         finally:
             metrics.stop()
-            frontend.dispatcher.close()
+            frontend.stop(0)
 
 
 def test_controller_steps_are_spans(spans):

@@ -20,9 +20,10 @@ FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconne
                   ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def server(max_workers: int, *, options: list[tuple[str, object]] = (), handlers=None) -> grpc.Server:
+def server(max_workers: int, *, options: list[tuple[str, object]] = (), handlers=None,
+           interceptors: list[grpc.ServerInterceptor] = ()) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), handlers=handlers,
-                       options=[*options, *NO_PORT_SHARING])
+                       interceptors=list(interceptors), options=[*options, *NO_PORT_SHARING])
 
 
 def channel(address: str, *, options: list[tuple[str, object]] = ()) -> grpc.Channel:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.observability.prometheus import serve_metrics, worker_metrics
+from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import endpoints, streaming
@@ -45,7 +46,8 @@ class WorkerServer:
                                            bulk=self.bulk, batch_tokens=batch_tokens,
                                            compute_threads=compute_threads)
         self.service.load_from_checkpoint(experts)
-        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS)
+        self.rpc_latency = RpcLatency("moecluster_worker_rpc_seconds")
+        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS, interceptors=[self.rpc_latency])
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.service.health, self.server)
         try:
@@ -72,7 +74,7 @@ class WorkerServer:
     def render_metrics(self) -> str:
         """Prometheus text for /metrics, from the service's Stats."""
         stats = self.service.Stats(worker_pb2.StatsRequest(), None)
-        return worker_metrics(stats, bytes_pulled=self.service.bytes_pulled)
+        return worker_metrics(stats, bytes_pulled=self.service.bytes_pulled, latency=self.rpc_latency.histogram)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,12 +25,19 @@ class RpcLatency(grpc.ServerInterceptor):
     def __init__(self, name: str):
         self.histogram = Histogram(name, "RPCs answered, by method and status code, and how long each took (seconds)",
                                    ["method", "code"])
+        self._timed: dict = {}  # a server's handler -> the same, timed: made once, not per call (bench/rpc_timing.py)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if handler is None or service in UNTIMED_SERVICES:
-            return handler
+        if handler is None:
+            return None
+        timed = self._timed.get(handler)
+        if timed is None:
+            service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+            timed = self._timed[handler] = handler if service in UNTIMED_SERVICES else self._timing(method, handler)
+        return timed
+
+    def _timing(self, method: str, handler) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary),
                                                        handler.request_deserializer, handler.response_serializer)

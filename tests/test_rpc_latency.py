@@ -43,6 +43,31 @@ def test_a_histogram_renders_cumulative_buckets_sum_and_count():
         Histogram("demo_seconds", labels=["le"])  # the bucket bound's own label
 
 
+def test_threads_observing_at_once_lose_no_observation():
+    latency = Histogram("demo_seconds", labels=["method"], buckets=(0.5,))
+    start = threading.Barrier(8)
+
+    def observe(i):
+        start.wait()
+        for n in range(5000):
+            latency.observe(n % 2, method="Forward" if i % 2 else "Info")  # 0 and 1: half under the bound
+
+    threads = [threading.Thread(target=observe, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    got_meanwhile = latency.count(method="Forward")  # a read while they count: no error, some total
+    for t in threads:
+        t.join()
+    assert 0 <= got_meanwhile <= 20000
+    r = Registry()
+    r.add(latency)
+    got = series(r.render())
+    forward = lambda name, **more: got[(name, frozenset({"method": "Forward", **more}.items()))]  # noqa: E731
+    assert (forward("demo_seconds_bucket", le="0.5"), forward("demo_seconds_count"), forward("demo_seconds_sum")) == (
+        10000, 20000, 10000)
+    assert latency.count(method="Info") == 20000
+
+
 class Server:
     """A real gRPC server on loopback with one method of each kind (bytes in, bytes out), timed."""
 

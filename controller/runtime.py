@@ -294,6 +294,7 @@ class Controller:
         if pairs:
             self.metrics.gauge("colocated_share", colocated_share(table, pairs))
         self.metrics.gauge("workers_serving", len(pool))
+        self.metrics.gauge("workers_desired", self.spec.workers)  # an alert compares the two
         self.metrics.gauge("workers_standby", len(observed.serving) - len(pool))
 
     # -- what users ask ----------------------------------------------------------

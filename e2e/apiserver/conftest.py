@@ -20,7 +20,7 @@ from control_plane import CommandFailed, ControlPlane, tail  # noqa: E402
 from fake_kubelet import FakeKubelet  # noqa: E402
 
 BUILD_SH = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
-REQUIRED = ("ETCD", "KUBE_APISERVER", "KUBE_CONTROLLER_MANAGER", "KUBECTL")
+REQUIRED = ("ETCD", "KUBE_APISERVER", "KUBE_CONTROLLER_MANAGER", "KUBECTL", "PROMQL_CHECK")
 FIRST_BUILD_TIMEOUT_S = 3600
 
 

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import subprocess
 
-import yaml
-
-CHART = Path(__file__).resolve().parents[2] / "helm" / "moecluster"
-
-
-def render(kube, *values: str) -> list[dict]:
-    args = [a for v in values for a in ("--set", v)]
-    out = kube.helm("template", "moe", str(CHART), "--namespace", "moecluster-system", *args).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+from chart_render import CHART, queries, render
 
 
 def test_lint_strict(kube):
@@ -53,6 +46,28 @@ def test_operator_pod_meets_the_restricted_profile_and_runs_alone(kube):
 
 
 def test_optional_parts_render(kube):
-    docs = render(kube, "networkPolicy.enabled=true", "serviceMonitor.enabled=true", "example.enabled=true")
+    docs = render(kube, "networkPolicy.enabled=true", "serviceMonitor.enabled=true", "example.enabled=true",
+                  "prometheusRule.enabled=true", "prometheusRule.p99Seconds=2.5", "dashboard.enabled=true")
     kinds = {d["kind"] for d in docs}
-    assert {"NetworkPolicy", "MoECluster"} <= kinds and kinds & {"PodMonitor", "ServiceMonitor"}
+    assert {"NetworkPolicy", "MoECluster", "PrometheusRule", "ConfigMap"} <= kinds and kinds & {"PodMonitor", "ServiceMonitor"}
+    monitor = next(d for d in docs if d["kind"] == "PodMonitor")
+    assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]  # the alerts group by the MoECluster
+    rules = {r["alert"]: r for r in next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert rules["MoEClusterSlowRequests"]["expr"].rstrip().endswith("> 2.5")
+    assert "{{ $labels.method }}" in rules["MoEClusterSlowRequests"]["annotations"]["summary"]  # left for Prometheus
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["moecluster.json"])["uid"] == "moecluster"
+    refused = kube.helm("template", "moe", str(CHART), "--set", "prometheusRule.errorRatio=2", check=False)
+    assert refused.returncode != 0 and "errorRatio" in refused.stderr  # values.schema.json
+
+
+def test_the_alerts_and_the_dashboard_are_promql_that_prometheus_parses(kube):
+    exprs = queries(render(kube, "prometheusRule.enabled=true", "dashboard.enabled=true"))
+    assert len(exprs) >= 20 and not [e for e in exprs if "$" in e]
+    check = kube.bins["PROMQL_CHECK"]
+    result = subprocess.run([check], input=json.dumps(exprs), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = subprocess.run([check], input=json.dumps(["sum by (a (x)"]), capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1 and "parse error" in broken.stdout  # the checker can say no
+

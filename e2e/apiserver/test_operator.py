@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chart_render import dashboard, queries, render
 from operator_process import Operator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +189,43 @@ def test_kubectl_scale_up_and_down_under_load(moe):
     assert samples[("moecluster_operator_clusters", "", "")] == 1
     assert samples[("moecluster_epoch", key, "")] >= 3 and samples[("moecluster_scale_seconds_count", key, "")] >= 0
     assert samples[("moecluster_step_seconds_count", key, "PullExpert")] >= 1, "the scale-up copied experts"
+
+
+# Labels Prometheus puts on every scraped series itself: the pod's namespace and name, and the
+# chart's PodMonitor the pod's app.kubernetes.io/instance (its MoECluster).
+TARGET_LABELS = {"namespace", "pod", "app_kubernetes_io_instance"}
+
+
+def test_the_charts_alerts_and_dashboard_query_what_the_cluster_exports(moe):
+    """Every series the chart's PrometheusRule and Grafana dashboard ask for, with every label they select or
+    group on, is one this running cluster exports: scraped from the operator, the workers and the frontend
+    (after the load above, so that the latency histograms have series)."""
+    from moecluster.observability.prometheus import parse
+
+    docs = render(moe.kube, "prometheusRule.enabled=true", "dashboard.enabled=true")
+    variables = [v["query"]["query"] for v in dashboard(docs)["templating"]["list"] if isinstance(v.get("query"), dict)]
+    exprs = queries(docs) + variables  # label_values(METRIC, LABEL): the metric must exist too
+    assert len(exprs) >= 20
+
+    pods = moe.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={NAME}", "-o",
+                            "jsonpath={range .items[*]}{.status.podIP} {end}").stdout.split()
+    addresses = [f"127.0.0.1:{moe.operator.metrics_port}", *(f"{ip}:9090" for ip in pods)]
+    exported: dict[str, set[str]] = {}  # series name -> its label names
+    for address in addresses:
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+        for name, labels, _ in parse(text):
+            exported.setdefault(name, set()).update(labels)
+    assert len(pods) == 3 and "moecluster_frontend_rpc_seconds_bucket" in exported  # 2 workers, a frontend
+
+    for expr in exprs:
+        names = re.findall(r"\b(moecluster_\w+)", expr)
+        assert names, expr
+        missing = [n for n in names if n not in exported]
+        assert not missing, f"{expr}\nasks for {missing}, which nothing exports"
+        labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", expr))
+        labels |= {label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+        known = TARGET_LABELS.union(*(exported[n] for n in names))
+        assert labels <= known, f"{expr}\nselects or groups on {labels - known}, which its series lack"
 
 
 def test_kubectl_delete_worker_pod_under_load(moe):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from source through the Go
+# Builds kube-apiserver, kube-controller-manager, kubectl, etcd, helm and a PromQL checker from source through the Go
 # module proxy and caches them outside the repository. Prints one NAME=PATH
 # line per binary. Quick (a few stat calls) when the cache is warm.
 #
@@ -15,6 +15,7 @@ set -euo pipefail
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+PROMETHEUS_VERSION=v0.316.0  # e2e/tools/promql_check/go.mod's: Prometheus 3's module version
 HELM_KUBE_MINOR=34  # the k8s.io/* v0.34 libraries helm v3.19 is built on
 CACHE="${MOECLUSTER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moecluster/k8s}"
 
@@ -106,6 +107,12 @@ if want etcd; then
   etcd=$(plain_module etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3)
   path=$(build etcd "$ETCD_VERSION" "$etcd" go.etcd.io/etcd/server/v3)
   echo "ETCD=$path"
+fi
+if want promql-check; then
+  # The PromQL parser of Prometheus itself, checking the chart's alerts and dashboard (e2e/tools/promql_check).
+  src="$(cd "$(dirname "$0")" && pwd)/promql_check"
+  path=$(build promql-check "$PROMETHEUS_VERSION-$(cat "$src/main.go" "$src/go.mod" | sha256sum | cut -c1-8)" "$src" .)
+  echo "PROMQL_CHECK=$path"
 fi
 if want helm; then
   helm=$(plain_module helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm)

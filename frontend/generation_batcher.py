@@ -24,11 +24,23 @@ from concurrent import futures
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import cb_logits_processors
 
 BATCHED_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")  # checked equal to generate, token by token
 PAGE_TOKENS = 32
 
 log = logging.getLogger("moecluster.frontend")
+
+
+class _KnownProcessor(logging.Filter):
+    """Drops continuous batching's "might not be supported" warning for the EOS suppression, logged at every
+    loop start: that processor is stateless, and tests check the batch never generates the token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SuppressTokensLogitsProcessor might not be supported" not in record.getMessage()
+
+
+cb_logits_processors.logger.addFilter(_KnownProcessor())
 
 
 class GenerationFailed(RuntimeError):

@@ -6,6 +6,7 @@ stop the next one."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import pytest
@@ -20,6 +21,7 @@ from moecluster.wire.tensors import decode, encode
 from shared import running_workers
 from test_equivalence import cluster_model
 from transformers import AutoModelForCausalLM
+from transformers.generation.continuous_batching import cb_logits_processors
 
 TIMEOUT_S = 120.0
 
@@ -86,11 +88,29 @@ def test_the_end_of_sequence_token_is_never_generated_as_generate_with_min_new_t
             eos = int(reference(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())  # the token it would pick
         reference.generation_config.eos_token_id = model.generation_config.eos_token_id = eos
         batcher = GenerationBatcher(model, cache_tokens=256)
+        # at a frontend's verbosity, continuous batching's doubt about the suppression is not logged
+        warned = Recorder()
+        processors = cb_logits_processors.logger
+        level = processors.level
+        processors.setLevel(logging.WARNING)
+        processors.addHandler(warned)
         try:
             [tokens] = batcher.generate([prompt], 6, timeout=TIMEOUT_S)
         finally:
+            processors.removeHandler(warned)
+            processors.setLevel(level)
             batcher.close()
     assert tokens == alone(reference, prompt, 6) and eos not in tokens
+    assert not [m for m in warned.messages if "might not be supported" in m], warned.messages
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_a_frontend_decodes_alone_what_the_batch_does_not_take(checkpoints):

@@ -104,8 +104,14 @@ class KubernetesActuator:
                 self._delete_pod(pod.metadata.name)
         return sorted(handles, key=lambda h: h.id)
 
-    def pod_count(self) -> int:
-        return sum(1 for pod in self._worker_pods() if pod.metadata.deletion_timestamp is None)
+    def worker_templates(self) -> dict[str, str]:
+        """Worker id -> the template its pod was made from ("" if it has none), for pods not on their way out."""
+        return {(pod.metadata.labels or {}).get(r.WORKER_LABEL, pod.metadata.name):
+                (pod.metadata.annotations or {}).get(r.TEMPLATE_ANNOTATION, "")
+                for pod in self._worker_pods() if pod.metadata.deletion_timestamp is None}
+
+    def worker_template(self) -> str:
+        return r.worker_template(self.resource, self.default_image)
 
     def _worker_pods(self):
         return self.core.list_namespaced_pod(self.namespace, label_selector=r.worker_selector(self.resource)).items

@@ -9,8 +9,9 @@ gRPC API is served on one port (`--controller-port`) for all clusters; a
 frontend names its cluster in the call metadata (`controller/router.py`).
 
 Level-triggered: a timer on every resource compares it with what runs (spec,
-requested drains and migrations) and writes `status` from what the controller
-observes. Nothing is remembered in the operator that is not in the API server
+requested drains and migrations), replaces worker pods made from an outdated
+template one at a time (`worker_rollout.py`), and writes `status` from what the
+controller observes. Nothing is remembered in the operator that is not in the API server
 or in the workers, so a restarted operator picks up where it was, mid-scale
 included. One operator runs at a time: the chart deploys it as a single
 replica with the Recreate strategy, and kopf runs standalone (no peering).
@@ -29,6 +30,7 @@ import grpc
 import kopf
 from kubernetes import config as kube_config
 from moecluster.backends import k8s_resources as r
+from moecluster.backends import worker_rollout
 from moecluster.backends.k8s_actuator import KubernetesActuator
 from moecluster.controller.metrics import ControllerMetrics, Sample, exposition
 from moecluster.controller.router import ControllerRouter
@@ -218,8 +220,10 @@ def _tick(body, status, patch, **_) -> None:
     _take_requests(runner, resource, body, patch)
     controller = runner.controller
     before = dict(status)
-    pods = runner.actuator.pod_count()
-    new = r.status_patch(resource, controller.status() if controller else None, pods, before, _now(), runner.error)
+    observed = controller.status() if controller else None
+    templates = runner.actuator.worker_templates()
+    rollout = _roll_workers(runner, resource, body, patch, observed, templates)
+    new = r.status_patch(resource, observed, len(templates), before, _now(), runner.error, rollout)
     if runner.action:
         new["lastAction"] = runner.action
     _post_events(body, before, new)
@@ -276,6 +280,31 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
                           request)
 
 
+def _roll_workers(runner: ClusterRunner, resource: r.Resource, body, patch, observed: dict | None,
+                  templates: dict[str, str]) -> worker_rollout.Rollout:
+    """Replaces the next worker whose pod runs an outdated template, if the cluster is at rest (see
+    `worker_rollout.py`). The replace is a drain named in the spec, as `kubectl moe replace` makes: the
+    controller carries it out, and the next ticks wait for it to end."""
+    busy = runner.action["action"] if runner.action.get("state") == "Running" else ""
+    strategy = (resource.spec.get("updateStrategy") or {}).get("type", worker_rollout.ROLLING_UPDATE)
+    try:
+        template = runner.actuator.worker_template()
+    except ValueError as err:  # no image: nothing can start, so nothing is replaced
+        return worker_rollout.Rollout((), tuple(templates), 0, waiting=str(err))
+    rollout = worker_rollout.plan(templates, template, observed, strategy, busy)
+    if rollout.next is None or runner.controller is None:
+        return rollout
+    try:
+        first = next(runner.controller.drain(rollout.next, replace=True))
+    except ValueError as err:  # it left meanwhile: the next tick plans again
+        log.info("%s: not replacing %s now: %s", resource.key, rollout.next, err)
+        return worker_rollout.Rollout(rollout.updated, rollout.outdated, rollout.updated_replicas, waiting=str(err))
+    patch.spec["replicas"] = runner.controller.spec.workers
+    patch.spec["drained"] = list(runner.controller.spec.drained)
+    kopf.info(body, reason="Updating", message=f"{first}: its pod runs an outdated template ({rollout.message})")
+    return rollout
+
+
 def _post_events(body, before: dict, after: dict) -> None:
     """An Event on each condition that changed, and on a drain or migrate that ended."""
     old = {c["type"]: c for c in before.get("conditions") or []}
@@ -287,6 +316,8 @@ def _post_events(body, before: dict, after: dict) -> None:
             kopf.info(body, reason="Ready", message=c["message"])
         elif c["type"] == "Scaling" and c["status"] == "True" and prev is not None:
             kopf.info(body, reason="Scaling", message=c["message"] or "scaling")
+        elif c["type"] == "Updating" and c["status"] == "False" and prev is not None:
+            kopf.info(body, reason="Updated", message=c["message"])
         elif c["type"] == "Degraded" and c["status"] == "True":
             kopf.warn(body, reason="Degraded", message=c["message"])
     action, last = after.get("lastAction") or {}, before.get("lastAction") or {}

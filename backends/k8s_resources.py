@@ -9,10 +9,13 @@ them (the garbage collector does), and the labels below, so they can be found.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moecluster.backends.worker_rollout import Rollout
 from moecluster.controller.spec import ClusterSpec, as_flags
 
 GROUP, VERSION, PLURAL, KIND = "moecluster.io", "v1alpha1", "moeclusters", "MoECluster"
@@ -24,6 +27,7 @@ MIGRATE_ANNOTATION = "moecluster.io/migrate"  # value: LAYER:EXPERT=WORKER; `kub
 SNAPSHOT_ANNOTATION = "moecluster.io/snapshot"  # value: when it was asked; `kubectl moe snapshot` sets it
 RESTORE_ANNOTATION = "moecluster.io/restore"  # value: a snapshot folder, or "latest"; `kubectl moe restore` sets it
 REQUEST_ANNOTATION = "moecluster.io/request"  # value: an id `kubectl moe` makes; echoed in status.lastAction.request
+TEMPLATE_ANNOTATION = "moecluster.io/worker-template"  # on a worker pod: the template it was made from
 RUN_AS_USER = 10001  # the image's non-root user
 
 
@@ -201,6 +205,19 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
 
     restartPolicy Never: a worker that died comes back empty anyway, so the
     controller replaces it with a new one (new id) and re-places its experts."""
+    meta = _meta(resource, worker_pod_name(resource, worker_id), "worker", {WORKER_LABEL: worker_id})
+    meta["annotations"] = {TEMPLATE_ANNOTATION: worker_template(resource, default_image)}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": _worker_spec(resource, worker_id, default_image)}
+
+
+def worker_template(resource: Resource, default_image: str) -> str:
+    """A hash of what every worker pod runs (image, flags, resources, volumes), whatever its id: a pod made
+    from another one is outdated, and the operator rolls it (`worker_rollout.py`)."""
+    spec = json.dumps(_worker_spec(resource, "", default_image), sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _worker_spec(resource: Resource, worker_id: str, default_image: str) -> dict:
     worker = resource.spec.get("worker") or {}
     args = ["--checkpoint", resource.spec["model"]["path"], "--experts", "", "--worker-id", worker_id,
             "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--bulk-port", str(BULK_PORT),
@@ -209,12 +226,8 @@ def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
             *as_flags(cluster_spec(resource).worker_settings())]
     container = _container(resource, "worker", "moecluster.workers.server", args, worker, default_image,
                            {"grpc": WORKER_PORT, "bulk": BULK_PORT, "metrics": METRICS_PORT})
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": _meta(resource, worker_pod_name(resource, worker_id), "worker", {WORKER_LABEL: worker_id}),
-        "spec": {**_pod_common(resource, worker, worker=True), "containers": [container], "restartPolicy": "Never",
-                 "terminationGracePeriodSeconds": 30},
-    }
+    return {**_pod_common(resource, worker, worker=True), "containers": [container], "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 30}
 
 
 def workers_service(resource: Resource) -> dict:
@@ -291,8 +304,23 @@ def placement_summary(status: dict) -> str:
             if experts else "no experts placed yet")
 
 
-def status_patch(resource: Resource, status: dict | None, pods: int, previous: dict, now: str, error: str = "") -> dict:
-    """The `status` of the resource from the controller's `status()` (None: not started yet) and its pod count."""
+def status_patch(resource: Resource, status: dict | None, pods: int, previous: dict, now: str, error: str = "",
+                 rollout: Rollout | None = None) -> dict:
+    """The `status` of the resource from the controller's `status()` (None: not started yet), its pod count
+    and, once its pods are listed, where they stand against the worker template."""
+    patch = _status(resource, status, pods, previous, now, error)
+    if rollout is not None:
+        updated = set(rollout.updated)
+        patch["updatedReplicas"] = rollout.updated_replicas
+        for w in patch.get("workers", []):
+            w["updated"] = w["id"] in updated
+        patch["conditions"].append(condition(
+            "Updating", bool(rollout.outdated), "Outdated" if rollout.outdated else "UpToDate", rollout.message,
+            resource.generation, list(previous.get("conditions") or []), now))
+    return patch
+
+
+def _status(resource: Resource, status: dict | None, pods: int, previous: dict, now: str, error: str) -> dict:
     old = list(previous.get("conditions") or [])
     port = (resource.spec.get("service") or {}).get("port", FRONTEND_PORT)
     base = {"replicas": pods, "labelSelector": worker_selector(resource), "observedGeneration": resource.generation,

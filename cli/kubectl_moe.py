@@ -8,6 +8,7 @@
     kubectl moe snapshot NAME                     every expert's training state, at a step boundary (spec.snapshots)
     kubectl moe snapshots NAME                    what a restore or a trainer's resume can use, the newest first
     kubectl moe restore NAME [SNAPSHOT]           roll every expert back to SNAPSHOT (default: the newest good one)
+    kubectl moe rollout NAME                      wait until every worker runs the current template
 
 Everything goes through the API server with your kubectl (its context, its
 credentials): scale patches the scale subresource; drain, replace, migrate,
@@ -74,9 +75,9 @@ def format_status(obj: dict) -> str:
         lines.append(f"  {c['type']:<9} {c['status']:<5} {c.get('reason', '')}{detail}")
     workers = status.get("workers", [])
     if workers:
-        lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} {'EXPERTS':<8} DEVICE")
+        lines.append(f"  {'WORKER':<12} {'POD':<32} {'STATE':<10} {'EXPERTS':<8} {'DEVICE':<8} UP-TO-DATE")
         lines += [f"  {w['id']:<12} {w.get('pod', ''):<32} {w.get('state', ''):<10} {w.get('experts', 0):<8} "
-                  f"{w.get('device') or '?'}" for w in workers]
+                  f"{w.get('device') or '?':<8} {_yes_no(w.get('updated'))}" for w in workers]
     training = status.get("training") or {}
     if training.get("step") or training.get("lastSnapshot"):
         lines.append(f"  training:  step {training.get('step', 0)}"
@@ -89,6 +90,10 @@ def format_status(obj: dict) -> str:
     if action:
         lines.append(f"  last action: {action['action']}: {action['state']} {action.get('message', '')}".rstrip())
     return "\n".join(lines)
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "?" if flag is None else "yes" if flag else "no"
 
 
 def format_snapshots(obj: dict) -> str:
@@ -106,28 +111,57 @@ def _ready(obj: dict, replicas: int) -> bool:
             and status.get("observedGeneration", 0) >= obj["metadata"].get("generation", 0))
 
 
-def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> dict:
+def _poll(kubectl: Kubectl, name: str, timeout: float, look, failure: str) -> dict:
+    """Reads the resource every second until `look(obj, waited_long)` says (True, the last line); prints each new
+    line it gives on the way (after SAY_WAITING_AFTER_S, `waited_long`: a long wait says what it waits for)."""
     begin, last = time.monotonic(), ""
-    deadline = begin + timeout
     while True:
         obj = kubectl.get(name)
-        if _ready(obj, replicas):
-            print(f"done: {replicas} workers serving at epoch {obj['status'].get('epoch', 0)}")
+        done, line = look(obj, time.monotonic() - begin >= SAY_WAITING_AFTER_S)
+        if done:
+            print(line)
             return obj
-        status = obj.get("status", {})
-        line = f"{status.get('readyReplicas', 0)}/{replicas} workers serving, epoch {status.get('epoch', 0)}"
-        if time.monotonic() - begin >= SAY_WAITING_AFTER_S:  # a long wait says what it waits for
-            starting = [w["id"] for w in status.get("workers", []) if w.get("state") == "starting"]
-            degraded = next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
-            line += f"; waiting for {', '.join(starting)} to start" if starting else ""
-            line += f"; {degraded['message']}" if degraded.get("status") == "True" and degraded.get("message") else ""
         if line != last:
             print(line, flush=True)
             last = line
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not reach {replicas} ready workers within {timeout:.0f}s; "
-                               f"see `kubectl moe status {name}` and `kubectl describe moecluster/{name}`")
+        if time.monotonic() - begin > timeout:
+            raise TimeoutError(f"{failure} within {timeout:.0f}s; see `kubectl moe status {name}` and "
+                               f"`kubectl describe moecluster/{name}`")
         time.sleep(1.0)
+
+
+def _degraded(status: dict) -> str:
+    degraded = next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+    return f"; {degraded['message']}" if degraded.get("status") == "True" and degraded.get("message") else ""
+
+
+def wait_ready(kubectl: Kubectl, name: str, replicas: int, timeout: float) -> dict:
+    def look(obj: dict, waited_long: bool) -> tuple[bool, str]:
+        status = obj.get("status", {})
+        if _ready(obj, replicas):
+            return True, f"done: {replicas} workers serving at epoch {status.get('epoch', 0)}"
+        line = f"{status.get('readyReplicas', 0)}/{replicas} workers serving, epoch {status.get('epoch', 0)}"
+        if waited_long:
+            starting = [w["id"] for w in status.get("workers", []) if w.get("state") == "starting"]
+            line += (f"; waiting for {', '.join(starting)} to start" if starting else "") + _degraded(status)
+        return False, line
+
+    return _poll(kubectl, name, timeout, look, f"{name} did not reach {replicas} ready workers")
+
+
+def wait_rollout(kubectl: Kubectl, name: str, timeout: float) -> dict:
+    """Waits until every worker runs the current template (the Updating condition False) and the pool is Ready."""
+    def look(obj: dict, waited_long: bool) -> tuple[bool, str]:
+        status = obj.get("status", {})
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        updating = conditions.get("Updating", {})
+        current = status.get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
+        if current and updating.get("status") == "False" and conditions.get("Ready", {}).get("status") == "True":
+            return True, f"done: {updating.get('message', 'every worker on the current template')}"
+        line = (updating.get("message") if current else "") or "waiting for the operator to see the change"
+        return False, line + (_degraded(status) if waited_long else "")  # e.g. the new image does not start
+
+    return _poll(kubectl, name, timeout, look, f"the workers of {name} did not all reach the current template")
 
 
 def ask(kubectl: Kubectl, name: str, annotation: str, value: str) -> str:
@@ -188,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     restore.add_argument("name")
     restore.add_argument("snapshot", nargs="?", default="latest",
                          help="a step-NNNNNNNN folder as the workers see it (default: the newest good one)")
+    rollout = verbs.add_parser("rollout", help="wait until every worker runs the current template (after a change of "
+                               "image or worker section, the operator replaces outdated workers one at a time)")
+    rollout.add_argument("name")
+    rollout.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait (default 1800)")
     for sub in (scale, drain, replace, migrate, snapshot, restore):
         sub.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
         sub.add_argument("--no-wait", action="store_true", help="return once the request is made")
@@ -197,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.verb == "status":
             obj = kubectl.get(args.name)
             print(json.dumps(obj.get("status", {}), indent=2) if args.output == "json" else format_status(obj))
+        elif args.verb == "rollout":
+            wait_rollout(kubectl, args.name, args.timeout)
         elif args.verb == "snapshots":
             print(format_snapshots(kubectl.get(args.name)))
         elif args.verb == "scale":

@@ -203,7 +203,7 @@ def test_kubectl_moe_status_text():
                       "lastAction": {"action": "drain worker-1", "state": "Succeeded", "message": "done"}}}
     text = format_status(obj)
     assert text.splitlines()[0] == "ml/mixtral: 3/3 workers ready, epoch 9, 1 copies per expert"
-    assert "mixtral-worker-2" in text and text.splitlines()[-3].split()[-2:] == ["2", "cuda:0"]
+    assert "mixtral-worker-2" in text and text.splitlines()[-3].split()[-3:] == ["2", "cuda:0", "?"]
     assert "last action: drain worker-1: Succeeded done" in text
     assert "training:  step 12, last snapshot /snapshots/step-00000010" in text and "cut off" not in text
     obj["status"]["training"]["lowestStep"] = 11

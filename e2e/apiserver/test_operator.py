@@ -23,21 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from chart_render import dashboard, queries, render
+from operator_cluster import NAME, NS, READY_TIMEOUT_S, Handle, assert_clean, manifest
 from operator_process import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "moecluster"
-RELEASE, SYSTEM_NS, NS, NAME = "moe", "moecluster-system", "ml", "tiny"
-READY_TIMEOUT_S = 300
-
-
-def manifest(model: Path, replicas: int) -> str:
-    return json.dumps({
-        "apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": NAME, "namespace": NS},
-        "spec": {"model": {"path": str(model)}, "replicas": replicas, "minReplicasPerExpert": 2,
-                 "image": "moecluster:test", "worker": {"threads": 1, "computeThreads": 1},
-                 "frontend": {"replicas": 1, "generateCacheTokens": 64}},
-    })
+RELEASE, SYSTEM_NS = "moe", "moecluster-system"
 
 
 @pytest.fixture(scope="module")
@@ -75,53 +66,6 @@ def moe(kube, tmp_path_factory):
         print(f"----- operator log (tail) -----\n{operator.log.read_text()[-3000:]}")
 
 
-class Handle:
-    def __init__(self, kube, operator, model, batch, expected, sa):
-        self.kube, self.operator, self.model, self.batch, self.expected, self.sa = kube, operator, model, batch, expected, sa
-
-    def get(self) -> dict:
-        return json.loads(self.kube.kubectl("get", "moecluster", NAME, "-n", NS, "-o", "json").stdout)
-
-    def wait_ready(self, replicas: int, timeout: float = READY_TIMEOUT_S, since_epoch: int = -1) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            obj = self.get()
-            status = obj.get("status", {})
-            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready")
-            if (ready == "True" and status.get("readyReplicas") == replicas and obj["spec"]["replicas"] == replicas
-                    and status.get("replicas") == replicas and status.get("epoch", 0) > since_epoch
-                    and self.frontend_ready()):
-                return obj
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{NAME} not Ready with {replicas} workers after {timeout}s: {json.dumps(status)}\n"
-                                   f"operator log:\n{self.operator.log.read_text()[-4000:]}")
-            time.sleep(0.5)
-
-    def frontend_ready(self) -> bool:
-        result = self.kube.kubectl("get", "deployment", f"{NAME}-frontend", "-n", NS, "-o",
-                                   "jsonpath={.status.readyReplicas}", check=False)
-        return result.returncode == 0 and result.stdout.strip() == "1"
-
-    def address(self) -> str:
-        ip = self.kube.kubectl("get", "service", NAME, "-n", NS, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
-        return f"{ip}:50051"
-
-    def worker_pods(self) -> list[str]:
-        out = self.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={NAME},app.kubernetes.io/component=worker",
-                                "-o", "jsonpath={.items[*].metadata.name}").stdout
-        return sorted(out.split())
-
-    def load(self):
-        from moecluster.sdk.load import ClosedLoopLoad
-
-        return ClosedLoopLoad(self.address(), self.batch, self.expected, clients=2, max_seconds=400)
-
-
-def assert_clean(report) -> None:
-    assert report.ok > 0, "no request succeeded under load"
-    assert (report.failed, report.wrong) == (0, 0), f"failed {report.failed}, wrong {report.wrong}: {report.errors[:3]}"
-
-
 def test_status_scale_subresource_and_printer_columns(moe):
     obj = moe.get()
     status = obj["status"]
@@ -134,8 +78,8 @@ def test_status_scale_subresource_and_printer_columns(moe):
     assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (2, 2)
     assert scale["status"]["selector"] == status["labelSelector"]
     table = moe.kube.kubectl("get", "moe", NAME, "-n", NS).stdout
-    assert table.split("\n")[0].split()[:5] == ["NAME", "REPLICAS", "READY", "EPOCH", "STATUS"]
-    assert table.split("\n")[1].split()[:3] == [NAME, "2", "2"] and "Serving" in table
+    assert table.split("\n")[0].split()[:6] == ["NAME", "REPLICAS", "READY", "UP-TO-DATE", "EPOCH", "STATUS"]
+    assert table.split("\n")[1].split()[:4] == [NAME, "2", "2", "2"] and "Serving" in table
     jsonpath = "jsonpath={range .items[*]}{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name} {end}"
     owned = moe.kube.kubectl("get", "services,deployments", "-n", NS, "-l", f"moecluster.io/cluster={NAME}",
                              "-o", jsonpath).stdout.split()
@@ -331,6 +275,56 @@ def test_kubectl_moe_plugin(moe):
     assert obj["spec"]["drained"] == [new, kept[0]]
     bad = kubectl_moe(moe, "migrate", NAME, "one:two", "--to", "worker-0")
     assert bad.returncode != 0 and "LAYER:EXPERT" in bad.stderr
+
+
+def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
+    """worker.computeThreads 1 -> 2: the operator replaces each worker pod in turn, a new one taking the old one's
+    experts first, with no failed request; `kubectl moe rollout` waits for it. Under OnDelete nothing is replaced,
+    and a template set back to what the pods run replaces nothing. The checkpoint of a cluster cannot change."""
+    def patch(spec: dict) -> None:
+        moe.kube.kubectl("patch", "moecluster", NAME, "-n", NS, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+    def updating() -> dict:
+        return {c["type"]: c for c in moe.get()["status"]["conditions"]}["Updating"]
+
+    before = moe.worker_pods()
+    assert updating()["status"] == "False" and moe.get()["status"]["updatedReplicas"] == 2
+    with moe.load() as load:
+        patch({"worker": {"computeThreads": 2}})
+        rolled = kubectl_moe(moe, "rollout", NAME, "--timeout", "300")
+    assert_clean(load.report)
+    assert rolled.returncode == 0 and "done: 2/2 workers on the current template" in rolled.stdout, rolled.stderr
+    assert "replacing worker-" in rolled.stdout  # its progress, as the operator wrote it
+    obj = moe.wait_ready(2)
+    after = moe.worker_pods()
+    assert len(after) == 2 and not set(before) & set(after), (before, after)
+    assert obj["status"]["updatedReplicas"] == 2 and all(w["updated"] for w in obj["status"]["workers"])
+    for pod in after:
+        args = json.loads(moe.kube.kubectl("get", "pod", pod, "-n", NS, "-o", "jsonpath={.spec.containers[0].args}").stdout)
+        assert args[args.index("--compute-threads") + 1] == "2"
+    about = f"involvedObject.kind=MoECluster,involvedObject.name={NAME}"
+    events = moe.kube.kubectl("get", "events", "-n", NS, "--field-selector", about,
+                              "-o", "jsonpath={range .items[*]}{.reason} {end}").stdout.split()
+    assert "Updating" in events and "Updated" in events, events
+
+    patch({"updateStrategy": {"type": "OnDelete"}, "worker": {"computeThreads": 1}})
+    deadline = time.monotonic() + 60
+    while "OnDelete" not in (condition := updating()).get("message", ""):
+        assert time.monotonic() < deadline, condition
+        time.sleep(0.5)
+    assert condition["status"] == "True" and condition["message"].startswith("0/2 workers on the current template")
+    time.sleep(5)  # a few of the operator's ticks
+    assert moe.worker_pods() == after
+    patch({"updateStrategy": {"type": "RollingUpdate"}, "worker": {"computeThreads": 2}})  # what they run
+    deadline = time.monotonic() + 60
+    while updating()["status"] != "False":
+        assert time.monotonic() < deadline, updating()
+        time.sleep(0.5)
+    assert moe.worker_pods() == after
+
+    moved = json.loads(manifest(Path("/elsewhere"), 2))
+    refused = moe.kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(moved), check=False)
+    assert refused.returncode != 0 and "model.path cannot change" in refused.stderr, refused.stderr
 
 
 def test_the_examples_pass_the_api_servers_validation(moe):

@@ -29,6 +29,7 @@ RESTORE_ANNOTATION = "moecluster.io/restore"  # value: a snapshot folder, or "la
 REQUEST_ANNOTATION = "moecluster.io/request"  # value: an id `kubectl moe` makes; echoed in status.lastAction.request
 TEMPLATE_ANNOTATION = "moecluster.io/worker-template"  # on a worker pod: the template it was made from
 RUN_AS_USER = 10001  # the image's non-root user
+API_KEYS_MOUNT, TLS_MOUNT = "/etc/moecluster/api-keys", "/etc/moecluster/tls"  # a frontend's Secrets, by default
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,20 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         worker_batch_tokens=worker.get("batchTokens"),
         worker_compute_threads=worker.get("computeThreads"),
         generate_cache_tokens=(spec.get("frontend") or {}).get("generateCacheTokens"),
+        **_access_files(spec.get("frontend") or {}),
     )
+
+
+def _access_files(frontend: dict) -> dict[str, str]:
+    """Where a frontend reads its API keys and TLS files: the mounts of their Secrets (`_volumes`)."""
+    files = {}
+    if frontend.get("apiKeys"):
+        keys = frontend["apiKeys"]
+        files["api_keys_file"] = f"{keys.get('mountPath', API_KEYS_MOUNT)}/{keys.get('key', 'api-keys')}"
+    if frontend.get("tls"):
+        mount = frontend["tls"].get("mountPath", TLS_MOUNT)
+        files |= {"tls_cert_file": f"{mount}/tls.crt", "tls_key_file": f"{mount}/tls.key"}
+    return files
 
 
 def snapshot_dir(resource: Resource) -> str | None:
@@ -155,6 +169,11 @@ def _volumes(resource: Resource, worker: bool) -> tuple[list[dict], list[dict]]:
     if worker and resource.spec.get("snapshots"):
         volumes.append({"name": "snapshots", **resource.spec["snapshots"]["volume"]})
         mounts.append({"name": "snapshots", "mountPath": snapshot_dir(resource)})
+    frontend = resource.spec.get("frontend") or {}
+    for name, part, default in (("api-keys", "apiKeys", API_KEYS_MOUNT), ("tls", "tls", TLS_MOUNT)):
+        if not worker and frontend.get(part):  # a Secret volume: the kubelet refreshes it when the Secret changes
+            volumes.append({"name": name, "secret": {"secretName": frontend[part]["secretName"]}})
+            mounts.append({"name": name, "mountPath": frontend[part].get("mountPath", default), "readOnly": True})
     return volumes, mounts
 
 
@@ -193,11 +212,19 @@ def _container(resource: Resource, name: str, module: str, args: list[str], part
         "args": args,
         "env": _env(),
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in ports.items()],
-        "readinessProbe": {"grpc": {"port": ports["grpc"]}, "periodSeconds": 2, "failureThreshold": 2},
+        "readinessProbe": {**_probe(resource, name, ports["grpc"]), "periodSeconds": 2, "failureThreshold": 2},
         "resources": part.get("resources") or {},
         "securityContext": _restricted_container(),
         "volumeMounts": mounts,
     }
+
+
+def _probe(resource: Resource, name: str, port: int) -> dict:
+    """gRPC health, except on a frontend serving TLS: the kubelet's gRPC probe speaks plaintext only, so
+    there a TCP connect (a frontend opens its port once it has the routing table, ready to serve)."""
+    if name == "frontend" and (resource.spec.get("frontend") or {}).get("tls"):
+        return {"tcpSocket": {"port": port}}
+    return {"grpc": {"port": port}}
 
 
 def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:
@@ -243,12 +270,12 @@ def workers_service(resource: Resource) -> dict:
 
 
 def frontend_deployment(resource: Resource, controller_address: str, default_image: str) -> dict:
-    frontend = resource.spec.get("frontend") or {}
+    frontend, spec = resource.spec.get("frontend") or {}, cluster_spec(resource)
     args = ["--checkpoint", resource.spec["model"]["path"], "--controller", controller_address,
             # 127.0.0.1 too: `kubectl port-forward` connects to the pod's loopback.
             "--cluster", resource.key, "--frontend-id", "$(POD_NAME)", "--host", "$(POD_IP),127.0.0.1",
             "--port", str(FRONTEND_PORT), "--metrics-port", str(METRICS_PORT), "--device", pod_device(frontend),
-            *as_flags(cluster_spec(resource).frontend_settings())]
+            *as_flags({**spec.frontend_settings(), **spec.frontend_access()})]
     container = _container(resource, "frontend", "moecluster.frontend.server", args, frontend, default_image,
                            {"grpc": FRONTEND_PORT, "metrics": METRICS_PORT})
     return {

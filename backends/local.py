@@ -25,7 +25,7 @@ from moecluster.controller.spec import GENERATE_PAGE_TOKENS, ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc
-from moecluster.wire import endpoints, retry
+from moecluster.wire import access, endpoints, retry
 
 Progress = Callable[[str], None]
 
@@ -56,6 +56,27 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _access_files(backend: str, api_keys, tls_cert, tls_key) -> dict[str, str]:
+    """The frontend's API keys and TLS files as the spec's fields, absolute (the frontend runs elsewhere), each
+    read once here so that a bad one fails `up` with its flag's name."""
+    if not (api_keys or tls_cert or tls_key):
+        return {}
+    if backend != "local":
+        raise ClusterError("--api-keys and --tls-cert/--tls-key are the local frontend's; on Ray, clients reach the "
+                           "frontends through Serve's proxies: set TLS there")
+    if bool(tls_cert) != bool(tls_key):
+        raise ClusterError("TLS needs both --tls-cert and --tls-key")
+    try:
+        if api_keys:
+            access.ApiKeys(api_keys)
+        if tls_cert:
+            access.server_credentials(tls_cert, tls_key)
+    except ValueError as err:
+        raise ClusterError(f"{'--api-keys' if 'API keys' in str(err) else '--tls-cert/--tls-key'}: {err}") from None
+    files = {"api_keys_file": api_keys, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
+    return {field: str(Path(path).resolve()) for field, path in files.items() if path}
 
 
 class LocalCluster:
@@ -132,10 +153,12 @@ class LocalCluster:
            worker_device: str = "cpu", frontend_device: str = "cpu", colocate: bool = False,
            rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0,
            worker_batch_tokens: int | None = None, worker_compute_threads: int | None = None,
-           generate_cache_tokens: int | None = None) -> dict:
+           generate_cache_tokens: int | None = None, api_keys: str | Path | None = None,
+           tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine).
-        The serving settings left None are the processes' defaults (ClusterSpec says what each does)."""
+        The serving settings left None are the processes' defaults (ClusterSpec says what each does).
+        `api_keys`, `tls_cert` and `tls_key` are files the frontend serves clients with (wire/access.py)."""
         if backend not in ("local", "ray"):
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
         if serve_grpc_port and backend != "ray":
@@ -166,6 +189,7 @@ class LocalCluster:
         if generate_cache_tokens is not None and generate_cache_tokens != 0 and generate_cache_tokens < GENERATE_PAGE_TOKENS:
             raise ClusterError(f"--generate-cache-tokens must be 0 (each generation alone) or at least one "
                                f"{GENERATE_PAGE_TOKENS}-token page; got {generate_cache_tokens}")
+        access_files = _access_files(backend, api_keys, tls_cert, tls_key)
         if port and not port_free(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
         if backend == "local":  # Ray actors check theirs on the node they land on
@@ -186,7 +210,7 @@ class LocalCluster:
                            frontend_device=frontend_device, colocate=colocate, rebalance_above=rebalance_above,
                            max_replicas=max_replicas, rebalance_min_load=rebalance_min_load,
                            worker_batch_tokens=worker_batch_tokens, worker_compute_threads=worker_compute_threads,
-                           generate_cache_tokens=generate_cache_tokens)
+                           generate_cache_tokens=generate_cache_tokens, **access_files)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))

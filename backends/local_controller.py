@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     actuator = LocalActuator(args.cluster_dir, spec.model, frontend_port=cluster["frontend_port"],
                              worker_threads=cluster.get("worker_threads", 1), worker_device=spec.worker_device,
                              frontend_device=spec.frontend_device, worker_flags=as_flags(spec.worker_settings()),
-                             frontend_flags=as_flags(spec.frontend_settings()))
+                             frontend_flags=as_flags({**spec.frontend_settings(), **spec.frontend_access()}))
 
     def save_spec(new: ClusterSpec) -> None:
         tmp = spec_path.with_suffix(".tmp")

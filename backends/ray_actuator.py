@@ -25,6 +25,9 @@ ACTOR_ERRORS = (RayActorError, GetTimeoutError, ValueError)
 class RayActuator:
     def __init__(self, spec: ClusterSpec, index_json: str, *, frontend_port: int, worker_threads: int = 1,
                  grace: float = 5.0):
+        if spec.frontend_access():
+            raise ValueError("API keys and TLS are the local and Kubernetes frontends'; on Ray, clients reach the "
+                             "frontends through Serve's proxies: set TLS on those, and keep them inside the cluster")
         self.name = spec.name
         self.model = spec.model
         self.index_json = index_json  # workers read the checkpoint through it, without importing transformers

@@ -44,6 +44,10 @@ class ClusterSpec(BaseModel):
     generate_cache_tokens: int | None = Field(None, ge=0, description="frontends decode greedy generations together "
                                               "in one running batch with a KV cache of this many tokens; 0: each "
                                               "request alone (unset: the frontend's default, 4096)")
+    api_keys_file: str | None = Field(None, description="frontends serve only clients that send one of the keys in "
+                                      "this file (one per line) as `authorization: Bearer KEY` (wire/access.py)")
+    tls_cert_file: str | None = Field(None, description="frontends serve TLS with this PEM certificate chain")
+    tls_key_file: str | None = Field(None, description="the PEM private key of tls_cert_file")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom scheduler resources per worker")
     serve_grpc_port: int | None = Field(None, ge=1, le=65535, description="Ray backend: also serve the frontend "
                                         "through Serve's gRPC proxy on this port (Ray binds it on every interface)")
@@ -68,6 +72,8 @@ class ClusterSpec(BaseModel):
         if self.generate_cache_tokens and self.generate_cache_tokens < GENERATE_PAGE_TOKENS:
             raise ValueError(f"generate_cache_tokens ({self.generate_cache_tokens}) is below one page of the KV cache "
                              f"({GENERATE_PAGE_TOKENS} tokens); 0 decodes each generation alone")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         return self
@@ -79,6 +85,10 @@ class ClusterSpec(BaseModel):
     def frontend_settings(self) -> dict[str, int]:
         """What this spec sets of a frontend's serving, as FrontendServer's keywords."""
         return _set({"generate_cache_tokens": self.generate_cache_tokens})
+
+    def frontend_access(self) -> dict[str, str]:
+        """Who may call a frontend and over what (files it reads), as FrontendServer's keywords."""
+        return _set({"api_keys": self.api_keys_file, "tls_cert": self.tls_cert_file, "tls_key": self.tls_key_file})
 
     def capacity_for(self, num_experts: int, workers: int | None = None) -> int:
         """Experts per worker: the spec's, or 1.5x an even share of num_experts * min_replicas (room for hot copies)."""
@@ -97,10 +107,10 @@ class ClusterSpec(BaseModel):
         return self.model_copy(update={"workers": self.workers - shrink, "drained": tuple(names)})
 
 
-def as_flags(settings: dict[str, int]) -> list[str]:
+def as_flags(settings: dict[str, int | str]) -> list[str]:
     """Keywords as the process's command-line flags: {"batch_tokens": 0} -> ["--batch-tokens", "0"]."""
     return [part for key, value in settings.items() for part in ("--" + key.replace("_", "-"), str(value))]
 
 
-def _set(values: dict[str, int | None]) -> dict[str, int]:
+def _set(values: dict) -> dict:
     return {key: value for key, value in values.items() if value is not None}

@@ -31,7 +31,7 @@ from moecluster.observability.prometheus import frontend_metrics, serve_metrics
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
-from moecluster.wire import endpoints, streaming
+from moecluster.wire import access, endpoints, streaming
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import WireError, decode, encode
 
@@ -174,21 +174,31 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 30.0, max_workers: int = 32, frontend_id: str = "", cluster: str = "",
-                 device: str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS):
-        """`max_workers`: requests served at once (a generation waiting in the running batch holds one)."""
+                 device: str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS, api_keys: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
+        """`max_workers`: requests served at once (a generation waiting in the running batch holds one).
+        `api_keys`: a file of the keys a client must send (none: any client); `tls_cert` and `tls_key`: PEM
+        files to serve TLS with (none: plaintext). See wire/access.py."""
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        tls = (tls_cert, tls_key) if tls_cert else None
+        if tls:
+            access.server_credentials(*tls)  # a bad file fails here, before the model loads
+        guard = [access.RequireApiKey(access.ApiKeys(api_keys))] if api_keys else []
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
                                        generate_cache_tokens=generate_cache_tokens)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
-        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS, interceptors=[self.rpc_latency])
+        self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS,
+                                       interceptors=[self.rpc_latency, *guard])  # refused calls are timed too
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         hosts = host.split(",")  # the first is where it is reached; e.g. a pod's IP, then 127.0.0.1 for port-forward
         self.port = port
         for one in hosts:
-            self.port = self.server.add_insecure_port(f"{one}:{self.port}")
+            self.port = access.add_port(self.server, f"{one}:{self.port}", tls)
             if self.port == 0:
                 raise OSError(f"cannot listen on {one}:{port} (in use?)")
         self.address = f"{hosts[0]}:{self.port}"
@@ -237,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
                              f"continuous batching) with a KV cache of this many tokens (default {DEFAULT_CACHE_TOKENS}; "
                              "a request that does not fit, a sampled one, or one of a family it does not take is "
                              "decoded alone); 0: every request alone")
+    parser.add_argument("--api-keys", metavar="FILE", help="serve only clients that send one of the keys in FILE (one "
+                        "per line) as `authorization: Bearer KEY`; re-read when it changes (a rotated Secret)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (with --tls-key); "
+                        "re-read at a handshake after it changes")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
     parser.add_argument("--ready-file", type=Path, help="write {address, pid} here once serving")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free; -1: off)")
     args = parser.parse_args(argv)
@@ -246,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
                                   frontend_id=args.frontend_id, cluster=args.cluster, device=args.device,
-                                  generate_cache_tokens=args.generate_cache_tokens).start()
+                                  generate_cache_tokens=args.generate_cache_tokens, api_keys=args.api_keys,
+                                  tls_cert=args.tls_cert, tls_key=args.tls_key).start()
         metrics_host = args.host.split(",")[0]
         metrics = serve_metrics(frontend.render_metrics, args.metrics_port, metrics_host) if args.metrics_port >= 0 else None
     except (ValueError, OSError) as err:

@@ -12,6 +12,7 @@ that dies) costs latency, not failed requests. A client that never reached one f
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import grpc
 import torch
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc
 from moecluster.sdk.http_transport import HttpFrontendStub
-from moecluster.wire import endpoints, retry, streaming
+from moecluster.wire import access, endpoints, retry, streaming
 from moecluster.wire.tensors import decode, encode
 
 
@@ -56,21 +57,37 @@ class ClusterStatus:
 
 
 class Client:
-    def __init__(self, address: str, *, timeout: float = 60.0, application: str = ""):
+    def __init__(self, address: str, *, timeout: float = 60.0, application: str = "", api_key: str | None = None,
+                 tls: bool | str | os.PathLike | bytes = False, tls_server_name: str = ""):
         """`address` is the frontend's "host:port" (gRPC), or an HTTP base address such as
         "http://127.0.0.1:8000/NAME" (a Ray Serve frontend); `timeout` is each call's deadline in seconds;
-        `application` names the cluster behind a Ray Serve gRPC proxy that serves several."""
+        `application` names the cluster behind a Ray Serve gRPC proxy that serves several.
+
+        `api_key` is sent with every call (default: the MOECLUSTER_API_KEY environment variable), for a
+        frontend started with API keys. `tls` connects over TLS: True trusts the system's CAs, a path or PEM
+        bytes that CA bundle; `tls_server_name` is the name the certificate must carry where the address
+        is not it (`kubectl port-forward`: 127.0.0.1 for a certificate of NAME.NAMESPACE.svc)."""
         if ":" not in address:
             raise ValueError(f"address {address!r} should be host:port, e.g. 127.0.0.1:50051")
         self.address = address
         self.timeout = timeout
         self.http = address.startswith(("http://", "https://"))
+        self._tls = bool(tls)
+        api_key = os.environ.get(access.API_KEY_ENV, "") if api_key is None else api_key
         if self.http:
+            if tls or tls_server_name:
+                raise ValueError("tls and tls_server_name are for gRPC addresses; an HTTP one says https://")
             self._channel = None
             self._stub = HttpFrontendStub(address)
         else:
-            self._channel = endpoints.channel(address, options=streaming.GRPC_OPTIONS)  # finds a restarted frontend fast
-            channel = grpc.intercept_channel(self._channel, _Application(application)) if application else self._channel
+            options = [*streaming.GRPC_OPTIONS, *([("grpc.ssl_target_name_override", tls_server_name)]
+                                                  if tls_server_name else [])]
+            credentials = access.channel_credentials(tls) if tls else None
+            # endpoints.channel finds a restarted frontend fast
+            self._channel = endpoints.channel(address, options=options, credentials=credentials)
+            metadata = ([("application", application)] if application else []) + (
+                [("authorization", f"Bearer {api_key}")] if api_key else [])
+            channel = grpc.intercept_channel(self._channel, _Metadata(metadata)) if metadata else self._channel
             self._stub = frontend_pb2_grpc.FrontendStub(channel)
         self._info: frontend_pb2.InfoResponse | None = None
         self._reached = False  # a frontend answered here once: UNAVAILABLE from now on is a restart, not a typo
@@ -200,24 +217,33 @@ class Client:
         except grpc.RpcError as err:
             detail = err.details() or ""
             if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in detail.lower():
-                detail = f"no frontend reachable at {self.address} (is the cluster up? `moectl status`): {detail}"
+                tls = ("over TLS: is tls= the CA of its certificate, and tls_server_name= a name on it?" if self._tls
+                       else "a frontend serving TLS needs tls=CA_FILE")
+                detail = f"no frontend reachable at {self.address} (is the cluster up? `moectl status`; {tls}): {detail}"
             raise MoEClusterError(err.code(), detail) from None
 
 
-class _Application(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Adds Ray Serve's `application` metadata to every call (its gRPC proxy routes by it)."""
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds metadata to every call: the API key, and Ray Serve's `application` (its gRPC proxy routes by it)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
 
-    def _with_name(self, details):
-        return details._replace(metadata=list(details.metadata or []) + [("application", self.name)])
+    def _with(self, details):
+        return details._replace(metadata=list(details.metadata or []) + self.pairs)
 
     def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._with_name(details), request)
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._with_name(details), request_iterator)
+        return continuation(self._with(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with(details), request_iterator)
 
 
 def _ids(input_ids) -> torch.Tensor:

@@ -195,6 +195,9 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--worker-device", "cuda:99"], "--worker-device cuda:99: "),  # no GPU, or too few
     (["up", "--model", "{model}", "--frontend-device", "gpu"], "--frontend-device 'gpu': not a device"),
     (["up", "--model", "{model}", "--frontend-device", "cuda:99"], "--frontend-device cuda:99: "),
+    (["up", "--model", "{model}", "--api-keys", "{tmp}/no-keys"], "--api-keys: cannot read the API keys file"),
+    (["up", "--model", "{model}", "--tls-cert", "{tmp}/cert.pem"], "TLS needs both --tls-cert and --tls-key"),
+    (["up", "--model", "{model}", "--backend", "ray", "--api-keys", "{tmp}/keys"], "are the local frontend's"),
     (["down", "--name", "nothing"], "no cluster named 'nothing'"),
     (["status", "--name", "nothing"], "no cluster named 'nothing'"),
     (["train", "--name", "nothing", "--out", "{tmp}/t"], "no cluster named 'nothing'"),

@@ -138,6 +138,29 @@ def test_frontend_names_its_cluster_to_the_shared_controller_endpoint():
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+def test_a_frontend_with_api_keys_and_tls_mounts_their_secrets_and_is_probed_over_tcp():
+    plain = r.frontend_deployment(resource(), "op:50055", default_image="")["spec"]["template"]["spec"]
+    assert plain["containers"][0]["readinessProbe"]["grpc"] == {"port": r.FRONTEND_PORT}
+    assert "--api-keys" not in plain["containers"][0]["args"] and "--tls-cert" not in plain["containers"][0]["args"]
+    frontend = {"replicas": 2, "apiKeys": {"secretName": "keys", "key": "clients"}, "tls": {"secretName": "cert"}}
+    res = resource(frontend=frontend)
+    pod = r.frontend_deployment(res, "op:50055", default_image="")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = dict(zip(container["args"][::2], container["args"][1::2]))
+    assert (args["--api-keys"], args["--tls-cert"], args["--tls-key"]) == (
+        "/etc/moecluster/api-keys/clients", "/etc/moecluster/tls/tls.crt", "/etc/moecluster/tls/tls.key")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-keys"]["secret"] == {"secretName": "keys"} and volumes["tls"]["secret"] == {"secretName": "cert"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/moecluster/tls", "readOnly": True}
+    assert mounts["api-keys"]["mountPath"] == "/etc/moecluster/api-keys" and mounts["api-keys"]["readOnly"]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": r.FRONTEND_PORT} and "grpc" not in container["readinessProbe"]
+    worker = r.worker_pod(res, "worker-0", default_image="")
+    assert {v["name"] for v in worker["spec"]["volumes"]}.isdisjoint({"api-keys", "tls"})  # the frontends' alone
+    moved = resource(frontend={"apiKeys": {"secretName": "keys", "mountPath": "/tmp/e2e/keys"}})
+    assert r.cluster_spec(moved).api_keys_file == "/tmp/e2e/keys/api-keys"  # the Secret's default key
+
+
 def controller_status(converged=True, serving=3, dead=(), error=""):
     workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0,
                 "device": "cuda:0"} for i in range(serving)]

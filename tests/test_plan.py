@@ -13,6 +13,7 @@ from moecluster.controller import plan as p
 from moecluster.controller.observed import Observed, WorkerObservation, WorkerState
 from moecluster.controller.placement import imbalance
 from moecluster.controller.spec import GENERATE_PAGE_TOKENS, ClusterSpec, as_flags
+from pydantic import ValidationError
 
 EXPERTS = tuple((layer, e) for layer in (0, 1) for e in range(8))
 
@@ -389,6 +390,11 @@ def test_serving_settings_are_the_processes_keywords_and_flags_and_only_those_se
     assert full.worker_settings() == {"batch_tokens": 0, "compute_threads": 1}
     assert as_flags(full.worker_settings()) == ["--batch-tokens", "0", "--compute-threads", "1"]
     assert as_flags(full.frontend_settings()) == ["--generate-cache-tokens", "0"]
+    assert unset.frontend_access() == {}
+    guarded = ClusterSpec(model="m", workers=1, api_keys_file="/k", tls_cert_file="/c", tls_key_file="/p")
+    assert as_flags(guarded.frontend_access()) == ["--api-keys", "/k", "--tls-cert", "/c", "--tls-key", "/p"]
+    with pytest.raises(ValidationError, match="TLS needs both"):
+        ClusterSpec(model="m", workers=1, tls_cert_file="/c")
 
 
 @settings(max_examples=40, deadline=None)

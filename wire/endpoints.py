@@ -26,5 +26,9 @@ def server(max_workers: int, *, options: list[tuple[str, object]] = (), handlers
                        interceptors=list(interceptors), options=[*options, *NO_PORT_SHARING])
 
 
-def channel(address: str, *, options: list[tuple[str, object]] = ()) -> grpc.Channel:
+def channel(address: str, *, options: list[tuple[str, object]] = (),
+            credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """Plaintext, or TLS with `credentials` (wire/access.py)."""
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=[*options, *FAST_RECONNECT])
     return grpc.insecure_channel(address, options=[*options, *FAST_RECONNECT])

@@ -42,7 +42,8 @@ What it fakes, for the node ``fake-node`` against a real kube-apiserver:
   Endpoints/EndpointSlices are not used: the proxy selects pods itself.
 
 What it does not fake: containers, images, init and ephemeral containers (not
-run), sidecars, volumes (not mounted: processes see the host filesystem as is),
+run), sidecars, volumes (not mounted: processes see the host filesystem as is; Secret volumes
+mounted under the temp dir are written there, `pod_volumes.py`),
 resources, cgroups, securityContext, liveness/startup probes, hostPorts,
 NodePorts, UDP/SCTP, DNS, ``kubectl logs/exec/port-forward`` (there is no
 kubelet API), CNI and NetworkPolicy.
@@ -71,6 +72,7 @@ from api_client import Api, ApiError
 from container_env import container_env, expand
 from fake_proxy import KubeProxy
 from pod_run import ContainerRun, PodRun, container_port, now, pod_status
+from pod_volumes import write_secret_volumes
 
 NODE_NAME = "fake-node"
 HOST_IP = "127.0.0.1"
@@ -360,6 +362,7 @@ class FakeKubelet:
         spec = c.spec
         try:
             env = container_env(self.api, run.pod, run.ip, spec, node_name=self.node_name, host_ip=HOST_IP, capacity=CAPACITY)
+            write_secret_volumes(self.api, run.pod, spec)
         except Exception as e:  # a missing ConfigMap/Secret key: as a kubelet, retry later
             c.waiting, c.next_start = ("CreateContainerConfigError", str(e)), time.monotonic() + 1
             return

@@ -8,6 +8,7 @@ team-b alone, and may not even list pods there.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -87,3 +88,47 @@ def test_serves_in_the_watched_namespace_only(namespaced):
     cluster_scoped = kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={RELEASE}",
                                   "-o", "name").stdout.strip()
     assert cluster_scoped == ""
+
+
+def test_a_frontend_behind_tls_and_api_keys_from_secrets(namespaced, tmp_path):
+    """frontend.apiKeys and frontend.tls name Secrets: the frontend pods mount them (the fake kubelet writes a
+    Secret volume mounted under the temp dir) and serve only a client with a key, over TLS for the Service's name."""
+    import grpc
+    from moecluster.sdk.client import Client, MoEClusterError
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from tls_files import make_ca
+
+    kube, operator, model = namespaced
+    ca = make_ca(tmp_path)
+    cert, key = ca.issue(tmp_path, "small", [f"small.{WATCHED}.svc"])
+    kube.kubectl("create", "secret", "generic", "small-keys", "-n", WATCHED, "--from-literal=api-keys=e2e-key")
+    kube.kubectl("create", "secret", "tls", "small-tls", "-n", WATCHED, f"--cert={cert}", f"--key={key}")
+    frontend = {"apiKeys": {"secretName": "small-keys", "mountPath": str(tmp_path / "mounted-keys")},
+                "tls": {"secretName": "small-tls", "mountPath": str(tmp_path / "mounted-tls")}}
+    kube.kubectl("patch", "moecluster", "small", "-n", WATCHED, "--type=merge", "-p",
+                 json.dumps({"spec": {"frontend": frontend}}))
+    deadline = time.monotonic() + 180
+    while True:  # the Deployment rolled: one pod, on the new template, ready, and the old one gone
+        deployment = json.loads(kube.kubectl("get", "deployment", "small-frontend", "-n", WATCHED, "-o", "json").stdout)
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        rolled = deployment["status"].get("observedGeneration", 0) >= deployment["metadata"]["generation"]
+        counts = [deployment["status"].get(k, 0) for k in ("replicas", "updatedReplicas", "readyReplicas")]
+        pods = kube.kubectl("get", "pods", "-n", WATCHED, "-l", "app.kubernetes.io/component=frontend",
+                            "-o", "name").stdout.split()
+        if "--tls-cert" in args and rolled and counts == [1, 1, 1] and len(pods) == 1:
+            break
+        assert time.monotonic() < deadline, f"the frontend did not roll: {deployment['status']}"
+        time.sleep(0.5)
+    assert (tmp_path / "mounted-tls" / "tls.crt").read_bytes() == cert.read_bytes()
+    ip = kube.kubectl("get", "service", "small", "-n", WATCHED, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(ids).logits
+    trusted = {"tls": ca.pem, "tls_server_name": f"small.{WATCHED}.svc", "timeout": 60}
+    with Client(f"{ip}:50051", api_key="e2e-key", **trusted) as client:
+        torch.testing.assert_close(client.forward(ids), expected, rtol=0, atol=1e-4)
+    with Client(f"{ip}:50051", api_key="", **trusted) as client, pytest.raises(MoEClusterError) as refused:
+        client.forward(ids)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED

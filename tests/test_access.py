@@ -1,0 +1,148 @@
+"""API keys and TLS on a real gRPC server: who is let in, what a refusal says, and rotating both without a restart."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from moecluster.observability.rpc_latency import RpcLatency
+from moecluster.wire import access, endpoints
+from tls_files import make_ca
+
+TIMEOUT_S = 10.0
+ECHO = "/test.Echo/"
+
+
+def echo_handlers() -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler("test.Echo", {
+        "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
+        "Stream": grpc.stream_stream_rpc_method_handler(lambda requests, context: (r for r in requests)),
+    })
+
+
+class Server:
+    """A real server with the frontend's interceptors: timed, then guarded."""
+
+    def __init__(self, keys: access.ApiKeys | None = None, tls: tuple | None = None):
+        self.latency = RpcLatency("test_rpc_seconds")
+        guard = [access.RequireApiKey(keys)] if keys else []
+        self.server = endpoints.server(4, handlers=[echo_handlers()], interceptors=[self.latency, *guard])
+        checks = health.HealthServicer()
+        checks.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(checks, self.server)
+        port = access.add_port(self.server, "127.0.0.1:0", tls)
+        # A second address on the same port, as a frontend pod listens (its IP, and 127.0.0.1 for port-forward).
+        assert access.add_port(self.server, f"127.0.0.2:{port}", tls) == port
+        self.address, self.second = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(0)
+
+
+def call(channel, method: str, payload: bytes = b"hi", key: str | None = None) -> bytes:
+    metadata = [("authorization", f"Bearer {key}")] if key is not None else None
+    if method == "Unary":
+        return channel.unary_unary(ECHO + "Unary")(payload, timeout=TIMEOUT_S, metadata=metadata)
+    return b"".join(channel.stream_stream(ECHO + "Stream")(iter([payload, payload]), timeout=TIMEOUT_S, metadata=metadata))
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "api-keys"
+    path.write_text("# rotated monthly\nkey-one\n\n  key-two  \n")
+    return path
+
+
+def test_only_a_listed_key_gets_in_and_a_refusal_says_what_to_send(keys_file):
+    server = Server(access.ApiKeys(keys_file))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            for method in ("Unary", "Stream"):
+                assert call(channel, method, key="key-one") in (b"hi", b"hihi")
+                assert call(channel, method, key="key-two") in (b"hi", b"hihi")  # spaces around a key are not part of it
+                with pytest.raises(grpc.RpcError) as missing:
+                    call(channel, method)
+                assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "api_key=KEY" in missing.value.details() and "MOECLUSTER_API_KEY" in missing.value.details()
+                for wrong in ("key-three", "key-on", "# rotated monthly"):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        call(channel, method, key=wrong)
+                    assert (refused.value.code(), refused.value.details()) == (
+                        grpc.StatusCode.UNAUTHENTICATED, "the API key was not accepted")
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING  # probes and load balancers send no key
+        count = server.latency.histogram.count
+        assert count(method="Unary", code="OK") == 2 and count(method="Unary", code="UNAUTHENTICATED") == 4
+        assert count(method="Stream", code="UNAUTHENTICATED") == 4  # refusals are on /metrics too
+    finally:
+        server.stop()
+
+
+def test_a_rotated_keys_file_takes_effect_and_a_broken_one_keeps_the_last_good_keys(keys_file, monkeypatch):
+    monkeypatch.setattr(access, "RECHECK_S", 0.0)
+    keys = access.ApiKeys(keys_file)
+    assert keys.accepts("key-one") and not keys.accepts("key-new")
+    keys_file.write_text("key-new\n")
+    assert keys.accepts("key-new") and not keys.accepts("key-one")
+    keys_file.write_text("# emptied half-way through a rotation\n")
+    assert keys.accepts("key-new")
+    keys_file.unlink()
+    assert keys.accepts("key-new")
+    # A Secret volume's update: the file is a symlink into a new folder, swapped at once.
+    target = keys_file.parent / "..data-2" / "api-keys"
+    target.parent.mkdir()
+    target.write_text("key-from-the-secret\n")
+    keys_file.symlink_to(target)
+    assert keys.accepts("key-from-the-secret") and not keys.accepts("key-new")
+
+
+def test_a_keys_file_that_cannot_serve_is_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the API keys file .*missing"):
+        access.ApiKeys(tmp_path / "missing")
+    (tmp_path / "empty").write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        access.ApiKeys(tmp_path / "empty")
+
+
+def test_tls_serves_the_clients_that_trust_its_ca_and_a_renewed_certificate_at_the_next_handshake(tmp_path):
+    ca = make_ca(tmp_path)
+    cert, key = ca.issue(tmp_path, "frontend", ["localhost", "127.0.0.1"])
+    server = Server(tls=(cert, key))
+    try:
+        for address in (server.address, server.second):
+            with endpoints.channel(address, credentials=access.channel_credentials(ca.pem),
+                                   options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+                assert call(channel, "Unary") == b"hi" and call(channel, "Stream") == b"hihi"
+        with grpc.insecure_channel(server.address) as plaintext, pytest.raises(grpc.RpcError) as refused:
+            call(plaintext, "Unary")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        other = make_ca(tmp_path, "another-ca")
+        with endpoints.channel(server.address, credentials=access.channel_credentials(other.pem)) as untrusting:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(untrusting, "Unary")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # cert-manager renews the certificate in place, from the other CA: a new connection gets the new one.
+        renewed_cert, renewed_key = other.issue(tmp_path, "renewed", ["localhost", "127.0.0.1"])
+        os.replace(renewed_key, key)
+        os.replace(renewed_cert, cert)
+        with endpoints.channel(server.address, credentials=access.channel_credentials(other.pem.read_bytes())) as channel:
+            assert call(channel, "Unary") == b"hi"
+        with endpoints.channel(server.address, credentials=access.channel_credentials(ca.pem)) as stale:
+            with pytest.raises(grpc.RpcError):
+                call(stale, "Unary")
+    finally:
+        server.stop()
+
+
+def test_bad_tls_files_are_refused_with_their_name(tmp_path):
+    ca = make_ca(tmp_path)
+    cert, key = ca.issue(tmp_path, "frontend", ["localhost"])
+    with pytest.raises(ValueError, match="cannot read the TLS certificate or key .*nowhere.key"):
+        access.server_credentials(cert, tmp_path / "nowhere.key")
+    with pytest.raises(ValueError, match="frontend.crt is not a PEM private key"):
+        access.server_credentials(cert, cert)
+    with pytest.raises(ValueError, match="cannot read the CA bundle"):
+        access.channel_credentials(tmp_path / "no-ca.pem")

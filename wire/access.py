@@ -1,0 +1,179 @@
+"""Who may call a frontend, and over what: API keys and TLS, both read from files a rotation replaces.
+
+    keys = ApiKeys("/etc/moecluster/api-keys/api-keys")      # one key per line; re-read when the file changes
+    server = endpoints.server(32, interceptors=[RequireApiKey(keys)])
+    add_port(server, "0.0.0.0:50051", ("tls.crt", "tls.key"))
+
+A client sends its key as `authorization: Bearer KEY` (`Client(api_key=...)`). Every method needs
+one except gRPC's health service, which load balancers and probes call without. Both files are
+watched, so a Kubernetes Secret updated in place (its volume is refreshed by the kubelet) takes
+effect without a restart: keys within a second, certificates at the next TLS handshake. A file
+that turns empty or unreadable keeps the last good keys (a half-written rotation must not lock
+everyone out), with a warning.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+OPEN_SERVICES = ("grpc.health.v1.Health",)
+RECHECK_S = 1.0
+API_KEY_ENV = "MOECLUSTER_API_KEY"
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten (a Secret volume swaps a symlink: stat follows it)."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class ApiKeys:
+    """The keys in a file: one per line; blank lines and lines starting with # are skipped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        try:
+            self._stamp = _stamp(self.path)
+            self._keys = self._read()
+        except OSError as err:
+            raise ValueError(f"cannot read the API keys file {self.path}: {err.strerror}") from None
+        if not self._keys:
+            raise ValueError(f"the API keys file {self.path} holds no key (one per line)")
+
+    def _read(self) -> tuple[bytes, ...]:
+        lines = self.path.read_text().splitlines()
+        return tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+    def accepts(self, key: str) -> bool:
+        given = key.encode()
+        return any(hmac.compare_digest(given, known) for known in self._current())  # the time says nothing
+
+    def _current(self) -> tuple[bytes, ...]:
+        now = time.monotonic()
+        if now - self._checked < RECHECK_S:
+            return self._keys
+        with self._lock:
+            if now - self._checked >= RECHECK_S:
+                self._checked = now
+                self._reload()
+        return self._keys
+
+    def _reload(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+            if stamp == self._stamp:
+                return
+            keys = self._read()
+        except OSError as err:
+            log.warning("cannot read the API keys file %s (%s): keeping the %d keys read before",
+                        self.path, err.strerror, len(self._keys))
+            return
+        if not keys:
+            log.warning("the API keys file %s holds no key now: keeping the %d read before", self.path, len(self._keys))
+            return
+        self._stamp, self._keys = stamp, keys
+        log.info("API keys re-read from %s: %d keys", self.path, len(keys))
+
+
+def bearer(metadata) -> str:
+    """The key of an `authorization: Bearer KEY` entry ("" if none)."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return ""
+
+
+class RequireApiKey(grpc.ServerInterceptor):
+    """Refuses, UNAUTHENTICATED, a call without a key `keys` accepts. Place it after RpcLatency in a server's
+    interceptors, so refused calls are counted with their code."""
+
+    def __init__(self, keys: ApiKeys):
+        self.keys = keys
+        self._refusals: dict = {}  # a handler -> one refusing the same way (made once: RpcLatency caches by handler)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        key = bearer(handler_call_details.invocation_metadata)
+        if key and self.keys.accepts(key):
+            return handler
+        why = ("this frontend needs an API key: Client(address, api_key=KEY), the MOECLUSTER_API_KEY environment "
+               "variable, or the metadata `authorization: Bearer KEY`") if not key else "the API key was not accepted"
+        refusal = self._refusals.get((handler, bool(key)))
+        if refusal is None:
+            refusal = self._refusals[(handler, bool(key))] = _refusing(handler, why)
+        return refusal
+
+
+def _refusing(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler:
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    make = next(make for kind, make in kinds if getattr(handler, kind))
+    return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+def add_port(server: grpc.Server, address: str, tls: tuple[str, str] | None = None) -> int:
+    """Listens on `address`: plaintext, or TLS from `tls` = (certificate file, key file). The port it got (0: none)."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(*tls))  # one per port: gRPC cannot share them
+
+
+def server_credentials(cert_file: str | os.PathLike, key_file: str | os.PathLike) -> grpc.ServerCredentials:
+    """TLS from a PEM certificate chain and its key, re-read at a handshake after either file changed. For one
+    port only: a second port given the same credentials fails to bind (gRPC consumes their first certificate)."""
+    cert_path, key_path = Path(cert_file), Path(key_file)
+
+    def load() -> tuple[tuple, grpc.ServerCertificateConfiguration]:
+        stamps = (_stamp(cert_path), _stamp(key_path))
+        pair = (key_path.read_bytes(), cert_path.read_bytes())
+        return stamps, grpc.ssl_server_certificate_configuration([pair])
+
+    try:
+        loaded = [load()]
+    except OSError as err:
+        raise ValueError(f"cannot read the TLS certificate or key ({err.filename}): {err.strerror}") from None
+    for path, marker in ((cert_path, b"CERTIFICATE-----"), (key_path, b"PRIVATE KEY-----")):
+        if marker not in path.read_bytes():
+            raise ValueError(f"{path} is not a PEM {'certificate' if marker.startswith(b'CERT') else 'private key'}")
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:  # gRPC calls this at each new handshake
+        try:
+            if (_stamp(cert_path), _stamp(key_path)) == loaded[0][0]:
+                return None  # unchanged
+            loaded[0] = load()
+            log.info("TLS certificate re-read from %s", cert_path)
+            return loaded[0][1]
+        except OSError as err:
+            log.warning("cannot read the TLS certificate or key (%s): keeping the one read before", err.strerror)
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(loaded[0][1], fetch)
+
+
+def channel_credentials(tls: bool | str | os.PathLike | bytes) -> grpc.ChannelCredentials:
+    """A client's TLS: True trusts the system's roots; a path or PEM bytes, that CA bundle."""
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, bytes):
+        return grpc.ssl_channel_credentials(root_certificates=tls)
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    except OSError as err:
+        raise ValueError(f"cannot read the CA bundle {tls}: {err.strerror}") from None

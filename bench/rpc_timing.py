@@ -1,21 +1,25 @@
-"""What timing every RPC costs: a gRPC server with the latency interceptor vs the same server without it.
+"""What a server's per-RPC machinery costs: the latency interceptor, a frontend's API-key check and TLS,
+each against the same server without it.
 
     python bench/rpc_timing.py [--calls 3000] [--rounds 3] [--clients 1 8]
 
-The worst case for the interceptor: an RPC that does nothing (echoes 64 bytes), so the
-server's time is all gRPC's and the interceptor's own. Two servers on loopback in a process
-of their own, one timed (`observability/rpc_latency.py`, as every worker and frontend runs),
-two not (the second, measured as if it were another, says how far apart two alike servers
-measure: the noise floor); here N client threads each make `--calls` sequential calls, the
-servers taking turns for `--rounds` rounds so that drift hits all alike. Prints calls/s,
-the ratios timed / untimed and untimed again / untimed, and the microseconds a call gained:
-set that against a worker's Forward (milliseconds).
+The worst case for each: an RPC that does nothing (echoes 64 bytes), so the server's time is
+all gRPC's and the machinery's own. The servers run on loopback in a process of their own:
+untimed; timed (`observability/rpc_latency.py`, as every worker and frontend runs); timed with
+an API key checked (`wire/access.py`, a frontend with --api-keys); timed over TLS (--tls-cert);
+timed over TLS with a key; and untimed again (measured as if it were another, it says how far
+apart two alike servers measure: the noise floor). Here N client threads each make `--calls`
+sequential calls, the servers taking turns for `--rounds` rounds so that drift hits all alike.
+Prints calls/s and each server's ratio to the untimed one, and the microseconds a call gained:
+set that against a worker's or frontend's Forward (milliseconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,27 +28,46 @@ import time
 # bench/kernels.py would shadow the optional `kernels` package transformers probes for.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import grpc  # noqa: E402
 from moecluster.observability.rpc_latency import RpcLatency  # noqa: E402
-from moecluster.wire import endpoints  # noqa: E402
+from moecluster.wire import access, endpoints  # noqa: E402
 
-SERVERS = ("untimed", "timed", "untimed again")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tls_files import make_ca  # noqa: E402
+
+SERVERS = ("untimed", "timed", "timed + key", "timed + TLS", "timed + TLS + key", "untimed again")
+KEY = "bench-key"
 
 
-def echo_server(timed: bool) -> tuple[grpc.Server, str, RpcLatency | None]:
-    latency = RpcLatency("bench_rpc_seconds") if timed else None
+def echo_server(name: str, files: Path) -> tuple[grpc.Server, str, RpcLatency | None]:
+    latency = RpcLatency("bench_rpc_seconds") if name.startswith("timed") else None
+    guard = [access.RequireApiKey(access.ApiKeys(files / "keys"))] if name.endswith("key") else []
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
-    server = endpoints.server(16, handlers=[handler], interceptors=[latency] if latency else [])
-    port = server.add_insecure_port("127.0.0.1:0")
+    server = endpoints.server(16, handlers=[handler], interceptors=[latency, *guard] if latency else [])
+    tls = (files / "server.crt", files / "server.key") if "TLS" in name else None
+    port = access.add_port(server, "127.0.0.1:0", tls)
     server.start()
     return server, f"127.0.0.1:{port}", latency
 
 
-def calls_per_second(address: str, clients: int, calls: int) -> float:
+def make_files() -> Path:
+    files = Path(tempfile.mkdtemp(prefix="rpc-timing-"))
+    (files / "keys").write_text(f"{KEY}\n")
+    make_ca(files, "ca").issue(files, "server", ["localhost"])
+    return files
+
+
+def calls_per_second(name: str, address: str, clients: int, calls: int, files: Path) -> float:
     payload = b"x" * 64
-    channels = [grpc.insecure_channel(address) for _ in range(clients)]
-    stubs = [c.unary_unary("/bench.Echo/Echo") for c in channels]
+    credentials = access.channel_credentials(files / "ca.pem") if "TLS" in name else None
+    channels = [endpoints.channel(address, credentials=credentials, options=[("grpc.ssl_target_name_override",
+                                                                              "localhost")]) for _ in range(clients)]
+    metadata = [("authorization", f"Bearer {KEY}")] if name.endswith("key") else None
+    stubs = [functools.partial(c.unary_unary("/bench.Echo/Echo"), metadata=metadata) for c in channels]
     for stub in stubs:
         stub(payload, timeout=10)  # connected before the clock starts
     start = threading.Barrier(clients + 1)
@@ -67,13 +90,14 @@ def calls_per_second(address: str, clients: int, calls: int) -> float:
     return clients * calls / elapsed
 
 
-def serve() -> None:
-    """The servers' process: prints their addresses, answers `count` on stdin with the timed one's count."""
-    servers = {name: echo_server(name == "timed") for name in SERVERS}
+def serve(files: Path) -> None:
+    """The servers' process: prints their addresses, answers `count` on stdin with the timed ones' counts."""
+    servers = {name: echo_server(name, files) for name in SERVERS}
     print(*(servers[name][1] for name in SERVERS), flush=True)
     for line in sys.stdin:
         if line.strip() == "count":
-            print(servers["timed"][2].histogram.count(method="Echo", code="OK"), flush=True)
+            print(*(latency.histogram.count(method="Echo", code="OK") for _, _, latency in servers.values() if latency),
+                  flush=True)
 
 
 def main() -> None:
@@ -81,34 +105,36 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="sequential calls per client per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        return serve()
-    child = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+        return serve(args.serve)
+    files = make_files()
+    child = subprocess.Popen([sys.executable, __file__, "--serve", str(files)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
         addresses = dict(zip(SERVERS, child.stdout.readline().split()))
-        print(f"{'clients':>7} {'untimed calls/s':>16} {'timed calls/s':>14} {'ratio':>6} {'us/call added':>14} "
-              f"{'untimed again':>14}")
+        print(f"{'clients':>7} {'server':>18} {'calls/s':>9} {'ratio':>6} {'us/call added':>14}")
         for clients in args.clients:
             rates = {name: [] for name in SERVERS}
             for _ in range(args.rounds):
                 for name, address in addresses.items():
-                    rates[name].append(calls_per_second(address, clients, args.calls))
-            plain, again, timed = (sum(rates[name]) / args.rounds for name in ("untimed", "untimed again", "timed"))
-            added_us = (1 / timed - 1 / plain) * clients * 1e6  # per call, as one client sees it
-            print(f"{clients:>7} {plain:>16,.0f} {timed:>14,.0f} {timed / plain:>5.2f}x {added_us:>14.1f} "
-                  f"{again / plain:>13.2f}x")
+                    rates[name].append(calls_per_second(name, address, clients, args.calls, files))
+            plain = sum(rates["untimed"]) / args.rounds
+            for name in SERVERS:
+                rate = sum(rates[name]) / args.rounds
+                added_us = (1 / rate - 1 / plain) * clients * 1e6  # per call, as one client sees it
+                print(f"{clients:>7} {name:>18} {rate:>9,.0f} {rate / plain:>5.2f}x {added_us:>14.1f}")
         child.stdin.write("count\n")
         child.stdin.flush()
-        counted = int(child.stdout.readline())
+        counted = [int(n) for n in child.stdout.readline().split()]
         expected = sum(args.rounds * c * (args.calls + 1) for c in args.clients)
-        assert counted == expected, f"the timed server counted {counted} calls, expected {expected}"
-        print(f"the timed server counted all {counted} calls")
+        assert counted == [expected] * 4, f"the timed servers counted {counted} calls, expected {expected} each"
+        print(f"each timed server counted all {expected} calls as OK")
     finally:
         child.stdin.close()
         child.wait(10)
+        shutil.rmtree(files, ignore_errors=True)
 
 
 if __name__ == "__main__":

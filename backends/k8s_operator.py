@@ -286,22 +286,24 @@ def _roll_workers(runner: ClusterRunner, resource: r.Resource, body, patch, obse
     `worker_rollout.py`). The replace is a drain named in the spec, as `kubectl moe replace` makes: the
     controller carries it out, and the next ticks wait for it to end."""
     busy = runner.action["action"] if runner.action.get("state") == "Running" else ""
-    strategy = (resource.spec.get("updateStrategy") or {}).get("type", worker_rollout.ROLLING_UPDATE)
+    strategy = resource.spec.get("updateStrategy") or {}
     try:
         template = runner.actuator.worker_template()
     except ValueError as err:  # no image: nothing can start, so nothing is replaced
         return worker_rollout.Rollout((), tuple(templates), 0, waiting=str(err))
-    rollout = worker_rollout.plan(templates, template, observed, strategy, busy)
-    if rollout.next is None or runner.controller is None:
+    rollout = worker_rollout.plan(templates, template, observed, strategy.get("type", worker_rollout.ROLLING_UPDATE),
+                                  busy, (strategy.get("rollingUpdate") or {}).get("maxSurge", 1))
+    if not rollout.replace or runner.controller is None:
         return rollout
-    try:
-        first = next(runner.controller.drain(rollout.next, replace=True))
-    except ValueError as err:  # it left meanwhile: the next tick plans again
-        log.info("%s: not replacing %s now: %s", resource.key, rollout.next, err)
-        return worker_rollout.Rollout(rollout.updated, rollout.outdated, rollout.updated_replicas, waiting=str(err))
+    for worker in rollout.replace:
+        try:
+            first = next(runner.controller.drain(worker, replace=True))
+        except ValueError as err:  # it left meanwhile: the next tick plans again
+            log.info("%s: not replacing %s now: %s", resource.key, worker, err)
+            continue
+        kopf.info(body, reason="Updating", message=f"{first}: its pod runs an outdated template ({rollout.message})")
     patch.spec["replicas"] = runner.controller.spec.workers
     patch.spec["drained"] = list(runner.controller.spec.drained)
-    kopf.info(body, reason="Updating", message=f"{first}: its pod runs an outdated template ({rollout.message})")
     return rollout
 
 

@@ -6,10 +6,11 @@ made before are outdated. Kubernetes rolls a Deployment's pods itself; worker po
 it rolls them as `kubectl moe replace` would: a new pod on the new template starts and takes the old one's
 experts before the old one stops. The pool never holds fewer copies than it had, so no request fails.
 
-One worker at a time, and only while the cluster is otherwise at rest (converged, no worker leaving,
-starting or dead, no request of a user running): a rollout never stacks on a scale or a recovery, and a new
-pod that cannot start (a bad image) stalls it with the old pods serving, until the template is fixed. Spares
-go first: they hold no experts, and a replace takes a spare, which must then run the new template.
+`maxSurge` workers at a time (1 by default: each needs room for a new pod first), and only while the
+cluster is otherwise at rest (converged, no worker leaving, starting or dead, no request of a user running):
+a rollout never stacks on a scale or a recovery, and a new pod that cannot start (a bad image) stalls it
+with the old pods serving, until the template is fixed. Spares go first: they hold no experts, and a
+replace takes a spare, which must then run the new template.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Rollout:
     updated: tuple[str, ...]  # workers whose pod runs the current template
     outdated: tuple[str, ...]  # the others, in the order they are replaced
     updated_replicas: int  # updated workers in the pool (spares not counted, as in status.replicas)
-    next: str | None = None  # the worker to replace now
+    replace: tuple[str, ...] = ()  # the workers to replace now
     waiting: str = ""  # why none is replaced now while some are outdated
 
     @property
@@ -34,14 +35,14 @@ class Rollout:
         head = f"{len(self.updated)}/{total} workers on the current template"
         if not self.outdated:
             return head
-        return f"{head}; " + (f"replacing {self.next}" if self.next else self.waiting)
+        return f"{head}; " + (f"replacing {', '.join(self.replace)}" if self.replace else self.waiting)
 
 
 def plan(templates: dict[str, str], template: str, status: dict | None, strategy: str = ROLLING_UPDATE,
-         busy: str = "") -> Rollout:
+         busy: str = "", max_surge: int = 1) -> Rollout:
     """templates: worker id -> the template its pod was made from ("" for a pod made before templates were
     recorded: outdated); template: the current one; status: the controller's `status()` (None: not started);
-    busy: a user's request still running ("" if none)."""
+    busy: a user's request still running ("" if none); max_surge: workers replaced at once."""
     states = {w["id"]: w["state"] for w in (status or {}).get("workers", [])}
     updated = tuple(sorted(w for w, t in templates.items() if t == template))
     # Spares first (nothing to move), then the pool in id order.
@@ -54,7 +55,7 @@ def plan(templates: dict[str, str], template: str, status: dict | None, strategy
     waiting = _why_not_now(templates, outdated, status, strategy, busy)
     if waiting:
         return Rollout(updated, outdated, members, waiting=waiting)
-    return Rollout(updated, outdated, members, next=outdated[0])
+    return Rollout(updated, outdated, members, replace=outdated[:max(1, max_surge)])
 
 
 def _why_not_now(templates: dict[str, str], outdated: tuple[str, ...], status: dict | None, strategy: str,

@@ -60,11 +60,14 @@ def test_outdated_workers_are_replaced_spares_first_then_in_id_order():
     status = workers("serving", "serving", "serving", "standby")
     rollout = plan(templates, "new", status)
     assert rollout.outdated == ("worker-3", "worker-0", "worker-2")  # "": a pod from before templates were kept
-    assert (rollout.next, rollout.updated, rollout.updated_replicas) == ("worker-3", ("worker-1",), 1)
+    assert (rollout.replace, rollout.updated, rollout.updated_replicas) == (("worker-3",), ("worker-1",), 1)
     assert rollout.message == "1/4 workers on the current template; replacing worker-3"
     done = plan(dict.fromkeys(templates, "new"), "new", status)
-    assert (done.next, done.outdated, done.updated_replicas) == (None, (), 3)  # the spare is not a replica
+    assert (done.replace, done.outdated, done.updated_replicas) == ((), (), 3)  # the spare is not a replica
     assert done.message == "4/4 workers on the current template"
+    surge = plan(templates, "new", status, max_surge=2)  # room for two new pods: two go at once
+    assert surge.replace == ("worker-3", "worker-0") and surge.message.endswith("replacing worker-3, worker-0")
+    assert plan(templates, "new", status, max_surge=9).replace == rollout.outdated
 
 
 @pytest.mark.parametrize(("status", "busy", "strategy", "why"), [
@@ -86,9 +89,9 @@ def test_outdated_workers_are_replaced_spares_first_then_in_id_order():
 def test_nothing_is_replaced_unless_the_cluster_is_at_rest(status, busy, strategy, why):
     templates = {"worker-0": "old", "worker-1": "new", "worker-2": "new"}
     rollout = plan(templates, "new", status, strategy, busy)
-    assert (rollout.next, rollout.outdated, rollout.waiting) == (None, ("worker-0",), why)
+    assert (rollout.replace, rollout.outdated, rollout.waiting) == ((), ("worker-0",), why)
     assert rollout.message == f"2/3 workers on the current template; {why}"
-    assert plan(templates, "new", workers("serving", "serving", "serving")).next == "worker-0"  # at rest: it goes
+    assert plan(templates, "new", workers("serving", "serving", "serving")).replace == ("worker-0",)  # at rest: it goes
 
 
 def test_status_counts_updated_workers_and_says_what_the_rollout_does():

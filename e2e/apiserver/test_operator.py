@@ -280,7 +280,8 @@ def test_kubectl_moe_plugin(moe):
 def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
     """worker.computeThreads 1 -> 2: the operator replaces each worker pod in turn, a new one taking the old one's
     experts first, with no failed request; `kubectl moe rollout` waits for it. Under OnDelete nothing is replaced,
-    and a template set back to what the pods run replaces nothing. The checkpoint of a cluster cannot change."""
+    and a template set back to what the pods run replaces nothing; with maxSurge 2 both go at once. The
+    checkpoint of a cluster cannot change."""
     def patch(spec: dict) -> None:
         moe.kube.kubectl("patch", "moecluster", NAME, "-n", NS, "--type=merge", "-p", json.dumps({"spec": spec}))
 
@@ -321,6 +322,12 @@ def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
         assert time.monotonic() < deadline, updating()
         time.sleep(0.5)
     assert moe.worker_pods() == after
+    with moe.load() as load:  # maxSurge 2: both workers are replaced at once
+        patch({"updateStrategy": {"rollingUpdate": {"maxSurge": 2}}, "worker": {"computeThreads": 3}})
+        rolled = kubectl_moe(moe, "rollout", NAME, "--timeout", "300")
+    assert_clean(load.report)
+    assert rolled.returncode == 0 and re.search(r"replacing worker-\d+, worker-\d+", rolled.stdout), rolled.stdout
+    assert not set(after) & set(moe.worker_pods()) and moe.wait_ready(2)["status"]["updatedReplicas"] == 2
 
     moved = json.loads(manifest(Path("/elsewhere"), 2))
     refused = moe.kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(moved), check=False)

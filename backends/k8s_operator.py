@@ -10,11 +10,11 @@ frontend names its cluster in the call metadata (`controller/router.py`).
 
 Level-triggered: a timer on every resource compares it with what runs (spec,
 requested drains and migrations), replaces worker pods made from an outdated
-template one at a time (`worker_rollout.py`), and writes `status` from what the
-controller observes. Nothing is remembered in the operator that is not in the API server
-or in the workers, so a restarted operator picks up where it was, mid-scale
-included. One operator runs at a time: the chart deploys it as a single
-replica with the Recreate strategy, and kopf runs standalone (no peering).
+template a few at a time (`worker_rollout.py`), and writes `status` from what
+the controller observes. Nothing is remembered in the operator that is not in
+the API server or in the workers, so a restarted operator picks up where it
+was, mid-scale included. One operator runs at a time: the chart deploys it as a
+single replica with the Recreate strategy, and kopf runs standalone (no peering).
 """
 
 from __future__ import annotations
@@ -282,8 +282,8 @@ def _take_requests(runner: ClusterRunner, resource: r.Resource, body, patch) -> 
 
 def _roll_workers(runner: ClusterRunner, resource: r.Resource, body, patch, observed: dict | None,
                   templates: dict[str, str]) -> worker_rollout.Rollout:
-    """Replaces the next worker whose pod runs an outdated template, if the cluster is at rest (see
-    `worker_rollout.py`). The replace is a drain named in the spec, as `kubectl moe replace` makes: the
+    """Replaces the next workers (maxSurge) whose pods run an outdated template, if the cluster is at rest
+    (see `worker_rollout.py`). A replace is a drain named in the spec, as `kubectl moe replace` makes: the
     controller carries it out, and the next ticks wait for it to end."""
     busy = runner.action["action"] if runner.action.get("state") == "Running" else ""
     strategy = resource.spec.get("updateStrategy") or {}

@@ -1,4 +1,4 @@
-"""Rolling a MoECluster's worker pods onto a changed template, one replace at a time: pure planning.
+"""Rolling a MoECluster's worker pods onto a changed template, a few replaces at a time: pure planning.
 
 A worker pod runs what the cluster's worker template said when the pod was made: image, resources, flags
 (`k8s_resources.worker_template`). When the template changes (a new image, `worker.computeThreads`), pods

@@ -124,6 +124,10 @@ def test_tls_serves_the_clients_that_trust_its_ca_and_a_renewed_certificate_at_t
             with pytest.raises(grpc.RpcError) as refused:
                 call(untrusting, "Unary")
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        (tmp_path / "torn.crt").write_text("-----BEGIN CERTIF")  # a renewal cut short: the last good one serves on
+        os.replace(tmp_path / "torn.crt", cert)
+        with endpoints.channel(server.address, credentials=access.channel_credentials(ca.pem)) as channel:
+            assert call(channel, "Unary") == b"hi"
         # cert-manager renews the certificate in place, from the other CA: a new connection gets the new one.
         renewed_cert, renewed_key = other.issue(tmp_path, "renewed", ["localhost", "127.0.0.1"])
         os.replace(renewed_key, key)

@@ -140,31 +140,36 @@ def server_credentials(cert_file: str | os.PathLike, key_file: str | os.PathLike
     port only: a second port given the same credentials fails to bind (gRPC consumes their first certificate)."""
     cert_path, key_path = Path(cert_file), Path(key_file)
 
-    def load() -> tuple[tuple, grpc.ServerCertificateConfiguration]:
-        stamps = (_stamp(cert_path), _stamp(key_path))
-        pair = (key_path.read_bytes(), cert_path.read_bytes())
-        return stamps, grpc.ssl_server_certificate_configuration([pair])
+    def load() -> grpc.ServerCertificateConfiguration:
+        key, cert = key_path.read_bytes(), cert_path.read_bytes()
+        for path, data, marker, what in ((cert_path, cert, b"CERTIFICATE-----", "certificate"),
+                                         (key_path, key, b"PRIVATE KEY-----", "private key")):
+            if marker not in data:
+                raise ValueError(f"{path} is not a PEM {what}")
+        return grpc.ssl_server_certificate_configuration([(key, cert)])
+
+    def stamps() -> tuple:
+        return _stamp(cert_path), _stamp(key_path)
 
     try:
-        loaded = [load()]
+        seen, first = [stamps()], load()  # seen: the files as last looked at, whether they loaded or not
     except OSError as err:
         raise ValueError(f"cannot read the TLS certificate or key ({err.filename}): {err.strerror}") from None
-    for path, marker in ((cert_path, b"CERTIFICATE-----"), (key_path, b"PRIVATE KEY-----")):
-        if marker not in path.read_bytes():
-            raise ValueError(f"{path} is not a PEM {'certificate' if marker.startswith(b'CERT') else 'private key'}")
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:  # gRPC calls this at each new handshake
         try:
-            if (_stamp(cert_path), _stamp(key_path)) == loaded[0][0]:
-                return None  # unchanged
-            loaded[0] = load()
+            now = stamps()
+            if now == seen[0]:
+                return None  # unchanged: keep serving what was loaded
+            seen[0] = now
+            config = load()
             log.info("TLS certificate re-read from %s", cert_path)
-            return loaded[0][1]
-        except OSError as err:
-            log.warning("cannot read the TLS certificate or key (%s): keeping the one read before", err.strerror)
+            return config
+        except (OSError, ValueError) as err:  # half-written, or gone: the last good one stays
+            log.warning("cannot use the TLS certificate or key (%s): keeping the one read before", err)
             return None
 
-    return grpc.dynamic_ssl_server_credentials(loaded[0][1], fetch)
+    return grpc.dynamic_ssl_server_credentials(first, fetch)
 
 
 def channel_credentials(tls: bool | str | os.PathLike | bytes) -> grpc.ChannelCredentials:

@@ -71,10 +71,13 @@ def _access_files(backend: str, api_keys, tls_cert, tls_key) -> dict[str, str]:
     try:
         if api_keys:
             access.ApiKeys(api_keys)
-        if tls_cert:
-            access.server_credentials(tls_cert, tls_key)
     except ValueError as err:
-        raise ClusterError(f"{'--api-keys' if 'API keys' in str(err) else '--tls-cert/--tls-key'}: {err}") from None
+        raise ClusterError(f"--api-keys: {err}") from None
+    try:
+        if tls := access.tls_files(tls_cert, tls_key):
+            access.server_credentials(*tls)
+    except ValueError as err:
+        raise ClusterError(f"--tls-cert/--tls-key: {err}") from None
     files = {"api_keys_file": api_keys, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
     return {field: str(Path(path).resolve()) for field, path in files.items() if path}
 

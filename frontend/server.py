@@ -179,9 +179,7 @@ class FrontendServer:
         """`max_workers`: requests served at once (a generation waiting in the running batch holds one).
         `api_keys`: a file of the keys a client must send (none: any client); `tls_cert` and `tls_key`: PEM
         files to serve TLS with (none: plaintext). See wire/access.py."""
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
-        tls = (tls_cert, tls_key) if tls_cert else None
+        tls = access.tls_files(tls_cert, tls_key)
         if tls:
             access.server_credentials(*tls)  # a bad file fails here, before the model loads
         guard = [access.RequireApiKey(access.ApiKeys(api_keys))] if api_keys else []

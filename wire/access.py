@@ -128,6 +128,13 @@ def _refusing(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler
     return make(refuse, handler.request_deserializer, handler.response_serializer)
 
 
+def tls_files(cert_file, key_file) -> tuple[str, str] | None:
+    """(certificate, key) to serve TLS with, None for plaintext; one without the other is refused."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    return (str(cert_file), str(key_file)) if cert_file else None
+
+
 def add_port(server: grpc.Server, address: str, tls: tuple[str, str] | None = None) -> int:
     """Listens on `address`: plaintext, or TLS from `tls` = (certificate file, key file). The port it got (0: none)."""
     if tls is None:

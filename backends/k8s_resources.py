@@ -78,6 +78,7 @@ def cluster_spec(resource: Resource) -> ClusterSpec:
         worker_batch_tokens=worker.get("batchTokens"),
         worker_compute_threads=worker.get("computeThreads"),
         generate_cache_tokens=(spec.get("frontend") or {}).get("generateCacheTokens"),
+        forward_batch_tokens=(spec.get("frontend") or {}).get("forwardBatchTokens"),
         **_access_files(spec.get("frontend") or {}),
     )
 

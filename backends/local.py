@@ -156,7 +156,8 @@ class LocalCluster:
            worker_device: str = "cpu", frontend_device: str = "cpu", colocate: bool = False,
            rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0,
            worker_batch_tokens: int | None = None, worker_compute_threads: int | None = None,
-           generate_cache_tokens: int | None = None, api_keys: str | Path | None = None,
+           generate_cache_tokens: int | None = None, forward_batch_tokens: int | None = None,
+           api_keys: str | Path | None = None,
            tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine).
@@ -192,6 +193,9 @@ class LocalCluster:
         if generate_cache_tokens is not None and generate_cache_tokens != 0 and generate_cache_tokens < GENERATE_PAGE_TOKENS:
             raise ClusterError(f"--generate-cache-tokens must be 0 (each generation alone) or at least one "
                                f"{GENERATE_PAGE_TOKENS}-token page; got {generate_cache_tokens}")
+        if forward_batch_tokens is not None and forward_batch_tokens < 0:
+            raise ClusterError(f"--forward-batch-tokens is tokens a forward, at least 0 (0: each request alone); "
+                               f"got {forward_batch_tokens}")
         access_files = _access_files(backend, api_keys, tls_cert, tls_key)
         if port and not port_free(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
@@ -213,7 +217,8 @@ class LocalCluster:
                            frontend_device=frontend_device, colocate=colocate, rebalance_above=rebalance_above,
                            max_replicas=max_replicas, rebalance_min_load=rebalance_min_load,
                            worker_batch_tokens=worker_batch_tokens, worker_compute_threads=worker_compute_threads,
-                           generate_cache_tokens=generate_cache_tokens, **access_files)
+                           generate_cache_tokens=generate_cache_tokens, forward_batch_tokens=forward_batch_tokens,
+                           **access_files)
         shutil.rmtree(self.dir, ignore_errors=True)  # the logs an earlier failed `up` kept
         self.dir.mkdir(parents=True)
         (self.dir / "spec.json").write_text(spec.model_dump_json(indent=2))

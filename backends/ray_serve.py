@@ -118,13 +118,14 @@ def stop(name: str) -> None:
 
 def app_builder(args: dict):
     """For `serve deploy` / `serve run` config files: `import_path: moecluster.backends.ray_serve:app_builder`,
-    `args: {model: DIR, controller: HOST:PORT, name: NAME, device: cpu|cuda|auto, generate_cache_tokens: N}` (the
+    `args: {model: DIR, controller: HOST:PORT, name: NAME, device: cpu|cuda|auto, generate_cache_tokens: N,
+    forward_batch_tokens: N}` (the
     controller `moectl up --backend ray` started; with device cuda give the deployment `ray_actor_options:
     {num_gpus: 1}`)."""
     missing = [k for k in ("model", "controller") if k not in args]
     if missing:
         raise ValueError(f"moecluster Serve application: args lack {missing}; give model (checkpoint folder) and "
                          "controller (host:port, from `moectl status -o json`)")
-    settings = {"generate_cache_tokens": int(args["generate_cache_tokens"])} if "generate_cache_tokens" in args else {}
+    settings = {k: int(args[k]) for k in ("generate_cache_tokens", "forward_batch_tokens") if k in args}
     return MoEFrontend.bind(args["model"], args["controller"], args.get("name", "moecluster"), args.get("device", "cpu"),
                             settings)

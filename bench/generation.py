@@ -38,15 +38,17 @@ def moectl(env, *args) -> str:
                           capture_output=True, text=True).stdout
 
 
-def start_frontend(model: Path, controller: str, run: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    ready = run / "frontend-alone.ready"
+def start_frontend(model: Path, controller: str, run: Path, extra: list[str], name: str = "alone"
+                   ) -> tuple[subprocess.Popen, str]:
+    """A frontend process of its own on the cluster's controller (`extra`: its flags; a later flag wins)."""
+    ready = run / f"frontend-{name}.ready"
     proc = subprocess.Popen([sys.executable, "-m", "moecluster.frontend.server", "--checkpoint", str(model),
                              "--controller", controller, "--ready-file", str(ready), "--metrics-port", "-1", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not ready.is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the second frontend did not start")
+            raise RuntimeError(f"the frontend {name!r} did not start")
         time.sleep(0.1)
     return proc, json.loads(ready.read_text())["address"]
 

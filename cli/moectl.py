@@ -66,7 +66,8 @@ def cmd_up(args) -> int:
                         rebalance_above=args.rebalance_above, max_replicas=args.max_replicas,
                         rebalance_min_load=args.rebalance_min_load, worker_batch_tokens=args.worker_batch_tokens,
                         worker_compute_threads=args.worker_compute_threads,
-                        generate_cache_tokens=args.generate_cache_tokens, api_keys=args.api_keys,
+                        generate_cache_tokens=args.generate_cache_tokens,
+                        forward_batch_tokens=args.forward_batch_tokens, api_keys=args.api_keys,
                         tls_cert=args.tls_cert, tls_key=args.tls_key)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--generate-cache-tokens", type=int, metavar="N",
                     help="the frontend decodes greedy generations together in one running batch with a KV cache of N "
                     "tokens of all their sequences (default 4096; larger on a GPU); 0: each generation alone")
+    up.add_argument("--forward-batch-tokens", type=int, metavar="N",
+                    help="the frontend computes the Forward requests that arrive while it computes others as one "
+                    "forward of up to N of their tokens (default 2048); 0: each request alone")
     up.add_argument("--api-keys", metavar="FILE", help="the frontend serves only clients that send one of the keys "
                     "in FILE (one per line): Client(address, api_key=KEY) or MOECLUSTER_API_KEY; re-read when it changes")
     up.add_argument("--tls-cert", metavar="FILE", help="the frontend serves TLS with this PEM certificate chain "

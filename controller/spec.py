@@ -44,6 +44,9 @@ class ClusterSpec(BaseModel):
     generate_cache_tokens: int | None = Field(None, ge=0, description="frontends decode greedy generations together "
                                               "in one running batch with a KV cache of this many tokens; 0: each "
                                               "request alone (unset: the frontend's default, 4096)")
+    forward_batch_tokens: int | None = Field(None, ge=0, description="frontends compute the Forward requests that "
+                                             "arrive while they compute others as one forward of up to this many "
+                                             "tokens; 0: each request alone (unset: the frontend's default, 2048)")
     api_keys_file: str | None = Field(None, description="frontends serve only clients that send one of the keys in "
                                       "this file (one per line) as `authorization: Bearer KEY` (wire/access.py)")
     tls_cert_file: str | None = Field(None, description="frontends serve TLS with this PEM certificate chain")
@@ -84,7 +87,8 @@ class ClusterSpec(BaseModel):
 
     def frontend_settings(self) -> dict[str, int]:
         """What this spec sets of a frontend's serving, as FrontendServer's keywords."""
-        return _set({"generate_cache_tokens": self.generate_cache_tokens})
+        return _set({"generate_cache_tokens": self.generate_cache_tokens,
+                     "forward_batch_tokens": self.forward_batch_tokens})
 
     def frontend_access(self) -> dict[str, str]:
         """Who may call a frontend and over what (files it reads), as FrontendServer's keywords."""

@@ -22,6 +22,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
+from moecluster.frontend.forward_batcher import ForwardBatcher
 from moecluster.frontend.generation_batcher import BATCHED_FAMILIES, GenerationBatcher, GenerationFailed
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.table_watcher import TableWatcher
@@ -38,14 +39,19 @@ from moecluster.wire.tensors import WireError, decode, encode
 MAX_BATCH_TOKENS = 65536
 MAX_NEW_TOKENS = 4096
 DEFAULT_CACHE_TOKENS = 4096  # KV cache of the generations decoded together, in tokens of all their sequences
+DEFAULT_FORWARD_BATCH_TOKENS = 2048  # tokens of concurrent Forward requests computed as one forward
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = "",
-                 device: torch.device | str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS):
+                 device: torch.device | str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS,
+                 forward_batch_tokens: int = DEFAULT_FORWARD_BATCH_TOKENS):
         """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here).
         `generate_cache_tokens`: the KV cache of greedy generations decoded together (generation_batcher.py);
-        0 decodes each request on its own."""
+        0 decodes each request on its own. `forward_batch_tokens`: the most tokens of concurrent Forward requests
+        computed as one forward (forward_batcher.py); 0 computes each on its own."""
+        if forward_batch_tokens < 0:
+            raise ValueError(f"forward_batch_tokens is {forward_batch_tokens}; 0 (each request alone) or more")
         self.checkpoint = checkpoint
         self.dispatcher = dispatcher
         self.device = resolve_device(device)
@@ -59,6 +65,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.generated_tokens = 0  # new tokens answered, of all rows
         batched = generate_cache_tokens and checkpoint.config.model_type in BATCHED_FAMILIES
         self.generations = GenerationBatcher(self.model, cache_tokens=generate_cache_tokens) if batched else None
+        self.forwards = ForwardBatcher(self._logits, forward_batch_tokens) if forward_batch_tokens else None
 
     # -- RPCs ------------------------------------------------------------
 
@@ -74,10 +81,13 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         yield from streaming.split(response.SerializeToString())
 
     def _forward(self, request):
-        ids = self._input_ids(request.input_ids).to(self.device)
-        with torch.no_grad():
-            logits = self.model(input_ids=ids).logits.float().cpu()
+        ids = self._input_ids(request.input_ids)
+        logits = self.forwards.forward(ids) if self.forwards else self._logits(ids)
         return frontend_pb2.ForwardResponse(logits=encode(logits))
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
 
     def Generate(self, request, context):
         def run():
@@ -112,7 +122,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             model=self.model_name, family=self.checkpoint.config.model_type, vocab_size=self.vocab,
             num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
             controller=self.controller, device=str(self.device),
-            generate_cache_tokens=self.generations.capacity if self.generations else 0)
+            generate_cache_tokens=self.generations.capacity if self.generations else 0,
+            forward_batch_tokens=self.forwards.max_tokens if self.forwards else 0)
 
     def Status(self, request, context):
         table = self.dispatcher.table
@@ -138,9 +149,11 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             requests=requests, failed=failed, device=str(self.device))
 
     def close(self) -> None:
-        """Stops the batched generation loop (requests still in it fail)."""
+        """Stops the batched generation loop (requests still in it fail) and the forward batcher's threads."""
         if self.generations:
             self.generations.close()
+        if self.forwards:
+            self.forwards.close()
 
     # -- helpers -----------------------------------------------------------
 
@@ -174,7 +187,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 30.0, max_workers: int = 32, frontend_id: str = "", cluster: str = "",
-                 device: str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS, api_keys: str | None = None,
+                 device: str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS,
+                 forward_batch_tokens: int = DEFAULT_FORWARD_BATCH_TOKENS, api_keys: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None):
         """`max_workers`: requests served at once (a generation waiting in the running batch holds one).
         `api_keys`: a file of the keys a client must send (none: any client); `tls_cert` and `tls_key`: PEM
@@ -185,7 +199,8 @@ class FrontendServer:
         guard = [access.RequireApiKey(access.ApiKeys(api_keys))] if api_keys else []
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
-                                       generate_cache_tokens=generate_cache_tokens)
+                                       generate_cache_tokens=generate_cache_tokens,
+                                       forward_batch_tokens=forward_batch_tokens)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
@@ -219,10 +234,12 @@ class FrontendServer:
 
     def render_metrics(self) -> str:
         """Prometheus text for /metrics, from the service's counters and the dispatcher's state."""
-        d = self.dispatcher
+        d, forwards = self.dispatcher, self.service.forwards
         return frontend_metrics(requests=self.service.requests, failed=self.service.failed, retries=d.retries,
                                 wire_bytes=d.wire_bytes, epoch=d.table.epoch, outstanding=d.outstanding(),
-                                generated_tokens=self.service.generated_tokens, latency=self.rpc_latency.histogram)
+                                generated_tokens=self.service.generated_tokens, latency=self.rpc_latency.histogram,
+                                forward_batches=forwards.forwards if forwards else 0,
+                                batched_forwards=forwards.requests if forwards else 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"continuous batching) with a KV cache of this many tokens (default {DEFAULT_CACHE_TOKENS}; "
                              "a request that does not fit, a sampled one, or one of a family it does not take is "
                              "decoded alone); 0: every request alone")
+    parser.add_argument("--forward-batch-tokens", type=int, default=DEFAULT_FORWARD_BATCH_TOKENS, metavar="N",
+                        help="Forward requests that arrive while the frontend computes others are computed together "
+                             f"as one forward of up to N of their tokens (default {DEFAULT_FORWARD_BATCH_TOKENS}); "
+                             "0: every request alone")
     parser.add_argument("--api-keys", metavar="FILE", help="serve only clients that send one of the keys in FILE (one "
                         "per line) as `authorization: Bearer KEY`; re-read when it changes (a rotated Secret)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (with --tls-key); "
@@ -259,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         frontend = FrontendServer(args.checkpoint, args.controller, host=args.host, port=args.port, timeout=args.timeout,
                                   frontend_id=args.frontend_id, cluster=args.cluster, device=args.device,
-                                  generate_cache_tokens=args.generate_cache_tokens, api_keys=args.api_keys,
+                                  generate_cache_tokens=args.generate_cache_tokens,
+                                  forward_batch_tokens=args.forward_batch_tokens, api_keys=args.api_keys,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key).start()
         metrics_host = args.host.split(",")[0]
         metrics = serve_metrics(frontend.render_metrics, args.metrics_port, metrics_host) if args.metrics_port >= 0 else None

@@ -345,14 +345,20 @@ def worker_metrics(stats, *, bytes_pulled: int = 0, latency: Histogram | None = 
 
 
 def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
-                     outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None) -> str:
+                     outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None,
+                     forward_batches: int = 0, batched_forwards: int = 0) -> str:
     """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per
-    worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py)."""
+    worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py);
+    `forward_batches` / `batched_forwards`: the forward batcher's forwards and the requests they answered."""
     r = Registry()
     r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
     r.counter("moecluster_frontend_generated_tokens_total",
               "new tokens Generate answered, of all rows (its rate: tokens/s)").set(int(generated_tokens))
     r.counter("moecluster_frontend_failed_total", "requests failed for want of a live expert replica").set(int(failed))
+    r.counter("moecluster_frontend_forward_batches_total",
+              "forwards of the model that computed Forward requests together").set(int(forward_batches))
+    r.counter("moecluster_frontend_batched_forwards_total",
+              "Forward requests those forwards answered (over forward_batches: the mean batch)").set(int(batched_forwards))
     r.counter("moecluster_frontend_dispatch_retries_total",
               "worker shares sent again to another replica").set(int(retries))
     r.counter("moecluster_frontend_wire_bytes_total", "serialized bytes to and from workers").set(int(wire_bytes))

@@ -92,7 +92,8 @@ def run(args) -> dict:
             started = time.monotonic()
             c = LocalCluster(family.replace("_", "-"))
             # the second cluster's actors and Serve replicas take the spec's serving settings
-            settings = {"worker_batch_tokens": 0, "generate_cache_tokens": 64} if family == "mixtral" else {}
+            settings = ({"worker_batch_tokens": 0, "generate_cache_tokens": 64, "forward_batch_tokens": 0}
+                        if family == "mixtral" else {})
             c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port,
                  snapshot_dir=root / "snaps" if family == "qwen3_moe" else None, **settings)
             clusters.append(c)
@@ -105,6 +106,7 @@ def run(args) -> dict:
                                       "grpc_max_err": float((by_grpc - logits).abs().max()),
                                       "endpoint": c.status()["endpoint"],
                                       "generate_cache_tokens": client.info().generate_cache_tokens,
+                                      "forward_batch_tokens": client.info().forward_batch_tokens,
                                       "worker_requests": sum(s.requests for s in stats),
                                       "worker_forward_batches": sum(s.forward_batches for s in stats)}
 

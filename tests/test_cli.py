@@ -132,7 +132,8 @@ def test_named_clusters_side_by_side_each_with_its_serving_settings(env, checkpo
     """Two clusters at once; the first sets what its workers batch and its frontend's generation cache, the
     second keeps the defaults, and each process serves as its own cluster's `up` said."""
     ports = [free_port(), free_port()]
-    settings = [["--worker-batch-tokens", "0", "--worker-compute-threads", "1", "--generate-cache-tokens", "64"], []]
+    settings = [["--worker-batch-tokens", "0", "--worker-compute-threads", "1", "--generate-cache-tokens", "64",
+                 "--forward-batch-tokens", "0"], []]
     for name, port, family, extra in zip(["one", "two"], ports, ["olmoe", "qwen2_moe"], settings):
         moectl(env, "up", "--model", str(checkpoints[family]), "--workers", "1", "--port", str(port), "--detach",
                "--name", name, *extra)
@@ -147,6 +148,7 @@ def test_named_clusters_side_by_side_each_with_its_serving_settings(env, checkpo
         assert {s.family for s in statuses} == {"olmoe", "qwen2_moe"}
         assert [w.device for s in statuses for w in s.workers] == ["cpu", "cpu"]  # what the SDK reports
         assert [Client(f"127.0.0.1:{p}").info().generate_cache_tokens for p in ports] == [64, 4096]
+        assert [Client(f"127.0.0.1:{p}").info().forward_batch_tokens for p in ports] == [0, 2048]
         stats = [worker_stats(s.workers[0].address) for s in statuses]
         assert all(s.requests >= 4 for s in stats), stats  # the forward's and the generation's, each layer
         assert [s.forward_batches > 0 for s in stats] == [False, True], "batching off on the first cluster only"
@@ -190,6 +192,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--worker-batch-tokens", "-1"], "--worker-batch-tokens is tokens a call, at least 0"),
     (["up", "--model", "{model}", "--worker-compute-threads", "0"], "--worker-compute-threads must be at least 1"),
     (["up", "--model", "{model}", "--generate-cache-tokens", "10"], "at least one 32-token page; got 10"),
+    (["up", "--model", "{model}", "--forward-batch-tokens", "-2"], "--forward-batch-tokens is tokens a forward"),
     (["up", "--model", "{model}", "--name", "bad/name"], "use letters, digits"),
     (["up", "--model", "{model}", "--worker-device", "tpu"], "--worker-device 'tpu': not a device"),
     (["up", "--model", "{model}", "--worker-device", "cuda:99"], "--worker-device cuda:99: "),  # no GPU, or too few
@@ -308,7 +311,12 @@ def test_train_and_snapshot_from_the_command_line(tmp_path, env):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", dtype=torch.float32).state_dict()
     eager, eager_losses = _train_in_process(model, fused=False)
-    fused, _ = _train_in_process(model, fused=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers compute (`up`'s --worker-threads): a sum split across threads rounds apart
+    try:
+        fused, _ = _train_in_process(model, fused=True)
+    finally:
+        torch.set_num_threads(threads)
     for row, step, expected in zip(rows, range(4), eager_losses, strict=True):
         assert row["step"] == step and abs(row["loss"] - expected) <= 1e-4 * expected
     # The cluster adds nothing to the numbers: the same steps in one process with the workers' kernel agree

@@ -104,14 +104,16 @@ def test_serving_settings_reach_the_worker_and_frontend_processes_only_when_set(
         return worker, frontend["containers"][0]["args"]
 
     worker, frontend = args(resource())
-    assert not {"--batch-tokens", "--compute-threads"} & set(worker) and "--generate-cache-tokens" not in frontend
+    assert not {"--batch-tokens", "--compute-threads"} & set(worker)
+    assert not {"--generate-cache-tokens", "--forward-batch-tokens"} & set(frontend)
     res = resource(worker={**SPEC["worker"], "batchTokens": 0, "computeThreads": 3},
-                   frontend={"replicas": 2, "generateCacheTokens": 65536})
+                   frontend={"replicas": 2, "generateCacheTokens": 65536, "forwardBatchTokens": 0})
     spec = r.cluster_spec(res)
     assert (spec.worker_batch_tokens, spec.worker_compute_threads, spec.generate_cache_tokens) == (0, 3, 65536)
+    assert spec.forward_batch_tokens == 0
     worker, frontend = args(res)
     assert worker[-4:] == ["--batch-tokens", "0", "--compute-threads", "3"]
-    assert frontend[-2:] == ["--generate-cache-tokens", "65536"]
+    assert frontend[-4:] == ["--generate-cache-tokens", "65536", "--forward-batch-tokens", "0"]
     with pytest.raises(ValidationError, match="below one page of the KV cache"):
         r.cluster_spec(resource(frontend={"generateCacheTokens": 16}))
     with pytest.raises(ValidationError, match="worker_compute_threads"):

@@ -283,6 +283,8 @@ def test_frontend_metrics_count_requests_failures_and_epoch(qwen3):
             assert value(parsed, "moecluster_frontend_workers") == 1
             assert value(parsed, "moecluster_frontend_outstanding_tokens", worker="w") == 0
             assert value(parsed, "moecluster_frontend_wire_bytes_total") > 0
+            assert value(parsed, "moecluster_frontend_forward_batches_total") == 2  # each alone, the failed one too
+            assert value(parsed, "moecluster_frontend_batched_forwards_total") == 2
 
             # through the gRPC server: every RPC timed by its outcome, and the tokens generated counted
             frontend.dispatcher.update(RoutingTable(4, {"w": servers["w"].address}, placement))

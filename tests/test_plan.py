@@ -386,10 +386,11 @@ def test_serving_settings_are_the_processes_keywords_and_flags_and_only_those_se
     assert GENERATE_PAGE_TOKENS == PAGE_TOKENS  # the spec checks the frontend's page without importing transformers
     unset = spec(2, 1)
     assert (unset.worker_settings(), unset.frontend_settings()) == ({}, {})
-    full = ClusterSpec(model="m", workers=1, worker_batch_tokens=0, worker_compute_threads=1, generate_cache_tokens=0)
+    full = ClusterSpec(model="m", workers=1, worker_batch_tokens=0, worker_compute_threads=1, generate_cache_tokens=0,
+                       forward_batch_tokens=512)
     assert full.worker_settings() == {"batch_tokens": 0, "compute_threads": 1}
     assert as_flags(full.worker_settings()) == ["--batch-tokens", "0", "--compute-threads", "1"]
-    assert as_flags(full.frontend_settings()) == ["--generate-cache-tokens", "0"]
+    assert as_flags(full.frontend_settings()) == ["--generate-cache-tokens", "0", "--forward-batch-tokens", "512"]
     assert unset.frontend_access() == {}
     guarded = ClusterSpec(model="m", workers=1, api_keys_file="/k", tls_cert_file="/c", tls_key_file="/p")
     assert as_flags(guarded.frontend_access()) == ["--api-keys", "/k", "--tls-cert", "/c", "--tls-key", "/p"]

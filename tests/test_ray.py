@@ -56,10 +56,10 @@ def test_answers_equal_transformers(report, family):
     assert result["max_err"] <= 1e-4 and result["grpc_max_err"] <= 1e-4, result
     assert result["endpoint"].startswith("http://127.0.0.1:"), "the frontend is a Serve application on loopback"
     # mixtral's `up` set the serving settings: its worker actors compute each request alone, and its
-    # replicas keep a 64-token generation cache; qwen3's keep the defaults
+    # replicas keep a 64-token generation cache and compute each Forward alone; qwen3's keep the defaults
     assert result["worker_requests"] > 0, result
-    assert (result["worker_forward_batches"] > 0, result["generate_cache_tokens"]) == (
-        (False, 64) if family == "mixtral" else (True, 4096)), result
+    assert (result["worker_forward_batches"] > 0, result["generate_cache_tokens"], result["forward_batch_tokens"]) == (
+        (False, 64, 0) if family == "mixtral" else (True, 4096, 2048)), result
 
 
 def test_scale_two_three_two_under_load_fails_nothing(report):

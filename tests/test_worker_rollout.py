@@ -41,7 +41,7 @@ def test_what_a_worker_runs_changes_the_template(change):
 @pytest.mark.parametrize("change", [
     {"replicas": 5}, {"standbyWorkers": 1}, {"minReplicasPerExpert": 3}, {"rebalanceAbove": 100},
     {"drained": ["worker-0"]}, {"colocate": True}, {"updateStrategy": {"type": ON_DELETE}},
-    {"frontend": {"replicas": 3, "generateCacheTokens": 64, "resources": {"limits": {"cpu": 4}},
+    {"frontend": {"replicas": 3, "generateCacheTokens": 64, "forwardBatchTokens": 0, "resources": {"limits": {"cpu": 4}},
                   "apiKeys": {"secretName": "keys"}, "tls": {"secretName": "cert"}}},
 ])
 def test_what_only_the_controller_or_the_frontends_read_does_not(change):

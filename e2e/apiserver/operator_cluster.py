@@ -15,7 +15,7 @@ def manifest(model: Path, replicas: int) -> str:
         "apiVersion": "moecluster.io/v1alpha1", "kind": "MoECluster", "metadata": {"name": NAME, "namespace": NS},
         "spec": {"model": {"path": str(model)}, "replicas": replicas, "minReplicasPerExpert": 2,
                  "image": "moecluster:test", "worker": {"threads": 1, "computeThreads": 1},
-                 "frontend": {"replicas": 1, "generateCacheTokens": 64}},
+                 "frontend": {"replicas": 1, "generateCacheTokens": 64, "forwardBatchTokens": 128}},
     })
 
 

@@ -101,15 +101,17 @@ def test_serves_the_answers_of_transformers_through_the_service(moe):
 
 
 def test_the_serving_settings_reach_the_pods_and_a_bad_one_is_refused(moe):
-    """The CRD keeps worker.computeThreads and frontend.generateCacheTokens (an unknown field would be pruned
-    on its way in), the operator passes them to the processes, and the API server refuses a cache under a page."""
+    """The CRD keeps worker.computeThreads and the frontend's generateCacheTokens and forwardBatchTokens (an unknown
+    field would be pruned on its way in), the operator passes them to the processes, and the API server refuses a
+    cache under a page."""
     from moecluster.sdk.client import Client
 
     args = json.loads(moe.kube.kubectl("get", "pod", moe.worker_pods()[0], "-n", NS, "-o",
                                        "jsonpath={.spec.containers[0].args}").stdout)
     assert args[args.index("--compute-threads") + 1] == "1" and "--batch-tokens" not in args
     with Client(moe.address(), timeout=60) as client:
-        assert client.info().generate_cache_tokens == 64  # what the frontend process took
+        info = client.info()  # what the frontend process took
+        assert (info.generate_cache_tokens, info.forward_batch_tokens) == (64, 128)
     bad = json.loads(manifest(moe.model, 2))
     bad["spec"]["frontend"]["generateCacheTokens"] = 16
     refused = moe.kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(bad), check=False)

@@ -322,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the frontend computes the Forward requests that arrive while it computes others as one "
                     "forward of up to N of their tokens (default 2048); 0: each request alone")
     up.add_argument("--api-keys", metavar="FILE", help="the frontend serves only clients that send one of the keys "
-                    "in FILE (one per line): Client(address, api_key=KEY) or MOECLUSTER_API_KEY; re-read when it changes")
+                    "in FILE: Client(address, api_key=KEY) or MOECLUSTER_API_KEY. A line: KEY [name=NAME] "
+                    "[requests-per-second=R] (calls counted by NAME on /metrics; over R a second refused, "
+                    "RESOURCE_EXHAUSTED); re-read when it changes")
     up.add_argument("--tls-cert", metavar="FILE", help="the frontend serves TLS with this PEM certificate chain "
                     "(with --tls-key; clients: Client(address, tls=CA_FILE)); re-read when it changes")
     up.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")

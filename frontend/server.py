@@ -196,7 +196,7 @@ class FrontendServer:
         tls = access.tls_files(tls_cert, tls_key)
         if tls:
             access.server_credentials(*tls)  # a bad file fails here, before the model loads
-        guard = [access.RequireApiKey(access.ApiKeys(api_keys))] if api_keys else []
+        self.guard = access.RequireApiKey(access.ApiKeys(api_keys)) if api_keys else None
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
                                        generate_cache_tokens=generate_cache_tokens,
@@ -205,7 +205,7 @@ class FrontendServer:
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
         self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS,
-                                       interceptors=[self.rpc_latency, *guard])  # refused calls are timed too
+                                       interceptors=[self.rpc_latency, *filter(None, [self.guard])])  # refused calls timed too
         frontend_pb2_grpc.add_FrontendServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         hosts = host.split(",")  # the first is where it is reached; e.g. a pod's IP, then 127.0.0.1 for port-forward
@@ -239,7 +239,8 @@ class FrontendServer:
                                 wire_bytes=d.wire_bytes, epoch=d.table.epoch, outstanding=d.outstanding(),
                                 generated_tokens=self.service.generated_tokens, latency=self.rpc_latency.histogram,
                                 forward_batches=forwards.forwards if forwards else 0,
-                                batched_forwards=forwards.requests if forwards else 0)
+                                batched_forwards=forwards.requests if forwards else 0,
+                                client_calls=self.guard.calls() if self.guard else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Forward requests that arrive while the frontend computes others are computed together "
                              f"as one forward of up to N of their tokens (default {DEFAULT_FORWARD_BATCH_TOKENS}); "
                              "0: every request alone")
-    parser.add_argument("--api-keys", metavar="FILE", help="serve only clients that send one of the keys in FILE (one "
-                        "per line) as `authorization: Bearer KEY`; re-read when it changes (a rotated Secret)")
+    parser.add_argument("--api-keys", metavar="FILE", help="serve only clients that send one of the keys in FILE as "
+                        "`authorization: Bearer KEY`; a line: `KEY [name=NAME] [requests-per-second=R]` (calls "
+                        "counted by NAME; over R a second refused); re-read when it changes (a rotated Secret)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (with --tls-key); "
                         "re-read at a handshake after it changes")
     parser.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")

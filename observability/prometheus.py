@@ -346,10 +346,12 @@ def worker_metrics(stats, *, bytes_pulled: int = 0, latency: Histogram | None = 
 
 def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
                      outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None,
-                     forward_batches: int = 0, batched_forwards: int = 0) -> str:
+                     forward_batches: int = 0, batched_forwards: int = 0,
+                     client_calls: Mapping[tuple[str, str], int] | None = None) -> str:
     """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per
     worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py);
-    `forward_batches` / `batched_forwards`: the forward batcher's forwards and the requests they answered."""
+    `forward_batches` / `batched_forwards`: the forward batcher's forwards and the requests they answered;
+    `client_calls`: (key holder's name, admitted | limited) -> calls, where the frontend asks for API keys."""
     r = Registry()
     r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
     r.counter("moecluster_frontend_generated_tokens_total",
@@ -369,6 +371,11 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
                    ["worker"])
     for worker_id, tokens in sorted(outstanding.items()):
         load.set(int(tokens), worker=worker_id)
+    if client_calls is not None:
+        calls = r.counter("moecluster_frontend_client_calls_total", "calls by the holder of each API key: admitted, "
+                          "or refused for being over its requests-per-second", ["client", "outcome"])
+        for (client, outcome), count in sorted(client_calls.items()):
+            calls.set(int(count), client=client, outcome=outcome)
     if latency is not None:
         r.add(latency)
     return r.render()

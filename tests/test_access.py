@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from moecluster.observability.prometheus import frontend_metrics, parse
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.wire import access, endpoints
+from moecluster.wire.rate_limits import RateLimits
 from tls_files import make_ca
 
 TIMEOUT_S = 10.0
@@ -27,7 +30,8 @@ class Server:
 
     def __init__(self, keys: access.ApiKeys | None = None, tls: tuple | None = None):
         self.latency = RpcLatency("test_rpc_seconds")
-        guard = [access.RequireApiKey(keys)] if keys else []
+        self.guard = access.RequireApiKey(keys) if keys else None
+        guard = [self.guard] if keys else []
         self.server = endpoints.server(4, handlers=[echo_handlers()], interceptors=[self.latency, *guard])
         checks = health.HealthServicer()
         checks.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -150,3 +154,67 @@ def test_bad_tls_files_are_refused_with_their_name(tmp_path):
         access.server_credentials(cert, cert)
     with pytest.raises(ValueError, match="cannot read the CA bundle"):
         access.channel_credentials(tmp_path / "no-ca.pem")
+
+
+def test_a_keys_line_names_its_holder_and_may_limit_their_rate():
+    keys = access.parse_keys("# team keys\nkey-a name=team-a requests-per-second=2.5\n"
+                             "key-b   name=batch.jobs_2  # no limit\nkey#c\n")
+    assert keys == {b"key-a": access.Caller("team-a", 2.5), b"key-b": access.Caller("batch.jobs_2"),
+                    b"key#c": access.Caller("key-" + hashlib.sha256(b"key#c").hexdigest()[:8])}
+    for text, line in [("ok\nkey-a name=\n", 2), ("key-a name=two words\n", 1), ("key-a name=Ω\n", 1),
+                       ("x\n\nkey-a requests-per-second=0\n", 3), ("key-a requests-per-second=inf\n", 1),
+                       ("key-a requests-per-second=fast\n", 1), ("key-a color=red\n", 1), ("key-a\nkey-a\n", 2),
+                       ("name=team-a key-a\n", 1)]:
+        with pytest.raises(ValueError, match=f"^line {line}: "):
+            access.parse_keys(text)
+
+
+def test_rate_limits_let_a_burst_through_then_the_rate():
+    now = [100.0]
+    limits = RateLimits(clock=lambda: now[0])
+    assert [limits.take("a", 3.0) for _ in range(4)] == [True, True, True, False]  # a second's worth at once
+    assert limits.take("b", 3.0)  # each name its own bucket
+    now[0] += 0.34
+    assert [limits.take("a", 3.0) for _ in range(2)] == [True, False]
+    now[0] += 10.0  # idle: the bucket holds a second's worth, not ten
+    assert [limits.take("a", 3.0) for _ in range(4)] == [True, True, True, False]
+    assert [limits.take("slow", 0.5) for _ in range(2)] == [True, False]  # under 1/s: bursts of one
+    now[0] += 1.9
+    assert not limits.take("slow", 0.5)
+    now[0] += 0.2
+    assert limits.take("slow", 0.5)
+    with pytest.raises(ValueError, match="lets nothing through"):
+        limits.take("a", 0.0)
+
+
+def test_calls_are_counted_by_holder_and_those_over_its_rate_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(access, "RECHECK_S", 0.0)
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text("key-a name=team-a requests-per-second=0.001\nkey-b name=team-b\n")  # team-a: 1, then none
+    keys = access.ApiKeys(keys_file)
+    server = Server(keys)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            assert call(channel, "Unary", key="key-a") == b"hi"
+            for method in ("Unary", "Stream"):
+                with pytest.raises(grpc.RpcError) as limited:
+                    call(channel, method, key="key-a")
+                assert (limited.value.code(), limited.value.details()) == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "team-a is over its 0.001 requests/s at this frontend: slow "
+                    "down and retry")
+            for _ in range(5):
+                assert call(channel, "Unary", key="key-b") == b"hi"
+            assert server.guard.calls() == {("team-a", "admitted"): 1, ("team-a", "limited"): 2,
+                                            ("team-b", "admitted"): 5}
+            keys_file.write_text("key-a name=team-a requests-per-second=1e6\nkey-b name=team-b\n")  # raised: refilled in 1 us
+            assert call(channel, "Unary", key="key-a") == b"hi"
+            keys_file.write_text("key-a name=team-a requests-per-second=-1\n")  # a bad edit: the last good keys stay
+            assert call(channel, "Unary", key="key-b") == b"hi"
+        assert server.latency.histogram.count(method="Unary", code="RESOURCE_EXHAUSTED") == 1
+        text = frontend_metrics(requests=0, failed=0, retries=0, wire_bytes=0, epoch=0, outstanding={},
+                                client_calls=server.guard.calls())
+        calls = {(labels["client"], labels["outcome"]): value for name, labels, value in parse(text)
+                 if name == "moecluster_frontend_client_calls_total"}
+        assert calls == {("team-a", "admitted"): 2, ("team-a", "limited"): 2, ("team-b", "admitted"): 6}
+    finally:
+        server.stop()

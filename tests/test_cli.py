@@ -199,6 +199,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
     (["up", "--model", "{model}", "--frontend-device", "gpu"], "--frontend-device 'gpu': not a device"),
     (["up", "--model", "{model}", "--frontend-device", "cuda:99"], "--frontend-device cuda:99: "),
     (["up", "--model", "{model}", "--api-keys", "{tmp}/no-keys"], "--api-keys: cannot read the API keys file"),
+    (["up", "--model", "{model}", "--api-keys", "{tmp}/bad-keys"], "bad-keys, line 2: 'requests-per-second=0' is not"),
     (["up", "--model", "{model}", "--tls-cert", "{tmp}/cert.pem"], "TLS needs both --tls-cert and --tls-key"),
     (["up", "--model", "{model}", "--backend", "ray", "--api-keys", "{tmp}/keys"], "are the local frontend's"),
     (["down", "--name", "nothing"], "no cluster named 'nothing'"),
@@ -218,6 +219,7 @@ def test_foreground_up_stops_everything_on_sigterm(env, checkpoints):
 ])
 def test_errors_say_what_to_do(tmp_path, env, checkpoints, args, fragment):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "bad-keys").write_text("key-a\nkey-b requests-per-second=0\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -1,11 +1,14 @@
 """A local cluster whose frontend asks for an API key over TLS (`moectl up --api-keys --tls-cert --tls-key`):
-the answers of transformers for a client that has both, a clear refusal for one that has not."""
+the answers of transformers for a client that has both, a clear refusal for one that has not, and the calls of
+each key's holder counted, those over its rate refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -26,7 +29,8 @@ def test_a_frontend_with_api_keys_and_tls_serves_only_clients_that_bring_both(tm
     ca = make_ca(tmp_path)
     cert, key = ca.issue(tmp_path, "frontend", ["moe.example.internal"])  # not the address: a name override is needed
     keys = tmp_path / "api-keys"
-    keys.write_text("first-key\nsecond-key\n")
+    keys.write_text("first-key\nsecond-key name=batch-jobs requests-per-second=1000\n"
+                    "slow-key name=slow requests-per-second=0.001  # one call, then none for 1000 s\n")
     env = {**os.environ, "MOECLUSTER_HOME": str(tmp_path / "home"), "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("MOECLUSTER_API_KEY", None)
     up = moectl(env, "up", "--model", str(model), "--workers", "1", "--port", "0", "--detach",
@@ -55,5 +59,16 @@ def test_a_frontend_with_api_keys_and_tls_serves_only_clients_that_bring_both(tm
         with Client(address, api_key="second-key", timeout=5) as client, pytest.raises(MoEClusterError) as refused:
             client.info()  # plaintext to a TLS port
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "tls=" in refused.value.message
+        with Client(address, api_key="slow-key", **trusted) as client:
+            assert client.status().num_experts == 8
+            with pytest.raises(MoEClusterError) as limited:
+                client.status()
+        assert limited.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "slow is over its 0.001 requests/s" in \
+            limited.value.message
+        metrics = json.loads(next((tmp_path / "home").rglob("frontend.ready")).read_text())["metrics"]
+        text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
+        assert 'moecluster_frontend_client_calls_total{client="slow",outcome="limited"} 1' in text, text
+        assert 'moecluster_frontend_client_calls_total{client="slow",outcome="admitted"} 1' in text
+        assert 'moecluster_frontend_client_calls_total{client="batch-jobs",outcome="admitted"} 4' in text
     finally:
         assert moectl(env, "down").returncode == 0

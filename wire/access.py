@@ -5,7 +5,9 @@
     add_port(server, "0.0.0.0:50051", ("tls.crt", "tls.key"))
 
 A client sends its key as `authorization: Bearer KEY` (`Client(api_key=...)`). Every method needs
-one except gRPC's health service, which load balancers and probes call without. Both files are
+one except gRPC's health service, which load balancers and probes call without. A key's line may
+name who holds it and limit their calls (`KEY name=team-a requests-per-second=20`): calls are
+counted by that name, and those over the rate are refused with RESOURCE_EXHAUSTED. Both files are
 watched, so a Kubernetes Secret updated in place (its volume is refreshed by the kubelet) takes
 effect without a restart: keys within a second, certificates at the next TLS handshake. A file
 that turns empty or unreadable keeps the last good keys (a half-written rotation must not lock
@@ -14,14 +16,19 @@ everyone out), with a warning.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from moecluster.wire.rate_limits import RateLimits
 
 log = logging.getLogger(__name__)
 OPEN_SERVICES = ("grpc.health.v1.Health",)
@@ -35,8 +42,54 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who holds a key, as its line names them: `name` (default: `key-` and 8 hex digits of the key's SHA-256,
+    which say nothing of the key) and the calls a second they may make (None: no limit)."""
+
+    name: str
+    requests_per_second: float | None = None
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def parse_keys(text: str) -> dict[bytes, Caller]:
+    """A keys file: `KEY [name=NAME] [requests-per-second=R]` a line; blank lines and what follows a # at the start
+    of a line or after a space are skipped. ValueError naming the first line that is not that."""
+    keys: dict[bytes, Caller] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = re.sub(r"(^|\s)#.*", "", line)
+        if not line.strip():
+            continue
+        key, *settings = line.split()
+        if "=" in key:
+            raise ValueError(f"line {number}: starts with a setting, not a key")
+        name, rate = "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], None
+        for setting in settings:
+            field, _, value = setting.partition("=")
+            if field == "name" and NAME.fullmatch(value):
+                name = value
+            elif field == "requests-per-second" and _positive(value):
+                rate = float(value)
+            else:
+                raise ValueError(f"line {number}: {setting!r} is not name=NAME (letters, digits, '.', '_', '-') or "
+                                 "requests-per-second=R (R > 0)")
+        if key.encode() in keys:
+            raise ValueError(f"line {number}: a key listed twice")
+        keys[key.encode()] = Caller(name, rate)
+    return keys
+
+
+def _positive(value: str) -> bool:
+    try:
+        return 0 < float(value) < float("inf")
+    except ValueError:
+        return False
+
+
 class ApiKeys:
-    """The keys in a file: one per line; blank lines and lines starting with # are skipped."""
+    """The keys in a file (`parse_keys`), and who holds each."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -44,21 +97,26 @@ class ApiKeys:
         self._checked = time.monotonic()
         try:
             self._stamp = _stamp(self.path)
-            self._keys = self._read()
+            self._keys = parse_keys(self.path.read_text())
         except OSError as err:
             raise ValueError(f"cannot read the API keys file {self.path}: {err.strerror}") from None
+        except ValueError as err:
+            raise ValueError(f"the API keys file {self.path}, {err}") from None
         if not self._keys:
             raise ValueError(f"the API keys file {self.path} holds no key (one per line)")
 
-    def _read(self) -> tuple[bytes, ...]:
-        lines = self.path.read_text().splitlines()
-        return tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    def caller(self, key: str) -> Caller | None:
+        """Who holds `key`, None if it is not one of the file's."""
+        given, found = key.encode(), None
+        for known, caller in self._current().items():  # every key compared: the time says nothing of which matched
+            if hmac.compare_digest(given, known):
+                found = caller
+        return found
 
     def accepts(self, key: str) -> bool:
-        given = key.encode()
-        return any(hmac.compare_digest(given, known) for known in self._current())  # the time says nothing
+        return self.caller(key) is not None
 
-    def _current(self) -> tuple[bytes, ...]:
+    def _current(self) -> dict[bytes, Caller]:
         now = time.monotonic()
         if now - self._checked < RECHECK_S:
             return self._keys
@@ -73,10 +131,14 @@ class ApiKeys:
             stamp = _stamp(self.path)
             if stamp == self._stamp:
                 return
-            keys = self._read()
+            keys = parse_keys(self.path.read_text())
         except OSError as err:
             log.warning("cannot read the API keys file %s (%s): keeping the %d keys read before",
                         self.path, err.strerror, len(self._keys))
+            return
+        except ValueError as err:  # warned once: the file's stamp is not taken, but it is not re-read until it changes
+            self._stamp = stamp
+            log.warning("the API keys file %s, %s: keeping the %d keys read before", self.path, err, len(self._keys))
             return
         if not keys:
             log.warning("the API keys file %s holds no key now: keeping the %d read before", self.path, len(self._keys))
@@ -94,12 +156,16 @@ def bearer(metadata) -> str:
 
 
 class RequireApiKey(grpc.ServerInterceptor):
-    """Refuses, UNAUTHENTICATED, a call without a key `keys` accepts. Place it after RpcLatency in a server's
-    interceptors, so refused calls are counted with their code."""
+    """Refuses, UNAUTHENTICATED, a call without a key `keys` accepts, and, RESOURCE_EXHAUSTED, one over its
+    holder's rate. Place it after RpcLatency in a server's interceptors, so refused calls are counted with their
+    code. `calls()`: the calls of each holder let through ("admitted") and refused for their rate ("limited")."""
 
-    def __init__(self, keys: ApiKeys):
+    def __init__(self, keys: ApiKeys, limits: RateLimits | None = None):
         self.keys = keys
-        self._refusals: dict = {}  # a handler -> one refusing the same way (made once: RpcLatency caches by handler)
+        self.limits = limits or RateLimits()
+        self._lock = threading.Lock()
+        self._calls: Counter[tuple[str, str]] = Counter()
+        self._refusals: dict = {}  # (handler, why) -> one refusing so (made once: RpcLatency caches by handler)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -107,19 +173,34 @@ class RequireApiKey(grpc.ServerInterceptor):
         if handler is None or service in OPEN_SERVICES:
             return handler
         key = bearer(handler_call_details.invocation_metadata)
-        if key and self.keys.accepts(key):
+        caller = self.keys.caller(key) if key else None
+        if caller is None:
+            why = ("this frontend needs an API key: Client(address, api_key=KEY), the MOECLUSTER_API_KEY environment "
+                   "variable, or the metadata `authorization: Bearer KEY`") if not key else "the API key was not accepted"
+            return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, why)
+        rate = caller.requests_per_second
+        admitted = rate is None or self.limits.take(caller.name, rate)
+        with self._lock:
+            self._calls[(caller.name, "admitted" if admitted else "limited")] += 1
+        if admitted:
             return handler
-        why = ("this frontend needs an API key: Client(address, api_key=KEY), the MOECLUSTER_API_KEY environment "
-               "variable, or the metadata `authorization: Bearer KEY`") if not key else "the API key was not accepted"
-        refusal = self._refusals.get((handler, bool(key)))
+        return self._refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{caller.name} is over its {rate:g} requests/s at this frontend: slow down and retry")
+
+    def calls(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._calls)
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, why: str) -> grpc.RpcMethodHandler:
+        refusal = self._refusals.get((handler, why))
         if refusal is None:
-            refusal = self._refusals[(handler, bool(key))] = _refusing(handler, why)
+            refusal = self._refusals[(handler, why)] = _refusing(handler, code, why)
         return refusal
 
 
-def _refusing(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, why: str) -> grpc.RpcMethodHandler:
     def refuse(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        context.abort(code, why)
 
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
              ("stream_unary", grpc.stream_unary_rpc_method_handler),

@@ -25,6 +25,10 @@ class WorkerPodFailed(RuntimeError):
     pass
 
 
+class _TemplateChanged(Exception):
+    """A worker pod still starting was made from a template the cluster no longer asks for."""
+
+
 def _ready(pod) -> bool:
     conditions = pod.status.conditions or []
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
@@ -52,22 +56,27 @@ class KubernetesActuator:
     def start_worker(self, worker_id: str, timeout: float) -> WorkerHandle:
         name = r.worker_pod_name(self.resource, worker_id)
         deadline = time.monotonic() + timeout
-        pod = self._read_pod(name)
-        if pod is not None and pod.metadata.deletion_timestamp is not None:
-            self._await_gone(name, deadline)  # a worker of the same id on its way out
-            pod = None
-        if pod is None:
+        while True:
+            pod = self._read_pod(name)
+            if pod is not None and pod.metadata.deletion_timestamp is not None:
+                self._await_gone(name, deadline)  # a worker of the same id on its way out
+                pod = None
+            if pod is None:
+                try:
+                    self.core.create_namespaced_pod(self.namespace, r.worker_pod(self.resource, worker_id,
+                                                                                 self.default_image),
+                                                    field_manager=FIELD_MANAGER)
+                except ApiException as err:
+                    if err.status != 409:  # 409: created meanwhile (a retried step): wait for it below
+                        raise
             try:
-                self.core.create_namespaced_pod(self.namespace, r.worker_pod(self.resource, worker_id, self.default_image),
-                                                field_manager=FIELD_MANAGER)
-            except ApiException as err:
-                if err.status != 409:  # 409: created meanwhile (a retried step): wait for it below
-                    raise
-        try:
-            return self._await_ready(worker_id, name, deadline)
-        except (TimeoutError, WorkerPodFailed):
-            self._delete_pod(name)
-            raise
+                return self._await_ready(worker_id, name, deadline)
+            except _TemplateChanged as changed:  # e.g. an image that cannot be pulled, set back: start it anew
+                log.info("%s: starting it again on the current template", changed)
+                self._delete_pod(name)
+            except (TimeoutError, WorkerPodFailed):
+                self._delete_pod(name)
+                raise
 
     def _await_ready(self, worker_id: str, name: str, deadline: float) -> WorkerHandle:
         while True:
@@ -78,6 +87,8 @@ class KubernetesActuator:
                 raise WorkerPodFailed(f"pod {self.namespace}/{name} ended ({pod.status.phase}): {pod.status.message or ''}")
             if pod.status.pod_ip and _ready(pod):
                 return WorkerHandle(worker_id, f"{pod.status.pod_ip}:{r.WORKER_PORT}", 0)
+            if self._outdated(pod):  # not serving yet, so nothing is lost by starting it again
+                raise _TemplateChanged(f"pod {self.namespace}/{name} is not Ready and its worker template changed")
             if time.monotonic() > deadline:
                 waiting = [c.state.waiting.reason for c in pod.status.container_statuses or [] if c.state.waiting]
                 raise TimeoutError(f"pod {self.namespace}/{name} not Ready in time (phase {pod.status.phase}, "
@@ -112,6 +123,13 @@ class KubernetesActuator:
 
     def worker_template(self) -> str:
         return r.worker_template(self.resource, self.default_image)
+
+    def _outdated(self, pod) -> bool:
+        try:
+            current = self.worker_template()
+        except ValueError:  # no image to start anything with: keep what there is
+            return False
+        return (pod.metadata.annotations or {}).get(r.TEMPLATE_ANNOTATION, "") != current
 
     def _worker_pods(self):
         return self.core.list_namespaced_pod(self.namespace, label_selector=r.worker_selector(self.resource)).items

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 log = logging.getLogger("moecluster.operator")
 FIRST_WORKER = "worker-0"
-START_TIMEOUT_S = 600.0  # pulling a multi-GB image onto a new node takes minutes
+START_TIMEOUT_S = 600.0  # a worker pod's time to serve: pulling a multi-GB image onto a new node takes minutes
 
 
 class Settings:
@@ -80,6 +80,7 @@ class ClusterRunner:
         self.controller: Controller | None = None
         self.error = ""
         self.action: dict = {}  # the last request made through an annotation, for status.lastAction
+        self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._boot, name=f"boot-{resource.key}", daemon=True)
 
@@ -99,7 +100,8 @@ class ClusterRunner:
                 experts = checkpoint_experts(handles[0].address)
                 if self._stopped.is_set():  # deleted while its first worker started
                     return
-                controller = Controller(spec, self.actuator, experts, address=SETTINGS.controller_address)
+                controller = Controller(spec, self.actuator, experts, address=SETTINGS.controller_address,
+                                        start_timeout=START_TIMEOUT_S)
                 self.controller = controller.start()  # state rebuilt from the workers before any request is taken
                 ROUTER.register(self.resource.key, ControllerService(controller))
                 self.error = ""
@@ -111,17 +113,23 @@ class ClusterRunner:
                 self._stopped.wait(delay)
                 delay = min(delay * 2, 30.0)
 
-    def sync(self, resource: r.Resource) -> None:
-        """Makes the controller want what the resource says (a no-op when it already does)."""
-        self.resource = self.actuator.resource = resource
+    def sync(self, resource: r.Resource) -> r.Resource:
+        """Makes the controller want what the resource says (a no-op when it already does). Returns the resource it
+        keeps: this one, or a newer spec a handler took meanwhile (a tick's body can be older: kopf runs timers and
+        change handlers side by side), so that nothing goes back to an older spec."""
+        with self._lock:
+            if resource.generation < self.resource.generation:
+                resource = self.resource
+            self.resource = self.actuator.resource = resource
         if self.controller is None:
-            return
+            return resource
         spec = r.cluster_spec(resource)
         if spec != self.controller.spec:
             log.info("%s: spec changed: %d workers, %d copies per expert", resource.key, spec.workers, spec.min_replicas)
             self.controller.update_spec(spec)
         if self.controller.frontend is not None:  # re-applied each tick: a deleted Deployment or Service comes back
             self.controller.frontend = self.actuator.start_frontend(SETTINGS.controller_address, timeout=60)
+        return resource
 
     def run_action(self, what: str, steps, request: str = "") -> None:
         """Runs a request (drain, migrate, snapshot, restore) in the background; its outcome goes to status.lastAction,
@@ -216,7 +224,7 @@ def _tick(body, status, patch, **_) -> None:
         patch.status.update(r.status_patch(resource, None, 0, dict(status), _now(), f"invalid spec: {err}"))
         return
     runner = _runner(resource)
-    runner.sync(resource)
+    resource = runner.sync(resource)
     _take_requests(runner, resource, body, patch)
     controller = runner.controller
     before = dict(status)
@@ -288,7 +296,7 @@ def _roll_workers(runner: ClusterRunner, resource: r.Resource, body, patch, obse
     busy = runner.action["action"] if runner.action.get("state") == "Running" else ""
     strategy = resource.spec.get("updateStrategy") or {}
     try:
-        template = runner.actuator.worker_template()
+        template = r.worker_template(resource, runner.actuator.default_image)  # the strategy's spec, not a newer one
     except ValueError as err:  # no image: nothing can start, so nothing is replaced
         return worker_rollout.Rollout((), tuple(templates), 0, waiting=str(err))
     rollout = worker_rollout.plan(templates, template, observed, strategy.get("type", worker_rollout.ROLLING_UPDATE),

@@ -47,7 +47,8 @@ class Refused(RuntimeError):
 class Controller:
     def __init__(self, spec: ClusterSpec, actuator: Actuator, experts: tuple[ExpertKey, ...], *,
                  address: str = "", save_spec: Callable[[ClusterSpec], None] = lambda spec: None,
-                 heartbeat: float = 0.25, dead_after: float = 1.0, ack_timeout: float = 5.0):
+                 heartbeat: float = 0.25, dead_after: float = 1.0, ack_timeout: float = 5.0, start_timeout: float = 120.0):
+        """`start_timeout`: seconds a new worker has to serve before its start counts as failed (and is tried again)."""
         self.spec = spec
         self.actuator = actuator
         self.address = address  # where frontends reach this controller
@@ -57,7 +58,7 @@ class Controller:
         self._wake = threading.Event()
         self.monitor = WorkerMonitor(experts, period=heartbeat, dead_after=dead_after, on_change=self._wake.set)
         self.executor = Executor(actuator, self.monitor, self.publisher, self.metrics, ack_timeout=ack_timeout,
-                                 snapshot_dir=spec.snapshot_dir)
+                                 start_timeout=start_timeout, snapshot_dir=spec.snapshot_dir)
         self.last_snapshot: Snapshot | None = None
         self.last_restore = ""  # "step N from PATH at step M"
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status

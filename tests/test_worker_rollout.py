@@ -140,3 +140,20 @@ def test_kubectl_moe_rollout_waits_for_the_last_outdated_worker(monkeypatch, cap
         "0/3 workers on the current template; replacing worker-0; start/worker-4: ImagePullBackOff",
         "2/3 workers on the current template; replacing worker-2; start/worker-4: ImagePullBackOff",
         "done: 3/3 workers on the current template"]
+
+
+def test_an_operator_tick_with_an_older_body_does_not_take_the_spec_back():
+    """kopf runs the status timer beside the change handler: a tick's body can predate a change the handler took.
+    The runner keeps the newer spec, so the rollout never weighs a new template against an old strategy, and a pod
+    started meanwhile gets the new template (a race seen in the e2e test under load)."""
+    from moecluster.backends.k8s_operator import ClusterRunner
+
+    changed = r.Resource("ml", "mixtral", "uid-1", {**SPEC, "updateStrategy": {"type": ON_DELETE},
+                                                    "worker": {"threads": 2}}, generation=5)
+    runner = ClusterRunner(resource())  # generation 4; its controller not started: nothing but the resource kept
+    assert runner.sync(changed) is changed
+    assert runner.sync(resource()) is changed  # the tick's older body
+    assert runner.resource is runner.actuator.resource is changed
+    assert runner.actuator.worker_template() == r.worker_template(changed, runner.actuator.default_image)
+    newer = r.Resource("ml", "mixtral", "uid-1", SPEC, generation=6)
+    assert runner.sync(newer) is newer and runner.actuator.resource is newer

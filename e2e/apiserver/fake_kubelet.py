@@ -10,8 +10,9 @@ What it fakes, for the node ``fake-node`` against a real kube-apiserver:
 - kubelet, pod side, for every pod bound to fake-node:
   - gives it its own address 127.0.0.N (N from 2 up; freed when the pod ends);
   - runs each container's ``command`` + ``args`` as a host process in its own
-    process group (the image is ignored; no ``command`` = the container waits
-    forever with reason ``NoCommand``). ``python``/``python3`` as the command
+    process group (the image is ignored, but one whose name holds
+    ``does-not-exist`` waits with reason ``ErrImagePull``, as one no registry
+    has; no ``command`` = the container waits forever with reason ``NoCommand``). ``python``/``python3`` as the command
     means ``sys.executable``; the venv's bin directory is first on PATH.
     ``$(VAR)`` in command, args and env values is expanded as Kubernetes does;
   - env: the harness's own environment minus proxy variables, then ``envFrom``
@@ -78,6 +79,7 @@ NODE_NAME = "fake-node"
 HOST_IP = "127.0.0.1"
 CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
 GRACE_CAP_S = 10.0
+UNPULLABLE = "does-not-exist"  # in an image name: the image cannot be pulled
 _PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
 
 
@@ -367,6 +369,10 @@ class FakeKubelet:
             c.waiting, c.next_start = ("CreateContainerConfigError", str(e)), time.monotonic() + 1
             return
         argv = [expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+        if UNPULLABLE in spec.get("image", ""):
+            c.waiting = ("ErrImagePull", f"fake kubelet: {spec['image']} is not in any registry (its name says so)")
+            c.next_start = time.monotonic() + 1
+            return
         if not spec.get("command"):
             c.waiting = ("NoCommand", "fake kubelet: images are ignored, so a container needs a command")
             c.next_start = time.monotonic() + 5

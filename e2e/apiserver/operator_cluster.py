@@ -26,6 +26,21 @@ class Handle:
     def get(self) -> dict:
         return json.loads(self.kube.kubectl("get", "moecluster", NAME, "-n", NS, "-o", "json").stdout)
 
+    def patch(self, spec: dict) -> None:
+        self.kube.kubectl("patch", "moecluster", NAME, "-n", NS, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+    def condition(self, kind: str) -> dict:
+        return {c["type"]: c for c in self.get()["status"]["conditions"]}[kind]
+
+    def wait_for(self, check, what: str, timeout: float = 60.0):
+        """`check()`'s first true answer, polled; TimeoutError saying `what` was awaited."""
+        deadline = time.monotonic() + timeout
+        while not (answer := check()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {what} after {timeout}s\noperator log:\n{self.operator.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        return answer
+
     def wait_ready(self, replicas: int, timeout: float = READY_TIMEOUT_S, since_epoch: int = -1) -> dict:
         deadline = time.monotonic() + timeout
         while True:

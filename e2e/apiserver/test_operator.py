@@ -284,16 +284,10 @@ def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
     experts first, with no failed request; `kubectl moe rollout` waits for it. Under OnDelete nothing is replaced,
     and a template set back to what the pods run replaces nothing; with maxSurge 2 both go at once. The
     checkpoint of a cluster cannot change."""
-    def patch(spec: dict) -> None:
-        moe.kube.kubectl("patch", "moecluster", NAME, "-n", NS, "--type=merge", "-p", json.dumps({"spec": spec}))
-
-    def updating() -> dict:
-        return {c["type"]: c for c in moe.get()["status"]["conditions"]}["Updating"]
-
     before = moe.worker_pods()
-    assert updating()["status"] == "False" and moe.get()["status"]["updatedReplicas"] == 2
+    assert moe.condition("Updating")["status"] == "False" and moe.get()["status"]["updatedReplicas"] == 2
     with moe.load() as load:
-        patch({"worker": {"computeThreads": 2}})
+        moe.patch({"worker": {"computeThreads": 2}})
         rolled = kubectl_moe(moe, "rollout", NAME, "--timeout", "300")
     assert_clean(load.report)
     assert rolled.returncode == 0 and "done: 2/2 workers on the current template" in rolled.stdout, rolled.stderr
@@ -310,22 +304,17 @@ def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
                               "-o", "jsonpath={range .items[*]}{.reason} {end}").stdout.split()
     assert "Updating" in events and "Updated" in events, events
 
-    patch({"updateStrategy": {"type": "OnDelete"}, "worker": {"computeThreads": 1}})
-    deadline = time.monotonic() + 60
-    while "OnDelete" not in (condition := updating()).get("message", ""):
-        assert time.monotonic() < deadline, condition
-        time.sleep(0.5)
+    moe.patch({"updateStrategy": {"type": "OnDelete"}, "worker": {"computeThreads": 1}})
+    moe.wait_for(lambda: "OnDelete" in moe.condition("Updating").get("message", ""), "Updating naming OnDelete")
+    condition = moe.condition("Updating")
     assert condition["status"] == "True" and condition["message"].startswith("0/2 workers on the current template")
     time.sleep(5)  # a few of the operator's ticks
     assert moe.worker_pods() == after
-    patch({"updateStrategy": {"type": "RollingUpdate"}, "worker": {"computeThreads": 2}})  # what they run
-    deadline = time.monotonic() + 60
-    while updating()["status"] != "False":
-        assert time.monotonic() < deadline, updating()
-        time.sleep(0.5)
+    moe.patch({"updateStrategy": {"type": "RollingUpdate"}, "worker": {"computeThreads": 2}})  # what they run
+    moe.wait_for(lambda: moe.condition("Updating")["status"] == "False", "rollout's end")
     assert moe.worker_pods() == after
     with moe.load() as load:  # maxSurge 2: both workers are replaced at once
-        patch({"updateStrategy": {"rollingUpdate": {"maxSurge": 2}}, "worker": {"computeThreads": 3}})
+        moe.patch({"updateStrategy": {"rollingUpdate": {"maxSurge": 2}}, "worker": {"computeThreads": 3}})
         rolled = kubectl_moe(moe, "rollout", NAME, "--timeout", "300")
     assert_clean(load.report)
     assert rolled.returncode == 0 and re.search(r"replacing worker-\d+, worker-\d+", rolled.stdout), rolled.stdout
@@ -334,6 +323,31 @@ def test_a_changed_worker_template_rolls_every_worker_under_load(moe):
     moved = json.loads(manifest(Path("/elsewhere"), 2))
     refused = moe.kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(moved), check=False)
     assert refused.returncode != 0 and "model.path cannot change" in refused.stderr, refused.stderr
+
+
+def test_a_rollout_to_an_image_no_registry_has_stalls_serving_and_setting_it_back_ends_it(moe):
+    """The new pod of the first replace waits in ErrImagePull while the old ones serve; the image set back, the
+    operator starts that pod again on the current template at once (not after the start timeout), and the replace
+    it was part of completes, with no failed request."""
+    before = moe.worker_pods()
+    with moe.load() as load:
+        moe.patch({"image": "moecluster:does-not-exist"})
+        new = moe.wait_for(lambda: [p for p in moe.worker_pods() if p not in before], "new worker pod")
+        reasons = "jsonpath={.status.containerStatuses[0].state.waiting.reason}"
+        moe.wait_for(lambda: moe.kube.kubectl("get", "pod", new[0], "-n", NS, "-o", reasons).stdout == "ErrImagePull",
+                     "ErrImagePull")
+        time.sleep(3)
+        updating = moe.condition("Updating")  # maxSurge 2, from the test above: both at once
+        assert updating["status"] == "True" and "on the current template; replacing worker-" in updating["message"]
+        workers = {w["pod"]: w for w in moe.get()["status"]["workers"]}
+        assert set(before) < set(moe.worker_pods()) and all(workers[p]["experts"] > 0 for p in before), workers
+        moe.patch({"image": "moecluster:test"})
+        obj = moe.wait_ready(2, timeout=90)  # well within the 120 s a pod has to start
+        moe.wait_for(lambda: moe.condition("Updating")["status"] == "False", "rollout's end")
+    assert_clean(load.report)
+    images = moe.kube.kubectl("get", "pods", "-n", NS, "-l", f"moecluster.io/cluster={NAME}", "-o",
+                              "jsonpath={.items[*].spec.containers[0].image}").stdout.split()
+    assert set(images) == {"moecluster:test"} and obj["status"]["updatedReplicas"] == 2, images
 
 
 def test_the_examples_pass_the_api_servers_validation(moe):

@@ -6,7 +6,8 @@ each against the same server without it.
 The worst case for each: an RPC that does nothing (echoes 64 bytes), so the server's time is
 all gRPC's and the machinery's own. The servers run on loopback in a process of their own:
 untimed; timed (`observability/rpc_latency.py`, as every worker and frontend runs); timed with
-an API key checked (`wire/access.py`, a frontend with --api-keys); timed over TLS (--tls-cert);
+an API key checked (`wire/access.py`, a frontend with --api-keys); the same with the key's calls counted
+and rate-limited (a rate never reached: the bucket's cost, `wire/rate_limits.py`); timed over TLS (--tls-cert);
 timed over TLS with a key; and untimed again (measured as if it were another, it says how far
 apart two alike servers measure: the noise floor). Here N client threads each make `--calls`
 sequential calls, the servers taking turns for `--rounds` rounds so that drift hits all alike.
@@ -38,13 +39,14 @@ from moecluster.wire import access, endpoints  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tls_files import make_ca  # noqa: E402
 
-SERVERS = ("untimed", "timed", "timed + key", "timed + TLS", "timed + TLS + key", "untimed again")
+SERVERS = ("untimed", "timed", "timed + key", "timed + key + rate", "timed + TLS", "timed + TLS + key", "untimed again")
 KEY = "bench-key"
 
 
 def echo_server(name: str, files: Path) -> tuple[grpc.Server, str, RpcLatency | None]:
     latency = RpcLatency("bench_rpc_seconds") if name.startswith("timed") else None
-    guard = [access.RequireApiKey(access.ApiKeys(files / "keys"))] if name.endswith("key") else []
+    keys = files / ("keys-rated" if name.endswith("rate") else "keys")
+    guard = [access.RequireApiKey(access.ApiKeys(keys))] if "key" in name else []
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
     server = endpoints.server(16, handlers=[handler], interceptors=[latency, *guard] if latency else [])
@@ -57,6 +59,7 @@ def echo_server(name: str, files: Path) -> tuple[grpc.Server, str, RpcLatency | 
 def make_files() -> Path:
     files = Path(tempfile.mkdtemp(prefix="rpc-timing-"))
     (files / "keys").write_text(f"{KEY}\n")
+    (files / "keys-rated").write_text(f"{KEY} name=bench requests-per-second=1e9\n")  # counted, never refused
     make_ca(files, "ca").issue(files, "server", ["localhost"])
     return files
 
@@ -66,7 +69,7 @@ def calls_per_second(name: str, address: str, clients: int, calls: int, files: P
     credentials = access.channel_credentials(files / "ca.pem") if "TLS" in name else None
     channels = [endpoints.channel(address, credentials=credentials, options=[("grpc.ssl_target_name_override",
                                                                               "localhost")]) for _ in range(clients)]
-    metadata = [("authorization", f"Bearer {KEY}")] if name.endswith("key") else None
+    metadata = [("authorization", f"Bearer {KEY}")] if "key" in name else None
     stubs = [functools.partial(c.unary_unary("/bench.Echo/Echo"), metadata=metadata) for c in channels]
     for stub in stubs:
         stub(payload, timeout=10)  # connected before the clock starts
@@ -129,7 +132,8 @@ def main() -> None:
         child.stdin.flush()
         counted = [int(n) for n in child.stdout.readline().split()]
         expected = sum(args.rounds * c * (args.calls + 1) for c in args.clients)
-        assert counted == [expected] * 4, f"the timed servers counted {counted} calls, expected {expected} each"
+        timed = sum(1 for name in SERVERS if name.startswith("timed"))
+        assert counted == [expected] * timed, f"the timed servers counted {counted} calls, expected {expected} each"
         print(f"each timed server counted all {expected} calls as OK")
     finally:
         child.stdin.close()

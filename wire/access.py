@@ -51,7 +51,7 @@ class Caller:
     requests_per_second: float | None = None
 
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def parse_keys(text: str) -> dict[bytes, Caller]:
@@ -68,7 +68,7 @@ def parse_keys(text: str) -> dict[bytes, Caller]:
         name, rate = "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], None
         for setting in settings:
             field, _, value = setting.partition("=")
-            if field == "name" and NAME.fullmatch(value):
+            if field == "name" and CALLER_NAME.fullmatch(value):
                 name = value
             elif field == "requests-per-second" and _positive(value):
                 rate = float(value)
@@ -136,8 +136,8 @@ class ApiKeys:
             log.warning("cannot read the API keys file %s (%s): keeping the %d keys read before",
                         self.path, err.strerror, len(self._keys))
             return
-        except ValueError as err:  # warned once: the file's stamp is not taken, but it is not re-read until it changes
-            self._stamp = stamp
+        except ValueError as err:
+            self._stamp = stamp  # read again once it changes, not every second: one warning per bad edit
             log.warning("the API keys file %s, %s: keeping the %d keys read before", self.path, err, len(self._keys))
             return
         if not keys:

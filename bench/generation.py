@@ -1,9 +1,10 @@
-"""Concurrent greedy generations through a whole local cluster: decoded together vs each alone.
+"""Concurrent generations through a whole local cluster: decoded together vs each alone.
 
-    python bench/generation.py [--clients 1 4 16] [--new-tokens 16] [--seconds 6] [--rounds 2]
+    python bench/generation.py [--clients 1 4 16] [--new-tokens 16] [--seconds 6] [--rounds 2] [--sample]
 
-`moectl up` starts a cluster (2 workers) whose frontend decodes greedy Generate requests in one
-running batch (the default); a second frontend on the same controller and workers decodes each
+`moectl up` starts a cluster (2 workers) whose frontend decodes Generate requests in one running
+batch (the default); `--sample`: sampled requests (temperature 0.8, top_k 40, the prompt's number as
+seed) instead of greedy ones. A second frontend on the same controller and workers decodes each
 request alone (`--generate-cache-tokens 0`). N clients in a closed loop each ask for `--new-tokens`
 tokens after a prompt of 4..12 tokens, on one frontend at a time, the two alternating for `--rounds`
 rounds. Prints generated tokens/s, p50/p99 request latency and the ratio together / alone, whether
@@ -53,7 +54,11 @@ def start_frontend(model: Path, controller: str, run: Path, extra: list[str], na
     return proc, json.loads(ready.read_text())["address"]
 
 
-def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens: int, answers: dict) -> dict:
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40}
+
+
+def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens: int, answers: dict,
+                sample: bool = False) -> dict:
     latencies, errors = [], []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
@@ -62,9 +67,10 @@ def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens:
         c, i = Client(address, timeout=120), n
         while time.monotonic() < stop:
             prompt = prompts[i % len(prompts)]
+            sampling = {**SAMPLING, "seed": i % len(prompts)} if sample else {}
             start = time.perf_counter()
             try:
-                out = c.generate(torch.tensor([prompt]), max_new_tokens=new_tokens)[0, len(prompt):].tolist()
+                out = c.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, **sampling)[0, len(prompt):].tolist()
             except Exception as err:  # noqa: BLE001 - counted
                 with lock:
                     errors.append(repr(err))
@@ -79,15 +85,18 @@ def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens:
     return {"latencies": latencies, "errors": errors}
 
 
-def against_transformers(reference, prompts, answered: dict, new_tokens: int) -> list[tuple]:
-    """Prompts whose batched tokens differ from transformers' `generate` of that prompt alone, each with the
-    first differing position and whether transformers' full forward of the prefix picks the batched token."""
+def against_transformers(reference, prompts, answered: dict, new_tokens: int, sample: bool) -> list[tuple]:
+    """Prompts whose batched tokens differ from transformers' `generate` of that prompt alone (sampled: under
+    `torch.manual_seed` of its seed), each with the first differing position and whether transformers' full
+    forward of the prefix picks the batched token (greedy only: a sampled token is not the top one)."""
     differ = []
     for i, outs in sorted(answered.items()):
         prompt = torch.tensor([prompts[i]])
+        settings = dict(SAMPLING) if sample else {"do_sample": False}
+        torch.manual_seed(i)
         with torch.no_grad():
             theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
+                                        min_new_tokens=new_tokens, pad_token_id=0, **settings)[0, prompt.shape[1]:]
         for ours in outs:
             if list(ours) != theirs.tolist():
                 at = next(k for k in range(new_tokens) if ours[k] != theirs[k])
@@ -104,6 +113,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="per client count, frontend and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sample", action="store_true", help="sampled requests instead of greedy ones")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="moecluster-bench-") as tmp:
         tmp = Path(tmp)
@@ -120,13 +130,13 @@ def main() -> None:
             gen = torch.Generator().manual_seed(0)
             prompts = [torch.randint(0, 512, (4 + i % 9,), generator=gen).tolist() for i in range(64)]
             for address in addresses.values():  # warm both
-                closed_loop(address, 2, 1.0, prompts, 2, {})
+                closed_loop(address, 2, 1.0, prompts, 2, {}, args.sample)
             results, answers = {}, {}
             for _ in range(args.rounds):
                 for clients in args.clients:
                     for name, address in addresses.items():
                         run = closed_loop(address, clients, args.seconds, prompts, args.new_tokens,
-                                          answers.setdefault(name, {}))
+                                          answers.setdefault(name, {}), args.sample)
                         row = results.setdefault((name, clients), {"latencies": [], "errors": [], "seconds": 0.0})
                         row["latencies"] += run["latencies"]
                         row["errors"] += run["errors"]
@@ -138,10 +148,11 @@ def main() -> None:
             moectl(env, "down", "--name", "bench")
 
         reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        near_ties = against_transformers(reference, prompts, answers["together"], args.new_tokens)
+        near_ties = against_transformers(reference, prompts, answers["together"], args.new_tokens, args.sample)
     both = set(answers["together"]) & set(answers["alone"])
     differing = [p for p in both if answers["together"][p] != answers["alone"][p] or len(answers["together"][p]) != 1]
-    print(f"a local cluster, 2 workers: qwen3_moe H=1024, I=384, E=64, top-8, 2 layers; {args.new_tokens} new tokens "
+    kind = f"sampled ({SAMPLING})" if args.sample else "greedy"
+    print(f"a local cluster, 2 workers: qwen3_moe H=1024, I=384, E=64, top-8, 2 layers; {args.new_tokens} {kind} tokens "
           f"a request; {args.rounds} x {args.seconds:.0f} s per row, the two frontends alternating")
     print(f"{'clients':>7} {'frontend':>9} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'vs alone':>8}")
     for clients in args.clients:
@@ -157,6 +168,9 @@ def main() -> None:
     print(f"decoded together vs transformers' generate of each prompt alone: {len(near_ties)} of "
           f"{len(answers['together'])} prompts differ")
     for prompt, position, ours, theirs, agrees in near_ties:
+        if args.sample:
+            print(f"  prompt {prompt}, new token {position}: {ours} here, {theirs} by generate")
+            continue
         print(f"  prompt {prompt}, new token {position}: {ours} here, {theirs} by generate; transformers' full forward "
               f"of the prefix picks {'ours' if agrees else 'neither'} (a router near-tie: rounding flips an expert)")
 

@@ -56,8 +56,15 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
             say(f"3. forward {tuple(batch.shape)}: max |cluster - transformers| = {error:.2e} "
                 f"({'equal' if error <= 1e-4 else 'DIFFERENT'} at 1e-4)")
             generated = client.generate(batch[:1, :4], max_new_tokens=8)
-            same = torch.equal(generated, expected_gen)
-            say(f"4. greedy generate: {generated[0].tolist()} ({'same as' if same else 'DIFFERS from'} transformers)")
+            drawn = client.generate(batch[:1, :4], max_new_tokens=8, do_sample=True, seed=7, temperature=0.8)
+            torch.manual_seed(7)  # transformers draws from torch's global generator; the frontend, from one of the row's
+            with torch.no_grad():
+                expected_drawn = reference.generate(batch[:1, :4], attention_mask=torch.ones_like(batch[:1, :4]),
+                                                    max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=0.8,
+                                                    pad_token_id=0)
+            same = torch.equal(generated, expected_gen) and torch.equal(drawn, expected_drawn)
+            say(f"4. generate: greedy {generated[0, 4:].tolist()}, sampled (seed 7, temperature 0.8) "
+                f"{drawn[0, 4:].tolist()} ({'same as' if same else 'DIFFERENT from'} transformers)")
 
             with ClosedLoopLoad(endpoint, batch, expected, clients=2, max_seconds=600) as load:
                 time.sleep(2)

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-compute-threads", type=int, metavar="N",
                     help="threads a worker computes those calls on (default 2: one computes while the other prepares)")
     up.add_argument("--generate-cache-tokens", type=int, metavar="N",
-                    help="the frontend decodes greedy generations together in one running batch with a KV cache of N "
-                    "tokens of all their sequences (default 4096; larger on a GPU); 0: each generation alone")
+                    help="the frontend decodes generations, greedy and sampled, together in one running batch with a KV "
+                    "cache of N tokens of all their sequences (default 4096; larger on a GPU); 0: each generation alone")
     up.add_argument("--forward-batch-tokens", type=int, metavar="N",
                     help="the frontend computes the Forward requests that arrive while it computes others as one "
                     "forward of up to N of their tokens (default 2048); 0: each request alone")

@@ -41,7 +41,7 @@ class ClusterSpec(BaseModel):
                                             "many tokens; 0: each request alone (unset: the worker's default, 2048)")
     worker_compute_threads: int | None = Field(None, ge=1, description="threads a worker computes those calls on "
                                                "(unset: the worker's default, 2)")
-    generate_cache_tokens: int | None = Field(None, ge=0, description="frontends decode greedy generations together "
+    generate_cache_tokens: int | None = Field(None, ge=0, description="frontends decode generations together "
                                               "in one running batch with a KV cache of this many tokens; 0: each "
                                               "request alone (unset: the frontend's default, 4096)")
     forward_batch_tokens: int | None = Field(None, ge=0, description="frontends compute the Forward requests that "

@@ -12,6 +12,7 @@ from moecluster.frontend.dispatcher import Dispatcher
 from moecluster.frontend.remote_moe import swap_experts
 from moecluster.models.checkpoint import Checkpoint, CheckpointError
 from torch import nn
+from transformers import GenerationConfig
 
 
 def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torch.dtype = torch.float32,
@@ -33,4 +34,6 @@ def load_dense_model(checkpoint: Checkpoint, dispatcher: Dispatcher, dtype: torc
             f"{checkpoint.path}: dense tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     model.to(dtype)
+    if (checkpoint.path / "generation_config.json").is_file():  # its EOS and sampling defaults, as from_pretrained reads
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
     return model.eval()

@@ -7,10 +7,11 @@ with its paged KV cache), so each step is one forward of every active sequence's
 token: one RPC per worker per layer for all of them, and a request joins or leaves between
 steps without waiting for the others.
 
-Used for greedy requests that fit the cache, of the families whose attention the paged
-cache takes (DeepSeek's MLA does not: its values are narrower than its keys); a sampled
-request keeps `model.generate` under its seed. The answers are the same tokens as
-`model.generate` (tests/test_equivalence.py checks them against transformers).
+Used for requests that fit the cache, of the families whose attention the paged cache takes
+(DeepSeek's MLA does not: its values are narrower than its keys). Greedy and sampled requests
+share the batch: a sampled row draws with a generator of its own (`sampling.BatchSampler`), so
+its seed says what it draws whatever else is in the batch. The answers are the same tokens as
+`model.generate` (tests/test_equivalence.py and tests/test_sampling.py check them against transformers).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from concurrent import futures
 
+from moecluster.frontend.sampling import BatchSampler, RowSampler, Sampling
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -48,8 +50,8 @@ class GenerationFailed(RuntimeError):
 
 
 class GenerationBatcher:
-    """`generate(rows, new_tokens)` -> each row followed by its greedy continuation of exactly `new_tokens`
-    tokens, decoded in one running batch with every other request's. `cache_tokens`: the KV cache, in
+    """`generate(rows, new_tokens)` -> each row's continuation of exactly `new_tokens` tokens (greedy, or
+    drawn as `sampling` says), decoded in one running batch with every other request's. `cache_tokens`: the KV cache, in
     tokens of all sequences at once (a request that cannot fit alone is not taken: `fits`); `step_tokens`:
     the most tokens one forward computes (prompts are cut into chunks of it)."""
 
@@ -69,11 +71,13 @@ class GenerationBatcher:
         self._ids = itertools.count()
         self._closed = False
         self._collector: threading.Thread | None = None
+        self._sampler = BatchSampler()
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         return prompt_tokens + new_tokens <= self.capacity
 
-    def generate(self, rows: list[list[int]], new_tokens: int, timeout: float) -> list[list[int]]:
+    def generate(self, rows: list[list[int]], new_tokens: int, timeout: float,
+                 sampling: Sampling | None = None) -> list[list[int]]:
         """GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s."""
         deadline = time.monotonic() + timeout
         waiting = []
@@ -84,7 +88,9 @@ class GenerationBatcher:
                     request_id = f"moe-{next(self._ids)}"
                     waiting.append((request_id, futures.Future()))
                     self._waiting[request_id] = (waiting[-1][1], manager)
-            for (request_id, _), row in zip(waiting, rows):
+            for number, ((request_id, _), row) in enumerate(zip(waiting, rows)):
+                if sampling is not None:
+                    self._sampler.add(request_id, RowSampler(sampling, number, self.model.device))
                 if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens, eos_token_id=-1) is None:
                     raise GenerationFailed("the batched generation loop takes no new requests")
             out = []
@@ -102,6 +108,7 @@ class GenerationBatcher:
             with self._lock:
                 for request_id, future in waiting:
                     self._waiting.pop(request_id, None)
+                    self._sampler.remove(request_id)
                     if not future.done():  # timed out, or a row before it failed: stop computing it
                         manager.cancel_request(request_id)
 
@@ -127,6 +134,7 @@ class GenerationBatcher:
             generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, suppress_tokens=never or None)
             self._manager = self.model.init_continuous_batching(generation_config=generation,
                                                                 continuous_batching_config=self.config)
+            _draw_last_with(self._manager, self._sampler)
             _start_as_daemon(self._manager)
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect, name="generation-results", daemon=True)
@@ -166,6 +174,16 @@ def _settle(future: futures.Future, outcome) -> None:
             future.set_result(outcome)
     except futures.InvalidStateError:
         pass
+
+
+def _draw_last_with(manager, sampler: BatchSampler) -> None:
+    """Appends `sampler` to the batch's logits processors, after the EOS suppression, as `generate` warps
+    after its processors. Before the loop starts: it sizes the processors' arguments then (transformers
+    5.23's `ContinuousBatchingManager`, pinned; `init_continuous_batching` takes no processors of ours)."""
+    processors = manager.logit_processor
+    processors.logits_processor.append(sampler)
+    processors.tensors_required += 1
+    processors.do_processing = True
 
 
 def _start_as_daemon(manager) -> None:

@@ -25,6 +25,7 @@ from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.forward_batcher import ForwardBatcher
 from moecluster.frontend.generation_batcher import BATCHED_FAMILIES, GenerationBatcher, GenerationFailed
 from moecluster.frontend.routing import RoutingTable
+from moecluster.frontend.sampling import RowSampler, SampledRows, Sampling, SamplingError
 from moecluster.frontend.table_watcher import TableWatcher
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
@@ -47,7 +48,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                  device: torch.device | str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS,
                  forward_batch_tokens: int = DEFAULT_FORWARD_BATCH_TOKENS):
         """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here).
-        `generate_cache_tokens`: the KV cache of greedy generations decoded together (generation_batcher.py);
+        `generate_cache_tokens`: the KV cache of the generations decoded together (generation_batcher.py);
         0 decodes each request on its own. `forward_batch_tokens`: the most tokens of concurrent Forward requests
         computed as one forward (forward_batcher.py); 0 computes each on its own."""
         if forward_batch_tokens < 0:
@@ -101,20 +102,31 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
                 raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
             rows, new = ids.shape[0], request.max_new_tokens
-            if not request.do_sample and self.generations and self.generations.fits(ids.shape[1], new) and rows:
+            sampling = self._sampling(request)
+            if self.generations and self.generations.fits(ids.shape[1], new) and rows:
                 remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
                 timeout = remaining if remaining is not None else 600.0
-                tokens = self.generations.generate(ids.tolist(), new, timeout=timeout)
+                tokens = self.generations.generate(ids.tolist(), new, timeout=timeout, sampling=sampling)
                 return frontend_pb2.GenerateResponse(sequences=encode(torch.cat([ids.cpu(), torch.tensor(tokens)], 1)))
-            kwargs = {"do_sample": bool(request.do_sample)}
-            if request.do_sample:
-                torch.manual_seed(request.seed)
+            # Decoded alone; a sampled row draws with its own generator, not torch's global one other requests share
+            draws = [SampledRows([RowSampler(sampling, r, self.device) for r in range(rows)])] if sampling else None
             with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new_tokens,
-                                          min_new_tokens=request.max_new_tokens, pad_token_id=0, **kwargs)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                          min_new_tokens=new, pad_token_id=0, do_sample=False, logits_processor=draws)
             return frontend_pb2.GenerateResponse(sequences=encode(out.cpu()))
 
         return self._guard(context, run)
+
+    def _sampling(self, request) -> Sampling | None:
+        given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
+        if not request.do_sample:
+            if given:
+                raise WireError(f"{', '.join(given)}: for sampled requests only (do_sample)")
+            return None
+        try:
+            return Sampling.resolve(self.model.generation_config, request.seed, **given)
+        except SamplingError as e:
+            raise WireError(str(e)) from None
 
     def Info(self, request, context):
         g = self.checkpoint.geometry
@@ -259,10 +271,10 @@ def main(argv: list[str] | None = None) -> None:
                         "cpu, cuda, cuda:N, or auto (a GPU where this process sees one); expert inputs and outputs "
                         "cross to the CPU at each MoE layer")
     parser.add_argument("--generate-cache-tokens", type=int, default=DEFAULT_CACHE_TOKENS,
-                        help="greedy Generate requests are decoded together in one running batch (transformers' "
-                             f"continuous batching) with a KV cache of this many tokens (default {DEFAULT_CACHE_TOKENS}; "
-                             "a request that does not fit, a sampled one, or one of a family it does not take is "
-                             "decoded alone); 0: every request alone")
+                        help="Generate requests, greedy and sampled, are decoded together in one running batch "
+                             "(transformers' continuous batching) with a KV cache of this many tokens (default "
+                             f"{DEFAULT_CACHE_TOKENS}; a request that does not fit, or one of a family it does not take, "
+                             "is decoded alone); 0: every request alone")
     parser.add_argument("--forward-batch-tokens", type=int, default=DEFAULT_FORWARD_BATCH_TOKENS, metavar="N",
                         help="Forward requests that arrive while the frontend computes others are computed together "
                              f"as one forward of up to N of their tokens (default {DEFAULT_FORWARD_BATCH_TOKENS}); "

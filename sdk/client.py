@@ -106,10 +106,15 @@ class Client:
         return decode(response.logits).clone()
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
-                 seed: int = 0) -> torch.Tensor:
-        """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`."""
+                 seed: int = 0, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
+        """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`. Sampled, row r draws as
+        `torch.manual_seed(seed + r)` then transformers' `generate` of that row alone would, whatever else the
+        frontend decodes meanwhile; `temperature`, `top_k` (0: every token) and `top_p` left out are the
+        checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0)."""
+        sampling = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
         request = frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
-                                               do_sample=do_sample, seed=seed)
+                                               do_sample=do_sample, seed=seed, **sampling)
         response = self._read(lambda t: self._stub.Generate(request, timeout=t))
         return decode(response.sequences).clone()
 

@@ -1,4 +1,4 @@
-"""Greedy generations decoded together (frontend/generation_batcher.py): the same tokens as
+"""Generations decoded together (frontend/generation_batcher.py; sampled ones: test_sampling.py): the same tokens as
 transformers' `generate` for each request alone, fewer forwards than decoding them one by one,
 requests it does not take decoded alone, and a batch that failed with a lost expert does not
 stop the next one."""
@@ -124,10 +124,6 @@ def test_a_frontend_decodes_alone_what_the_batch_does_not_take(checkpoints):
             reply = service.Generate(request, None)
             assert decode(reply.sequences)[0, 64:].tolist() == alone(reference, prompt, 5)
             assert service.generations._manager is None  # decoded by model.generate: the batch never started
-            sampled = frontend_pb2.GenerateRequest(input_ids=encode(torch.tensor([[1, 2]])), max_new_tokens=3,
-                                                   do_sample=True, seed=5)
-            assert decode(service.Generate(sampled, None).sequences).shape == (1, 5)
-            assert service.generations._manager is None
             short = frontend_pb2.GenerateRequest(input_ids=encode(torch.tensor([[1, 2]])), max_new_tokens=3)
             assert decode(service.Generate(short, None).sequences)[0, 2:].tolist() == alone(reference, [1, 2], 3)
             assert service.generations._manager is not None

@@ -1,10 +1,11 @@
 """Concurrent generations through a whole local cluster: decoded together vs each alone.
 
-    python bench/generation.py [--clients 1 4 16] [--new-tokens 16] [--seconds 6] [--rounds 2] [--sample]
+    python bench/generation.py [--clients 1 4 16] [--new-tokens 16] [--seconds 6] [--rounds 2] [--sample] [--stream]
 
 `moectl up` starts a cluster (2 workers) whose frontend decodes Generate requests in one running
 batch (the default); `--sample`: sampled requests (temperature 0.8, top_k 40, the prompt's number as
-seed) instead of greedy ones. A second frontend on the same controller and workers decodes each
+seed) instead of greedy ones; `--stream`: through GenerateStream, also timing each request's first
+token. A second frontend on the same controller and workers decodes each
 request alone (`--generate-cache-tokens 0`). N clients in a closed loop each ask for `--new-tokens`
 tokens after a prompt of 4..12 tokens, on one frontend at a time, the two alternating for `--rounds`
 rounds. Prints generated tokens/s, p50/p99 request latency and the ratio together / alone, whether
@@ -58,8 +59,8 @@ SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40}
 
 
 def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens: int, answers: dict,
-                sample: bool = False) -> dict:
-    latencies, errors = [], []
+                sample: bool = False, stream: bool = False) -> dict:
+    latencies, firsts, errors = [], [], []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
@@ -69,20 +70,29 @@ def closed_loop(address: str, clients: int, seconds: float, prompts, new_tokens:
             prompt = prompts[i % len(prompts)]
             sampling = {**SAMPLING, "seed": i % len(prompts)} if sample else {}
             start = time.perf_counter()
+            first = None
             try:
-                out = c.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, **sampling)[0, len(prompt):].tolist()
+                if stream:
+                    out = []
+                    for _, tokens in c.generate_stream(torch.tensor([prompt]), max_new_tokens=new_tokens, **sampling):
+                        first = first or time.perf_counter() - start
+                        out += tokens
+                else:
+                    out = c.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, **sampling)[0, len(prompt):]
+                    out = out.tolist()
             except Exception as err:  # noqa: BLE001 - counted
                 with lock:
                     errors.append(repr(err))
                 continue
             with lock:
                 latencies.append(time.perf_counter() - start)
+                firsts.extend([first] if first else [])
                 answers.setdefault(i % len(prompts), set()).add(tuple(out))
             i += clients
 
     with futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return {"latencies": latencies, "errors": errors}
+    return {"latencies": latencies, "firsts": firsts, "errors": errors}
 
 
 def against_transformers(reference, prompts, answered: dict, new_tokens: int, sample: bool) -> list[tuple]:
@@ -114,6 +124,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="per client count, frontend and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sample", action="store_true", help="sampled requests instead of greedy ones")
+    parser.add_argument("--stream", action="store_true", help="through GenerateStream, timing the first token too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="moecluster-bench-") as tmp:
         tmp = Path(tmp)
@@ -130,15 +141,17 @@ def main() -> None:
             gen = torch.Generator().manual_seed(0)
             prompts = [torch.randint(0, 512, (4 + i % 9,), generator=gen).tolist() for i in range(64)]
             for address in addresses.values():  # warm both
-                closed_loop(address, 2, 1.0, prompts, 2, {}, args.sample)
+                closed_loop(address, 2, 1.0, prompts, 2, {}, args.sample, args.stream)
             results, answers = {}, {}
             for _ in range(args.rounds):
                 for clients in args.clients:
                     for name, address in addresses.items():
                         run = closed_loop(address, clients, args.seconds, prompts, args.new_tokens,
-                                          answers.setdefault(name, {}), args.sample)
-                        row = results.setdefault((name, clients), {"latencies": [], "errors": [], "seconds": 0.0})
+                                          answers.setdefault(name, {}), args.sample, args.stream)
+                        row = results.setdefault((name, clients), {"latencies": [], "firsts": [], "errors": [],
+                                                                   "seconds": 0.0})
                         row["latencies"] += run["latencies"]
+                        row["firsts"] += run["firsts"]
                         row["errors"] += run["errors"]
                         row["seconds"] += args.seconds
         finally:
@@ -151,10 +164,11 @@ def main() -> None:
         near_ties = against_transformers(reference, prompts, answers["together"], args.new_tokens, args.sample)
     both = set(answers["together"]) & set(answers["alone"])
     differing = [p for p in both if answers["together"][p] != answers["alone"][p] or len(answers["together"][p]) != 1]
-    kind = f"sampled ({SAMPLING})" if args.sample else "greedy"
+    kind = (f"sampled ({SAMPLING})" if args.sample else "greedy") + (", streamed" if args.stream else "")
     print(f"a local cluster, 2 workers: qwen3_moe H=1024, I=384, E=64, top-8, 2 layers; {args.new_tokens} {kind} tokens "
           f"a request; {args.rounds} x {args.seconds:.0f} s per row, the two frontends alternating")
-    print(f"{'clients':>7} {'frontend':>9} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'vs alone':>8}")
+    first = f" {'first p50 ms':>12}" if args.stream else ""
+    print(f"{'clients':>7} {'frontend':>9} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'vs alone':>8}{first}")
     for clients in args.clients:
         rates = {}
         for name in ("alone", "together"):
@@ -162,8 +176,9 @@ def main() -> None:
             lat = sorted(row["latencies"])
             rates[name] = len(lat) * args.new_tokens / row["seconds"]
             p50, p99 = statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+            first = f" {statistics.median(row['firsts']) * 1e3:>12.0f}" if args.stream else ""
             print(f"{clients:>7} {name:>9} {rates[name]:>9.1f} {p50:>8.0f} {p99:>8.0f} {len(row['errors']):>6} "
-                  f"{rates[name] / rates['alone']:>7.2f}x")
+                  f"{rates[name] / rates['alone']:>7.2f}x{first}")
     print(f"prompts answered by both: {len(both)}; answered differently (or inconsistently): {len(differing)}")
     print(f"decoded together vs transformers' generate of each prompt alone: {len(near_ties)} of "
           f"{len(answers['together'])} prompts differ")

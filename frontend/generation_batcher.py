@@ -1,4 +1,4 @@
-"""Greedy generations of concurrent requests decoded together (transformers' continuous batching).
+"""Generations of concurrent requests decoded together (transformers' continuous batching).
 
 Each Generate request used to run a decode loop of its own: N clients, N forwards per new
 token, each sending its one token to every worker holding one of its experts. Here every
@@ -10,16 +10,21 @@ steps without waiting for the others.
 Used for requests that fit the cache, of the families whose attention the paged cache takes
 (DeepSeek's MLA does not: its values are narrower than its keys). Greedy and sampled requests
 share the batch: a sampled row draws with a generator of its own (`sampling.BatchSampler`), so
-its seed says what it draws whatever else is in the batch. The answers are the same tokens as
+its seed says what it draws whatever else is in the batch. A request may stream (GenerateStream): its
+rows' tokens are handed on as each step decodes them, and a `stop` event takes its rows out of the
+batch once its caller is gone. The answers are the same tokens as
 `model.generate` (tests/test_equivalence.py and tests/test_sampling.py check them against transformers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 from moecluster.frontend.sampling import BatchSampler, RowSampler, Sampling
@@ -67,7 +72,7 @@ class GenerationBatcher:
         self.capacity = (cache_tokens // PAGE_TOKENS) * PAGE_TOKENS
         self._lock = threading.Lock()
         self._manager = None
-        self._waiting: dict[str, tuple[futures.Future, object]] = {}  # request id -> (its result, its manager)
+        self._waiting: dict[str, _Waiting] = {}  # request id -> its row
         self._ids = itertools.count()
         self._closed = False
         self._collector: threading.Thread | None = None
@@ -76,26 +81,30 @@ class GenerationBatcher:
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         return prompt_tokens + new_tokens <= self.capacity
 
-    def generate(self, rows: list[list[int]], new_tokens: int, timeout: float,
-                 sampling: Sampling | None = None) -> list[list[int]]:
-        """GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s."""
+    def generate(self, rows: list[list[int]], new_tokens: int, timeout: float, sampling: Sampling | None = None,
+                 on_tokens: OnTokens | None = None, stop: threading.Event | None = None) -> list[list[int]]:
+        """GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s;
+        GenerationStopped once `stop` is set (the rows are taken out of the batch). `on_tokens(row, tokens)`:
+        each row's new tokens as the batch decodes them (on the collecting thread: it must not block)."""
         deadline = time.monotonic() + timeout
-        waiting = []
+        waiting: list[tuple[str, _Waiting]] = []
         try:
             with self._lock:
                 manager = self._running()
-                for row in rows:
+                for number in range(len(rows)):
                     request_id = f"moe-{next(self._ids)}"
-                    waiting.append((request_id, futures.Future()))
-                    self._waiting[request_id] = (waiting[-1][1], manager)
+                    streamed = None if on_tokens is None else functools.partial(on_tokens, number)
+                    waiting.append((request_id, _Waiting(futures.Future(), manager, streamed)))
+                    self._waiting[request_id] = waiting[-1][1]
             for number, ((request_id, _), row) in enumerate(zip(waiting, rows)):
                 if sampling is not None:
                     self._sampler.add(request_id, RowSampler(sampling, number, self.model.device))
-                if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens, eos_token_id=-1) is None:
+                if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens, eos_token_id=-1,
+                                       streaming=on_tokens is not None) is None:
                     raise GenerationFailed("the batched generation loop takes no new requests")
             out = []
-            for _, future in waiting:
-                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            for _, each in waiting:
+                result = _wait(each.future, deadline, stop)
                 if result.error is not None:
                     raise GenerationFailed(result.error)
                 if len(result.generated_tokens) != new_tokens:
@@ -106,10 +115,10 @@ class GenerationBatcher:
             raise TimeoutError(f"no generation within {timeout:.0f} s") from None
         finally:
             with self._lock:
-                for request_id, future in waiting:
+                for request_id, each in waiting:
                     self._waiting.pop(request_id, None)
                     self._sampler.remove(request_id)
-                    if not future.done():  # timed out, or a row before it failed: stop computing it
+                    if not each.future.done():  # stopped, timed out, or a row before it failed: stop computing it
                         manager.cancel_request(request_id)
 
     def close(self) -> None:
@@ -150,19 +159,56 @@ class GenerationBatcher:
                 manager = self._manager
             result = manager.get_result(timeout=0.2)  # at once None once the loop died and its queue is empty
             if result is not None:
-                if result.is_finished():
-                    with self._lock:
-                        future, _ = self._waiting.get(result.request_id, (None, None))
-                    if future is not None:
-                        _settle(future, result)
+                with self._lock:
+                    each = self._waiting.get(result.request_id)
+                if each is not None:
+                    each.stream(result.generated_tokens)
+                    if result.is_finished():
+                        _settle(each.future, result)
             elif not manager.is_running():
                 error = GenerationFailed(f"the batched generation loop stopped: "
                                          f"{manager.background_thread_status.fatal_error or 'no reason given'}")
                 with self._lock:
-                    lost = [f for f, m in self._waiting.values() if m is manager and not f.done()]
+                    lost = [w.future for w in self._waiting.values() if w.manager is manager and not w.future.done()]
                 for future in lost:
                     _settle(future, error)
                 time.sleep(0.05)
+
+
+OnTokens = Callable[[int, list[int]], None]  # (row, its new tokens)
+
+
+class GenerationStopped(RuntimeError):
+    """The caller stopped waiting (a streaming client went away): its rows were taken out of the batch."""
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """One row in the batch: its result to come, the manager computing it, and where its tokens stream."""
+
+    future: futures.Future
+    manager: object
+    on_tokens: Callable[[list[int]], None] | None
+    sent: int = 0  # tokens streamed so far
+
+    def stream(self, generated: list[int]) -> None:
+        """Hands on the tokens of `generated` (all the row's tokens so far) not yet handed on."""
+        if self.on_tokens is not None and len(generated) > self.sent:
+            self.on_tokens(list(generated[self.sent:]))
+            self.sent = len(generated)
+
+
+def _wait(future: futures.Future, deadline: float, stop: threading.Event | None):
+    """future.result() by `deadline` (futures.TimeoutError), or GenerationStopped once `stop` is set."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return future.result(timeout=max(0.0, left) if stop is None else max(0.0, min(left, 0.05)))
+        except futures.TimeoutError:
+            if stop is not None and stop.is_set():
+                raise GenerationStopped("the caller stopped waiting") from None
+            if left <= 0:
+                raise
 
 
 def _settle(future: futures.Future, outcome) -> None:

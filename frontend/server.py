@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -23,19 +24,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
 from moecluster.frontend.forward_batcher import ForwardBatcher
-from moecluster.frontend.generation_batcher import BATCHED_FAMILIES, GenerationBatcher, GenerationFailed
+from moecluster.frontend.generation_batcher import (
+    BATCHED_FAMILIES,
+    GenerationBatcher,
+    GenerationFailed,
+    GenerationStopped,
+    OnTokens,
+)
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.sampling import RowSampler, SampledRows, Sampling, SamplingError
 from moecluster.frontend.table_watcher import TableWatcher
+from moecluster.frontend.token_stream import RowStreamer, StopWhenSet, TokenStream
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
-from moecluster.observability.prometheus import frontend_metrics, serve_metrics
+from moecluster.observability.prometheus import Histogram, frontend_metrics, serve_metrics
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import frontend_pb2, frontend_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.wire import access, endpoints, streaming
 from moecluster.wire.ready import announce_ready, stop_signal
 from moecluster.wire.tensors import WireError, decode, encode
+from transformers import StoppingCriteriaList
 
 MAX_BATCH_TOKENS = 65536
 MAX_NEW_TOKENS = 4096
@@ -64,6 +73,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.requests = 0
         self.failed = 0
         self.generated_tokens = 0  # new tokens answered, of all rows
+        self.first_token = Histogram("moecluster_frontend_first_token_seconds",
+                                     "GenerateStream calls: how long until their first tokens went out (seconds)")
         batched = generate_cache_tokens and checkpoint.config.model_type in BATCHED_FAMILIES
         self.generations = GenerationBatcher(self.model, cache_tokens=generate_cache_tokens) if batched else None
         self.forwards = ForwardBatcher(self._logits, forward_batch_tokens) if forward_batch_tokens else None
@@ -91,31 +102,51 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
 
     def Generate(self, request, context):
-        def run():
-            response = generate()
-            with self._lock:
-                self.generated_tokens += request.max_new_tokens * response.sequences.shape[0]
-            return response
+        return self._guard(context, lambda: frontend_pb2.GenerateResponse(sequences=encode(
+            self._generate(request, context))))
 
-        def generate():
-            ids = self._input_ids(request.input_ids).to(self.device)
-            if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
-                raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
-            rows, new = ids.shape[0], request.max_new_tokens
-            sampling = self._sampling(request)
-            if self.generations and self.generations.fits(ids.shape[1], new) and rows:
-                remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
-                timeout = remaining if remaining is not None else 600.0
-                tokens = self.generations.generate(ids.tolist(), new, timeout=timeout, sampling=sampling)
-                return frontend_pb2.GenerateResponse(sequences=encode(torch.cat([ids.cpu(), torch.tensor(tokens)], 1)))
+    def GenerateStream(self, request, context):
+        """Each row's new tokens as they are decoded, as chunks (row, tokens): a row's chunks joined are the
+        tokens Generate answers. A client that cancels (or whose deadline passes) stops its generation."""
+        stream = TokenStream(lambda on_tokens, stop: self._generate(request, context, on_tokens, stop))
+        if hasattr(context, "add_callback"):  # gRPC's: called when the RPC ends, however it ends
+            context.add_callback(stream.close)
+        chunks, started = iter(stream), time.perf_counter()
+        while (chunk := self._guard(context, lambda: next(chunks, None), counted=started is not None)) is not None:
+            if started is not None:
+                self.first_token.observe(time.perf_counter() - started)
+                started = None
+            yield frontend_pb2.GenerateChunk(row=chunk[0], tokens=chunk[1])
+
+    def _generate(self, request, context, on_tokens: OnTokens | None = None,
+                  stop: threading.Event | None = None) -> torch.Tensor:
+        """(B, T + max_new_tokens) on the CPU; `on_tokens(row, tokens)` as they are decoded; GenerationStopped
+        once `stop` is set."""
+        ids = self._input_ids(request.input_ids).to(self.device)
+        if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+            raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
+        rows, new = ids.shape[0], request.max_new_tokens
+        sampling = self._sampling(request)
+        if self.generations and self.generations.fits(ids.shape[1], new) and rows:
+            remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
+            timeout = remaining if remaining is not None else 600.0
+            tokens = self.generations.generate(ids.tolist(), new, timeout=timeout, sampling=sampling,
+                                               on_tokens=on_tokens, stop=stop)
+            out = torch.cat([ids.cpu(), torch.tensor(tokens, dtype=torch.long).view(rows, new)], 1)
+        else:
             # Decoded alone; a sampled row draws with its own generator, not torch's global one other requests share
             draws = [SampledRows([RowSampler(sampling, r, self.device) for r in range(rows)])] if sampling else None
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                          min_new_tokens=new, pad_token_id=0, do_sample=False, logits_processor=draws)
-            return frontend_pb2.GenerateResponse(sequences=encode(out.cpu()))
-
-        return self._guard(context, run)
+                                          min_new_tokens=new, pad_token_id=0, do_sample=False, logits_processor=draws,
+                                          streamer=RowStreamer(on_tokens) if on_tokens else None,
+                                          stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]) if stop else None)
+            if stop is not None and stop.is_set():
+                raise GenerationStopped("the caller stopped waiting")
+            out = out.cpu()
+        with self._lock:
+            self.generated_tokens += new * rows
+        return out
 
     def _sampling(self, request) -> Sampling | None:
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
@@ -181,9 +212,11 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             raise WireError(f"input_ids: token ids must be in [0, {self.vocab - 1}], got {int(ids.min())}..{int(ids.max())}")
         return ids.long().clone()
 
-    def _guard(self, context, run):
-        with self._lock:
-            self.requests += 1
+    def _guard(self, context, run, counted: bool = True):
+        """run(), its errors answered with their gRPC status; `counted`: a request (a stream's first step)."""
+        if counted:
+            with self._lock:
+                self.requests += 1
         try:
             return run()
         except WireError as err:
@@ -194,6 +227,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except TimeoutError as err:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except GenerationStopped as err:
+            context.abort(grpc.StatusCode.CANCELLED, str(err))
 
 
 class FrontendServer:
@@ -252,7 +287,8 @@ class FrontendServer:
                                 generated_tokens=self.service.generated_tokens, latency=self.rpc_latency.histogram,
                                 forward_batches=forwards.forwards if forwards else 0,
                                 batched_forwards=forwards.requests if forwards else 0,
-                                client_calls=self.guard.calls() if self.guard else None)
+                                client_calls=self.guard.calls() if self.guard else None,
+                                first_token=self.service.first_token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -347,11 +347,13 @@ def worker_metrics(stats, *, bytes_pulled: int = 0, latency: Histogram | None = 
 def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
                      outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None,
                      forward_batches: int = 0, batched_forwards: int = 0,
-                     client_calls: Mapping[tuple[str, str], int] | None = None) -> str:
+                     client_calls: Mapping[tuple[str, str], int] | None = None,
+                     first_token: Histogram | None = None) -> str:
     """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per
     worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py);
     `forward_batches` / `batched_forwards`: the forward batcher's forwards and the requests they answered;
-    `client_calls`: (key holder's name, admitted | limited) -> calls, where the frontend asks for API keys."""
+    `client_calls`: (key holder's name, admitted | limited) -> calls, where the frontend asks for API keys;
+    `first_token`: how long streamed generations took to their first tokens."""
     r = Registry()
     r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
     r.counter("moecluster_frontend_generated_tokens_total",
@@ -376,8 +378,9 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
                           "or refused for being over its requests-per-second", ["client", "outcome"])
         for (client, outcome), count in sorted(client_calls.items()):
             calls.set(int(count), client=client, outcome=outcome)
-    if latency is not None:
-        r.add(latency)
+    for histogram in (latency, first_token):
+        if histogram is not None:
+            r.add(histogram)
     return r.render()
 
 

@@ -50,6 +50,11 @@ class FrontendStub:
                 request_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/moecluster.frontend.v1.Frontend/GenerateStream',
+                request_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/moecluster.frontend.v1.Frontend/Info',
                 request_serializer=moecluster_dot_protos_dot_frontend__pb2.InfoRequest.SerializeToString,
@@ -84,6 +89,13 @@ class FrontendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Generate's tokens as they are decoded; cancelling the call stops the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +125,11 @@ def add_FrontendServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.FromString,
                     response_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.FromString,
+                    response_serializer=moecluster_dot_protos_dot_frontend__pb2.GenerateChunk.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -206,6 +223,33 @@ class Frontend:
             '/moecluster.frontend.v1.Frontend/Generate',
             moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
             moecluster_dot_protos_dot_frontend__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moecluster.frontend.v1.Frontend/GenerateStream',
+            moecluster_dot_protos_dot_frontend__pb2.GenerateRequest.SerializeToString,
+            moecluster_dot_protos_dot_frontend__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

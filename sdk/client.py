@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -112,11 +113,33 @@ class Client:
         `torch.manual_seed(seed + r)` then transformers' `generate` of that row alone would, whatever else the
         frontend decodes meanwhile; `temperature`, `top_k` (0: every token) and `top_p` left out are the
         checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0)."""
-        sampling = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
-        request = frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
-                                               do_sample=do_sample, seed=seed, **sampling)
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p)
         response = self._read(lambda t: self._stub.Generate(request, timeout=t))
         return decode(response.sequences).clone()
+
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
+                        seed: int = 0, temperature: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None) -> Iterator[tuple[int, list[int]]]:
+        """`generate`, but yields `(row, tokens)` as the frontend decodes them: a row's tokens joined are the
+        ones `generate` answers. Asked again on UNAVAILABLE only until its first tokens came (a retry later
+        would repeat them); leaving the loop early cancels the call, which stops the generation. The whole
+        stream has the client's `timeout`. gRPC only: an HTTP (Ray Serve) address raises UNIMPLEMENTED."""
+        if self.http:
+            raise MoEClusterError(grpc.StatusCode.UNIMPLEMENTED, f"{self.address} is an HTTP address: streamed "
+                                  "generation needs a frontend's gRPC address (or use generate)")
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p)
+
+        def start(left: float):
+            call = self._stub.GenerateStream(request, timeout=left)
+            return call, next(call, None)
+
+        call, chunk = self._read(start)
+        try:
+            while chunk is not None:
+                yield chunk.row, list(chunk.tokens)
+                chunk = self._call(lambda: next(call, None))
+        finally:
+            call.cancel()  # a no-op once the stream ended
 
     def info(self) -> frontend_pb2.InfoResponse:
         """The served model: family, vocab_size, num_moe_layers, num_experts, top_k, hidden_size (cached)."""
@@ -249,6 +272,13 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._with(details), request_iterator)
+
+
+def _generate_request(input_ids, max_new_tokens: int, do_sample: bool, seed: int, temperature: float | None,
+                      top_k: int | None, top_p: float | None) -> frontend_pb2.GenerateRequest:
+    sampling = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
+    return frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
+                                        do_sample=do_sample, seed=seed, **sampling)
 
 
 def _ids(input_ids) -> torch.Tensor:

@@ -9,11 +9,13 @@ steps without waiting for the others.
 
 Used for requests that fit the cache, of the families whose attention the paged cache takes
 (DeepSeek's MLA does not: its values are narrower than its keys). Greedy and sampled requests
-share the batch: a sampled row draws with a generator of its own (`sampling.BatchSampler`), so
-its seed says what it draws whatever else is in the batch. A request may stream (GenerateStream): its
-rows' tokens are handed on as each step decodes them, and a `stop` event takes its rows out of the
-batch once its caller is gone. The answers are the same tokens as
-`model.generate` (tests/test_equivalence.py and tests/test_sampling.py check them against transformers).
+share the batch, and so do requests that stop at their end-of-sequence token and those that make
+exactly their N tokens: each row has its own rule (`batch_rows.BatchRows`), and a sampled row draws
+with a generator of its own, so its seed says what it draws whatever else is in the batch. A request
+may stream (GenerateStream): its rows' tokens are handed on as each step decodes them, and a `stop`
+event takes its rows out of the batch once its caller is gone. The answers are the same tokens as
+`model.generate` (tests/test_equivalence.py, test_sampling.py and test_end_of_sequence.py check them
+against transformers).
 """
 
 from __future__ import annotations
@@ -27,27 +29,16 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 
-from moecluster.frontend.sampling import BatchSampler, RowSampler, Sampling
+from moecluster.frontend.batch_rows import BatchRows, RowRule
+from moecluster.frontend.sampling import RowSampler, Sampling
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching import cb_logits_processors
 
 BATCHED_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")  # checked equal to generate, token by token
 PAGE_TOKENS = 32
 
 log = logging.getLogger("moecluster.frontend")
-
-
-class _KnownProcessor(logging.Filter):
-    """Drops continuous batching's "might not be supported" warning for the EOS suppression, logged at every
-    loop start: that processor is stateless, and tests check the batch never generates the token."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SuppressTokensLogitsProcessor might not be supported" not in record.getMessage()
-
-
-cb_logits_processors.logger.addFilter(_KnownProcessor())
 
 
 class GenerationFailed(RuntimeError):
@@ -76,14 +67,19 @@ class GenerationBatcher:
         self._ids = itertools.count()
         self._closed = False
         self._collector: threading.Thread | None = None
-        self._sampler = BatchSampler()
+        self._rows = BatchRows()
+        eos = model.generation_config.eos_token_id
+        self.eos: tuple[int, ...] = (eos,) if isinstance(eos, int) else tuple(eos or ())  # the checkpoint's
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         return prompt_tokens + new_tokens <= self.capacity
 
     def generate(self, rows: list[list[int]], new_tokens: int, timeout: float, sampling: Sampling | None = None,
-                 on_tokens: OnTokens | None = None, stop: threading.Event | None = None) -> list[list[int]]:
-        """GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s;
+                 on_tokens: OnTokens | None = None, stop: threading.Event | None = None,
+                 until_eos: bool = False) -> list[list[int]]:
+        """`until_eos`: a row ends at its end-of-sequence token (kept), so it may have fewer tokens; else it
+        never picks one and has exactly `new_tokens` (`generate` with min_new_tokens).
+        GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s;
         GenerationStopped once `stop` is set (the rows are taken out of the batch). `on_tokens(row, tokens)`:
         each row's new tokens as the batch decodes them (on the collecting thread: it must not block)."""
         deadline = time.monotonic() + timeout
@@ -96,10 +92,13 @@ class GenerationBatcher:
                     streamed = None if on_tokens is None else functools.partial(on_tokens, number)
                     waiting.append((request_id, _Waiting(futures.Future(), manager, streamed)))
                     self._waiting[request_id] = waiting[-1][1]
+            if until_eos and not self.eos:
+                raise ValueError("until_eos: the checkpoint names no end-of-sequence token")
             for number, ((request_id, _), row) in enumerate(zip(waiting, rows)):
-                if sampling is not None:
-                    self._sampler.add(request_id, RowSampler(sampling, number, self.model.device))
-                if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens, eos_token_id=-1,
+                sampler = None if sampling is None else RowSampler(sampling, number, self.model.device)
+                self._rows.add(request_id, RowRule(suppress=() if until_eos else self.eos, sampler=sampler))
+                if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens,
+                                       eos_token_id=list(self.eos) if until_eos else -1,
                                        streaming=on_tokens is not None) is None:
                     raise GenerationFailed("the batched generation loop takes no new requests")
             out = []
@@ -107,8 +106,10 @@ class GenerationBatcher:
                 result = _wait(each.future, deadline, stop)
                 if result.error is not None:
                     raise GenerationFailed(result.error)
-                if len(result.generated_tokens) != new_tokens:
-                    raise GenerationFailed(f"the batch generated {len(result.generated_tokens)} of {new_tokens} tokens")
+                made = result.generated_tokens
+                ended = until_eos and made and made[-1] in self.eos
+                if len(made) != new_tokens and not (ended and len(made) < new_tokens):
+                    raise GenerationFailed(f"the batch generated {len(made)} of {new_tokens} tokens")
                 out.append(list(result.generated_tokens))
             return out
         except futures.TimeoutError:
@@ -117,7 +118,7 @@ class GenerationBatcher:
             with self._lock:
                 for request_id, each in waiting:
                     self._waiting.pop(request_id, None)
-                    self._sampler.remove(request_id)
+                    self._rows.remove(request_id)
                     if not each.future.done():  # stopped, timed out, or a row before it failed: stop computing it
                         manager.cancel_request(request_id)
 
@@ -136,14 +137,11 @@ class GenerationBatcher:
         if self._manager is None or not self._manager.is_running():
             if self._manager is not None:
                 log.warning("the batched generation loop stopped; starting it again")
-            # Exactly the tokens asked for, the end-of-sequence token never among them: what `generate` does with
-            # min_new_tokens = max_new_tokens (a processor continuous batching lacks: its tokens are suppressed here)
-            eos = self.model.generation_config.eos_token_id
-            never = [eos] if isinstance(eos, int) else list(eos or [])
-            generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, suppress_tokens=never or None)
+            # Each row's end-of-sequence token and sampling are its own (BatchRows): the batch itself is greedy
+            generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
             self._manager = self.model.init_continuous_batching(generation_config=generation,
                                                                 continuous_batching_config=self.config)
-            _draw_last_with(self._manager, self._sampler)
+            _apply_last(self._manager, self._rows)
             _start_as_daemon(self._manager)
             if self._collector is None:
                 self._collector = threading.Thread(target=self._collect, name="generation-results", daemon=True)
@@ -222,12 +220,12 @@ def _settle(future: futures.Future, outcome) -> None:
         pass
 
 
-def _draw_last_with(manager, sampler: BatchSampler) -> None:
-    """Appends `sampler` to the batch's logits processors, after the EOS suppression, as `generate` warps
-    after its processors. Before the loop starts: it sizes the processors' arguments then (transformers
-    5.23's `ContinuousBatchingManager`, pinned; `init_continuous_batching` takes no processors of ours)."""
+def _apply_last(manager, rows: BatchRows) -> None:
+    """Appends `rows` to the batch's logits processors. Before the loop starts: it sizes the processors'
+    arguments then (transformers 5.23's `ContinuousBatchingManager`, pinned; `init_continuous_batching`
+    takes no processors of ours)."""
     processors = manager.logit_processor
-    processors.logits_processor.append(sampler)
+    processors.logits_processor.append(rows)
     processors.tensors_required += 1
     processors.do_processing = True
 

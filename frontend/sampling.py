@@ -5,8 +5,8 @@ take each other's random numbers and a seed no longer says what comes out. Here 
 `torch.Generator` seeded `seed + row`, and its tokens are drawn by a logits processor that samples
 the row's warped scores with that generator and leaves only the drawn token (every other score -inf):
 a greedy step then picks it. The same processor runs inside `model.generate` (a request decoded alone)
-and, as a continuous-batching processor, inside the running batch, where sampled and greedy rows of
-different requests share each forward. Row r of a request is what `torch.manual_seed(seed + r)`
+and inside the running batch (`batch_rows.BatchRows`), where sampled and greedy rows of different
+requests share each forward. Row r of a request is what `torch.manual_seed(seed + r)`
 followed by transformers' `generate` of that row alone with the same settings draws (on the same
 device): the warpers are transformers' own, applied in its order, then softmax and one multinomial
 draw per step (tests/test_sampling.py checks it token by token).
@@ -14,15 +14,11 @@ draw per step (tests/test_sampling.py checks it token by token).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-NOT_SAMPLED = -1  # a batch row's slot when its request is greedy
 
 
 class SamplingError(ValueError):
@@ -102,51 +98,3 @@ class SampledRows(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return torch.cat([only(s.draw(input_ids[b:b + 1], scores[b:b + 1]), scores[b:b + 1])
                           for b, s in enumerate(self.samplers)])
-
-
-class BatchSampler(ContinuousBatchingLogitsProcessor):
-    """For continuous batching: rows of requests registered here are drawn by their sampler, the rest
-    (greedy requests) are left to the batch's argmax. Runs last, after the batch's other processors.
-
-    transformers asks `prepare_tensor_args` for one int32 per row of the coming forward, in the order of
-    its logits, then calls the processor with them: here each is the row's slot in `_slots`."""
-
-    supported_kwargs: dict[str, type] = {}
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._samplers: dict[str, RowSampler] = {}  # request id -> its sampler
-        self._slots: list[RowSampler] = []  # this forward's sampled rows, by slot
-
-    def add(self, request_id: str, sampler: RowSampler) -> None:
-        with self._lock:
-            self._samplers[request_id] = sampler
-
-    def remove(self, request_id: str) -> None:
-        with self._lock:
-            self._samplers.pop(request_id, None)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(NOT_SAMPLED)
-
-    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        slots, self._slots = [], []
-        with self._lock:
-            for request in requests_with_new_token:
-                sampler = self._samplers.get(request.state.request_id)
-                slots.append(NOT_SAMPLED if sampler is None else len(self._slots))
-                if sampler is not None:
-                    self._slots.append(sampler)
-        return torch.tensor(slots, dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        slots = tensor_arg[: scores.size(0)].tolist()
-        if all(slot == NOT_SAMPLED for slot in slots):
-            return scores
-        scores = scores.clone()
-        no_ids = torch.empty((1, 0), dtype=torch.long)  # the warpers used here read only the scores
-        for row, slot in enumerate(slots):
-            if slot != NOT_SAMPLED:
-                scores[row:row + 1] = only(self._slots[slot].draw(no_ids, scores[row:row + 1]), scores[row:row + 1])
-        return scores

@@ -56,18 +56,24 @@ class TokenStream:
 
 
 class RowStreamer(BaseStreamer):
-    """For `model.generate(streamer=...)`: each step's token of every row, to `on_tokens(row, [token])`."""
+    """For `model.generate(streamer=...)`: each step's token of every row, to `on_tokens(row, [token])`;
+    a row that made one of `eos` has ended (generate pads it from then on: not handed on)."""
 
-    def __init__(self, on_tokens: Callable[[int, list[int]], None]):
+    def __init__(self, on_tokens: Callable[[int, list[int]], None], eos: tuple[int, ...] = ()):
         self.on_tokens = on_tokens
+        self.eos = set(eos)
         self._prompt = True
+        self._ended: set[int] = set()
 
     def put(self, value: torch.Tensor) -> None:
         if self._prompt:  # generate hands on the prompt first
             self._prompt = False
             return
         for row, token in enumerate(value.reshape(-1).tolist()):
-            self.on_tokens(row, [token])
+            if row not in self._ended:
+                self.on_tokens(row, [token])
+                if token in self.eos:
+                    self._ended.add(row)
 
     def end(self) -> None:
         pass

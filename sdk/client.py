@@ -108,26 +108,29 @@ class Client:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
                  seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None) -> torch.Tensor:
+                 top_p: float | None = None, until_eos: bool = False) -> torch.Tensor:
         """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`. Sampled, row r draws as
         `torch.manual_seed(seed + r)` then transformers' `generate` of that row alone would, whatever else the
         frontend decodes meanwhile; `temperature`, `top_k` (0: every token) and `top_p` left out are the
-        checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0)."""
-        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p)
+        checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0). `until_eos`: a row
+        ends at the checkpoint's end-of-sequence token, padded with 0 after it; else it has exactly
+        `max_new_tokens` tokens, never that one."""
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos)
         response = self._read(lambda t: self._stub.Generate(request, timeout=t))
         return decode(response.sequences).clone()
 
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
                         seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                        top_p: float | None = None) -> Iterator[tuple[int, list[int]]]:
+                        top_p: float | None = None, until_eos: bool = False) -> Iterator[tuple[int, list[int]]]:
         """`generate`, but yields `(row, tokens)` as the frontend decodes them: a row's tokens joined are the
-        ones `generate` answers. Asked again on UNAVAILABLE only until its first tokens came (a retry later
-        would repeat them); leaving the loop early cancels the call, which stops the generation. The whole
-        stream has the client's `timeout`. gRPC only: an HTTP (Ray Serve) address raises UNIMPLEMENTED."""
+        ones `generate` answers (`until_eos`: up to and with its end-of-sequence token, no padding). Asked
+        again on UNAVAILABLE only until its first tokens came (a retry later would repeat them); leaving the
+        loop early cancels the call, which stops the generation. The whole stream has the client's `timeout`.
+        gRPC only: an HTTP (Ray Serve) address raises UNIMPLEMENTED."""
         if self.http:
             raise MoEClusterError(grpc.StatusCode.UNIMPLEMENTED, f"{self.address} is an HTTP address: streamed "
                                   "generation needs a frontend's gRPC address (or use generate)")
-        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p)
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos)
 
         def start(left: float):
             call = self._stub.GenerateStream(request, timeout=left)
@@ -275,10 +278,10 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
 
 def _generate_request(input_ids, max_new_tokens: int, do_sample: bool, seed: int, temperature: float | None,
-                      top_k: int | None, top_p: float | None) -> frontend_pb2.GenerateRequest:
+                      top_k: int | None, top_p: float | None, until_eos: bool) -> frontend_pb2.GenerateRequest:
     sampling = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
     return frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
-                                        do_sample=do_sample, seed=seed, **sampling)
+                                        do_sample=do_sample, seed=seed, until_eos=until_eos, **sampling)
 
 
 def _ids(input_ids) -> torch.Tensor:

@@ -136,6 +136,12 @@ def test_the_sdk_streams_what_generate_answers(local_clusters, qwen3, tmp_path):
             whole = client.generate(prompts, max_new_tokens=5, **settings)
             assert rows == {r: whole[r, 3:].tolist() for r in range(2)}, settings
         assert rows[1] == drawn(reference, [8, 9, 10], 5, 4, top_p=0.8)
+        ended = client.generate(prompts, max_new_tokens=5, until_eos=True)  # the tiny checkpoint's EOS is 2
+        for r in range(2):  # transformers' generate stops a row at EOS (tests/test_end_of_sequence.py: in full)
+            with torch.no_grad():
+                theirs = reference.generate(prompts[r:r + 1], attention_mask=torch.ones_like(prompts[r:r + 1]),
+                                            max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 3:].tolist()
+            assert ended[r, 3:].tolist() == theirs + [0] * (5 - len(theirs))
         chunks = client.generate_stream(prompts[:1], max_new_tokens=4000)
         assert next(chunks)[0] == 0
         chunks.close()  # cancels the call: the frontend stops decoding it

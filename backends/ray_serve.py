@@ -5,9 +5,10 @@ a table watcher acknowledging the controller's epochs as any frontend does).
 HTTP ingress speaks the frontend's own messages: POST `/NAME/Forward` (and
 `/Generate`, `/Info`, `/Status`) with a serialized `moecluster.frontend.v1`
 request as the body answers with the serialized response (`Client("http://...")`
-does this); a failed call answers 400 (bad input) or 503 (no live copy of an
-expert) with the reason as text. With a gRPC port in the cluster's settings,
-Serve's gRPC proxy serves the same methods too (Ray binds it on every interface).
+does this), `/GenerateStream` with frames of chunks (sdk/http_transport.py); a
+failed call answers 400 (bad input) or 503 (no live copy of an expert) with the
+reason as text. With a gRPC port in the cluster's settings, Serve's gRPC proxy
+serves the same methods too (Ray binds it on every interface).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import uuid
 
 import grpc
 from moecluster.protos import frontend_pb2
+from moecluster.sdk.http_transport import CHUNK, FAILURE, frame
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 METHODS = {"Forward": frontend_pb2.ForwardRequest, "Generate": frontend_pb2.GenerateRequest,
-           "Info": frontend_pb2.InfoRequest, "Status": frontend_pb2.StatusRequest}
+           "GenerateStream": frontend_pb2.GenerateRequest, "Info": frontend_pb2.InfoRequest,
+           "Status": frontend_pb2.StatusRequest}
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAVAILABLE: 503}
 
 
@@ -33,10 +36,22 @@ class CallFailed(Exception):
 
 
 class _Context:
-    """What FrontendService needs of a gRPC context: abort(code, details)."""
+    """What FrontendService needs of a gRPC context: abort(code, details), and callbacks for when the call
+    ends (`end`: a streaming reader went away)."""
+
+    def __init__(self):
+        self._callbacks = []
 
     def abort(self, code: grpc.StatusCode, details: str):
         raise CallFailed(code, details)
+
+    def add_callback(self, callback) -> bool:
+        self._callbacks.append(callback)
+        return True
+
+    def end(self) -> None:
+        for callback in self._callbacks:
+            callback()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
@@ -68,6 +83,8 @@ class MoEFrontend:
             return Response(f"POST one of {sorted(METHODS)} with a serialized request", status_code=404)
         try:
             request = METHODS[method].FromString(await http.body())
+            if method == "GenerateStream":
+                return await self._frames(request)
             response = await asyncio.to_thread(self._call, method, request)
         except CallFailed as err:
             return Response(f"{err.code.name}: {err.details}", status_code=HTTP_STATUS.get(err.code, 500))
@@ -75,12 +92,37 @@ class MoEFrontend:
             return Response(f"INVALID_ARGUMENT: {type(err).__name__}: {err}", status_code=400)
         return Response(response.SerializeToString(), media_type="application/x-protobuf")
 
+    async def _frames(self, request: frontend_pb2.GenerateRequest) -> StreamingResponse:
+        """GenerateStream as HTTP frames (sdk/http_transport.py); a failure before the first tokens raises
+        CallFailed (a plain status). The generator is read on threads, one `next` at a time, and stopped
+        through its context: closing it from here could meet a `next` still running."""
+        context = _Context()
+        chunks = self.service.GenerateStream(request, context)
+        first = await asyncio.to_thread(next, chunks, None)
+
+        async def frames():
+            chunk = first
+            try:
+                while chunk is not None:
+                    yield frame(CHUNK, chunk.SerializeToString())
+                    chunk = await asyncio.to_thread(next, chunks, None)
+            except CallFailed as err:
+                yield frame(FAILURE, f"{err.code.name}: {err.details}".encode())
+            finally:
+                context.end()  # done, or the client went away: the generation stops
+
+        return StreamingResponse(frames(), media_type="application/x-moecluster-frames")
+
     # Serve's gRPC proxy calls these by the proto's method names.
     async def Forward(self, request: frontend_pb2.ForwardRequest) -> frontend_pb2.ForwardResponse:
         return await asyncio.to_thread(self._call, "Forward", request)
 
     async def Generate(self, request: frontend_pb2.GenerateRequest) -> frontend_pb2.GenerateResponse:
         return await asyncio.to_thread(self._call, "Generate", request)
+
+    def GenerateStream(self, request: frontend_pb2.GenerateRequest):
+        """A generator: the proxy streams what it yields; closed early, the generation stops."""
+        yield from self.service.GenerateStream(request, _Context())
 
     async def Info(self, request: frontend_pb2.InfoRequest) -> frontend_pb2.InfoResponse:
         return await asyncio.to_thread(self._call, "Info", request)

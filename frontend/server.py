@@ -112,11 +112,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         if hasattr(context, "add_callback"):  # gRPC's: called when the RPC ends, however it ends
             context.add_callback(stream.close)
         chunks, started = iter(stream), time.perf_counter()
-        while (chunk := self._guard(context, lambda: next(chunks, None), counted=started is not None)) is not None:
-            if started is not None:
-                self.first_token.observe(time.perf_counter() - started)
-                started = None
-            yield frontend_pb2.GenerateChunk(row=chunk[0], tokens=chunk[1])
+        try:
+            while (chunk := self._guard(context, lambda: next(chunks, None), counted=started is not None)) is not None:
+                if started is not None:
+                    self.first_token.observe(time.perf_counter() - started)
+                    started = None
+                yield frontend_pb2.GenerateChunk(row=chunk[0], tokens=chunk[1])
+        finally:
+            stream.close()  # closed early (its reader went away): the generation stops too
 
     def _generate(self, request, context, on_tokens: OnTokens | None = None,
                   stop: threading.Event | None = None) -> torch.Tensor:

@@ -125,11 +125,8 @@ class Client:
         """`generate`, but yields `(row, tokens)` as the frontend decodes them: a row's tokens joined are the
         ones `generate` answers (`until_eos`: up to and with its end-of-sequence token, no padding). Asked
         again on UNAVAILABLE only until its first tokens came (a retry later would repeat them); leaving the
-        loop early cancels the call, which stops the generation. The whole stream has the client's `timeout`.
-        gRPC only: an HTTP (Ray Serve) address raises UNIMPLEMENTED."""
-        if self.http:
-            raise MoEClusterError(grpc.StatusCode.UNIMPLEMENTED, f"{self.address} is an HTTP address: streamed "
-                                  "generation needs a frontend's gRPC address (or use generate)")
+        loop early cancels the call, which stops the generation. The whole stream has the client's `timeout`
+        (over HTTP, a Ray Serve frontend's: each read's)."""
         request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos)
 
         def start(left: float):

@@ -69,6 +69,32 @@ def worker_stats(address: str):
         return worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
 
 
+def streamed(path: str, http: Client, proxied: Client, c: LocalCluster) -> dict:
+    """Sampled GenerateStream through Serve's HTTP ingress and its gRPC proxy against Generate and transformers'
+    generate under the seed; then a long stream left after its first tokens, and the worker RPCs that follow."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt, settings = torch.tensor([[3, 1, 4, 1]]), {"do_sample": True, "seed": 5, "temperature": 0.9}
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                                pad_token_id=0, do_sample=True, temperature=0.9)[0, 4:].tolist()
+
+    def joined(client):
+        return [t for _, tokens in client.generate_stream(prompt, 6, **settings) for t in tokens]
+
+    result = {"transformers": theirs, "generate": http.generate(prompt, 6, **settings)[0, 4:].tolist(),
+              "http": joined(http), "grpc": joined(proxied)}
+    rpcs = lambda: sum(worker_stats(w["address"]).requests for w in serving(c.status()))  # noqa: E731
+    chunks = http.generate_stream(prompt, 4000)
+    result["first_chunk"] = list(next(chunks)[1])
+    chunks.close()  # the HTTP response closed: the replica stops decoding
+    time.sleep(1.0)
+    before = rpcs()
+    time.sleep(2.0)
+    result["rpcs_2s_after_cancel"] = rpcs() - before  # a 4000-token generation would make hundreds
+    return result
+
+
 def load(c: LocalCluster, batch, logits):
     return ClosedLoopLoad(c.status()["endpoint"], batch, logits, clients=2, max_seconds=240)
 
@@ -102,6 +128,8 @@ def run(args) -> dict:
             # the same application through Serve's gRPC proxy (it serves both: the metadata picks one)
             by_grpc = Client(f"127.0.0.1:{grpc_port}", timeout=60, application=c.name).forward(batch)
             stats = [worker_stats(w["address"]) for w in serving(c.status())]
+            out[f"stream/{family}"] = streamed(path, client, Client(f"127.0.0.1:{grpc_port}", timeout=60,
+                                                                    application=c.name), c)
             out[f"equal/{family}"] = {"max_err": float((got - logits).abs().max()), "up_s": time.monotonic() - started,
                                       "grpc_max_err": float((by_grpc - logits).abs().max()),
                                       "endpoint": c.status()["endpoint"],

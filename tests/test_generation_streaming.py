@@ -1,6 +1,7 @@
 """GenerateStream (frontend/token_stream.py): each row's tokens handed on one at a time as they are
 decoded, joined the same tokens as Generate and transformers, in the running batch and decoded alone;
-a stream whose call ends early stops its generation, and the SDK's `generate_stream`."""
+a stream whose call ends early stops its generation, and the SDK's `generate_stream` (over HTTP through
+Ray Serve: tests/test_ray.py)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,6 @@ def test_the_sdk_streams_what_generate_answers(local_clusters, qwen3, tmp_path):
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
     first_tokens = [v for name, labels, v in parse(text) if name == "moecluster_frontend_first_token_seconds_count"]
     assert first_tokens == [3.0]  # the two streams read to their end, and the one left after its first tokens
-    with pytest.raises(MoEClusterError, match="HTTP address: streamed generation needs") as http:
-        next(Client("http://127.0.0.1:1/tiny").generate_stream(prompts, 2))
-    assert http.value.code == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(MoEClusterError, match="failed to connect to http://127.0.0.1:1/tiny/GenerateStream") as http:
+        next(Client("http://127.0.0.1:1/tiny").generate_stream(prompts, 2))  # Ray Serve's ingress: test_ray.py
+    assert http.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,5 +1,5 @@
 """The Ray backend on a real local Ray instance: answers equal to transformers for two families (through
-Serve's HTTP ingress and its gRPC proxy), scale
+Serve's HTTP ingress and its gRPC proxy; streamed generations too, stopped when their reader leaves), scale
 2 -> 3 -> 2 under load, kill -9 of a worker actor's process under load, the controller actor killed and
 restarted, training saved through the worker actors and resumed exactly, `down` leaving no actor behind.
 
@@ -60,6 +60,14 @@ def test_answers_equal_transformers(report, family):
     assert result["worker_requests"] > 0, result
     assert (result["worker_forward_batches"] > 0, result["generate_cache_tokens"], result["forward_batch_tokens"]) == (
         (False, 64, 0) if family == "mixtral" else (True, 4096, 2048)), result
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_streamed_generations_through_serve_equal_generate_and_stop_when_left(report, family):
+    result = report[f"stream/{family}"]
+    assert result["http"] == result["grpc"] == result["generate"] == result["transformers"], result
+    assert len(result["first_chunk"]) == 1, result  # a token at a time
+    assert result["rpcs_2s_after_cancel"] < 20, result
 
 
 def test_scale_two_three_two_under_load_fails_nothing(report):

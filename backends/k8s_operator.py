@@ -36,7 +36,8 @@ from moecluster.controller.metrics import ControllerMetrics, Sample, exposition
 from moecluster.controller.router import ControllerRouter
 from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
-from moecluster.observability.prometheus import serve_metrics
+from moecluster.observability.prometheus import rendered, serve_metrics
+from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.wire import endpoints
 from pydantic import ValidationError
@@ -361,15 +362,18 @@ def operator_metrics(clusters: dict[str, ControllerMetrics | None]) -> str:
     return exposition(samples)
 
 
+CONTROLLER_RPCS = RpcLatency("moecluster_controller_rpc_seconds")  # every cluster's controller calls, together
+
+
 def _render_metrics() -> str:
     with RUNNERS_LOCK:
         runners = dict(RUNNERS)
-    return operator_metrics({k: r.controller.metrics if r.controller else None for k, r in runners.items()})
-
+    return (operator_metrics({k: r.controller.metrics if r.controller else None for k, r in runners.items()})
+            + rendered(CONTROLLER_RPCS.histogram))
 
 
 def serve_controllers(host: str, port: int) -> grpc.Server:
-    server = endpoints.server(32, handlers=[ROUTER])
+    server = endpoints.server(32, handlers=[ROUTER], interceptors=[CONTROLLER_RPCS])
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise SystemExit(f"moecluster-operator: cannot listen on {host}:{port}")
     server.start()

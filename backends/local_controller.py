@@ -25,7 +25,8 @@ from moecluster.controller.runtime import Controller
 from moecluster.controller.service import ControllerService
 from moecluster.controller.spec import ClusterSpec, as_flags
 from moecluster.models.checkpoint import Checkpoint
-from moecluster.observability.prometheus import serve_metrics
+from moecluster.observability.prometheus import rendered, serve_metrics
+from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import controller_pb2_grpc
 from moecluster.wire import endpoints
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
     cluster = cluster_record.read(args.cluster_dir)
-    server = endpoints.server(16)
+    latency = RpcLatency("moecluster_controller_rpc_seconds")  # admin calls, frontends' watches, reports
+    server = endpoints.server(16, interceptors=[latency])
     address = listen(server, cluster["controller"], args.move_if_port_taken)
     if address != cluster["controller"]:
         cluster = cluster_record.update(args.cluster_dir, controller=address)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     controller.start()  # state rebuilt from the workers before any request is taken (a restore would find none)
     server.start()
     metrics_port = cluster.get("metrics_port", 0) if args.metrics_port is None else args.metrics_port
-    metrics = serve_metrics(controller.metrics.render, metrics_port) if metrics_port >= 0 else None
+    render = lambda: controller.metrics.render() + rendered(latency.histogram)  # noqa: E731
+    metrics = serve_metrics(render, metrics_port) if metrics_port >= 0 else None
     announce_ready(args.ready_file, cluster["controller"], **({"metrics": metrics.address} if metrics else {}))
     watch_supervisor(args.cluster_dir, stopped)  # who restarts this controller is restarted by it
     stopped.wait()

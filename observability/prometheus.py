@@ -344,6 +344,13 @@ def worker_metrics(stats, *, bytes_pulled: int = 0, latency: Histogram | None = 
     return r.render()
 
 
+def rendered(histogram: Histogram) -> str:
+    """One histogram's text, to follow another exposition (a controller's own metrics)."""
+    registry = Registry()
+    registry.add(histogram)
+    return registry.render()
+
+
 def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: int, epoch: int,
                      outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None,
                      forward_batches: int = 0, batched_forwards: int = 0,
@@ -385,4 +392,4 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
 
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Histogram", "Metric", "MetricsServer", "Registry", "format_value",
-           "frontend_metrics", "parse", "serve_metrics", "worker_metrics"]
+           "frontend_metrics", "parse", "rendered", "serve_metrics", "worker_metrics"]

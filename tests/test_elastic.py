@@ -21,6 +21,7 @@ import torch
 from moecluster.backends.local import ClusterError
 from moecluster.backends.processes import ProcessRecord, alive
 from moecluster.models.checkpoint import Checkpoint
+from moecluster.observability.prometheus import parse
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client, MoEClusterError
 from moecluster.sdk.load import ClosedLoopLoad
@@ -318,6 +319,9 @@ def test_migrate_drain_and_metrics(cluster, reference):
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
     assert "moecluster_epoch" in text and 'moecluster_bytes_moved_total{source="peer"}' in text
     assert 'moecluster_layer_imbalance{layer="0"}' in text, text  # the load ran through both layers
+    timed = {(labels["method"], labels["code"]): v for name, labels, v in parse(text)
+             if name == "moecluster_controller_rpc_seconds_count"}
+    assert timed[("Migrate", "OK")] == 2 and timed[("Drain", "OK")] == 1 and timed[("Status", "OK")] >= 2, timed
     with pytest.raises(ClusterError, match="not serving"):
         list(c.migrate(layer, expert, "worker-99"))
 

@@ -135,6 +135,9 @@ def test_kubectl_scale_up_and_down_under_load(moe):
     assert samples[("moecluster_operator_clusters", "", "")] == 1
     assert samples[("moecluster_epoch", key, "")] >= 3 and samples[("moecluster_scale_seconds_count", key, "")] >= 0
     assert samples[("moecluster_step_seconds_count", key, "PullExpert")] >= 1, "the scale-up copied experts"
+    acks = [v for name, labels, v in parse(scraped) if name == "moecluster_controller_rpc_seconds_count"
+            and (labels["method"], labels["code"]) == ("AckEpoch", "OK")]  # the frontend took each new epoch
+    assert acks and acks[0] >= 3, acks
 
 
 # Labels Prometheus puts on every scraped series itself: the pod's namespace and name, and the

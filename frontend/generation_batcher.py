@@ -9,8 +9,8 @@ steps without waiting for the others.
 
 Used for requests that fit the cache, of the families whose attention the paged cache takes
 (DeepSeek's MLA does not: its values are narrower than its keys). Greedy and sampled requests
-share the batch, and so do requests that stop at their end-of-sequence token and those that make
-exactly their N tokens: each row has its own rule (`batch_rows.BatchRows`), and a sampled row draws
+share the batch, and so do requests that end at their end-of-sequence or stop tokens and those that
+make exactly their N tokens: each row has its own rule (`batch_rows.BatchRows`), and a sampled row draws
 with a generator of its own, so its seed says what it draws whatever else is in the batch. A request
 may stream (GenerateStream): its rows' tokens are handed on as each step decodes them, and a `stop`
 event takes its rows out of the batch once its caller is gone. The answers are the same tokens as
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from concurrent import futures
 
 from moecluster.frontend.batch_rows import BatchRows, RowRule
+from moecluster.frontend.ending import Ending
 from moecluster.frontend.sampling import RowSampler, Sampling
 from torch import nn
 from transformers import GenerationConfig
@@ -76,9 +77,9 @@ class GenerationBatcher:
 
     def generate(self, rows: list[list[int]], new_tokens: int, timeout: float, sampling: Sampling | None = None,
                  on_tokens: OnTokens | None = None, stop: threading.Event | None = None,
-                 until_eos: bool = False) -> list[list[int]]:
-        """`until_eos`: a row ends at its end-of-sequence token (kept), so it may have fewer tokens; else it
-        never picks one and has exactly `new_tokens` (`generate` with min_new_tokens).
+                 ending: Ending | None = None) -> list[list[int]]:
+        """`ending`: where a row may end early (ending.py); by default it has exactly `new_tokens` tokens, never
+        the end-of-sequence token (`generate` with min_new_tokens).
         GenerationFailed when the batch failed or the loop takes nothing; TimeoutError past `timeout` s;
         GenerationStopped once `stop` is set (the rows are taken out of the batch). `on_tokens(row, tokens)`:
         each row's new tokens as the batch decodes them (on the collecting thread: it must not block)."""
@@ -92,13 +93,12 @@ class GenerationBatcher:
                     streamed = None if on_tokens is None else functools.partial(on_tokens, number)
                     waiting.append((request_id, _Waiting(futures.Future(), manager, streamed)))
                     self._waiting[request_id] = waiting[-1][1]
-            if until_eos and not self.eos:
-                raise ValueError("until_eos: the checkpoint names no end-of-sequence token")
+            ending = ending or Ending(never=self.eos)
             for number, ((request_id, _), row) in enumerate(zip(waiting, rows)):
                 sampler = None if sampling is None else RowSampler(sampling, number, self.model.device)
-                self._rows.add(request_id, RowRule(suppress=() if until_eos else self.eos, sampler=sampler))
+                self._rows.add(request_id, RowRule(suppress=ending.never, sampler=sampler))
                 if manager.add_request(row, request_id=request_id, max_new_tokens=new_tokens,
-                                       eos_token_id=list(self.eos) if until_eos else -1,
+                                       eos_token_id=list(ending.stops) or -1,
                                        streaming=on_tokens is not None) is None:
                     raise GenerationFailed("the batched generation loop takes no new requests")
             out = []
@@ -107,8 +107,7 @@ class GenerationBatcher:
                 if result.error is not None:
                     raise GenerationFailed(result.error)
                 made = result.generated_tokens
-                ended = until_eos and made and made[-1] in self.eos
-                if len(made) != new_tokens and not (ended and len(made) < new_tokens):
+                if len(made) != new_tokens and not (ending.ended(made) and len(made) < new_tokens):
                     raise GenerationFailed(f"the batch generated {len(made)} of {new_tokens} tokens")
                 out.append(list(result.generated_tokens))
             return out

@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
+from moecluster.frontend.ending import Ending, EndingError
 from moecluster.frontend.forward_batcher import ForwardBatcher
 from moecluster.frontend.generation_batcher import (
     BATCHED_FAMILIES,
@@ -130,12 +131,17 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
         rows, new = ids.shape[0], request.max_new_tokens
         sampling = self._sampling(request)
-        eos = self._eos() if request.until_eos else ()
+        eos = self.model.generation_config.eos_token_id
+        try:
+            ending = Ending.of((eos,) if isinstance(eos, int) else tuple(eos or ()), until_eos=request.until_eos,
+                               stop_tokens=request.stop_tokens, vocab=self.vocab)
+        except EndingError as err:
+            raise WireError(str(err)) from None
         if self.generations and self.generations.fits(ids.shape[1], new) and rows:
             remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
             timeout = remaining if remaining is not None else 600.0
             made = self.generations.generate(ids.tolist(), new, timeout=timeout, sampling=sampling,
-                                             on_tokens=on_tokens, stop=stop, until_eos=request.until_eos)
+                                             on_tokens=on_tokens, stop=stop, ending=ending)
             tokens = torch.zeros((rows, new), dtype=torch.long)  # 0 pads a row that ended at its EOS, as generate
             for r, row in enumerate(made):
                 tokens[r, :len(row)] = torch.tensor(row, dtype=torch.long)
@@ -143,26 +149,21 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         else:
             # Decoded alone; a sampled row draws with its own generator, not torch's global one other requests share
             draws = [SampledRows([RowSampler(sampling, r, self.device) for r in range(rows)])] if sampling else None
-            ends = {"eos_token_id": list(eos)} if eos else {"min_new_tokens": new}
+            ends = {"eos_token_id": list(ending.stops)} if ending.stops else {"min_new_tokens": new}
+            if ending.stops and ending.never:
+                ends["suppress_tokens"] = list(ending.never)
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, pad_token_id=0,
                                           do_sample=False, logits_processor=draws, **ends,
-                                          streamer=RowStreamer(on_tokens, eos) if on_tokens else None,
+                                          streamer=RowStreamer(on_tokens, ending.stops) if on_tokens else None,
                                           stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]) if stop else None)
             if stop is not None and stop.is_set():
                 raise GenerationStopped("the caller stopped waiting")
             out = torch.nn.functional.pad(out.cpu(), (0, ids.shape[1] + new - out.shape[1]))  # every row ended early
-            made_tokens = sum(_up_to_eos(row, eos) for row in out[:, ids.shape[1]:].tolist())
+            made_tokens = sum(ending.made(row) for row in out[:, ids.shape[1]:].tolist())
         with self._lock:
             self.generated_tokens += made_tokens
         return out
-
-    def _eos(self) -> tuple[int, ...]:
-        eos = self.model.generation_config.eos_token_id
-        eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
-        if not eos:
-            raise WireError("until_eos: this checkpoint names no end-of-sequence token (its generation_config.json)")
-        return eos
 
     def _sampling(self, request) -> Sampling | None:
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
@@ -245,11 +246,6 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
         except GenerationStopped as err:
             context.abort(grpc.StatusCode.CANCELLED, str(err))
-
-
-def _up_to_eos(tokens: list[int], eos: tuple[int, ...]) -> int:
-    """How many of a row's new tokens it made: up to and with its first end-of-sequence token."""
-    return next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
 
 
 class FrontendServer:

@@ -57,11 +57,11 @@ class TokenStream:
 
 class RowStreamer(BaseStreamer):
     """For `model.generate(streamer=...)`: each step's token of every row, to `on_tokens(row, [token])`;
-    a row that made one of `eos` has ended (generate pads it from then on: not handed on)."""
+    a row that made one of `stops` has ended (generate pads it from then on: not handed on)."""
 
-    def __init__(self, on_tokens: Callable[[int, list[int]], None], eos: tuple[int, ...] = ()):
+    def __init__(self, on_tokens: Callable[[int, list[int]], None], stops: tuple[int, ...] = ()):
         self.on_tokens = on_tokens
-        self.eos = set(eos)
+        self.stops = set(stops)
         self._prompt = True
         self._ended: set[int] = set()
 
@@ -72,7 +72,7 @@ class RowStreamer(BaseStreamer):
         for row, token in enumerate(value.reshape(-1).tolist()):
             if row not in self._ended:
                 self.on_tokens(row, [token])
-                if token in self.eos:
+                if token in self.stops:
                     self._ended.add(row)
 
     def end(self) -> None:

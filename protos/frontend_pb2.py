@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moecluster.protos import tensor_pb2 as moecluster_dot_protos_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moecluster/protos/frontend.proto\x12\x16moecluster.frontend.v1\x1a\x1emoecluster/protos/tensor.proto\"?\n\x0e\x46orwardRequest\x12-\n\tinput_ids\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\"=\n\x0f\x46orwardResponse\x12*\n\x06logits\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\"\xf2\x01\n\x0fGenerateRequest\x12-\n\tinput_ids\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x11\n\tdo_sample\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tuntil_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_p\"A\n\x10GenerateResponse\x12-\n\tsequences\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\",\n\rGenerateChunk\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"\r\n\x0bInfoRequest\"\xf3\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x12\n\ncontroller\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1d\n\x15generate_cache_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x66orward_batch_tokens\x18\x0b \x01(\x05\"\x0f\n\rStatusRequest\"h\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xe3\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0enum_moe_layers\x18\x03 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x35\n\x07workers\x18\x07 \x03(\x0b\x32$.moecluster.frontend.v1.WorkerStatus\x12\x10\n\x08requests\x18\x08 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t2\xa0\x04\n\x08\x46rontend\x12Z\n\x07\x46orward\x12&.moecluster.frontend.v1.ForwardRequest\x1a\'.moecluster.frontend.v1.ForwardResponse\x12I\n\rForwardStream\x12\x19.moecluster.wire.v1.Chunk\x1a\x19.moecluster.wire.v1.Chunk(\x01\x30\x01\x12]\n\x08Generate\x12\'.moecluster.frontend.v1.GenerateRequest\x1a(.moecluster.frontend.v1.GenerateResponse\x12\x62\n\x0eGenerateStream\x12\'.moecluster.frontend.v1.GenerateRequest\x1a%.moecluster.frontend.v1.GenerateChunk0\x01\x12Q\n\x04Info\x12#.moecluster.frontend.v1.InfoRequest\x1a$.moecluster.frontend.v1.InfoResponse\x12W\n\x06Status\x12%.moecluster.frontend.v1.StatusRequest\x1a&.moecluster.frontend.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moecluster/protos/frontend.proto\x12\x16moecluster.frontend.v1\x1a\x1emoecluster/protos/tensor.proto\"?\n\x0e\x46orwardRequest\x12-\n\tinput_ids\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\"=\n\x0f\x46orwardResponse\x12*\n\x06logits\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\"\x87\x02\n\x0fGenerateRequest\x12-\n\tinput_ids\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x11\n\tdo_sample\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tuntil_eos\x18\x08 \x01(\x08\x12\x13\n\x0bstop_tokens\x18\t \x03(\x03\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_p\"A\n\x10GenerateResponse\x12-\n\tsequences\x18\x01 \x01(\x0b\x32\x1a.moecluster.wire.v1.Tensor\",\n\rGenerateChunk\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"\r\n\x0bInfoRequest\"\xf3\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x12\n\ncontroller\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1d\n\x15generate_cache_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x66orward_batch_tokens\x18\x0b \x01(\x05\"\x0f\n\rStatusRequest\"h\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xe3\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0enum_moe_layers\x18\x03 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x35\n\x07workers\x18\x07 \x03(\x0b\x32$.moecluster.frontend.v1.WorkerStatus\x12\x10\n\x08requests\x18\x08 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t2\xa0\x04\n\x08\x46rontend\x12Z\n\x07\x46orward\x12&.moecluster.frontend.v1.ForwardRequest\x1a\'.moecluster.frontend.v1.ForwardResponse\x12I\n\rForwardStream\x12\x19.moecluster.wire.v1.Chunk\x1a\x19.moecluster.wire.v1.Chunk(\x01\x30\x01\x12]\n\x08Generate\x12\'.moecluster.frontend.v1.GenerateRequest\x1a(.moecluster.frontend.v1.GenerateResponse\x12\x62\n\x0eGenerateStream\x12\'.moecluster.frontend.v1.GenerateRequest\x1a%.moecluster.frontend.v1.GenerateChunk0\x01\x12Q\n\x04Info\x12#.moecluster.frontend.v1.InfoRequest\x1a$.moecluster.frontend.v1.InfoResponse\x12W\n\x06Status\x12%.moecluster.frontend.v1.StatusRequest\x1a&.moecluster.frontend.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDRESPONSE']._serialized_start=157
   _globals['_FORWARDRESPONSE']._serialized_end=218
   _globals['_GENERATEREQUEST']._serialized_start=221
-  _globals['_GENERATEREQUEST']._serialized_end=463
-  _globals['_GENERATERESPONSE']._serialized_start=465
-  _globals['_GENERATERESPONSE']._serialized_end=530
-  _globals['_GENERATECHUNK']._serialized_start=532
-  _globals['_GENERATECHUNK']._serialized_end=576
-  _globals['_INFOREQUEST']._serialized_start=578
-  _globals['_INFOREQUEST']._serialized_end=591
-  _globals['_INFORESPONSE']._serialized_start=594
-  _globals['_INFORESPONSE']._serialized_end=837
-  _globals['_STATUSREQUEST']._serialized_start=839
-  _globals['_STATUSREQUEST']._serialized_end=854
-  _globals['_WORKERSTATUS']._serialized_start=856
-  _globals['_WORKERSTATUS']._serialized_end=960
-  _globals['_STATUSRESPONSE']._serialized_start=963
-  _globals['_STATUSRESPONSE']._serialized_end=1190
-  _globals['_FRONTEND']._serialized_start=1193
-  _globals['_FRONTEND']._serialized_end=1737
+  _globals['_GENERATEREQUEST']._serialized_end=484
+  _globals['_GENERATERESPONSE']._serialized_start=486
+  _globals['_GENERATERESPONSE']._serialized_end=551
+  _globals['_GENERATECHUNK']._serialized_start=553
+  _globals['_GENERATECHUNK']._serialized_end=597
+  _globals['_INFOREQUEST']._serialized_start=599
+  _globals['_INFOREQUEST']._serialized_end=612
+  _globals['_INFORESPONSE']._serialized_start=615
+  _globals['_INFORESPONSE']._serialized_end=858
+  _globals['_STATUSREQUEST']._serialized_start=860
+  _globals['_STATUSREQUEST']._serialized_end=875
+  _globals['_WORKERSTATUS']._serialized_start=877
+  _globals['_WORKERSTATUS']._serialized_end=981
+  _globals['_STATUSRESPONSE']._serialized_start=984
+  _globals['_STATUSRESPONSE']._serialized_end=1211
+  _globals['_FRONTEND']._serialized_start=1214
+  _globals['_FRONTEND']._serialized_end=1758
 # @@protoc_insertion_point(module_scope)

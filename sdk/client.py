@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -108,26 +108,29 @@ class Client:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
                  seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, until_eos: bool = False) -> torch.Tensor:
+                 top_p: float | None = None, until_eos: bool = False, stop_tokens: Sequence[int] = ()) -> torch.Tensor:
         """LongTensor (B, T) -> (B, T + max_new_tokens), greedy unless `do_sample`. Sampled, row r draws as
         `torch.manual_seed(seed + r)` then transformers' `generate` of that row alone would, whatever else the
         frontend decodes meanwhile; `temperature`, `top_k` (0: every token) and `top_p` left out are the
         checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0). `until_eos`: a row
         ends at the checkpoint's end-of-sequence token, padded with 0 after it; else it has exactly
-        `max_new_tokens` tokens, never that one."""
-        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos)
+        `max_new_tokens` tokens, never that one. `stop_tokens`: token ids that end a row too (kept)."""
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos,
+                                    stop_tokens)
         response = self._read(lambda t: self._stub.Generate(request, timeout=t))
         return decode(response.sequences).clone()
 
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *, do_sample: bool = False,
                         seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                        top_p: float | None = None, until_eos: bool = False) -> Iterator[tuple[int, list[int]]]:
+                        top_p: float | None = None, until_eos: bool = False,
+                        stop_tokens: Sequence[int] = ()) -> Iterator[tuple[int, list[int]]]:
         """`generate`, but yields `(row, tokens)` as the frontend decodes them: a row's tokens joined are the
-        ones `generate` answers (`until_eos`: up to and with its end-of-sequence token, no padding). Asked
+        ones `generate` answers (ending early: up to and with its stop token, no padding). Asked
         again on UNAVAILABLE only until its first tokens came (a retry later would repeat them); leaving the
         loop early cancels the call, which stops the generation. The whole stream has the client's `timeout`
         (over HTTP, a Ray Serve frontend's: each read's)."""
-        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos)
+        request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos,
+                                    stop_tokens)
 
         def start(left: float):
             call = self._stub.GenerateStream(request, timeout=left)
@@ -275,10 +278,12 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
 
 def _generate_request(input_ids, max_new_tokens: int, do_sample: bool, seed: int, temperature: float | None,
-                      top_k: int | None, top_p: float | None, until_eos: bool) -> frontend_pb2.GenerateRequest:
+                      top_k: int | None, top_p: float | None, until_eos: bool,
+                      stop_tokens: Sequence[int]) -> frontend_pb2.GenerateRequest:
     sampling = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
     return frontend_pb2.GenerateRequest(input_ids=encode(_ids(input_ids)), max_new_tokens=max_new_tokens,
-                                        do_sample=do_sample, seed=seed, until_eos=until_eos, **sampling)
+                                        do_sample=do_sample, seed=seed, until_eos=until_eos,
+                                        stop_tokens=list(stop_tokens), **sampling)
 
 
 def _ids(input_ids) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Generations that end at the end-of-sequence token (`until_eos`) beside those that make exactly N
-tokens and never pick it: each row as transformers' `generate` of that row alone, greedy or sampled,
-streamed or not, in the running batch (both kinds in one batch) and decoded alone."""
+"""Generations that end at the end-of-sequence token (`until_eos`) or at stop tokens beside those that
+make exactly N tokens and never pick it: each row as transformers' `generate` of that row alone, greedy
+or sampled, streamed or not, in the running batch (both kinds in one batch) and decoded alone."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import grpc
 import pytest
 import torch
+from moecluster.frontend.ending import Ending, EndingError
 from moecluster.frontend.server import FrontendService
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.protos import frontend_pb2
@@ -33,7 +34,8 @@ def with_eos(checkpoints, family: str, tmp_path, eos: int | None):
 
 
 def until_eos(reference, row: list[int], new: int, seed: int | None = None, **sampling) -> list[int]:
-    """transformers' own continuation of one row that stops at its end-of-sequence token, padded with 0."""
+    """transformers' own continuation of one row that stops at its end-of-sequence token (or the `eos_token_id`
+    given, never making `suppress_tokens`), padded with 0."""
     prompt = torch.tensor([row])
     if seed is not None:
         torch.manual_seed(seed)
@@ -79,6 +81,46 @@ def test_a_row_ends_at_its_end_of_sequence_token_as_generate_ends_it(checkpoints
 
             rows, sizes = streamed(service, request([PROMPT, other], until_eos=True))
             assert rows == {0: ended[0][:at + 1], 1: until_eos_made(ended[1], eos)}  # no padding streamed
+        finally:
+            if service.generations:
+                service.generations.close()
+
+
+def test_ending_settings_are_generates_and_bad_ones_are_refused():
+    assert Ending.of((2,)) == Ending(stops=(), never=(2,))  # exactly N: EOS suppressed
+    assert Ending.of((2,), until_eos=True) == Ending(stops=(2,), never=())
+    assert Ending.of((2,), stop_tokens=[7, 9]) == Ending(stops=(7, 9), never=(2,))
+    assert Ending.of((2,), stop_tokens=[2, 7]) == Ending(stops=(2, 7), never=())  # named a stop: not suppressed
+    assert Ending.of((2,), until_eos=True, stop_tokens=[7, 2]) == Ending(stops=(2, 7), never=())
+    ending = Ending.of((2,), stop_tokens=[7])
+    assert (ending.made([5, 7, 0, 0]), ending.made([5, 6]), ending.ended([5, 7]), ending.ended([7, 5])) == (2, 2, True, False)
+    for kwargs, message in [({"until_eos": True, "eos": ()}, "names no end-of-sequence token"),
+                            ({"stop_tokens": [128]}, r"stop_tokens: \[128\] are not token ids of this model \(0..127\)"),
+                            ({"stop_tokens": [-1]}, r"\[-1\] are not"), ({"stop_tokens": range(65)}, "65, at most 64")]:
+        with pytest.raises(EndingError, match=message):
+            Ending.of(kwargs.pop("eos", (2,)), vocab=128, **kwargs)
+
+
+@pytest.mark.parametrize("family, cache_tokens", [("qwen3_moe", 4096), ("deepseek_v3", 4096)])
+def test_a_row_ends_at_a_stop_token_and_never_makes_the_end_of_sequence_one(checkpoints, family, cache_tokens):
+    with one_worker(checkpoints[family]) as (model, dispatcher, reference, worker):
+        greedy = alone(reference, PROMPT, NEW - 1)
+        at = next(i for i in range(1, NEW - 1) if greedy[i] not in greedy[:i])
+        stop, eos = greedy[at], reference.generation_config.eos_token_id
+        service = FrontendService(Checkpoint(checkpoints[family]), dispatcher, generate_cache_tokens=cache_tokens)
+        try:
+            for settings in ({}, {"do_sample": True, "seed": 2, "top_k": 1}):  # top_k 1: the greedy tokens, drawn
+                out = decode(service.Generate(request([PROMPT], stop_tokens=[stop], **settings), None).sequences)
+                theirs = until_eos(reference, PROMPT, NEW, settings.get("seed"), eos_token_id=[stop],
+                                   suppress_tokens=[eos], **({"top_k": 1} if settings else {}))
+                assert out[0, len(PROMPT):].tolist() == theirs, settings
+                assert theirs[at:] == [stop] + [0] * (NEW - at - 1)
+            rows, _ = streamed(service, request([PROMPT], stop_tokens=[stop]))
+            assert rows == {0: greedy[:at + 1]}
+            context = Aborted()
+            with pytest.raises(grpc.RpcError):
+                service.Generate(request([PROMPT], stop_tokens=[reference.config.vocab_size]), context)
+            assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "are not token ids" in context.details
         finally:
             if service.generations:
                 service.generations.close()

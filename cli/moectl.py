@@ -15,6 +15,7 @@
   moectl snapshots                         # what a restore or a resume can use, the newest first
   moectl restore ./snapshots               # every expert back to the newest good snapshot
   moectl train --controller OPERATOR:50055 --cluster ml/mixtral --model /models/x --out /snapshots/run  # on Kubernetes
+  moectl generate 3 1 4 1 5 --max-new-tokens 8 --stream  # token ids in, the cluster's continuation out
   moectl down
   moectl demo            # the whole tour on a tiny model, in one command
 """
@@ -29,6 +30,7 @@ import sys
 import threading
 
 from moecluster.backends.local import ClusterError, LocalCluster, cluster_names
+from moecluster.cli import generate
 
 
 def _progress(message: str) -> None:
@@ -465,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="local clusters that are up")
     lst.set_defaults(func=cmd_list)
+
+    generate.add_parser(sub)
 
     demo = sub.add_parser("demo", help="tiny model -> local cluster -> requests checked against transformers -> down")
     demo.add_argument("--family", default="qwen3_moe")

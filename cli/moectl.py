@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "forward of up to N of their tokens (default 2048); 0: each request alone")
     up.add_argument("--api-keys", metavar="FILE", help="the frontend serves only clients that send one of the keys "
                     "in FILE: Client(address, api_key=KEY) or MOECLUSTER_API_KEY. A line: KEY [name=NAME] "
-                    "[requests-per-second=R] (calls counted by NAME on /metrics; over R a second refused, "
-                    "RESOURCE_EXHAUSTED); re-read when it changes")
+                    "[requests-per-second=R] [tokens-per-minute=T] (calls and tokens counted by NAME on /metrics; "
+                    "over R a second, or past T tokens a minute, refused: RESOURCE_EXHAUSTED); re-read when it changes")
     up.add_argument("--tls-cert", metavar="FILE", help="the frontend serves TLS with this PEM certificate chain "
                     "(with --tls-key; clients: Client(address, tls=CA_FILE)); re-read when it changes")
     up.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")

@@ -56,11 +56,12 @@ DEFAULT_FORWARD_BATCH_TOKENS = 2048  # tokens of concurrent Forward requests com
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, checkpoint: Checkpoint, dispatcher: Dispatcher, *, model_name: str = "", controller: str = "",
                  device: torch.device | str = "cpu", generate_cache_tokens: int = DEFAULT_CACHE_TOKENS,
-                 forward_batch_tokens: int = DEFAULT_FORWARD_BATCH_TOKENS):
+                 forward_batch_tokens: int = DEFAULT_FORWARD_BATCH_TOKENS, charge=None):
         """`device`: where the dense model runs (cpu, cuda, cuda:N, auto; ValueError when unusable here).
         `generate_cache_tokens`: the KV cache of the generations decoded together (generation_batcher.py);
         0 decodes each request on its own. `forward_batch_tokens`: the most tokens of concurrent Forward requests
-        computed as one forward (forward_batcher.py); 0 computes each on its own."""
+        computed as one forward (forward_batcher.py); 0 computes each on its own. `charge(metadata, tokens)`: told
+        the tokens each call computed (prompt and generated), with the call's metadata (RequireApiKey.charge)."""
         if forward_batch_tokens < 0:
             raise ValueError(f"forward_batch_tokens is {forward_batch_tokens}; 0 (each request alone) or more")
         self.checkpoint = checkpoint
@@ -70,6 +71,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.vocab = self.model.config.vocab_size
         self.model_name = model_name or str(checkpoint.path)
         self.controller = controller
+        self.charge = charge
         self._lock = threading.Lock()
         self.requests = 0
         self.failed = 0
@@ -83,20 +85,26 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     # -- RPCs ------------------------------------------------------------
 
     def Forward(self, request, context):
-        return self._guard(context, lambda: self._forward(request))
+        return self._guard(context, lambda: self._forward(request, context))
 
     def ForwardStream(self, request_iterator, context):
         def run():
             payload = streaming.join(request_iterator, limit_bytes=MAX_BATCH_TOKENS * 8 + 4096)
-            return self._forward(frontend_pb2.ForwardRequest.FromString(payload))
+            return self._forward(frontend_pb2.ForwardRequest.FromString(payload), context)
 
         response = self._guard(context, run)
         yield from streaming.split(response.SerializeToString())
 
-    def _forward(self, request):
+    def _forward(self, request, context):
         ids = self._input_ids(request.input_ids)
         logits = self.forwards.forward(ids) if self.forwards else self._logits(ids)
+        self._charge(context, ids.numel())
         return frontend_pb2.ForwardResponse(logits=encode(logits))
+
+    def _charge(self, context, tokens: int) -> None:
+        """The tokens computed for a call, charged to its API key's holder (wire/access.py) where keys are asked."""
+        if self.charge is not None and hasattr(context, "invocation_metadata"):
+            self.charge(context.invocation_metadata(), tokens)
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -129,7 +137,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         ids = self._input_ids(request.input_ids).to(self.device)
         if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
             raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
-        rows, new = ids.shape[0], request.max_new_tokens
+        new = request.max_new_tokens
         sampling = self._sampling(request)
         eos = self.model.generation_config.eos_token_id
         try:
@@ -137,6 +145,22 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                                stop_tokens=request.stop_tokens, vocab=self.vocab)
         except EndingError as err:
             raise WireError(str(err)) from None
+        streamed = [0]  # tokens handed on so far: what a stream stopped early is charged
+        if on_tokens is not None:
+            on_tokens = _counting(on_tokens, streamed)
+        try:
+            out, made_tokens = self._decode(ids, new, sampling, ending, context, on_tokens, stop)
+        except GenerationStopped:
+            self._charge(context, ids.numel() + streamed[0])
+            raise
+        with self._lock:
+            self.generated_tokens += made_tokens
+        self._charge(context, ids.numel() + made_tokens)
+        return out
+
+    def _decode(self, ids, new: int, sampling, ending: Ending, context, on_tokens, stop) -> tuple[torch.Tensor, int]:
+        """(the rows and their new tokens, padded; how many tokens the rows made), in the batch or alone."""
+        rows = ids.shape[0]
         if self.generations and self.generations.fits(ids.shape[1], new) and rows:
             remaining = context.time_remaining() if hasattr(context, "time_remaining") else None  # Ray's has none
             timeout = remaining if remaining is not None else 600.0
@@ -161,9 +185,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                 raise GenerationStopped("the caller stopped waiting")
             out = torch.nn.functional.pad(out.cpu(), (0, ids.shape[1] + new - out.shape[1]))  # every row ended early
             made_tokens = sum(ending.made(row) for row in out[:, ids.shape[1]:].tolist())
-        with self._lock:
-            self.generated_tokens += made_tokens
-        return out
+        return out, made_tokens
 
     def _sampling(self, request) -> Sampling | None:
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
@@ -248,6 +270,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.CANCELLED, str(err))
 
 
+def _counting(on_tokens: OnTokens, count: list[int]) -> OnTokens:
+    def counted(row: int, tokens: list[int]) -> None:
+        count[0] += len(tokens)
+        on_tokens(row, tokens)
+
+    return counted
+
+
 class FrontendServer:
     def __init__(self, checkpoint: str | Path, controller: str, *, host: str = "127.0.0.1", port: int = 0,
                  timeout: float = 30.0, max_workers: int = 32, frontend_id: str = "", cluster: str = "",
@@ -264,7 +294,8 @@ class FrontendServer:
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
                                        generate_cache_tokens=generate_cache_tokens,
-                                       forward_batch_tokens=forward_batch_tokens)
+                                       forward_batch_tokens=forward_batch_tokens,
+                                       charge=self.guard.charge if self.guard else None)
         self.health = health.HealthServicer()
         self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
         self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
@@ -305,6 +336,7 @@ class FrontendServer:
                                 forward_batches=forwards.forwards if forwards else 0,
                                 batched_forwards=forwards.requests if forwards else 0,
                                 client_calls=self.guard.calls() if self.guard else None,
+                                client_tokens=self.guard.tokens() if self.guard else None,
                                 first_token=self.service.first_token)
 
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.observability.prometheus import frontend_metrics, parse
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.wire import access, endpoints
-from moecluster.wire.rate_limits import RateLimits
+from moecluster.wire.rate_limits import RateLimits, TokenBudgets
 from tls_files import make_ca
 
 TIMEOUT_S = 10.0
@@ -158,10 +158,12 @@ def test_bad_tls_files_are_refused_with_their_name(tmp_path):
 
 def test_a_keys_line_names_its_holder_and_may_limit_their_rate():
     keys = access.parse_keys("# team keys\nkey-a name=team-a requests-per-second=2.5\n"
-                             "key-b   name=batch.jobs_2  # no limit\nkey#c\n")
+                             "key-b   name=batch.jobs_2  # no limit\nkey#c\nkey-d tokens-per-minute=1e5 name=d\n")
     assert keys == {b"key-a": access.Caller("team-a", 2.5), b"key-b": access.Caller("batch.jobs_2"),
-                    b"key#c": access.Caller("key-" + hashlib.sha256(b"key#c").hexdigest()[:8])}
+                    b"key#c": access.Caller("key-" + hashlib.sha256(b"key#c").hexdigest()[:8]),
+                    b"key-d": access.Caller("d", None, 100000.0)}
     for text, line in [("ok\nkey-a name=\n", 2), ("key-a name=two words\n", 1), ("key-a name=Ω\n", 1),
+                       ("key-a tokens-per-minute=0\n", 1), ("key-a tokens-per-minute=-5\n", 1),
                        ("x\n\nkey-a requests-per-second=0\n", 3), ("key-a requests-per-second=inf\n", 1),
                        ("key-a requests-per-second=fast\n", 1), ("key-a color=red\n", 1), ("key-a\nkey-a\n", 2),
                        ("name=team-a key-a\n", 1)]:
@@ -185,6 +187,62 @@ def test_rate_limits_let_a_burst_through_then_the_rate():
     assert limits.take("slow", 0.5)
     with pytest.raises(ValueError, match="lets nothing through"):
         limits.take("a", 0.0)
+
+
+def test_token_budgets_let_a_minute_through_and_charge_after_the_fact():
+    now = [50.0]
+    budgets = TokenBudgets(clock=lambda: now[0])
+    assert budgets.wait("a", 600.0) == 0.0  # a minute's worth to start with
+    budgets.charge("a", 500, 600.0)
+    assert budgets.wait("a", 600.0) == 0.0  # 100 left: let in, however large its call
+    budgets.charge("a", 400, 600.0)
+    assert budgets.wait("a", 600.0) == pytest.approx(30.0)  # 300 below zero at 10 tokens/s
+    assert budgets.wait("b", 600.0) == 0.0  # each name its own budget
+    now[0] += 30.0
+    assert budgets.wait("a", 600.0) == pytest.approx(1e-3)  # exactly at zero: nothing left yet
+    now[0] += 0.2
+    assert budgets.wait("a", 600.0) == 0.0
+    now[0] += 3600.0  # idle: the budget holds a minute's worth, not an hour's
+    budgets.charge("a", 600, 600.0)
+    assert budgets.wait("a", 600.0) > 0
+    with pytest.raises(ValueError, match="lets nothing through"):
+        budgets.wait("a", 0.0)
+
+
+def test_tokens_are_charged_to_their_holder_and_a_spent_budget_refused(tmp_path):
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text("key-a name=team-a tokens-per-minute=12\nkey-b name=team-b\n")  # team-a: 0.2 tokens/s
+    now = [0.0]
+    guard = access.RequireApiKey(access.ApiKeys(keys_file), budgets=TokenBudgets(clock=lambda: now[0]))
+
+    def computed(request, context):  # as the frontend does: a call's tokens, charged once it is answered
+        guard.charge(context.invocation_metadata(), len(request))
+        return request
+
+    charging = grpc.method_handlers_generic_handler("test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(computed)})
+    server = endpoints.server(4, handlers=[charging], interceptors=[guard])
+    port = access.add_port(server, "127.0.0.1:0", None)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert call(channel, "Unary", b"x" * 10, key="key-a") == b"x" * 10  # 2 left
+            assert call(channel, "Unary", b"y" * 8, key="key-a") == b"y" * 8  # let in: 6 below zero after it
+            with pytest.raises(grpc.RpcError) as spent:
+                call(channel, "Unary", b"z", key="key-a")
+            assert (spent.value.code(), spent.value.details()) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "team-a has used its 12 tokens/min at this frontend: retry in 30 s")
+            for _ in range(3):
+                assert call(channel, "Unary", b"w" * 100, key="key-b")  # no budget: counted, never refused
+            now[0] += 30.5
+            assert call(channel, "Unary", b"z", key="key-a") == b"z"
+        assert guard.tokens() == {"team-a": 19, "team-b": 300}
+        assert guard.calls() == {("team-a", "admitted"): 3, ("team-a", "limited"): 1, ("team-b", "admitted"): 3}
+        text = frontend_metrics(requests=0, failed=0, retries=0, wire_bytes=0, epoch=0, outstanding={},
+                                client_calls=guard.calls(), client_tokens=guard.tokens())
+        assert {labels["client"]: v for name, labels, v in parse(text)
+                if name == "moecluster_frontend_client_tokens_total"} == {"team-a": 19, "team-b": 300}
+    finally:
+        server.stop(0)
 
 
 def test_calls_are_counted_by_holder_and_those_over_its_rate_refused(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """A local cluster whose frontend asks for an API key over TLS (`moectl up --api-keys --tls-cert --tls-key`):
-the answers of transformers for a client that has both, a clear refusal for one that has not, and the calls of
-each key's holder counted, those over its rate refused."""
+the answers of transformers for a client that has both, a clear refusal for one that has not, and the calls and
+tokens of each key's holder counted, those over its rate or token budget refused."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_a_frontend_with_api_keys_and_tls_serves_only_clients_that_bring_both(tm
     cert, key = ca.issue(tmp_path, "frontend", ["moe.example.internal"])  # not the address: a name override is needed
     keys = tmp_path / "api-keys"
     keys.write_text("first-key\nsecond-key name=batch-jobs requests-per-second=1000\n"
-                    "slow-key name=slow requests-per-second=0.001  # one call, then none for 1000 s\n")
+                    "slow-key name=slow requests-per-second=0.001  # one call, then none for 1000 s\n"
+                    "token-key name=tokens tokens-per-minute=0.06  # 0.001 tokens/s: two small calls, then none\n")
     env = {**os.environ, "MOECLUSTER_HOME": str(tmp_path / "home"), "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("MOECLUSTER_API_KEY", None)
     up = moectl(env, "up", "--model", str(model), "--workers", "1", "--port", "0", "--detach",
@@ -65,10 +66,20 @@ def test_a_frontend_with_api_keys_and_tls_serves_only_clients_that_bring_both(tm
                 client.status()
         assert limited.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "slow is over its 0.001 requests/s" in \
             limited.value.message
+        with Client(address, api_key="token-key", **trusted) as client:
+            assert client.forward(ids[:1, :8]).shape[1] == 8  # 8 tokens: the budget of 0.06 is 7.94 below zero
+            with pytest.raises(MoEClusterError) as spent:
+                client.generate(ids[:1, :5], max_new_tokens=3)
+        assert spent.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and \
+            "tokens has used its 0.06 tokens/min at this frontend: retry in 7940 s" in spent.value.message
         metrics = json.loads(next((tmp_path / "home").rglob("frontend.ready")).read_text())["metrics"]
         text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
         assert 'moecluster_frontend_client_calls_total{client="slow",outcome="limited"} 1' in text, text
         assert 'moecluster_frontend_client_calls_total{client="slow",outcome="admitted"} 1' in text
         assert 'moecluster_frontend_client_calls_total{client="batch-jobs",outcome="admitted"} 4' in text
+        # tokens computed for each holder: forwards of 2400 and 8, a generation of 5 + 3 (Info costs none)
+        assert 'moecluster_frontend_client_tokens_total{client="batch-jobs"} 2416' in text
+        assert 'moecluster_frontend_client_tokens_total{client="tokens"} 8' in text
+        assert 'moecluster_frontend_client_calls_total{client="tokens",outcome="limited"} 1' in text
     finally:
         assert moectl(env, "down").returncode == 0

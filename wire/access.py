@@ -6,8 +6,9 @@
 
 A client sends its key as `authorization: Bearer KEY` (`Client(api_key=...)`). Every method needs
 one except gRPC's health service, which load balancers and probes call without. A key's line may
-name who holds it and limit their calls (`KEY name=team-a requests-per-second=20`): calls are
-counted by that name, and those over the rate are refused with RESOURCE_EXHAUSTED. Both files are
+name who holds it and limit their calls and tokens (`KEY name=team-a requests-per-second=20
+tokens-per-minute=100000`): calls and tokens are counted by that name, and calls over the rate, or
+made once the minute's tokens are used up, are refused with RESOURCE_EXHAUSTED. Both files are
 watched, so a Kubernetes Secret updated in place (its volume is refreshed by the kubelet) takes
 effect without a restart: keys within a second, certificates at the next TLS handshake. A file
 that turns empty or unreadable keeps the last good keys (a half-written rotation must not lock
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import threading
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from moecluster.wire.rate_limits import RateLimits
+from moecluster.wire.rate_limits import RateLimits, TokenBudgets
 
 log = logging.getLogger(__name__)
 OPEN_SERVICES = ("grpc.health.v1.Health",)
@@ -49,14 +51,16 @@ class Caller:
 
     name: str
     requests_per_second: float | None = None
+    tokens_per_minute: float | None = None  # tokens the frontend computes for them: prompts, and tokens generated
 
 
 CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def parse_keys(text: str) -> dict[bytes, Caller]:
-    """A keys file: `KEY [name=NAME] [requests-per-second=R]` a line; blank lines and what follows a # at the start
-    of a line or after a space are skipped. ValueError naming the first line that is not that."""
+    """A keys file: `KEY [name=NAME] [requests-per-second=R] [tokens-per-minute=T]` a line; blank lines and what
+    follows a # at the start of a line or after a space are skipped. ValueError naming the first line that is not
+    that."""
     keys: dict[bytes, Caller] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = re.sub(r"(^|\s)#.*", "", line)
@@ -65,19 +69,21 @@ def parse_keys(text: str) -> dict[bytes, Caller]:
         key, *settings = line.split()
         if "=" in key:
             raise ValueError(f"line {number}: starts with a setting, not a key")
-        name, rate = "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], None
+        name, rate, tokens = "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], None, None
         for setting in settings:
             field, _, value = setting.partition("=")
             if field == "name" and CALLER_NAME.fullmatch(value):
                 name = value
             elif field == "requests-per-second" and _positive(value):
                 rate = float(value)
+            elif field == "tokens-per-minute" and _positive(value):
+                tokens = float(value)
             else:
-                raise ValueError(f"line {number}: {setting!r} is not name=NAME (letters, digits, '.', '_', '-') or "
-                                 "requests-per-second=R (R > 0)")
+                raise ValueError(f"line {number}: {setting!r} is not name=NAME (letters, digits, '.', '_', '-'), "
+                                 "requests-per-second=R or tokens-per-minute=T (R, T > 0)")
         if key.encode() in keys:
             raise ValueError(f"line {number}: a key listed twice")
-        keys[key.encode()] = Caller(name, rate)
+        keys[key.encode()] = Caller(name, rate, tokens)
     return keys
 
 
@@ -157,14 +163,17 @@ def bearer(metadata) -> str:
 
 class RequireApiKey(grpc.ServerInterceptor):
     """Refuses, UNAUTHENTICATED, a call without a key `keys` accepts, and, RESOURCE_EXHAUSTED, one over its
-    holder's rate. Place it after RpcLatency in a server's interceptors, so refused calls are counted with their
-    code. `calls()`: the calls of each holder let through ("admitted") and refused for their rate ("limited")."""
+    holder's rate or token budget. Place it after RpcLatency in a server's interceptors, so refused calls are
+    counted with their code. `calls()`: the calls of each holder let through ("admitted") and refused for their
+    rate or budget ("limited"); `tokens()`: the tokens charged to each (`charge`, by the service that computed them)."""
 
-    def __init__(self, keys: ApiKeys, limits: RateLimits | None = None):
+    def __init__(self, keys: ApiKeys, limits: RateLimits | None = None, budgets: TokenBudgets | None = None):
         self.keys = keys
         self.limits = limits or RateLimits()
+        self.budgets = budgets or TokenBudgets()
         self._lock = threading.Lock()
         self._calls: Counter[tuple[str, str]] = Counter()
+        self._tokens: Counter[str] = Counter()
         self._refusals: dict = {}  # (handler, why) -> one refusing so (made once: RpcLatency caches by handler)
 
     def intercept_service(self, continuation, handler_call_details):
@@ -178,18 +187,34 @@ class RequireApiKey(grpc.ServerInterceptor):
             why = ("this frontend needs an API key: Client(address, api_key=KEY), the MOECLUSTER_API_KEY environment "
                    "variable, or the metadata `authorization: Bearer KEY`") if not key else "the API key was not accepted"
             return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, why)
-        rate = caller.requests_per_second
-        admitted = rate is None or self.limits.take(caller.name, rate)
+        rate, budget = caller.requests_per_second, caller.tokens_per_minute
+        wait = self.budgets.wait(caller.name, budget) if budget is not None else 0.0
+        admitted = wait == 0.0 and (rate is None or self.limits.take(caller.name, rate))
         with self._lock:
             self._calls[(caller.name, "admitted" if admitted else "limited")] += 1
         if admitted:
             return handler
-        return self._refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"{caller.name} is over its {rate:g} requests/s at this frontend: slow down and retry")
+        why = (f"{caller.name} has used its {budget:g} tokens/min at this frontend: retry in {math.ceil(wait)} s" if wait
+               else f"{caller.name} is over its {rate:g} requests/s at this frontend: slow down and retry")
+        return self._refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+    def charge(self, metadata, tokens: int) -> None:
+        """`tokens` computed for the call whose metadata this is, taken from its holder's budget."""
+        caller = self.keys.caller(bearer(metadata)) if tokens > 0 else None
+        if caller is None:
+            return
+        with self._lock:
+            self._tokens[caller.name] += tokens
+        if caller.tokens_per_minute is not None:
+            self.budgets.charge(caller.name, tokens, caller.tokens_per_minute)
 
     def calls(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._calls)
+
+    def tokens(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._tokens)
 
     def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, why: str) -> grpc.RpcMethodHandler:
         refusal = self._refusals.get((handler, why))

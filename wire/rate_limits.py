@@ -1,8 +1,12 @@
-"""Calls per second by name: a token bucket each, as API gateways limit their clients.
+"""Calls per second and tokens per minute by name: a token bucket each, as API gateways limit their clients.
 
     limits = RateLimits()
     if not limits.take("team-a", 20.0):   # at most 20 calls/s on average, bursts of 20
         refuse()
+    budgets = TokenBudgets()
+    if budgets.wait("team-a", 100_000) > 0:   # over its 100k tokens a minute
+        refuse()
+    budgets.charge("team-a", 812, 100_000)    # what an answered call computed
 
 A bucket holds up to one second of calls (at least one) and refills continuously, so a client
 that keeps to its rate is never refused, and one that stops for a second may then send a
@@ -35,3 +39,32 @@ class RateLimits:
             allowed = tokens >= 1.0
             self._buckets[name] = (tokens - 1.0 if allowed else tokens, now)
             return allowed
+
+
+class TokenBudgets:
+    """Tokens per minute by name, charged after the fact: a call is let in while its holder's budget is above
+    zero, and the tokens it computed (known only once it is answered) are taken from it then, so one large call
+    may take it below zero, and its holder waits until the minute refills it. A budget holds up to a minute's
+    worth, so a holder that keeps to the rate is never refused."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._budgets: dict[str, tuple[float, float]] = {}  # name -> (tokens left, when that was counted)
+
+    def wait(self, name: str, per_minute: float) -> float:
+        """Seconds until `name` may call again: 0 while its budget is above zero."""
+        with self._lock:
+            left = self._refilled(name, per_minute)
+        return 0.0 if left > 0 else max(-left * 60.0 / per_minute, 1e-3)  # at exactly 0: nothing left either
+
+    def charge(self, name: str, tokens: int, per_minute: float) -> None:
+        with self._lock:
+            self._budgets[name] = (self._refilled(name, per_minute) - tokens, self._clock())
+
+    def _refilled(self, name: str, per_minute: float) -> float:
+        if per_minute <= 0:
+            raise ValueError(f"a budget of {per_minute} tokens/min lets nothing through; give more than 0")
+        now = self._clock()
+        left, then = self._budgets.get(name, (per_minute, now))
+        return min(per_minute, left + (now - then) * per_minute / 60.0)

@@ -166,7 +166,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             timeout = remaining if remaining is not None else 600.0
             made = self.generations.generate(ids.tolist(), new, timeout=timeout, sampling=sampling,
                                              on_tokens=on_tokens, stop=stop, ending=ending)
-            tokens = torch.zeros((rows, new), dtype=torch.long)  # 0 pads a row that ended at its EOS, as generate
+            tokens = torch.zeros((rows, new), dtype=torch.long)  # 0 pads a row that ended early, as generate pads
             for r, row in enumerate(made):
                 tokens[r, :len(row)] = torch.tensor(row, dtype=torch.long)
             out, made_tokens = torch.cat([ids.cpu(), tokens], 1), sum(len(row) for row in made)

@@ -111,8 +111,11 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             return self.model(input_ids=ids.to(self.device)).logits.float().cpu()
 
     def Generate(self, request, context):
+        stop = threading.Event()  # set when the call ends: a client that cancels or times out stops its generation
+        if hasattr(context, "add_callback"):
+            context.add_callback(stop.set)
         return self._guard(context, lambda: frontend_pb2.GenerateResponse(sequences=encode(
-            self._generate(request, context))))
+            self._generate(request, context, stop=stop))))
 
     def GenerateStream(self, request, context):
         """Each row's new tokens as they are decoded, as chunks (row, tokens): a row's chunks joined are the

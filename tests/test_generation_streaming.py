@@ -125,6 +125,38 @@ def test_a_stream_whose_call_ended_stops_its_generation(checkpoints, family, cac
                 service.generations.close()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # in the batch, and decoded alone
+def test_a_generate_call_that_ended_stops_its_generation(checkpoints, family):
+    """A unary Generate whose client cancelled (or whose deadline passed) stops too, not only a stream."""
+    new = 4000
+    with one_worker(checkpoints[family]) as (model, dispatcher, reference, worker):
+        service = FrontendService(Checkpoint(checkpoints[family]), dispatcher)
+        layers = len(Checkpoint(checkpoints[family]).geometry.moe_layers)
+        call, outcome = Call(), []
+
+        def generate():
+            try:
+                outcome.append(service.Generate(request([[5, 6, 7]], new), call))
+            except grpc.RpcError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=generate)
+        try:
+            thread.start()
+            deadline = time.monotonic() + WAIT_S
+            while worker.service.Stats(None, None).requests < 4 * layers and time.monotonic() < deadline:
+                time.sleep(0.02)  # a few tokens in
+            call.end()
+            thread.join(WAIT_S)
+            assert not thread.is_alive(), "the generation went on after its call ended"
+            assert len(outcome) == 1 and "CANCELLED" in str(outcome[0]), outcome
+            served = worker.service.Stats(None, None).requests
+            assert served < layers * new / 4, f"{served} worker requests: the generation was not stopped"
+        finally:
+            if service.generations:
+                service.generations.close()
+
+
 def test_the_sdk_streams_what_generate_answers(local_clusters, qwen3, tmp_path):
     cluster = local_clusters("streaming", qwen3, 1, 1)
     reference = AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval()

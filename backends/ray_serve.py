@@ -74,8 +74,14 @@ class MoEFrontend:
         if not self.watcher.first_table.wait(60):
             raise RuntimeError(f"no routing table from the controller at {controller} within 60s")
 
-    def _call(self, method: str, request):
-        return getattr(self.service, method)(request, _Context())
+    async def _call(self, method: str, request):
+        """The service's method on a thread; the call's end (answered, failed, or cancelled: Serve cancels a
+        request whose client went away) ends its context, which stops a generation still running."""
+        context = _Context()
+        try:
+            return await asyncio.to_thread(getattr(self.service, method), request, context)
+        finally:
+            context.end()
 
     async def __call__(self, http: Request) -> Response:
         method = http.url.path.rstrip("/").rsplit("/", 1)[-1]
@@ -85,7 +91,7 @@ class MoEFrontend:
             request = METHODS[method].FromString(await http.body())
             if method == "GenerateStream":
                 return await self._frames(request)
-            response = await asyncio.to_thread(self._call, method, request)
+            response = await self._call(method, request)
         except CallFailed as err:
             return Response(f"{err.code.name}: {err.details}", status_code=HTTP_STATUS.get(err.code, 500))
         except Exception as err:  # noqa: BLE001 - a malformed body is the caller's error, said as such
@@ -115,20 +121,20 @@ class MoEFrontend:
 
     # Serve's gRPC proxy calls these by the proto's method names.
     async def Forward(self, request: frontend_pb2.ForwardRequest) -> frontend_pb2.ForwardResponse:
-        return await asyncio.to_thread(self._call, "Forward", request)
+        return await self._call("Forward", request)
 
     async def Generate(self, request: frontend_pb2.GenerateRequest) -> frontend_pb2.GenerateResponse:
-        return await asyncio.to_thread(self._call, "Generate", request)
+        return await self._call("Generate", request)
 
     def GenerateStream(self, request: frontend_pb2.GenerateRequest):
         """A generator: the proxy streams what it yields; closed early, the generation stops."""
         yield from self.service.GenerateStream(request, _Context())
 
     async def Info(self, request: frontend_pb2.InfoRequest) -> frontend_pb2.InfoResponse:
-        return await asyncio.to_thread(self._call, "Info", request)
+        return await self._call("Info", request)
 
     async def Status(self, request: frontend_pb2.StatusRequest) -> frontend_pb2.StatusResponse:
-        return await asyncio.to_thread(self._call, "Status", request)
+        return await self._call("Status", request)
 
 
 def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: int | None = None,

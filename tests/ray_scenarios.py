@@ -92,6 +92,15 @@ def streamed(path: str, http: Client, proxied: Client, c: LocalCluster) -> dict:
     before = rpcs()
     time.sleep(2.0)
     result["rpcs_2s_after_cancel"] = rpcs() - before  # a 4000-token generation would make hundreds
+    try:
+        Client(http.address, timeout=1.0).generate(prompt, 4000)  # gives up after 1 s: Serve cancels the request
+        result["generate_timed_out"] = False
+    except Exception:  # noqa: BLE001 - the timeout, expected
+        result["generate_timed_out"] = True
+    time.sleep(1.0)
+    before = rpcs()
+    time.sleep(2.0)
+    result["rpcs_2s_after_timeout"] = rpcs() - before
     return result
 
 

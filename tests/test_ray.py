@@ -68,6 +68,7 @@ def test_streamed_generations_through_serve_equal_generate_and_stop_when_left(re
     assert result["http"] == result["grpc"] == result["generate"] == result["transformers"], result
     assert len(result["first_chunk"]) == 1, result  # a token at a time
     assert result["rpcs_2s_after_cancel"] < 20, result
+    assert result["generate_timed_out"] and result["rpcs_2s_after_timeout"] < 20, result  # unary Generate too
 
 
 def test_scale_two_three_two_under_load_fails_nothing(report):

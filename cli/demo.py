@@ -62,9 +62,12 @@ def run_demo(*, workers: int = 3, replicas: int = 2, port: int = 0, family: str 
                 expected_drawn = reference.generate(batch[:1, :4], attention_mask=torch.ones_like(batch[:1, :4]),
                                                     max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=0.8,
                                                     pad_token_id=0)
-            same = torch.equal(generated, expected_gen) and torch.equal(drawn, expected_drawn)
-            say(f"4. generate: greedy {generated[0, 4:].tolist()}, sampled (seed 7, temperature 0.8) "
-                f"{drawn[0, 4:].tolist()} ({'same as' if same else 'DIFFERENT from'} transformers)")
+            chunks = [tokens for _, tokens in client.generate_stream(batch[:1, :4], max_new_tokens=8)]
+            same = (torch.equal(generated, expected_gen) and torch.equal(drawn, expected_drawn)
+                    and sum(chunks, []) == expected_gen[0, 4:].tolist())
+            say(f"4. generate: greedy {generated[0, 4:].tolist()} (streamed: {len(chunks)} chunks, the same tokens), "
+                f"sampled (seed 7, temperature 0.8) {drawn[0, 4:].tolist()} "
+                f"({'same as' if same else 'DIFFERENT from'} transformers)")
 
             with ClosedLoopLoad(endpoint, batch, expected, clients=2, max_seconds=600) as load:
                 time.sleep(2)

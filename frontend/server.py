@@ -142,10 +142,9 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             raise WireError(f"max_new_tokens: {request.max_new_tokens}, expected 1..{MAX_NEW_TOKENS}")
         new = request.max_new_tokens
         sampling = self._sampling(request)
-        eos = self.model.generation_config.eos_token_id
         try:
-            ending = Ending.of((eos,) if isinstance(eos, int) else tuple(eos or ()), until_eos=request.until_eos,
-                               stop_tokens=request.stop_tokens, vocab=self.vocab)
+            ending = Ending.of(self._eos(), until_eos=request.until_eos, stop_tokens=request.stop_tokens,
+                               vocab=self.vocab)
         except EndingError as err:
             raise WireError(str(err)) from None
         streamed = [0]  # tokens handed on so far: what a stream stopped early is charged
@@ -190,6 +189,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             made_tokens = sum(ending.made(row) for row in out[:, ids.shape[1]:].tolist())
         return out, made_tokens
 
+    def _eos(self) -> tuple[int, ...]:
+        eos = self.model.generation_config.eos_token_id  # the checkpoint's generation_config.json
+        return (eos,) if isinstance(eos, int) else tuple(eos or ())
+
     def _sampling(self, request) -> Sampling | None:
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
         if not request.do_sample:
@@ -208,7 +211,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
             controller=self.controller, device=str(self.device),
             generate_cache_tokens=self.generations.capacity if self.generations else 0,
-            forward_batch_tokens=self.forwards.max_tokens if self.forwards else 0)
+            forward_batch_tokens=self.forwards.max_tokens if self.forwards else 0, eos_token_ids=self._eos())
 
     def Status(self, request, context):
         table = self.dispatcher.table

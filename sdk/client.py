@@ -113,7 +113,7 @@ class Client:
         `torch.manual_seed(seed + r)` then transformers' `generate` of that row alone would, whatever else the
         frontend decodes meanwhile; `temperature`, `top_k` (0: every token) and `top_p` left out are the
         checkpoint's generation_config.json, else transformers' defaults (1.0, 50, 1.0). `until_eos`: a row
-        ends at the checkpoint's end-of-sequence token, padded with 0 after it; else it has exactly
+        ends at the checkpoint's end-of-sequence token (`info().eos_token_ids`), padded with 0 after it; else it has exactly
         `max_new_tokens` tokens, never that one. `stop_tokens`: token ids that end a row too (kept)."""
         request = _generate_request(input_ids, max_new_tokens, do_sample, seed, temperature, top_k, top_p, until_eos,
                                     stop_tokens)

@@ -61,6 +61,7 @@ def test_a_row_ends_at_its_end_of_sequence_token_as_generate_ends_it(checkpoints
     with one_worker(path) as (model, dispatcher, reference, worker):
         service = FrontendService(Checkpoint(path), dispatcher, generate_cache_tokens=cache_tokens)
         try:
+            assert list(service.Info(None, None).eos_token_ids) == [eos]  # what a client trims rows at
             ending = request([PROMPT, other], until_eos=True)
             exact = request([PROMPT, other])
             answers = at_once(lambda i: decode(service.Generate([ending, exact][i], None).sequences), 2)  # one batch
@@ -143,6 +144,7 @@ def test_until_eos_on_a_checkpoint_without_such_a_token_is_refused(checkpoints, 
                     call(context)
                 assert context.code == grpc.StatusCode.INVALID_ARGUMENT
                 assert "names no end-of-sequence token" in context.details
+            assert list(service.Info(None, None).eos_token_ids) == []
             exact = decode(service.Generate(request([PROMPT]), None).sequences)[0, len(PROMPT):].tolist()
             assert exact == alone(reference, PROMPT, NEW)
         finally:

@@ -9,7 +9,9 @@ ordinary worker entry point (`moecluster.workers.server.main`) with its argument
 
 Protocol (a Unix socket in the cluster's run folder): one JSON line
 {"argv": [...], "log": PATH} in, one JSON line {"pid": N} or {"error": TEXT} out.
-The zygote reaps its children; `processes.stop` ends them by pid like any other.
+The zygote reaps its children; `processes.stop` ends them by pid like any other. A
+child whose asker is gone before the answer (its pid could never be recorded) is
+killed at once: it would serve on, orphaned, and the zygote with it would not die.
 
     python -m moecluster.backends.zygote --socket RUN/zygote.sock --ready-file RUN/zygote.ready
 """
@@ -122,7 +124,12 @@ def serve(sock_path: Path, ready_file: Path | None) -> None:
                 server.close()
                 conn.close()
                 _child(argv, log)
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            try:
+                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            except OSError as err:  # the asker died (a controller killed mid-start): nobody will record or stop it
+                os.kill(pid, signal.SIGKILL)
+                print(f"zygote: the asker of pid {pid} went away before its answer ({err}); stopped it",
+                      file=sys.stderr, flush=True)
     sock_path.unlink(missing_ok=True)
 
 

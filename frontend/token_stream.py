@@ -49,11 +49,6 @@ class TokenStream:
     def close(self) -> None:
         self.stop.set()
 
-    def join(self, timeout: float) -> bool:
-        """Whether the generation's thread ended within `timeout` s."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
 
 class RowStreamer(BaseStreamer):
     """For `model.generate(streamer=...)`: each step's token of every row, to `on_tokens(row, [token])`;

@@ -107,7 +107,7 @@ def test_a_frontend_on_its_device_answers_and_generates_like_transformers(checkp
         service = FrontendService(Checkpoint(path), dispatcher, device=device)
         try:
             assert all(p.device.type == device for p in service.model.parameters())
-            logits = decode(service._forward(frontend_pb2.ForwardRequest(input_ids=encode(batch))).logits)
+            logits = decode(service.Forward(frontend_pb2.ForwardRequest(input_ids=encode(batch)), None).logits)
             ours = decode(service.Generate(frontend_pb2.GenerateRequest(input_ids=encode(prompt), max_new_tokens=8),
                                            None).sequences)
             assert service.Info(frontend_pb2.InfoRequest(), None).device == device

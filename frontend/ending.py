@@ -15,6 +15,12 @@ from dataclasses import dataclass
 MAX_STOP_TOKENS = 64
 
 
+def eos_tokens(generation_config) -> tuple[int, ...]:
+    """A checkpoint's end-of-sequence tokens (its generation_config.json names one, several, or none)."""
+    eos = generation_config.eos_token_id
+    return (eos,) if isinstance(eos, int) else tuple(eos or ())
+
+
 class EndingError(ValueError):
     """Stop settings a request cannot have."""
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent import futures
 
 from moecluster.frontend.batch_rows import BatchRows, RowRule
-from moecluster.frontend.ending import Ending
+from moecluster.frontend.ending import Ending, eos_tokens
 from moecluster.frontend.sampling import RowSampler, Sampling
 from torch import nn
 from transformers import GenerationConfig
@@ -69,8 +69,7 @@ class GenerationBatcher:
         self._closed = False
         self._collector: threading.Thread | None = None
         self._rows = BatchRows()
-        eos = model.generation_config.eos_token_id
-        self.eos: tuple[int, ...] = (eos,) if isinstance(eos, int) else tuple(eos or ())  # the checkpoint's
+        self.eos = eos_tokens(model.generation_config)
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         return prompt_tokens + new_tokens <= self.capacity

@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moecluster.frontend.dense_model import load_dense_model
 from moecluster.frontend.dispatcher import Dispatcher, ExpertUnavailableError
-from moecluster.frontend.ending import Ending, EndingError
+from moecluster.frontend.ending import Ending, EndingError, eos_tokens
 from moecluster.frontend.forward_batcher import ForwardBatcher
 from moecluster.frontend.generation_batcher import (
     BATCHED_FAMILIES,
@@ -143,8 +143,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         new = request.max_new_tokens
         sampling = self._sampling(request)
         try:
-            ending = Ending.of(self._eos(), until_eos=request.until_eos, stop_tokens=request.stop_tokens,
-                               vocab=self.vocab)
+            ending = Ending.of(eos_tokens(self.model.generation_config), until_eos=request.until_eos,
+                               stop_tokens=request.stop_tokens, vocab=self.vocab)
         except EndingError as err:
             raise WireError(str(err)) from None
         streamed = [0]  # tokens handed on so far: what a stream stopped early is charged
@@ -189,10 +189,6 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             made_tokens = sum(ending.made(row) for row in out[:, ids.shape[1]:].tolist())
         return out, made_tokens
 
-    def _eos(self) -> tuple[int, ...]:
-        eos = self.model.generation_config.eos_token_id  # the checkpoint's generation_config.json
-        return (eos,) if isinstance(eos, int) else tuple(eos or ())
-
     def _sampling(self, request) -> Sampling | None:
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p") if request.HasField(name)}
         if not request.do_sample:
@@ -211,7 +207,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             num_moe_layers=len(g.moe_layers), num_experts=g.num_experts, top_k=g.top_k, hidden_size=g.hidden,
             controller=self.controller, device=str(self.device),
             generate_cache_tokens=self.generations.capacity if self.generations else 0,
-            forward_batch_tokens=self.forwards.max_tokens if self.forwards else 0, eos_token_ids=self._eos())
+            forward_batch_tokens=self.forwards.max_tokens if self.forwards else 0,
+            eos_token_ids=eos_tokens(self.model.generation_config))
 
     def Status(self, request, context):
         table = self.dispatcher.table

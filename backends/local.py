@@ -18,9 +18,10 @@ from pathlib import Path
 
 import grpc
 from moecluster.backends import cluster_record
+from moecluster.backends.local_actuator import WORKER_MODULES
 from moecluster.backends.local_supervisor import RECORD as SUPERVISOR_RECORD
 from moecluster.backends.local_supervisor import start_supervisor
-from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail
+from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, tail, unrecorded
 from moecluster.controller.spec import GENERATE_PAGE_TOKENS, ClusterSpec
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
@@ -28,6 +29,9 @@ from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.wire import access, endpoints, retry
 
 Progress = Callable[[str], None]
+# What a local cluster runs; `down` stops any of them naming its run folder, recorded or not.
+OUR_MODULES = (*WORKER_MODULES, "moecluster.frontend.server", "moecluster.backends.local_controller",
+               "moecluster.backends.local_supervisor")
 
 
 class ClusterError(RuntimeError):
@@ -423,6 +427,9 @@ class LocalCluster:
                 channel.close()
         for record in self.records():  # whatever the controller did not stop
             stop(record, grace)
+        for orphan in unrecorded(str(self.dir / "run"), set(), OUR_MODULES):
+            running.append(orphan)  # started by one that died before recording it: nothing else would stop it
+            stop(orphan, grace)
         if not keep_logs:
             shutil.rmtree(self.dir, ignore_errors=True)
             return running

@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 
 from moecluster.backends import cluster_record, zygote
-from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop
+from moecluster.backends.processes import ProcessError, ProcessRecord, alive, spawn, stop, unrecorded
 from moecluster.controller.actuator import WorkerHandle
 
 log = logging.getLogger(__name__)
+WORKER_MODULES = ("moecluster.workers.server", "moecluster.backends.zygote")  # a zygote's forks keep its command line
 
 
 class LocalActuator:
@@ -85,9 +86,10 @@ class LocalActuator:
             path.unlink(missing_ok=True)
 
     def workers(self) -> list[WorkerHandle]:
-        handles = []
+        handles, recorded = [], set()
         for path in sorted((self.dir / "workers").glob("*.json")):
             record = ProcessRecord.load(path)
+            recorded.add(record.pid)
             if alive(record) and record.address:
                 handles.append(WorkerHandle(record.id, record.address, record.pid))
                 continue
@@ -95,6 +97,13 @@ class LocalActuator:
             # forget it; the controller starts a fresh one if the spec still wants it.
             stop(record, self.grace)
             path.unlink(missing_ok=True)
+        zygote_record = self.dir / "zygote.json"
+        if zygote_record.is_file():
+            recorded.add(ProcessRecord.load(zygote_record).pid)
+        # Forked for a controller killed before it wrote the record down: empty, known to nobody, stopped.
+        for orphan in unrecorded(str(self.dir / "run"), recorded, WORKER_MODULES):
+            log.warning("stopping worker process %d, which no record names (its starter died)", orphan.pid)
+            stop(orphan, self.grace)
         return handles
 
     def start_frontend(self, controller_address: str, timeout: float) -> WorkerHandle:

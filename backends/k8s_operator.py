@@ -65,7 +65,7 @@ def _now() -> str:
 
 def checkpoint_experts(address: str) -> tuple[tuple[int, int], ...]:
     """Every (layer, expert) of the checkpoint, asked of a worker (the operator does not mount the model)."""
-    with grpc.insecure_channel(address) as channel:
+    with endpoints.internal_channel(address) as channel:
         stats = worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=30)
     if not stats.moe_layers or not stats.num_experts:
         raise RuntimeError(f"worker at {address} reports no MoE layers: is the model a Mixture-of-Experts checkpoint?")
@@ -374,7 +374,7 @@ def _render_metrics() -> str:
 
 def serve_controllers(host: str, port: int) -> grpc.Server:
     server = endpoints.server(32, handlers=[ROUTER], interceptors=[CONTROLLER_RPCS])
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    if endpoints.listen(server, f"{host}:{port}") == 0:
         raise SystemExit(f"moecluster-operator: cannot listen on {host}:{port}")
     server.start()
     return server

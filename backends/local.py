@@ -27,6 +27,7 @@ from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.devices import resolve_device
 from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.wire import access, endpoints, retry
+from moecluster.wire import internal_tls as internal_tls_files
 
 Progress = Callable[[str], None]
 # What a local cluster runs; `down` stops any of them naming its run folder, recorded or not.
@@ -161,14 +162,17 @@ class LocalCluster:
            rebalance_above: float = 1.3, max_replicas: int | None = None, rebalance_min_load: float = 50.0,
            worker_batch_tokens: int | None = None, worker_compute_threads: int | None = None,
            generate_cache_tokens: int | None = None, forward_batch_tokens: int | None = None,
-           api_keys: str | Path | None = None,
-           tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> dict:
+           api_keys: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+           internal_tls: bool = False) -> dict:
         """Writes the spec, starts the controller, and waits until the pool serves. `backend` "ray" runs
         it all as Ray actors, on the Ray instance at `ray_address` (None: a new one on this machine).
         The serving settings left None are the processes' defaults (ClusterSpec says what each does).
-        `api_keys`, `tls_cert` and `tls_key` are files the frontend serves clients with (wire/access.py)."""
+        `api_keys`, `tls_cert` and `tls_key` are files the frontend serves clients with (wire/access.py);
+        `internal_tls`: the cluster's parts call each other over mutual TLS, under a CA made for it (internal_tls.py)."""
         if backend not in ("local", "ray"):
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
+        if internal_tls and backend != "local":
+            raise ClusterError("--internal-tls is for --backend local (Ray actors do not get the certificates yet)")
         if serve_grpc_port and backend != "ray":
             raise ClusterError("--serve-grpc-port is for --backend ray (the local frontend serves gRPC on --port)")
         if (self.dir / cluster_record.FILE).is_file():
@@ -229,6 +233,8 @@ class LocalCluster:
         checkpoint.save_index(self.dir / "index.json")  # the controller starts from it, without transformers
         info = {"name": self.name, "model": str(model), "frontend_port": port or (free_port() if backend == "ray" else 0),
                 "controller": f"127.0.0.1:{free_port()}", "worker_threads": worker_threads, "backend": backend}
+        if internal_tls:  # every process of the cluster gets its folder from cluster.json (local_controller.py)
+            info["internal_tls"] = str(internal_tls_files.generate(self.dir / "tls", self.name))
         cluster_record.write(self.dir, info)
         try:
             if backend == "ray":
@@ -329,8 +335,15 @@ class LocalCluster:
 
     # -- talking to the controller -------------------------------------------------
 
+    def _channel(self) -> grpc.Channel:
+        """To the controller: over mutual TLS with the cluster's certificates when it has them."""
+        info = self.info()
+        if info.get("internal_tls"):
+            return endpoints.internal_channel(info["controller"], tls_folder=info["internal_tls"])
+        return endpoints.channel(info["controller"])
+
     def _stub(self) -> tuple[grpc.Channel, controller_pb2_grpc.ControllerStub]:
-        channel = grpc.insecure_channel(self.info()["controller"])
+        channel = self._channel()
         return channel, controller_pb2_grpc.ControllerStub(channel)
 
     def status(self, rpc_timeout: float = 10.0, list_snapshots: bool = False) -> dict:
@@ -350,6 +363,7 @@ class LocalCluster:
             "layer_imbalance": {layer: round(x, 4) for layer, x in sorted(s.layer_imbalance.items())},
             "step": s.step, "lowest_step": s.lowest_step, "trainers": list(s.trainers), "snapshot": s.snapshot,
             "restored": s.restored, "colocate": s.colocate, "colocated": None if s.colocated < 0 else round(s.colocated, 4),
+            "internal_tls": self.info().get("internal_tls", ""),  # the certificates' folder: parts call over mTLS
             "supervised": self.backend == "ray" or self.supervised(),  # a controller that dies is started again
             "rollbacks": [{"layer": r.layer, "expert": r.expert, "snapshot_step": r.snapshot_step, "step": r.step,
                            "source": r.source} for r in s.rollbacks],
@@ -363,8 +377,7 @@ class LocalCluster:
     def _stream(self, call: str, request, timeout: float) -> Iterator[str]:
         """The controller's progress lines for `call`. A controller that dies mid-call and is started again
         (by its supervisor, or Ray) is asked again: every admin call is safe to repeat (`wire/retry.py`)."""
-        channel = endpoints.channel(self.info()["controller"])
-        stub = controller_pb2_grpc.ControllerStub(channel)
+        channel, stub = self._stub()
         restarts = self.backend == "ray" or self.supervised()
         try:
             for line in retry.stream_again_on_unavailable(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from moecluster.observability.prometheus import rendered, serve_metrics
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.observability.tracing import configure_tracing
 from moecluster.protos import controller_pb2_grpc
-from moecluster.wire import endpoints
+from moecluster.wire import endpoints, internal_tls
 from moecluster.wire.ready import announce_ready, stop_signal
 
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
     cluster = cluster_record.read(args.cluster_dir)
+    if cluster.get("internal_tls"):  # for this process's servers and channels, and every process it starts
+        os.environ[internal_tls.ENV] = cluster["internal_tls"]
     latency = RpcLatency("moecluster_controller_rpc_seconds")  # admin calls, frontends' watches, reports
     server = endpoints.server(16, interceptors=[latency])
     address = listen(server, cluster["controller"], args.move_if_port_taken)
@@ -87,13 +90,13 @@ def main(argv: list[str] | None = None) -> None:
 def listen(server: grpc.Server, address: str, move_if_taken: bool) -> str:
     """Binds `address`, or any free port on its host when it is taken and `move_if_taken`; returns the bound one."""
     try:
-        if server.add_insecure_port(address) != 0:
+        if endpoints.listen(server, address) != 0:
             return address
     except RuntimeError:  # some gRPC versions raise instead of returning 0
         pass
     host = address.rsplit(":", 1)[0]
     if move_if_taken:
-        port = server.add_insecure_port(f"{host}:0")
+        port = endpoints.listen(server, f"{host}:0")
         if port:
             logging.getLogger(__name__).warning("%s was taken; listening on %s:%d", address, host, port)
             return f"{host}:{port}"

@@ -89,7 +89,7 @@ class ControllerActor:
         # The port `up` chose, on every restart: frontends reconnect to the address they know.
         port = int(cluster["controller"].rsplit(":", 1)[1])
         try:
-            bound = self.server.add_insecure_port(f"{node_host()}:{port}")
+            bound = endpoints.listen(self.server, f"{node_host()}:{port}")
         except RuntimeError:  # newer gRPC raises where older returned 0
             bound = 0
         if bound == 0:

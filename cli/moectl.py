@@ -12,8 +12,7 @@
   moectl train --steps 30 --out ./run --save-every 10     # also the dense model's, every 10 steps
   moectl train --steps 20 --out ./run --resume ./snapshots/step-00000010   # from there on, as if never stopped
   torchrun --nproc-per-node 4 -m moecluster.cli.moectl train --steps 30 --batch 8 --out ./run   # 4 trainers, data parallel
-  moectl snapshots                         # what a restore or a resume can use, the newest first
-  moectl restore ./snapshots               # every expert back to the newest good snapshot
+  moectl snapshots; moectl restore ./snapshots   # what a restore or resume can use; every expert back to the newest
   moectl train --controller OPERATOR:50055 --cluster ml/mixtral --model /models/x --out /snapshots/run  # on Kubernetes
   moectl generate 3 1 4 1 5 --max-new-tokens 8 --stream  # token ids in, the cluster's continuation out
   moectl down
@@ -31,6 +30,7 @@ import threading
 
 from moecluster.backends.local import ClusterError, LocalCluster, cluster_names
 from moecluster.cli import generate
+from moecluster.wire import internal_tls
 
 
 def _progress(message: str) -> None:
@@ -70,7 +70,7 @@ def cmd_up(args) -> int:
                         worker_compute_threads=args.worker_compute_threads,
                         generate_cache_tokens=args.generate_cache_tokens,
                         forward_batch_tokens=args.forward_batch_tokens, api_keys=args.api_keys,
-                        tls_cert=args.tls_cert, tls_key=args.tls_key)
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, internal_tls=args.internal_tls)
     pool = [w for w in status["workers"] if w["state"] != "standby"]
     spares = f" + {args.standby} standby" if args.standby else ""
     print(f"cluster {status['name']!r} serving {args.model} on {status['endpoint']} ({len(pool)} workers{spares}, "
@@ -119,6 +119,8 @@ def cmd_status(args) -> int:
     if doc["colocated"] is not None:
         print(f"  experts picked together that share a worker: {doc['colocated']:.0%} of the pair traffic "
               f"(colocate {'on' if doc['colocate'] else 'off: moectl up --colocate'})")
+    if doc["internal_tls"]:
+        print(f"  internal mutual TLS; SDK admin calls and trainers: MOECLUSTER_INTERNAL_TLS={doc['internal_tls']}")
     if doc["step"]:
         print(f"  training: step {doc['step']}" + (f", last snapshot {doc['snapshot']}" if doc["snapshot"] else ""))
     if doc["restored"]:
@@ -216,6 +218,8 @@ def cmd_train(args) -> int:
             raise ClusterError(f"{saving} needs --save-dir, or a cluster started with --snapshot-dir "
                                f"(`moectl up --name {args.name} --snapshot-dir DIR`)")
         controller, model = info["controller"], args.model or info["model"]
+        if info.get("internal_tls"):  # the trainer calls the controller and workers with the cluster's certificates
+            os.environ[internal_tls.ENV] = info["internal_tls"]
         save_dir = save_dir or (cluster.spec().snapshot_dir if restartable else "")
     group, device, progress = trainer_group(args.dist_init, args.device, args.dist_timeout)
     try:
@@ -330,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-cert", metavar="FILE", help="the frontend serves TLS with this PEM certificate chain "
                     "(with --tls-key; clients: Client(address, tls=CA_FILE)); re-read when it changes")
     up.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    up.add_argument("--internal-tls", action="store_true", help="the cluster's parts call each other over mutual TLS, "
+                    "under a CA made for it; SDK admin calls and trainers need MOECLUSTER_INTERNAL_TLS (`moectl status`)")
     up.add_argument("--capacity", type=int, help="experts one worker may hold (default: 1.5x its even share)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for the cluster to serve (default 300)")
     up.add_argument("--backend", choices=["local", "ray"], default="local",

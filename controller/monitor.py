@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moecluster.controller.actuator import WorkerHandle
 from moecluster.controller.observed import ExpertKey, Observed, WorkerObservation, WorkerState, worker_index
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, streaming
 
 LOAD_SMOOTHING = 0.3  # weight of the newest rate sample
 REFUSED_DEAD_AFTER = 0.2  # connection refused this long on loopback: the process is gone
@@ -27,7 +27,7 @@ REFUSED_DEAD_AFTER = 0.2  # connection refused this long on loopback: the proces
 class _Tracked:
     def __init__(self, handle: WorkerHandle):
         self.handle = handle
-        self.channel = grpc.insecure_channel(handle.address, options=streaming.GRPC_OPTIONS)
+        self.channel = endpoints.internal_channel(handle.address, options=streaming.GRPC_OPTIONS)
         self.stub = worker_pb2_grpc.ExpertWorkerStub(self.channel)
         self.state = WorkerState.STARTING
         self.held: frozenset[ExpertKey] = frozenset()

@@ -26,7 +26,7 @@ from moecluster.frontend.coactivation import CoActivation
 from moecluster.frontend.routing import RoutingTable
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, streaming
 from moecluster.wire.tensors import decode, encode
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
@@ -359,7 +359,7 @@ class Dispatcher:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+                channel = endpoints.internal_channel(address, options=streaming.GRPC_OPTIONS)
                 _connect_in_background(channel)
                 self._channels[address] = channel
                 stub = self._stubs[address] = worker_pb2_grpc.ExpertWorkerStub(channel)

@@ -217,7 +217,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         for worker_id, address in sorted(table.workers.items()):
             status = frontend_pb2.WorkerStatus(id=worker_id, address=address, state="unreachable")
             try:
-                with grpc.insecure_channel(address) as channel:
+                with endpoints.internal_channel(address) as channel:
                     stats = worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=2.0)
                 status.pid = stats.pid
                 status.state = "draining" if stats.draining else "serving"

@@ -41,7 +41,7 @@ class TableWatcher(threading.Thread):
         self._call = None
 
     def run(self) -> None:
-        channel = endpoints.channel(self.controller, options=streaming.GRPC_OPTIONS)  # finds a restarted controller fast
+        channel = endpoints.internal_channel(self.controller, options=streaming.GRPC_OPTIONS)  # finds a restarted controller fast
         stub = controller_pb2_grpc.ControllerStub(channel)
         reporter = RoutingReporter(stub, self.dispatcher.coactivation, self.frontend_id, self.metadata)
         reporter.start()
@@ -76,7 +76,7 @@ class TableWatcher(threading.Thread):
         if self._call is not None:
             self._call.cancel()
         if self.first_table.is_set():
-            with grpc.insecure_channel(self.controller) as channel:
+            with endpoints.internal_channel(self.controller) as channel:
                 try:
                     controller_pb2_grpc.ControllerStub(channel).AckEpoch(controller_pb2.AckRequest(
                         frontend_id=self.frontend_id, leaving=True), timeout=1, metadata=self.metadata)

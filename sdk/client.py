@@ -182,7 +182,7 @@ class Client:
         address = self.info().controller
         if not address:
             raise MoEClusterError(grpc.StatusCode.FAILED_PRECONDITION, f"this frontend has no controller to ask ({call})")
-        with endpoints.channel(address) as channel:
+        with endpoints.internal_channel(address) as channel:  # the cluster's certificates, if it asks for them
             stub = controller_pb2_grpc.ControllerStub(channel)
             say = progress or (lambda line: None)
             epoch = 0

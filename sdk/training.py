@@ -83,7 +83,7 @@ class TrainingSession:
                                     cluster=cluster)  # the controller sees a group as one trainer: its leader
         self._metadata = cluster_metadata(cluster)
         self.watcher.start()
-        self._channel = endpoints.channel(controller)  # reconnects within a second to a restarted controller
+        self._channel = endpoints.internal_channel(controller)  # reconnects within a second to a restarted controller
         self._controller = controller_pb2_grpc.ControllerStub(self._channel)
         try:
             self._start(controller, resume_from, resume_if_saved)

@@ -51,7 +51,7 @@ class WorkerServer:
         worker_pb2_grpc.add_ExpertWorkerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.service.health, self.server)
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            self.port = endpoints.listen(self.server, f"{host}:{port}")
         except RuntimeError as err:  # grpcio raises where older versions returned 0
             raise OSError(f"cannot listen on {host}:{port}: {err}") from None
         if self.port == 0:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.observability.tracing import start_span, tracer
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, streaming
 from moecluster.wire.bulk import BulkSender
 from moecluster.wire.tensors import WireError, encode
 from moecluster.workers import snapshot_folders, trainer_files, validation
@@ -340,7 +340,7 @@ class ExpertWorkerService(worker_pb2_grpc.ExpertWorkerServicer):
         """A stub on a kept channel to a peer: a pull pays no connection set-up."""
         with self._lock:
             if address not in self._peers:
-                self._peers[address] = grpc.insecure_channel(address, options=streaming.GRPC_OPTIONS)
+                self._peers[address] = endpoints.internal_channel(address, options=streaming.GRPC_OPTIONS)
             return worker_pb2_grpc.ExpertWorkerStub(self._peers[address])
 
     def close(self) -> None:

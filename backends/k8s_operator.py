@@ -39,7 +39,7 @@ from moecluster.controller.service import ControllerService
 from moecluster.observability.prometheus import rendered, serve_metrics
 from moecluster.observability.rpc_latency import RpcLatency
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import endpoints
+from moecluster.wire import endpoints, internal_tls
 from pydantic import ValidationError
 
 log = logging.getLogger("moecluster.operator")
@@ -184,10 +184,22 @@ def _configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.networking.request_timeout = 30
 
 
+def _checked(resource: r.Resource) -> None:
+    """Raises (ValueError, ValidationError) what makes the resource impossible to run. Its mutual TLS must be
+    this operator's: the one controller port serves every cluster's frontends, with the certificates it holds."""
+    r.cluster_spec(resource)
+    if resource.spec.get("internalTLS") and internal_tls.folder() is None:
+        raise ValueError(f"spec.internalTLS is set, but this operator holds no certificates to call its workers with "
+                         f"(the chart's operator.internalTLS.secretName sets {internal_tls.ENV})")
+    if not resource.spec.get("internalTLS") and internal_tls.folder() is not None:
+        raise ValueError("this operator calls its clusters over mutual TLS (operator.internalTLS): set spec.internalTLS "
+                         "to a Secret of ca.crt, tls.crt and tls.key issued by the same CA")
+
+
 def _validated(body) -> r.Resource:
     resource = r.Resource.from_body(body)
     try:
-        r.cluster_spec(resource)
+        _checked(resource)
     except (ValidationError, KeyError, ValueError) as err:
         raise kopf.PermanentError(f"invalid spec: {err}") from None
     return resource
@@ -220,7 +232,7 @@ def _tick(body, status, patch, **_) -> None:
     """Level-triggered: bring the controller in line with the resource; write what it observes to status."""
     resource = r.Resource.from_body(body)
     try:
-        r.cluster_spec(resource)
+        _checked(resource)
     except (ValidationError, KeyError, ValueError) as err:
         patch.status.update(r.status_patch(resource, None, 0, dict(status), _now(), f"invalid spec: {err}"))
         return
@@ -404,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.controller_address:
         parser.error("--controller-address (or MOECLUSTER_CONTROLLER_ADDRESS) is required: frontends dial it")
     SETTINGS.controller_address, SETTINGS.default_image = args.controller_address, args.default_image
+    try:
+        internal_tls.folder()  # a mounted Secret missing a file fails here, not at the first cluster
+    except ValueError as err:
+        parser.error(str(err))
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:

@@ -17,6 +17,7 @@ from typing import Any
 
 from moecluster.backends.worker_rollout import Rollout
 from moecluster.controller.spec import ClusterSpec, as_flags
+from moecluster.wire import internal_tls
 
 GROUP, VERSION, PLURAL, KIND = "moecluster.io", "v1alpha1", "moeclusters", "MoECluster"
 WORKER_PORT, BULK_PORT, FRONTEND_PORT, METRICS_PORT = 50061, 50062, 50051, 9090
@@ -30,6 +31,7 @@ REQUEST_ANNOTATION = "moecluster.io/request"  # value: an id `kubectl moe` makes
 TEMPLATE_ANNOTATION = "moecluster.io/worker-template"  # on a worker pod: the template it was made from
 RUN_AS_USER = 10001  # the image's non-root user
 API_KEYS_MOUNT, TLS_MOUNT = "/etc/moecluster/api-keys", "/etc/moecluster/tls"  # a frontend's Secrets, by default
+INTERNAL_TLS_MOUNT = "/etc/moecluster/internal-tls"  # spec.internalTLS's Secret, in workers and frontends
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,13 @@ def _pod_security() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _env() -> list[dict]:
+def _env(resource: Resource) -> list[dict]:
+    internal = resource.spec.get("internalTLS")
     return [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HOME", "value": "/tmp"},  # read-only root: caches (torch, HF) go to the emptyDir
+        *([{"name": internal_tls.ENV, "value": internal.get("mountPath", INTERNAL_TLS_MOUNT)}] if internal else []),
     ]
 
 
@@ -171,10 +175,12 @@ def _volumes(resource: Resource, worker: bool) -> tuple[list[dict], list[dict]]:
         volumes.append({"name": "snapshots", **resource.spec["snapshots"]["volume"]})
         mounts.append({"name": "snapshots", "mountPath": snapshot_dir(resource)})
     frontend = resource.spec.get("frontend") or {}
-    for name, part, default in (("api-keys", "apiKeys", API_KEYS_MOUNT), ("tls", "tls", TLS_MOUNT)):
-        if not worker and frontend.get(part):  # a Secret volume: the kubelet refreshes it when the Secret changes
-            volumes.append({"name": name, "secret": {"secretName": frontend[part]["secretName"]}})
-            mounts.append({"name": name, "mountPath": frontend[part].get("mountPath", default), "readOnly": True})
+    secrets = [("api-keys", frontend.get("apiKeys"), API_KEYS_MOUNT), ("tls", frontend.get("tls"), TLS_MOUNT)]
+    for name, secret, default in [*([] if worker else secrets),
+                                  ("internal-tls", resource.spec.get("internalTLS"), INTERNAL_TLS_MOUNT)]:
+        if secret:  # a Secret volume: the kubelet refreshes it when the Secret changes
+            volumes.append({"name": name, "secret": {"secretName": secret["secretName"]}})
+            mounts.append({"name": name, "mountPath": secret.get("mountPath", default), "readOnly": True})
     return volumes, mounts
 
 
@@ -211,7 +217,7 @@ def _container(resource: Resource, name: str, module: str, args: list[str], part
         "imagePullPolicy": resource.spec.get("imagePullPolicy", "IfNotPresent"),
         "command": ["python", "-m", module],
         "args": args,
-        "env": _env(),
+        "env": _env(resource),
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in ports.items()],
         "readinessProbe": {**_probe(resource, name, ports["grpc"]), "periodSeconds": 2, "failureThreshold": 2},
         "resources": part.get("resources") or {},
@@ -221,11 +227,11 @@ def _container(resource: Resource, name: str, module: str, args: list[str], part
 
 
 def _probe(resource: Resource, name: str, port: int) -> dict:
-    """gRPC health, except on a frontend serving TLS: the kubelet's gRPC probe speaks plaintext only, so
-    there a TCP connect (a frontend opens its port once it has the routing table, ready to serve)."""
-    if name == "frontend" and (resource.spec.get("frontend") or {}).get("tls"):
-        return {"tcpSocket": {"port": port}}
-    return {"grpc": {"port": port}}
+    """gRPC health, except on a port serving TLS (a frontend's with frontend.tls, a worker's with internalTLS):
+    the kubelet's gRPC probe speaks plaintext only, so there a TCP connect (a frontend opens its port once it
+    has the routing table, a worker once it serves)."""
+    tls = (resource.spec.get("frontend") or {}).get("tls") if name == "frontend" else resource.spec.get("internalTLS")
+    return {"tcpSocket": {"port": port}} if tls else {"grpc": {"port": port}}
 
 
 def worker_pod(resource: Resource, worker_id: str, default_image: str) -> dict:

@@ -163,6 +163,40 @@ def test_a_frontend_with_api_keys_and_tls_mounts_their_secrets_and_is_probed_ove
     assert r.cluster_spec(moved).api_keys_file == "/tmp/e2e/keys/api-keys"  # the Secret's default key
 
 
+def test_internal_tls_mounts_the_clusters_certificates_in_workers_and_frontends_and_probes_workers_over_tcp():
+    res = resource(internalTLS={"secretName": "ml-internal"})
+    worker, frontend = (r.worker_pod(res, "worker-0", default_image="")["spec"],
+                        r.frontend_deployment(res, "op:50055", default_image="")["spec"]["template"]["spec"])
+    for pod in (worker, frontend):
+        container = pod["containers"][0]
+        assert {"name": "internal-tls", "secret": {"secretName": "ml-internal"}} in pod["volumes"]
+        assert {"name": "internal-tls", "mountPath": r.INTERNAL_TLS_MOUNT, "readOnly": True} in container["volumeMounts"]
+        assert {"name": "MOECLUSTER_INTERNAL_TLS", "value": r.INTERNAL_TLS_MOUNT} in container["env"]
+    assert worker["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": r.WORKER_PORT}
+    assert frontend["containers"][0]["readinessProbe"]["grpc"] == {"port": r.FRONTEND_PORT}  # its public port: plaintext
+    plain = r.worker_pod(resource(), "worker-0", default_image="")["spec"]["containers"][0]
+    assert plain["readinessProbe"]["grpc"] == {"port": r.WORKER_PORT}
+    assert not any(e["name"] == "MOECLUSTER_INTERNAL_TLS" for e in plain["env"])
+    assert r.worker_template(res, "") != r.worker_template(resource(), ""), "turning it on must roll the workers"
+    moved = r.worker_pod(resource(internalTLS={"secretName": "s", "mountPath": "/tmp/x"}), "w", "")["spec"]["containers"][0]
+    assert {"name": "MOECLUSTER_INTERNAL_TLS", "value": "/tmp/x"} in moved["env"]
+
+
+def test_the_operator_refuses_a_cluster_whose_internal_tls_is_not_its_own(tmp_path, monkeypatch):
+    """One controller port serves every cluster's frontends: mutual TLS is all or none under one operator."""
+    from moecluster.backends.k8s_operator import _checked
+    from moecluster.wire import internal_tls
+
+    monkeypatch.delenv(internal_tls.ENV, raising=False)
+    _checked(resource())
+    with pytest.raises(ValueError, match="holds no certificates"):
+        _checked(resource(internalTLS={"secretName": "ml-internal"}))
+    monkeypatch.setenv(internal_tls.ENV, str(internal_tls.generate(tmp_path / "certs", "ops")))
+    _checked(resource(internalTLS={"secretName": "ml-internal"}))
+    with pytest.raises(ValueError, match="set spec.internalTLS"):
+        _checked(resource())
+
+
 def controller_status(converged=True, serving=3, dead=(), error=""):
     workers = [{"id": f"worker-{i}", "address": "", "pid": 0, "state": "serving", "experts": [[0, i], [1, i]], "load": 0,
                 "device": "cuda:0"} for i in range(serving)]

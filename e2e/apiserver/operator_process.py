@@ -19,8 +19,10 @@ def free_port() -> int:
 class Operator:
     """`moecluster-operator` as a local process with the chart ServiceAccount's credentials."""
 
-    def __init__(self, kubeconfig: Path, log: Path):
+    def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str] | None = None):
+        """`env`: more environment (e.g. MOECLUSTER_INTERNAL_TLS, as the chart's Deployment sets it)."""
         self.kubeconfig, self.log, self.port, self.proc = kubeconfig, log, free_port(), None
+        self.env = dict(env or {})
         self.metrics_port = free_port()
         self.args: tuple[str, ...] = ()
 
@@ -32,7 +34,7 @@ class Operator:
         """Starts it; `args` are extra flags (e.g. --namespace NS). A restart reuses the port frontends dial."""
         if args:
             self.args = args
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moecluster.backends.k8s_operator", "--controller-host", "127.0.0.1",

@@ -79,6 +79,14 @@ def batches(metrics: str) -> tuple[float, float]:
     return samples["moecluster_frontend_forward_batches_total"], samples["moecluster_frontend_batched_forwards_total"]
 
 
+def serving_model(env: dict, path: Path) -> torch.nn.Module:
+    """The serving benches' checkpoint (qwen3_moe H=1024, I=384, E=64, top-8, 2 layers, vocab 512) made at `path`;
+    transformers' model of it, the reference."""
+    generation.moectl(env, "model", "create", "--family", "qwen3_moe", "--out", str(path), "--layers", "2",
+                      "--hidden", "1024", "--intermediate", "384", "--experts", "64", "--top-k", "8", "--vocab", "512")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
@@ -91,10 +99,7 @@ def main() -> None:
         tmp = Path(tmp)
         env = {**os.environ, "MOECLUSTER_HOME": str(tmp / "home"), "TRANSFORMERS_VERBOSITY": "error"}
         model = tmp / "model"
-        generation.moectl(env, "model", "create", "--family", "qwen3_moe", "--out", str(model), "--layers", "2",
-                          "--hidden", "1024", "--intermediate", "384", "--experts", "64", "--top-k", "8",
-                          "--vocab", "512")
-        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        reference = serving_model(env, model)
         gen = torch.Generator().manual_seed(0)
         prompts = {t: [torch.randint(0, 512, (1, max(1, t - 3 + i % 4)), generator=gen) for i in range(32)]
                    for t in args.tokens}

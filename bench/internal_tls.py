@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def _load(name: str):
@@ -52,10 +51,7 @@ def main() -> None:
         tmp = Path(tmp)
         env = {**os.environ, "MOECLUSTER_HOME": str(tmp / "home"), "TRANSFORMERS_VERBOSITY": "error"}
         model = tmp / "model"
-        generation.moectl(env, "model", "create", "--family", "qwen3_moe", "--out", str(model), "--layers", "2",
-                          "--hidden", "1024", "--intermediate", "384", "--experts", "64", "--top-k", "8",
-                          "--vocab", "512")
-        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        reference = forward_batching.serving_model(env, model)
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 512, (1, max(1, args.tokens - 3 + i % 4)), generator=gen) for i in range(32)]
         with torch.no_grad():

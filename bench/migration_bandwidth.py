@@ -9,6 +9,7 @@ layer buffers exist, as they do on a worker that rebalances.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from moecluster.bench.report import Results, log, median
 from moecluster.models.checkpoint import Checkpoint
 from moecluster.models.tiny import create_checkpoint
 from moecluster.protos import worker_pb2, worker_pb2_grpc
-from moecluster.wire import streaming
+from moecluster.wire import endpoints, internal_tls, streaming
 
 FAMILY = "qwen3_moe"
 MB = 1e6
@@ -59,14 +60,17 @@ while time.monotonic() < deadline:
 """
 
 
-def start_worker(path: Path, index: Path, experts: str, worker_id: str, run_dir: Path, procs: list) -> str:
+def start_worker(path: Path, index: Path, experts: str, worker_id: str, run_dir: Path, procs: list,
+                 tls: Path | None = None) -> str:
+    """A worker process; with `tls`, a folder of cluster certificates, it speaks mutual TLS (internal_tls.py)."""
     ready = run_dir / f"{worker_id}.ready"
     logfile = open(run_dir / f"{worker_id}.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "moecluster.workers.server", "--checkpoint", str(path), "--index", str(index),
          "--experts", experts, "--worker-id", worker_id, "--threads", "1", "--grace", "1",
          "--ready-file", str(ready)],
-        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, **({internal_tls.ENV: str(tls)} if tls else {})})
     logfile.close()
     procs.append(proc)
     deadline = time.monotonic() + 120
@@ -106,6 +110,9 @@ def migration_bandwidth(tmp: Path, results: Results, reps: int, procs: list) -> 
     run_dir.mkdir()
     a = start_worker(path, index, f"{layer}:0-{n - 1}", "bench-a", run_dir, procs)
     b = start_worker(path, index, "", "bench-b", run_dir, procs)
+    certs = internal_tls.generate(tmp / "certs", "bench")  # the same pair again, all calls and copies over mutual TLS
+    tls_a = start_worker(path, index, f"{layer}:0-{n - 1}", "bench-tls-a", run_dir, procs, tls=certs)
+    tls_b = start_worker(path, index, "", "bench-tls-b", run_dir, procs, tls=certs)
     sender = subprocess.Popen([sys.executable, "-c", TCP_SENDER, "240", str(checkpoint.expert_bytes)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -116,24 +123,36 @@ def migration_bandwidth(tmp: Path, results: Results, reps: int, procs: list) -> 
     stub = worker_pb2_grpc.ExpertWorkerStub(channel)
     source_channel = grpc.insecure_channel(a, options=streaming.GRPC_OPTIONS)
     source = worker_pb2_grpc.ExpertWorkerStub(source_channel)
-    pull_rates, tcp_rates, export_rates, total = [], [], [], 0
+    tls_channel = endpoints.internal_channel(tls_b, options=streaming.GRPC_OPTIONS, tls_folder=certs)
+    tls_stub = worker_pb2_grpc.ExpertWorkerStub(tls_channel)
+    pull_rates, tls_rates, tcp_rates, export_rates, total = [], [], [], [], 0
+
+    def pull_all(target: worker_pb2_grpc.ExpertWorkerStub, source_address: str) -> tuple[int, float]:
+        """(bytes, MB/s) of pulling every expert to `target`, then dropping them again."""
+        moved, start = 0, time.perf_counter()
+        for key in keys:
+            response = target.PullExpert(worker_pb2.PullExpertRequest(expert=key, source=source_address, epoch=1),
+                                         timeout=60)
+            if response.bytes == 0:
+                raise RuntimeError(f"the target already held {key}: DropExperts did not drop it")
+            moved += response.bytes
+        rate = moved / (time.perf_counter() - start) / MB
+        held = target.Stats(worker_pb2.StatsRequest(), timeout=10).held
+        if len(held) != n:
+            raise RuntimeError(f"the target holds {len(held)} experts after pulling {n}")
+        target.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
+        return moved, rate
+
     try:
         # Warm-up: one pull and one TCP copy not counted (first-touch page faults, channel set-up).
-        stub.PullExpert(worker_pb2.PullExpertRequest(expert=keys[0], source=a, epoch=1), timeout=60)
-        stub.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
+        for target, source_address in ((stub, a), (tls_stub, tls_a)):
+            target.PullExpert(worker_pb2.PullExpertRequest(expert=keys[0], source=source_address, epoch=1), timeout=60)
+            target.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
         tcp_copy(port, checkpoint.expert_bytes)
         for rep in range(reps):  # interleaved, so drift hits both sides alike
-            moved, start = 0, time.perf_counter()
-            for key in keys:
-                response = stub.PullExpert(worker_pb2.PullExpertRequest(expert=key, source=a, epoch=1), timeout=60)
-                if response.bytes == 0:
-                    raise RuntimeError(f"worker B already held {key}: DropExperts did not drop it")
-                moved += response.bytes
-            pull_rates.append(moved / (time.perf_counter() - start) / MB)
-            held = stub.Stats(worker_pb2.StatsRequest(), timeout=10).held
-            if len(held) != n:
-                raise RuntimeError(f"worker B holds {len(held)} experts after pulling {n}")
-            stub.DropExperts(worker_pb2.DropExpertsRequest(experts=keys, epoch=1), timeout=30)
+            moved, rate = pull_all(stub, a)
+            pull_rates.append(rate)
+            tls_rates.append(pull_all(tls_stub, tls_a)[1])
             seconds = sum(tcp_copy(port, moved // n) for _ in range(n))  # same bytes, same number of transfers
             tcp_rates.append(moved / seconds / MB)
             start = time.perf_counter()  # where the time goes: A's ExportExpert stream alone, into this process
@@ -145,9 +164,12 @@ def migration_bandwidth(tmp: Path, results: Results, reps: int, procs: list) -> 
     finally:
         channel.close()
         source_channel.close()
+        tls_channel.close()
     per_expert = total / n / 2**20
     pull, tcp = median(pull_rates), median(tcp_rates)
     results.add("migration: PullExpert", f"{pull:.0f} MB/s ({n} experts x {per_expert:.1f} MiB, median of {reps})")
     results.add("migration: ExportExpert stream alone", f"{median(export_rates):.0f} MB/s (A -> this process, joined)")
+    results.add("migration: PullExpert over mutual TLS", f"{median(tls_rates):.0f} MB/s ({median(tls_rates) / pull:.0%} "
+                "of plaintext; workers with --internal-tls certificates)")
     results.add("migration: plain TCP copy", f"{tcp:.0f} MB/s (same bytes, process to process)")
     results.add("migration: PullExpert / TCP", f"{pull / tcp:.0%}", ">= 50%", pull / tcp >= 0.5)

@@ -5,6 +5,8 @@ experts with every internal call over it, answering what transformers answers.""
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 
@@ -14,7 +16,8 @@ import torch
 from moecluster.protos import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
-from moecluster.wire import endpoints, internal_tls
+from moecluster.wire import bulk, endpoints, internal_tls
+from moecluster.wire.bulk import BulkSender
 from moecluster.workers.server import WorkerServer
 from transformers import AutoModelForCausalLM
 
@@ -53,6 +56,35 @@ def test_a_worker_with_the_cluster_certificates_serves_only_callers_presenting_o
         assert refused(endpoints.internal_channel(server.address, tls_folder=old)), "the replaced CA still admitted"
     finally:
         server.stop(0)
+
+
+def test_bulk_copies_speak_mutual_tls_and_a_caller_without_the_clusters_certificate_gets_nothing(tmp_path, monkeypatch):
+    ours, theirs = internal_tls.generate(tmp_path / "ours", "a"), internal_tls.generate(tmp_path / "theirs", "b")
+    monkeypatch.setenv(internal_tls.ENV, str(ours))
+    sender = BulkSender("127.0.0.1", 0).start()
+    try:
+        weights = [torch.randn(64, 32), torch.arange(100, dtype=torch.int32)]
+        got = bulk.receive("127.0.0.1", sender.offer(weights), timeout=10, limit_bytes=1 << 20)
+        assert all(torch.equal(a, b) for a, b in zip(got, weights)) and sender.pending() == 0
+
+        ticket = sender.offer(weights)
+        with socket.create_connection(("127.0.0.1", ticket.port), timeout=10) as plain:
+            plain.sendall(ticket.token)  # the token in the clear: not a TLS handshake, so never read as one
+            try:
+                answer = plain.recv(1 << 16)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"", "plaintext got bytes"
+        other = internal_tls.socket_context(theirs, server_side=False)
+        with socket.create_connection(("127.0.0.1", ticket.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+            with other.wrap_socket(raw, server_hostname=internal_tls.SERVER_NAME) as wrapped:
+                wrapped.sendall(ticket.token)
+                wrapped.recv(1)
+        assert sender.pending() == 1, "the offer must wait for a caller of this cluster"
+        got = bulk.receive("127.0.0.1", ticket, timeout=10, limit_bytes=1 << 20)
+        assert torch.equal(got[0], weights[0])
+    finally:
+        sender.close()
 
 
 def test_a_folder_missing_a_file_is_refused_at_start(tmp_path, monkeypatch):

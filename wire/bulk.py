@@ -9,7 +9,9 @@ one-time token and reads the raw bytes straight into tensors it preallocated
 
 The sender snapshots (clones) what it offers, so the digest describes exactly what
 is sent even if the store changes meanwhile.  An offer is taken once and expires
-after `ttl_s`.  Everything a peer can get wrong raises `WireError`.
+after `ttl_s`.  Everything a peer can get wrong raises `WireError`.  Where the
+process has the cluster's certificates (`internal_tls.py`), both ends speak mutual
+TLS over the socket, as their gRPC calls do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 from moecluster.protos import tensor_pb2
+from moecluster.wire import internal_tls
 from moecluster.wire.tensors import DTYPES, NAMES, WireError
 
 TOKEN_BYTES = 16
@@ -112,22 +115,31 @@ class BulkSender:
 
     def _serve(self, conn: socket.socket) -> None:
         """Read a token, send that offer's bytes, close.  An unknown token gets the door shut."""
-        offer = None
         with conn:
             try:
                 conn.settimeout(self.ttl_s)
-                token = _recv_exact(conn, TOKEN_BYTES)
-                with self._lock:
-                    offer = self._offers.pop(token, None)
-                if offer is None or offer.expires < time.monotonic():
-                    return
+                tls = internal_tls.folder()
+                if tls is None:
+                    self._send(conn)
+                else:  # the receiver must present the cluster's certificate, as on its gRPC calls
+                    with internal_tls.socket_context(tls, server_side=True).wrap_socket(conn, server_side=True) as wrapped:
+                        self._send(wrapped)
+            except OSError:
+                return  # the receiver went away, or failed the handshake; it will report the short read
+
+    def _send(self, conn: socket.socket) -> None:
+        """Sends the bytes of the offer whose token `conn` names; the offer is gone after, sent or not."""
+        token = _recv_exact(conn, TOKEN_BYTES)
+        with self._lock:
+            offer = self._offers.pop(token, None)
+        if offer is None:
+            return
+        try:
+            if offer.expires >= time.monotonic():
                 for t in offer.tensors:
                     conn.sendall(_bytes_view(t))
-            except OSError:
-                return  # the receiver went away; it will report the short read
-            finally:
-                if offer is not None:
-                    _release(offer)
+        finally:
+            _release(offer)
 
 
 def _release(offer: _Offer) -> None:
@@ -175,6 +187,14 @@ def receive(host: str, ticket: tensor_pb2.BulkTicket, *, timeout: float, limit_b
         raise WireError(f"bulk ticket describes {tensors}, not the {len(into)} tensors to receive into")
     digest = xxhash.xxh3_64()
     conn = socket.create_connection((host, ticket.port), timeout=timeout)  # OSError here: unreachable
+    tls = internal_tls.folder()
+    if tls is not None:
+        try:
+            conn = internal_tls.socket_context(tls, server_side=False).wrap_socket(
+                conn, server_hostname=internal_tls.SERVER_NAME)
+        except OSError:  # ssl.SSLError too: a sender of another cluster, or one without TLS
+            conn.close()
+            raise
     with conn:
         try:
             conn.sendall(ticket.token)

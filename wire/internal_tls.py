@@ -10,9 +10,8 @@ That layout is a Kubernetes TLS Secret's with its CA (what cert-manager writes),
 as a folder is used as it is. Every part presents the same name, SERVER_NAME, whatever address it is
 reached at (pod IPs change): the certificate says "a part of this cluster", the CA says which cluster.
 `moectl up --internal-tls` makes a CA and one certificate for a local cluster and keeps no CA key, so
-nothing can issue another. The API a frontend serves to users is not internal: API keys and its own
-TLS guard it (`access.py`). Bulk expert copies (`bulk.py`) stay raw TCP: the one-time token that opens
-one is handed over on a mutually authenticated call.
+nothing can issue another. Bulk expert copies (`bulk.py`), raw sockets, are wrapped in the same mutual
+TLS. The API a frontend serves to users is not internal: API keys and its own TLS guard it (`access.py`).
 
 Certificates are read when a server starts listening, and again at a handshake after they changed (a
 renewed Secret); a channel reads them when it is made.
@@ -23,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -81,6 +81,16 @@ def server_credentials(path: Path) -> grpc.ServerCredentials:
             return None
 
     return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=True)
+
+
+def socket_context(path: Path, server_side: bool) -> ssl.SSLContext:
+    """The same mutual TLS for a raw socket (bulk expert copies): the cluster's CA, our certificate, and the
+    peer's required (a server's named SERVER_NAME). Made per connection, so a renewed folder is used at once."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(path / "ca.crt"))
+    context.load_cert_chain(path / "tls.crt", path / "tls.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def generate(path: str | os.PathLike, cluster: str) -> Path:

@@ -171,8 +171,6 @@ class LocalCluster:
         `internal_tls`: the cluster's parts call each other over mutual TLS, under a CA made for it (internal_tls.py)."""
         if backend not in ("local", "ray"):
             raise ClusterError(f"--backend {backend!r}: choose local or ray")
-        if internal_tls and backend != "local":
-            raise ClusterError("--internal-tls is for --backend local (Ray actors do not get the certificates yet)")
         if serve_grpc_port and backend != "ray":
             raise ClusterError("--serve-grpc-port is for --backend ray (the local frontend serves gRPC on --port)")
         if (self.dir / cluster_record.FILE).is_file():

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = args.cluster_dir / "spec.json"
     spec = ClusterSpec.model_validate_json(spec_path.read_text())
     cluster = cluster_record.read(args.cluster_dir)
-    if cluster.get("internal_tls"):  # for this process's servers and channels, and every process it starts
+    # For this process's servers and channels, and every process it starts: the cluster's, not the caller's shell's.
+    os.environ.pop(internal_tls.ENV, None)
+    if cluster.get("internal_tls"):
         os.environ[internal_tls.ENV] = cluster["internal_tls"]
     latency = RpcLatency("moecluster_controller_rpc_seconds")  # admin calls, frontends' watches, reports
     server = endpoints.server(16, interceptors=[latency])

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import ray
-from moecluster.wire import endpoints
+from moecluster.wire import endpoints, internal_tls
 
 NAMESPACE = "moecluster"
 PORT_TAKEN = "controller: cannot listen on"  # how a controller actor says its port is taken (ray_cluster reads it)
@@ -33,12 +33,16 @@ class WorkerActor:
     """One expert worker: `moecluster.workers.server.WorkerServer` on this node."""
 
     def __init__(self, index_json: str, worker_id: str, threads: int, device: str = "cpu",
-                 settings: dict[str, int] | None = None):
-        """`settings`: the spec's serving keywords for WorkerServer (ClusterSpec.worker_settings)."""
+                 settings: dict[str, int] | None = None, tls: dict[str, str] | None = None):
+        """`settings`: the spec's serving keywords for WorkerServer (ClusterSpec.worker_settings); `tls`: the
+        cluster's certificates (internal_tls.pems), for mutual TLS with the other parts."""
         import torch
         from moecluster.models.checkpoint import Checkpoint
         from moecluster.workers.server import WorkerServer
 
+        os.environ.pop(internal_tls.ENV, None)  # the cluster's certificates or none, not what Ray's process inherited
+        if tls:
+            internal_tls.install(tls)
         if threads:
             torch.set_num_threads(threads)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -74,11 +78,15 @@ class ControllerActor:
         spec_path = directory / "spec.json"
         spec = ClusterSpec.model_validate_json(spec_path.read_text())
         cluster = cluster_record.read(directory)
+        os.environ.pop(internal_tls.ENV, None)
+        if cluster.get("internal_tls"):  # pinned to the node of the cluster folder, which holds them
+            os.environ[internal_tls.ENV] = cluster["internal_tls"]
         index = directory / "index.json"
         geometry = Checkpoint.indexed(spec.model, index).geometry  # a restarted actor reads it back, without transformers
         experts = tuple((layer, e) for layer in geometry.moe_layers for e in range(geometry.num_experts))
         actuator = RayActuator(spec, index.read_text(), frontend_port=cluster["frontend_port"],
-                               worker_threads=cluster.get("worker_threads", 1))
+                               worker_threads=cluster.get("worker_threads", 1),
+                               tls=internal_tls.pems(Path(cluster["internal_tls"])) if cluster.get("internal_tls") else None)
 
         def save_spec(new: ClusterSpec) -> None:
             tmp = spec_path.with_suffix(".tmp")

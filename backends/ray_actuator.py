@@ -24,7 +24,8 @@ ACTOR_ERRORS = (RayActorError, GetTimeoutError, ValueError)
 
 class RayActuator:
     def __init__(self, spec: ClusterSpec, index_json: str, *, frontend_port: int, worker_threads: int = 1,
-                 grace: float = 5.0):
+                 grace: float = 5.0, tls: dict[str, str] | None = None):
+        """`tls`: the cluster's certificates (internal_tls.pems), handed to every worker actor and Serve replica."""
         if spec.frontend_access():
             raise ValueError("API keys and TLS are the local and Kubernetes frontends'; on Ray, clients reach the "
                              "frontends through Serve's proxies: set TLS on those, and keep them inside the cluster")
@@ -34,6 +35,7 @@ class RayActuator:
         self.frontend_port = frontend_port
         self.worker_threads = worker_threads
         self.grace = grace
+        self.tls = tls
         self.serve_grpc_port = spec.serve_grpc_port
         self.worker_device, self.frontend_device = spec.worker_device, spec.frontend_device
         self.worker_settings, self.frontend_settings = spec.worker_settings(), spec.frontend_settings()
@@ -65,7 +67,7 @@ class RayActuator:
             return handle
         actor = WorkerActor.options(name=f"{self.name}/{worker_id}", namespace=NAMESPACE, lifetime="detached",
                                     **self.resources).remote(self.index_json, worker_id, self.worker_threads,
-                                                             self.worker_device, self.worker_settings)
+                                                             self.worker_device, self.worker_settings, self.tls)
         try:
             address, pid = ray.get(actor.info.remote(), timeout=timeout)
         except ACTOR_ERRORS:
@@ -97,7 +99,7 @@ class RayActuator:
         """The Serve application (idempotent: serve.run updates it in place); its HTTP address."""
         url = ray_serve.start(self.name, self.model, controller_address, http_port=self.frontend_port,
                               grpc_port=self.serve_grpc_port, device=self.frontend_device,
-                              settings=self.frontend_settings)
+                              settings=self.frontend_settings, tls=self.tls)
         return WorkerHandle("frontend", url, 0)
 
     def frontend_alive(self) -> bool:

@@ -14,6 +14,7 @@ serves the same methods too (Ray binds it on every interface).
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import grpc
@@ -57,8 +58,14 @@ class _Context:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class MoEFrontend:
     def __init__(self, model: str, controller: str, name: str, device: str = "cpu",
-                 settings: dict[str, int] | None = None):
-        """`settings`: the spec's serving keywords for FrontendService (ClusterSpec.frontend_settings)."""
+                 settings: dict[str, int] | None = None, tls: dict[str, str] | None = None):
+        """`settings`: the spec's serving keywords for FrontendService (ClusterSpec.frontend_settings); `tls`: the
+        cluster's certificates (internal_tls.pems), for its calls to the controller and workers."""
+        from moecluster.wire import internal_tls
+
+        os.environ.pop(internal_tls.ENV, None)  # the cluster's certificates or none, not what Ray's process inherited
+        if tls:
+            internal_tls.install(tls)
         from moecluster.frontend.dispatcher import Dispatcher
         from moecluster.frontend.routing import RoutingTable
         from moecluster.frontend.server import FrontendService
@@ -139,7 +146,7 @@ class MoEFrontend:
 
 def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: int | None = None,
           min_replicas: int = 1, max_replicas: int = 4, device: str = "cpu",
-          settings: dict[str, int] | None = None) -> str:
+          settings: dict[str, int] | None = None, tls: dict[str, str] | None = None) -> str:
     """Runs the application (Serve itself started on 127.0.0.1:http_port if it is not running; one
     Serve serves every cluster of a Ray instance, each under /NAME); returns its HTTP base address.
     A `device` cuda or cuda:N gives each replica a GPU from Ray (which makes it that replica's cuda:0)."""
@@ -155,7 +162,7 @@ def start(name: str, model: str, controller: str, *, http_port: int, grpc_port: 
     app = MoEFrontend.options(autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4,
     }, ray_actor_options={"num_cpus": 0, "num_gpus": 1 if on_gpu else 0}).bind(
-        model, controller, name, "cuda" if on_gpu else device, settings)
+        model, controller, name, "cuda" if on_gpu else device, settings, tls)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     return f"http://{http.host}:{http.port}/{name}"
 

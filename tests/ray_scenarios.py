@@ -32,6 +32,7 @@ from moecluster.cli.train import train
 from moecluster.protos import worker_pb2, worker_pb2_grpc
 from moecluster.sdk.client import Client
 from moecluster.sdk.load import ClosedLoopLoad
+from moecluster.wire import endpoints
 from transformers import AutoModelForCausalLM
 
 
@@ -64,9 +65,19 @@ def wait_for(check, seconds: float) -> float | None:
     return None
 
 
-def worker_stats(address: str):
-    with grpc.insecure_channel(address) as channel:
+def worker_stats(address: str, tls_folder: str = ""):
+    """A worker's Stats; over mutual TLS with the certificates in `tls_folder`, if given."""
+    channel = endpoints.internal_channel(address, tls_folder=tls_folder) if tls_folder else grpc.insecure_channel(address)
+    with channel:
         return worker_pb2_grpc.ExpertWorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+
+
+def refuses_plaintext(address: str) -> bool:
+    try:
+        worker_stats(address)
+    except grpc.RpcError as err:
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return False
 
 
 def streamed(path: str, http: Client, proxied: Client, c: LocalCluster) -> dict:
@@ -126,9 +137,10 @@ def run(args) -> dict:
             batch, logits = expected(path)
             started = time.monotonic()
             c = LocalCluster(family.replace("_", "-"))
-            # the second cluster's actors and Serve replicas take the spec's serving settings
-            settings = ({"worker_batch_tokens": 0, "generate_cache_tokens": 64, "forward_batch_tokens": 0}
-                        if family == "mixtral" else {})
+            # the second cluster's actors and Serve replicas take the spec's serving settings, and its parts call
+            # each other over mutual TLS (the actors and replicas get the certificates with their arguments)
+            settings = ({"worker_batch_tokens": 0, "generate_cache_tokens": 64, "forward_batch_tokens": 0,
+                         "internal_tls": True} if family == "mixtral" else {})
             c.up(path, workers=2, replicas=2, port=0, backend="ray", ray_address=head.address, serve_grpc_port=grpc_port,
                  snapshot_dir=root / "snaps" if family == "qwen3_moe" else None, **settings)
             clusters.append(c)
@@ -136,7 +148,10 @@ def run(args) -> dict:
             got = client.forward(batch)
             # the same application through Serve's gRPC proxy (it serves both: the metadata picks one)
             by_grpc = Client(f"127.0.0.1:{grpc_port}", timeout=60, application=c.name).forward(batch)
-            stats = [worker_stats(w["address"]) for w in serving(c.status())]
+            tls = c.status()["internal_tls"]
+            stats = [worker_stats(w["address"], tls) for w in serving(c.status())]
+            if tls:
+                out["internal_tls"] = {"refused": [refuses_plaintext(w["address"]) for w in serving(c.status())]}
             out[f"stream/{family}"] = streamed(path, client, Client(f"127.0.0.1:{grpc_port}", timeout=60,
                                                                     application=c.name), c)
             out[f"equal/{family}"] = {"max_err": float((got - logits).abs().max()), "up_s": time.monotonic() - started,
@@ -146,6 +161,14 @@ def run(args) -> dict:
                                       "forward_batch_tokens": client.info().forward_batch_tokens,
                                       "worker_requests": sum(s.requests for s in stats),
                                       "worker_forward_batches": sum(s.forward_batches for s in stats)}
+
+        c, (batch, logits) = clusters[1], expected(args.mixtral)  # mutual TLS: a new worker actor, experts copied to it
+        with load(c, batch, logits) as running:
+            list(c.scale(3))
+            three = len(serving(c.status()))
+            list(c.scale(2))
+        out["internal_tls"] |= {**summary(running.report), "workers_at_3": three,
+                                "refused_after": [refuses_plaintext(w["address"]) for w in serving(c.status())]}
 
         c = clusters[0]
         batch, logits = expected(args.qwen3)

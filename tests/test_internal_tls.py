@@ -4,6 +4,7 @@ experts with every internal call over it, answering what transformers answers.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
@@ -95,7 +96,15 @@ def test_a_folder_missing_a_file_is_refused_at_start(tmp_path, monkeypatch):
         endpoints.internal_channel("127.0.0.1:1")
     with pytest.raises(ValueError, match="lacks tls.key"):
         endpoints.listen(endpoints.server(1), "127.0.0.1:0")
-    assert (internal_tls.generate(tmp_path / "fresh", "a") / "tls.key").stat().st_mode & 0o077 == 0, "key not private"
+    fresh = internal_tls.generate(tmp_path / "fresh", "a")
+    assert (fresh / "tls.key").stat().st_mode & 0o077 == 0, "key not private"
+    installed = internal_tls.install(internal_tls.pems(fresh))  # as a Ray actor on another machine gets them
+    try:
+        assert os.environ[internal_tls.ENV] == str(installed) and internal_tls.folder() == installed
+        assert all((installed / f).read_bytes() == (fresh / f).read_bytes() for f in internal_tls.FILES)
+        assert installed.stat().st_mode & 0o077 == 0 and (installed / "tls.key").stat().st_mode & 0o077 == 0
+    finally:
+        shutil.rmtree(installed)
 
 
 def test_a_cluster_with_internal_tls_serves_and_scales_under_load_answering_as_transformers(
@@ -135,3 +144,14 @@ def test_a_cluster_with_internal_tls_serves_and_scales_under_load_answering_as_t
     monkeypatch.setenv(internal_tls.ENV, folder)  # an SDK admin call, as `moectl status` tells its user
     Client(status["endpoint"]).scale(3)
     assert sum(w["state"] == "serving" for w in c.wait_converged(120, lambda _: None)["workers"]) == 3
+
+
+def test_a_plaintext_cluster_ignores_certificates_in_the_shell_that_started_it(local_clusters, qwen3, tmp_path, monkeypatch):
+    """MOECLUSTER_INTERNAL_TLS in the caller's environment is for its own calls: a cluster made without
+    `internal_tls` stays plaintext in every part (its controller drops the variable for itself and its children)."""
+    monkeypatch.setenv(internal_tls.ENV, str(internal_tls.generate(tmp_path / "elsewhere", "x")))
+    c = local_clusters("plain", qwen3, workers=1, replicas=1)
+    status = c.status()
+    assert status["internal_tls"] == ""
+    assert stats(grpc.insecure_channel(status["workers"][0]["address"])).held
+    assert Client(status["endpoint"]).forward(torch.tensor([[1, 2, 3]])).shape[:2] == (1, 3)

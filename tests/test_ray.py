@@ -1,7 +1,8 @@
 """The Ray backend on a real local Ray instance: answers equal to transformers for two families (through
-Serve's HTTP ingress and its gRPC proxy; streamed generations too, stopped when their reader leaves), scale
-2 -> 3 -> 2 under load, kill -9 of a worker actor's process under load, the controller actor killed and
-restarted, training saved through the worker actors and resumed exactly, `down` leaving no actor behind.
+Serve's HTTP ingress and its gRPC proxy; streamed generations too, stopped when their reader leaves), one
+cluster's parts on mutual TLS, scale 2 -> 3 -> 2 under load, kill -9 of a worker actor's process under
+load, the controller actor killed and restarted, training saved through the worker actors and resumed
+exactly, `down` leaving no actor behind.
 
 Ray's own servers (GCS, raylet, workers, agents) listen on every interface of their network namespace,
 so the scenarios (tests/ray_scenarios.py) run in a namespace of their own that has only loopback: nothing
@@ -69,6 +70,13 @@ def test_streamed_generations_through_serve_equal_generate_and_stop_when_left(re
     assert len(result["first_chunk"]) == 1, result  # a token at a time
     assert result["rpcs_2s_after_cancel"] < 20, result
     assert result["generate_timed_out"] and result["rpcs_2s_after_timeout"] < 20, result  # unary Generate too
+
+
+def test_a_cluster_with_internal_tls_serves_and_scales_and_its_worker_actors_refuse_plaintext(report):
+    """The mixtral cluster: `up(internal_tls=True)`; its answers (equal above, streamed too) crossed mutual TLS."""
+    result = report["internal_tls"]
+    assert result["refused"] == [True, True] and result["refused_after"] == [True, True], result
+    assert result["ok"] > 0 and result["failed"] == 0 and result["wrong"] == 0 and result["workers_at_3"] == 3, result
 
 
 def test_scale_two_three_two_under_load_fails_nothing(report):

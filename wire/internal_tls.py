@@ -23,6 +23,7 @@ import datetime
 import logging
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -81,6 +82,23 @@ def server_credentials(path: Path) -> grpc.ServerCredentials:
             return None
 
     return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=True)
+
+
+def pems(path: Path) -> dict[str, str]:
+    """The folder's files as text: what a process on another machine is handed (a Ray actor), to `install`."""
+    return {name: (path / name).read_text() for name in FILES}
+
+
+def install(files: dict[str, str]) -> Path:
+    """Writes `pems`' files into a private folder of this process and makes it this process's certificates (and its
+    children's): how a part started on another machine gets them."""
+    path = Path(tempfile.mkdtemp(prefix="moecluster-internal-tls-"))  # mode 0700
+    for name in FILES:
+        target = path / name
+        target.touch(mode=0o600)
+        target.write_text(files[name])
+    os.environ[ENV] = str(path)
+    return path
 
 
 def socket_context(path: Path, server_side: bool) -> ssl.SSLContext:

@@ -20,6 +20,7 @@ from moecluster.controller import remote_snapshots
 from moecluster.controller.actuator import Actuator, WorkerHandle
 from moecluster.controller.affinity import colocated_share
 from moecluster.controller.executor import Executor, Replan, StepFailed, watched
+from moecluster.controller.limit_shares import ShareBook
 from moecluster.controller.metrics import ControllerMetrics
 from moecluster.controller.monitor import WorkerMonitor
 from moecluster.controller.observed import ExpertKey, WorkerState
@@ -63,6 +64,7 @@ class Controller:
         self.last_restore = ""  # "step N from PATH at step M"
         self.snapshots = remote_snapshots.Listing()  # what the snapshot directory holds, for status
         self.pair_rates = PairRates()  # experts tokens pick together, as frontends report them
+        self.limit_shares = ShareBook()  # API-key holders' limits, divided among the frontends
         self._regroup_at = time.monotonic() + REGROUP_EVERY_S  # the first reports come in meanwhile
         self._rebalance_at = time.monotonic() + REBALANCE_EVERY_S  # rates need a few heartbeats
         self._last_snapshot_at = time.monotonic()

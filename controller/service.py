@@ -89,6 +89,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.controller.pair_rates.add(request.frontend_id, request.seconds, tokens)
         return controller_pb2.RoutingReportAck()
 
+    def ShareLimits(self, request, context):
+        if len(request.holders) != len(request.calls) or not request.frontend_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a limit demand names its frontend and one count per holder")
+        parts, others = self.controller.limit_shares.report(request.frontend_id, dict(zip(request.holders, request.calls)))
+        return controller_pb2.LimitShares(holders=list(parts), shares=list(parts.values()), others=others)
+
     def Shutdown(self, request, context):
         threading.Thread(target=self.on_shutdown, daemon=True).start()
         return controller_pb2.ShutdownResponse()

@@ -293,14 +293,15 @@ class FrontendServer:
         tls = access.tls_files(tls_cert, tls_key)
         if tls:
             access.server_credentials(*tls)  # a bad file fails here, before the model loads
-        self.guard = access.RequireApiKey(access.ApiKeys(api_keys)) if api_keys else None
+        self.guard = access.RequireApiKey(access.ApiKeys(api_keys)) if api_keys else None  # limits shared out below
         self.dispatcher = Dispatcher(RoutingTable(0, {}), timeout=timeout)
         self.service = FrontendService(Checkpoint(checkpoint), self.dispatcher, controller=controller, device=device,
                                        generate_cache_tokens=generate_cache_tokens,
                                        forward_batch_tokens=forward_batch_tokens,
                                        charge=self.guard.charge if self.guard else None)
         self.health = health.HealthServicer()
-        self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster)
+        self.watcher = TableWatcher(controller, self.dispatcher, frontend_id or f"frontend-{os.getpid()}", cluster=cluster,
+                                    shares=self.guard.shares if self.guard else None)
         self.rpc_latency = RpcLatency("moecluster_frontend_rpc_seconds")
         self.server = endpoints.server(max_workers, options=streaming.GRPC_OPTIONS,
                                        interceptors=[self.rpc_latency, *filter(None, [self.guard])])  # refused calls timed too
@@ -340,6 +341,7 @@ class FrontendServer:
                                 batched_forwards=forwards.requests if forwards else 0,
                                 client_calls=self.guard.calls() if self.guard else None,
                                 client_tokens=self.guard.tokens() if self.guard else None,
+                                client_limit_parts=self.guard.shares.parts() if self.guard else None,
                                 first_token=self.service.first_token)
 
 

@@ -14,10 +14,12 @@ import threading
 import grpc
 from moecluster.frontend.coactivation import RoutingReporter
 from moecluster.frontend.dispatcher import Dispatcher
+from moecluster.frontend.limit_reporter import LimitReporter
 from moecluster.frontend.routing import RoutingTable
 from moecluster.frontend.step_gate import StepGate
 from moecluster.protos import controller_pb2, controller_pb2_grpc
 from moecluster.wire import endpoints, streaming
+from moecluster.wire.rate_limits import LimitShares
 
 log = logging.getLogger("moecluster.frontend")
 CLUSTER_METADATA_KEY = "moecluster-cluster"  # NAMESPACE/NAME of the MoECluster, where one endpoint serves many
@@ -31,11 +33,13 @@ def from_message(message: controller_pb2.RoutingTable) -> RoutingTable:
 
 class TableWatcher(threading.Thread):
     def __init__(self, controller: str, dispatcher: Dispatcher, frontend_id: str, retry: float = 0.2,
-                 gate: StepGate | None = None, cluster: str = ""):
+                 gate: StepGate | None = None, cluster: str = "", shares: LimitShares | None = None):
+        """`shares`: this frontend's part of its API-key holders' limits, kept current with the controller."""
         super().__init__(daemon=True, name="table-watch")
         self.controller, self.dispatcher, self.frontend_id, self.retry = controller, dispatcher, frontend_id, retry
         self.metadata = cluster_metadata(cluster)
         self.gate = gate  # a trainer's: acknowledges a paused table only between steps
+        self.shares = shares
         self.first_table = threading.Event()
         self.stopped = threading.Event()
         self._call = None
@@ -43,8 +47,11 @@ class TableWatcher(threading.Thread):
     def run(self) -> None:
         channel = endpoints.internal_channel(self.controller, options=streaming.GRPC_OPTIONS)  # finds a restarted controller fast
         stub = controller_pb2_grpc.ControllerStub(channel)
-        reporter = RoutingReporter(stub, self.dispatcher.coactivation, self.frontend_id, self.metadata)
-        reporter.start()
+        reporters = [RoutingReporter(stub, self.dispatcher.coactivation, self.frontend_id, self.metadata)]
+        if self.shares is not None:
+            reporters.append(LimitReporter(stub, self.shares, self.frontend_id, self.metadata))
+        for reporter in reporters:
+            reporter.start()
         while not self.stopped.is_set():
             try:
                 self._call = stub.WatchRoutingTable(controller_pb2.WatchRequest(
@@ -65,8 +72,9 @@ class TableWatcher(threading.Thread):
             except Exception:  # noqa: BLE001 - a bad table must not end the watch: keep the last good one
                 log.exception("routing table update failed; keeping epoch %d", self.dispatcher.table.epoch)
             self.stopped.wait(self.retry)
-        reporter.stopped.set()
-        reporter.join(timeout=6)
+        for reporter in reporters:
+            reporter.stopped.set()
+            reporter.join(timeout=6)
         channel.close()
 
     def stop(self) -> None:

@@ -355,12 +355,14 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
                      outstanding: Mapping[str, int], generated_tokens: int = 0, latency: Histogram | None = None,
                      forward_batches: int = 0, batched_forwards: int = 0,
                      client_calls: Mapping[tuple[str, str], int] | None = None,
-                     client_tokens: Mapping[str, int] | None = None, first_token: Histogram | None = None) -> str:
+                     client_tokens: Mapping[str, int] | None = None, first_token: Histogram | None = None,
+                     client_limit_parts: Mapping[str, float] | None = None) -> str:
     """A frontend's /metrics: request counters and the dispatcher's state (outstanding: tokens in flight per
     worker); `latency`: the server's `moecluster_frontend_rpc_seconds` (observability/rpc_latency.py);
     `forward_batches` / `batched_forwards`: the forward batcher's forwards and the requests they answered;
     `client_calls`: (key holder's name, admitted | limited) -> calls, where the frontend asks for API keys, and
-    `client_tokens`: holder -> tokens computed for them;
+    `client_tokens`: holder -> tokens computed for them; `client_limit_parts`: holder -> this frontend's part of
+    their limits (controller/limit_shares.py);
     `first_token`: how long streamed generations took to their first tokens."""
     r = Registry()
     r.counter("moecluster_frontend_requests_total", "Forward and Generate requests").set(int(requests))
@@ -391,6 +393,11 @@ def frontend_metrics(*, requests: int, failed: int, retries: int, wire_bytes: in
                            "key: prompts and tokens generated (what tokens-per-minute counts)", ["client"])
         for client, count in sorted(client_tokens.items()):
             tokens.set(int(count), client=client)
+    if client_limit_parts is not None:
+        parts = r.gauge("moecluster_frontend_client_limit_part", "this frontend's part of each API key holder's "
+                        "requests-per-second and tokens-per-minute, as the controller divides them", ["client"])
+        for client, part in sorted(client_limit_parts.items()):
+            parts.set(float(part), client=client)
     for histogram in (latency, first_token):
         if histogram is not None:
             r.add(histogram)

@@ -79,6 +79,11 @@ class ControllerStub:
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.RoutingReport.SerializeToString,
                 response_deserializer=moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.FromString,
                 _registered_method=True)
+        self.ShareLimits = channel.unary_unary(
+                '/moecluster.controller.v1.Controller/ShareLimits',
+                request_serializer=moecluster_dot_protos_dot_controller__pb2.LimitDemand.SerializeToString,
+                response_deserializer=moecluster_dot_protos_dot_controller__pb2.LimitShares.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/moecluster.controller.v1.Controller/Shutdown',
                 request_serializer=moecluster_dot_protos_dot_controller__pb2.ShutdownRequest.SerializeToString,
@@ -146,6 +151,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareLimits(self, request, context):
+        """API-key holders' rates and token budgets hold across the frontends: each gets a part, by where calls arrive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Stops the frontend and every worker, then the controller itself.
         """
@@ -200,6 +212,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ReportRouting,
                     request_deserializer=moecluster_dot_protos_dot_controller__pb2.RoutingReport.FromString,
                     response_serializer=moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.SerializeToString,
+            ),
+            'ShareLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareLimits,
+                    request_deserializer=moecluster_dot_protos_dot_controller__pb2.LimitDemand.FromString,
+                    response_serializer=moecluster_dot_protos_dot_controller__pb2.LimitShares.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -450,6 +467,33 @@ class Controller:
             '/moecluster.controller.v1.Controller/ReportRouting',
             moecluster_dot_protos_dot_controller__pb2.RoutingReport.SerializeToString,
             moecluster_dot_protos_dot_controller__pb2.RoutingReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moecluster.controller.v1.Controller/ShareLimits',
+            moecluster_dot_protos_dot_controller__pb2.LimitDemand.SerializeToString,
+            moecluster_dot_protos_dot_controller__pb2.LimitShares.FromString,
             options,
             channel_credentials,
             insecure,

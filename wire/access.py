@@ -8,7 +8,8 @@ A client sends its key as `authorization: Bearer KEY` (`Client(api_key=...)`). E
 one except gRPC's health service, which load balancers and probes call without. A key's line may
 name who holds it and limit their calls and tokens (`KEY name=team-a requests-per-second=20
 tokens-per-minute=100000`): calls and tokens are counted by that name, and calls over the rate, or
-made once the minute's tokens are used up, are refused with RESOURCE_EXHAUSTED. Both files are
+made once the minute's tokens are used up, are refused with RESOURCE_EXHAUSTED. The limits are the
+cluster's: a frontend applies its part of them (`LimitShares`, kept by frontend/limit_reporter.py). Both files are
 watched, so a Kubernetes Secret updated in place (its volume is refreshed by the kubelet) takes
 effect without a restart: keys within a second, certificates at the next TLS handshake. A file
 that turns empty or unreadable keeps the last good keys (a half-written rotation must not lock
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from moecluster.wire.rate_limits import RateLimits, TokenBudgets
+from moecluster.wire.rate_limits import LimitShares, RateLimits, TokenBudgets
 
 log = logging.getLogger(__name__)
 OPEN_SERVICES = ("grpc.health.v1.Health",)
@@ -167,10 +168,13 @@ class RequireApiKey(grpc.ServerInterceptor):
     counted with their code. `calls()`: the calls of each holder let through ("admitted") and refused for their
     rate or budget ("limited"); `tokens()`: the tokens charged to each (`charge`, by the service that computed them)."""
 
-    def __init__(self, keys: ApiKeys, limits: RateLimits | None = None, budgets: TokenBudgets | None = None):
+    def __init__(self, keys: ApiKeys, limits: RateLimits | None = None, budgets: TokenBudgets | None = None,
+                 shares: LimitShares | None = None):
+        """`shares`: this frontend's part of each holder's limits (1 without: it is the only frontend)."""
         self.keys = keys
         self.limits = limits or RateLimits()
         self.budgets = budgets or TokenBudgets()
+        self.shares = shares or LimitShares()
         self._lock = threading.Lock()
         self._calls: Counter[tuple[str, str]] = Counter()
         self._tokens: Counter[str] = Counter()
@@ -188,14 +192,18 @@ class RequireApiKey(grpc.ServerInterceptor):
                    "variable, or the metadata `authorization: Bearer KEY`") if not key else "the API key was not accepted"
             return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, why)
         rate, budget = caller.requests_per_second, caller.tokens_per_minute
-        wait = self.budgets.wait(caller.name, budget) if budget is not None else 0.0
-        admitted = wait == 0.0 and (rate is None or self.limits.take(caller.name, rate))
+        part = 1.0
+        if rate is not None or budget is not None:  # limited: counted where it asks, and held to this frontend's part
+            self.shares.asked(caller.name)
+            part = self.shares.part(caller.name)
+        wait = self.budgets.wait(caller.name, budget * part) if budget is not None else 0.0
+        admitted = wait == 0.0 and (rate is None or self.limits.take(caller.name, rate * part))
         with self._lock:
             self._calls[(caller.name, "admitted" if admitted else "limited")] += 1
         if admitted:
             return handler
-        why = (f"{caller.name} has used its {budget:g} tokens/min at this frontend: retry in {math.ceil(wait)} s" if wait
-               else f"{caller.name} is over its {rate:g} requests/s at this frontend: slow down and retry")
+        why = (f"{caller.name} has used its {budget:g} tokens/min: retry in {math.ceil(wait)} s" if wait
+               else f"{caller.name} is over its {rate:g} requests/s: slow down and retry")
         return self._refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
     def charge(self, metadata, tokens: int) -> None:
@@ -206,7 +214,7 @@ class RequireApiKey(grpc.ServerInterceptor):
         with self._lock:
             self._tokens[caller.name] += tokens
         if caller.tokens_per_minute is not None:
-            self.budgets.charge(caller.name, tokens, caller.tokens_per_minute)
+            self.budgets.charge(caller.name, tokens, caller.tokens_per_minute * self.shares.part(caller.name))
 
     def calls(self) -> dict[tuple[str, str], int]:
         with self._lock:

@@ -10,14 +10,15 @@
 
 A bucket holds up to one second of calls (at least one) and refills continuously, so a client
 that keeps to its rate is never refused, and one that stops for a second may then send a
-second's worth at once. Buckets live in one process: behind N frontends a client gets N times
-its rate.
+second's worth at once. Buckets live in one process; behind several frontends each applies its
+part of the limits (`LimitShares`), as the controller divides them (controller/limit_shares.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 
@@ -68,3 +69,41 @@ class TokenBudgets:
         now = self._clock()
         left, then = self._budgets.get(name, (per_minute, now))
         return min(per_minute, left + (now - then) * per_minute / 60.0)
+
+
+class LimitShares:
+    """This frontend's part of each holder's limits, and the calls each holder asked of it since they were last
+    taken: what it reports to the controller, which answers the parts (`update`). Until then, and after it
+    `alone()`, every part is 1: a frontend without a controller limits as if it were the only one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._parts: dict[str, float] = {}
+        self._others = 1.0
+        self._asked: Counter[str] = Counter()
+
+    def part(self, name: str) -> float:
+        with self._lock:
+            return self._parts.get(name, self._others)
+
+    def asked(self, name: str) -> None:
+        with self._lock:
+            self._asked[name] += 1
+
+    def take_asked(self) -> dict[str, int]:
+        with self._lock:
+            asked, self._asked = dict(self._asked), Counter()
+            return asked
+
+    def update(self, parts: dict[str, float], others: float) -> None:
+        if not all(0 < p <= 1 for p in [*parts.values(), others]):
+            raise ValueError(f"limit parts must be in (0, 1]: {parts}, others {others}")
+        with self._lock:
+            self._parts, self._others = dict(parts), others
+
+    def alone(self) -> None:
+        self.update({}, 1.0)
+
+    def parts(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._parts)

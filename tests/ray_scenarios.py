@@ -95,7 +95,8 @@ def streamed(path: str, http: Client, proxied: Client, c: LocalCluster) -> dict:
 
     result = {"transformers": theirs, "generate": http.generate(prompt, 6, **settings)[0, 4:].tolist(),
               "http": joined(http), "grpc": joined(proxied)}
-    rpcs = lambda: sum(worker_stats(w["address"]).requests for w in serving(c.status()))  # noqa: E731
+    rpcs = lambda: sum(worker_stats(w["address"], c.status()["internal_tls"]).requests  # noqa: E731
+                       for w in serving(c.status()))
     chunks = http.generate_stream(prompt, 4000)
     result["first_chunk"] = list(next(chunks)[1])
     chunks.close()  # the HTTP response closed: the replica stops decoding

@@ -155,3 +155,56 @@ def test_a_stream_is_asked_again_while_its_server_is_away_and_only_then():
             later.join()
             for server in servers:
                 server.stop(0)
+
+
+def test_a_channel_waits_out_a_slow_handshake():
+    """A peer whose connection takes 400 ms to answer (busy, or TLS across machines): the call succeeds. With
+    gRPC's min_reconnect_backoff_ms at 100 (its floor for one connection attempt), it failed UNAVAILABLE."""
+    import socket
+    import threading
+    import time
+
+    import grpc
+    from moecluster.wire import endpoints
+
+    handler = grpc.method_handlers_generic_handler("t.T", {"Echo": grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request)})
+    server = endpoints.server(2, handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    front = socket.create_server(("127.0.0.1", 0))
+    stopped = threading.Event()
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def relay() -> None:  # accepts at once, forwards nothing for 400 ms: a handshake that takes that long
+        front.settimeout(0.2)
+        while not stopped.is_set():
+            try:
+                conn, _ = front.accept()
+            except OSError:
+                continue
+            time.sleep(0.4)
+            back = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((conn, back), (back, conn)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        with endpoints.channel(f"127.0.0.1:{front.getsockname()[1]}") as channel:
+            assert channel.unary_unary("/t.T/Echo")(b"hi", timeout=10) == b"hi"
+    finally:
+        stopped.set()
+        front.close()
+        server.stop(0)

@@ -6,7 +6,9 @@ requests could land on another cluster's worker. Ours turn it off, so such a col
 
 Channels to a peer that restarts (a frontend, the controller): gRPC waits 1 s, growing to 120 s, between
 attempts to reconnect, so a peer back after 5 s is found again only seconds later. Ours try every
-100 ms growing to 1 s.
+100 ms growing to 1 s. gRPC reads `grpc.min_reconnect_backoff_ms` as the least time one attempt (TCP,
+then TLS and HTTP/2 handshakes) is given: at 100 ms, a busy peer or a TLS handshake across machines
+failed calls with UNAVAILABLE while the peer was up, so ours give an attempt CONNECT_TIMEOUT_MS.
 
 Between a cluster's own parts, `internal_channel` and `listen` speak mutual TLS when the process has the
 cluster's certificates (`internal_tls.py`), plaintext otherwise.
@@ -21,8 +23,9 @@ import grpc
 from moecluster.wire import internal_tls
 
 NO_PORT_SHARING = [("grpc.so_reuseport", 0)]
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                  ("grpc.max_reconnect_backoff_ms", 1000)]
+CONNECT_TIMEOUT_MS = 5000
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+                  ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
 
 
 def server(max_workers: int, *, options: list[tuple[str, object]] = (), handlers=None,
